@@ -1,0 +1,119 @@
+//! Applying: `async_metadata` of calls and call groups recomputed from the record of matches.
+//!
+//! Architecture invariant: call data is written only here, inside the run's transaction, and
+//! the written value is a function of the matched events alone: for every touched target it is
+//! recomputed from scratch, so running twice writes nothing the second time and a call that lost
+//! an event loses its fields.
+//!
+//! The merge is shallow (top-level keys), ordered by EventTime then arrival (`events.id`):
+//! - a call: its own events, events matched to its group, and the `group_part` (the job's
+//!   `group_fields`) of events matched to any call of its group;
+//! - a call group: events matched to it, and the `group_part` of events matched to its calls.
+
+use anyhow::{Context, Result};
+use sqlx::PgConnection;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Applied {
+    pub calls_updated: u64,
+    pub groups_updated: u64,
+}
+
+/// Recomputes the targets whose set of matched events may have changed.
+///
+/// `calls` and `groups` are the targets of events whose decision changed (old and new targets).
+/// The groups of those calls, and every call of a touched group, are recomputed too.
+#[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
+pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
+    if calls.is_empty() && groups.is_empty() {
+        return Ok(Applied::default());
+    }
+    for sql in [
+        "create temp table if not exists touched_calls (id text primary key) on commit drop",
+        "create temp table if not exists touched_groups (id text primary key) on commit drop",
+        "truncate touched_calls, touched_groups",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.context("creating temporary tables for apply")?;
+    }
+
+    sqlx::query("insert into touched_calls select distinct unnest($1::text[])").bind(calls).execute(&mut *conn).await?;
+    sqlx::query(
+        "insert into touched_groups
+         select unnest($1::text[])
+         union
+         select c.call_group_id from calls c join touched_calls t on t.id = c.id where c.call_group_id is not null",
+    )
+    .bind(groups)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "insert into touched_calls
+         select c.id from calls c join touched_groups g on g.id = c.call_group_id
+         on conflict do nothing",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("analyze touched_calls, touched_groups").execute(&mut *conn).await?;
+
+    let groups_updated = sqlx::query(
+        "with contrib as (
+             select e.target_id as gid, e.event_time, e.id, e.metadata as m
+             from events e join touched_groups g on e.target_id = g.id
+             where e.state = 'matched' and e.target_kind = 'call_group'
+             union all
+             select c.call_group_id, e.event_time, e.id, e.group_part
+             from calls c
+             join touched_groups g on g.id = c.call_group_id
+             join events e on e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
+             where e.group_part <> '{}'
+         ),
+         merged as (
+             select g.id, coalesce(callrecon_merge(m order by event_time, cid) filter (where m is not null), '{}') as v
+             from touched_groups g left join (select gid, event_time, id as cid, m from contrib) x on x.gid = g.id
+             group by g.id
+         )
+         update call_groups t set async_metadata = merged.v
+         from merged where t.id = merged.id and t.async_metadata is distinct from merged.v",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("updating call_groups.async_metadata")?
+    .rows_affected();
+
+    let calls_updated = sqlx::query(
+        "with contrib as (
+             -- the call's own events
+             select e.target_id as call_id, e.event_time, e.id, e.metadata as m
+             from events e join touched_calls t on e.target_id = t.id
+             where e.state = 'matched' and e.target_kind = 'call'
+             union all
+             -- events matched to the call's group
+             select t.id, e.event_time, e.id, e.metadata
+             from touched_calls t
+             join calls c on c.id = t.id
+             join events e on e.target_id = c.call_group_id and e.target_kind = 'call_group' and e.state = 'matched'
+             union all
+             -- group fields from events on any call of the group
+             select t.id, e.event_time, e.id, e.group_part
+             from touched_calls t
+             join calls c on c.id = t.id
+             join calls sib on sib.call_group_id = c.call_group_id and sib.id <> c.id
+             join events e on e.target_id = sib.id and e.target_kind = 'call' and e.state = 'matched'
+             where e.group_part <> '{}'
+         ),
+         merged as (
+             select t.id, coalesce(callrecon_merge(x.m order by x.event_time, x.id) filter (where x.m is not null), '{}') as v
+             from touched_calls t left join contrib x on x.call_id = t.id
+             group by t.id
+         )
+         update calls c set async_metadata = merged.v
+         from merged where c.id = merged.id and c.async_metadata is distinct from merged.v",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("updating calls.async_metadata")?
+    .rows_affected();
+
+    tracing::info!(calls_updated, groups_updated, "applied");
+    Ok(Applied { calls_updated, groups_updated })
+}

@@ -1,0 +1,118 @@
+//! Reading the platform's call data that a batch of events can match: only the columns the
+//! rules compare with, only the calls whose time can fall in a window.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt as _;
+use sqlx::{PgConnection, Row as _};
+
+use crate::job::{Job, Target, TargetField};
+use crate::matching::engine::Targets;
+
+/// Calls longer than this are not considered for events past this much after their start.
+/// Bounds the `started_at` index range read for a batch; documented in docs/matching.md.
+pub const MAX_CALL_LENGTH: chrono::Duration = chrono::Duration::hours(24);
+
+/// The target fields the job's call rules and group rules compare with.
+pub fn fields(job: &Job) -> (Vec<TargetField>, Vec<TargetField>) {
+    let (mut calls, mut groups) = (Vec::new(), Vec::new());
+    for rule in &job.rules {
+        let list = match rule.target {
+            Target::Call { .. } => &mut calls,
+            Target::CallGroup => &mut groups,
+        };
+        for key in &rule.keys {
+            if !list.contains(&key.field) {
+                list.push(key.field.clone());
+            }
+        }
+    }
+    (calls, groups)
+}
+
+/// SQL text of a field and its bind value (a metadata path), with `$n` numbered from `next`.
+fn field_sql(field: &TargetField, next: &mut usize, paths: &mut Vec<Vec<String>>) -> String {
+    match field {
+        // Column names come from the job loader's allow-list, never from user text.
+        TargetField::Column(c) => format!("{c}::text"),
+        TargetField::Metadata(path) => {
+            paths.push(path.clone());
+            *next += 1;
+            format!("metadata #>> ${}::text[]", *next - 1)
+        }
+    }
+}
+
+/// Calls that a window can place an event of `[from, to]` in, given the job's widest window.
+pub async fn load_calls(
+    conn: &mut PgConnection,
+    fields: &[TargetField],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    (before, after): (chrono::Duration, chrono::Duration),
+) -> Result<Targets> {
+    let mut next = 4;
+    let mut paths = Vec::new();
+    let exprs: Vec<String> = fields.iter().map(|f| field_sql(f, &mut next, &mut paths)).collect();
+    let sql = format!(
+        "select id, started_at, coalesce(ended_at, started_at){}{}
+         from calls
+         where started_at >= $1 and started_at <= $2 and coalesce(ended_at, started_at) >= $3",
+        if exprs.is_empty() { "" } else { ", " },
+        exprs.join(", ")
+    );
+    let mut q =
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(from - after - MAX_CALL_LENGTH).bind(to + before).bind(from - after);
+    for p in &paths {
+        q = q.bind(p);
+    }
+    let mut t = Targets::default();
+    let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
+    let mut rows = q.fetch(&mut *conn);
+    while let Some(row) = rows.try_next().await.context("reading calls")? {
+        t.ids.push(row.try_get(0)?);
+        t.start.push(row.try_get::<DateTime<Utc>, _>(1)?.timestamp_micros());
+        t.end.push(row.try_get::<DateTime<Utc>, _>(2)?.timestamp_micros());
+        for (i, col) in cols.iter_mut().enumerate() {
+            col.push(row.try_get(3 + i)?);
+        }
+    }
+    t.fields = fields.iter().cloned().zip(cols).collect();
+    Ok(t)
+}
+
+/// Every call group with the fields the group rules compare with.
+pub async fn load_groups(conn: &mut PgConnection, fields: &[TargetField]) -> Result<Targets> {
+    let mut next = 1;
+    let mut paths = Vec::new();
+    let exprs: Vec<String> = fields.iter().map(|f| field_sql(f, &mut next, &mut paths)).collect();
+    let sql = format!("select id{}{} from call_groups", if exprs.is_empty() { "" } else { ", " }, exprs.join(", "));
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for p in &paths {
+        q = q.bind(p);
+    }
+    let mut t = Targets::default();
+    let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
+    let mut rows = q.fetch(&mut *conn);
+    while let Some(row) = rows.try_next().await.context("reading call_groups")? {
+        t.ids.push(row.try_get(0)?);
+        for (i, col) in cols.iter_mut().enumerate() {
+            col.push(row.try_get(1 + i)?);
+        }
+    }
+    t.fields = fields.iter().cloned().zip(cols).collect();
+    Ok(t)
+}
+
+/// `session_id -> call id` for the given session ids that have a call.
+pub async fn calls_by_session(conn: &mut PgConnection, sessions: &HashSet<&str>) -> Result<HashMap<String, String>> {
+    let list: Vec<&str> = sessions.iter().copied().collect();
+    let rows: Vec<(String, String)> = sqlx::query_as("select session_id, id from calls where session_id = any($1)")
+        .bind(&list)
+        .fetch_all(conn)
+        .await
+        .context("reading calls by session_id")?;
+    Ok(rows.into_iter().collect())
+}

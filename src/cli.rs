@@ -1,0 +1,97 @@
+//! Command-line definitions only (clap); `main.rs` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "callrecon", version, about = "Attach async metadata events to calls and report what did not match")]
+pub struct Cli {
+    /// PostgreSQL URL; the database is created if missing and migrated before any command.
+    #[arg(long, env = "DATABASE_URL", default_value = crate::db::DEFAULT_URL, global = true)]
+    pub database_url: String,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// One reconciliation run: ingest, match, apply, report.
+    Run {
+        #[arg(long)]
+        job: PathBuf,
+        /// Compute and report everything, change no call data, consume no event.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-evaluate rule-based matches of events with EventTime in [--since, --until) under the
+    /// job's current rules and apply the differences.
+    Rematch {
+        #[arg(long)]
+        job: PathBuf,
+        /// Start of the EventTime range (inclusive); a time without offset is in the job's timezone.
+        #[arg(long)]
+        since: Option<String>,
+        /// End of the EventTime range (exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Put the events of files (inbox formats) on event_queue.
+    Enqueue {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Past runs and their reports.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+    /// Load samples/ into the database and run jobs/demo.toml.
+    Demo {
+        #[arg(long, default_value = "samples")]
+        samples: PathBuf,
+        #[arg(long, default_value = "jobs/demo.toml")]
+        job: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Recent runs, newest first.
+    List {
+        /// Only this job's runs.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// One run's report.
+    Show {
+        run: i64,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Csv,
+    Html,
+}

@@ -1,0 +1,50 @@
+//! The database: connecting (creating the database when missing), migrations, and the per-job lock.
+
+use anyhow::{Context, Result};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
+
+/// The default of `--database-url`.
+pub const DEFAULT_URL: &str = "postgres://localhost:5432/callrecon";
+
+/// Connects to `url`, creating the database if it does not exist, and applies pending migrations.
+pub async fn connect(url: &str) -> Result<PgPool> {
+    let options: PgConnectOptions = url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?;
+    let exists =
+        Postgres::database_exists(url).await.with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
+    if !exists {
+        if let Err(e) = Postgres::create_database(url).await {
+            // Another process may have created it meanwhile.
+            if !Postgres::database_exists(url).await.unwrap_or(false) {
+                return Err(e).with_context(|| format!("cannot create database {}", redact(url)));
+            }
+        }
+        tracing::info!(database = %redact(url), "created database");
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(url)))?;
+    MIGRATOR.run(&pool).await.context("applying migrations from sql/")?;
+    Ok(pool)
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The advisory-lock key of a job: the same for `run`, `rematch` and `schedule`.
+pub fn job_lock_key(job: &str) -> String {
+    format!("callrecon.job:{job}")
+}

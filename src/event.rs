@@ -1,0 +1,246 @@
+//! The one event parser: a payload from any source becomes an [`Event`] or a reason to reject it.
+//!
+//! Every source (queue, inbox files, the intake API) goes through [`parse`]; nothing downstream
+//! looks at raw payloads again.
+
+use chrono::{DateTime, LocalResult, NaiveDateTime, Offset as _, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde_json::{Map, Value};
+
+/// A valid async-metadata event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// `None` for a sessionless event (missing, null or empty SessionId).
+    pub session_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub metadata: Map<String, Value>,
+}
+
+/// A record that could not become an event: where it came from, why, and what it was.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rejected {
+    /// `inbox/file.ndjson:17`, `queue:42`, …
+    pub source: String,
+    pub reason: String,
+    pub raw: String,
+}
+
+/// Parses one payload. The error is a reason a person can act on, naming the field at fault.
+pub fn parse(payload: &Value, tz: Tz) -> Result<Event, String> {
+    let Value::Object(fields) = payload else {
+        return Err(format!("expected a JSON object with SessionId, EventTime and Metadata, found {}", kind(payload)));
+    };
+
+    let mut session_id = None;
+    let mut event_time = None;
+    let mut metadata = None;
+    for (key, value) in fields {
+        let slot = match key.to_ascii_lowercase().as_str() {
+            "sessionid" => &mut session_id,
+            "eventtime" => &mut event_time,
+            "metadata" => &mut metadata,
+            _ => {
+                return Err(format!(
+                    "unknown top-level field `{key}`: only SessionId, EventTime and Metadata are \
+                     allowed; put custom fields inside Metadata"
+                ));
+            }
+        };
+        if slot.replace((key, value)).is_some() {
+            return Err(format!("field `{key}` is given twice (keys are case-insensitive)"));
+        }
+    }
+
+    let session_id = match session_id {
+        None | Some((_, Value::Null)) => None,
+        Some((_, Value::String(s))) if s.trim().is_empty() => None,
+        Some((_, Value::String(s))) => Some(s.trim().to_owned()),
+        Some((key, other)) => {
+            return Err(format!("`{key}` must be a string, found {}", kind(other)));
+        }
+    };
+
+    let event_time = match event_time {
+        None => return Err("missing EventTime".to_owned()),
+        Some((_, Value::String(s))) => parse_time(s, tz).map_err(|e| format!("EventTime {s:?}: {e}"))?,
+        Some((key, other)) => {
+            return Err(format!("`{key}` must be a date-time string, found {}", kind(other)));
+        }
+    };
+
+    let metadata = match metadata {
+        None => return Err("missing Metadata (a JSON object)".to_owned()),
+        Some((_, Value::Object(m))) => m.clone(),
+        Some((key, other)) => {
+            return Err(format!("`{key}` must be a JSON object, found {}", kind(other)));
+        }
+    };
+
+    Ok(Event { session_id, event_time, metadata })
+}
+
+/// Parses an EventTime in any form the contract allows.
+///
+/// RFC 3339 with any offset; the API's own `2018/10/15T09:00:00.000Z`; fractional seconds or
+/// none; `T` or a space between date and time. A time without an offset is a wall-clock time in
+/// `tz`: in the hour repeated when clocks fall back it is the first (earlier) instant; in the hour
+/// skipped when clocks spring forward it is read with the offset in force before the change, so
+/// `02:30` on a spring-forward night in New York is 07:30Z (03:30 EDT).
+pub fn parse_time(raw: &str, tz: Tz) -> Result<DateTime<Utc>, String> {
+    let s = raw.trim();
+    let b = s.as_bytes();
+    if b.len() < 19 || !b[..4].iter().all(u8::is_ascii_digit) {
+        return Err("expected a date-time like 2018-10-15T09:00:00Z".to_owned());
+    }
+    // Normalise to RFC 3339 shape: slashes in the date, a space or lower-case t as separator.
+    let mut norm = String::with_capacity(s.len());
+    for (i, c) in s.char_indices() {
+        norm.push(match (i, c) {
+            (4 | 7, '/') => '-',
+            (10, ' ' | 't') => 'T',
+            (_, 'z') => 'Z',
+            _ => c,
+        });
+    }
+
+    if let Ok(t) = DateTime::parse_from_rfc3339(&norm) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(t) = DateTime::parse_from_str(&norm, "%Y-%m-%dT%H:%M:%S%.f%z") {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let naive = NaiveDateTime::parse_from_str(&norm, "%Y-%m-%dT%H:%M:%S%.f")
+        .map_err(|e| format!("not a valid date-time ({e}); expected e.g. 2018-10-15T09:00:00.000Z"))?;
+    Ok(local_to_utc(naive, tz))
+}
+
+/// A wall-clock time in `tz` as an instant, DST rules as documented on [`parse_time`].
+pub fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
+    match tz.from_local_datetime(&naive) {
+        LocalResult::Single(t) => t.with_timezone(&Utc),
+        LocalResult::Ambiguous(first, _) => first.with_timezone(&Utc),
+        LocalResult::None => {
+            // In a gap: use the offset in force just before it.
+            let before = naive - chrono::Duration::hours(3);
+            let offset = match tz.from_local_datetime(&before) {
+                LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.offset().fix(),
+                LocalResult::None => chrono::FixedOffset::east_opt(0).expect("zero offset"),
+            };
+            (naive - chrono::Duration::seconds(i64::from(offset.local_minus_utc()))).and_utc()
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NY: Tz = chrono_tz::America::New_York;
+
+    fn check_time(input: &str, expected: &str) {
+        let got = parse_time(input, NY).unwrap_or_else(|e| panic!("{input}: {e}"));
+        assert_eq!(got.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), expected, "{input}");
+    }
+
+    #[test]
+    fn every_event_time_form() {
+        check_time("2018-10-15T09:00:00.000Z", "2018-10-15T09:00:00.000Z");
+        check_time("2018/10/15T09:00:00.000Z", "2018-10-15T09:00:00.000Z");
+        check_time("2018-10-15T09:00:00Z", "2018-10-15T09:00:00.000Z");
+        check_time("2018-10-15 09:00:00Z", "2018-10-15T09:00:00.000Z");
+        check_time("2018/10/15 09:00:00.5Z", "2018-10-15T09:00:00.500Z");
+        check_time("2018-10-15T11:00:00+02:00", "2018-10-15T09:00:00.000Z");
+        check_time("2018-10-15T04:00:00.000-05:00", "2018-10-15T09:00:00.000Z");
+        check_time("2018-10-15T11:00:00+0200", "2018-10-15T09:00:00.000Z");
+        check_time("2018-10-15t09:00:00z", "2018-10-15T09:00:00.000Z");
+        // No offset: the job's time zone (EDT in October).
+        check_time("2018-10-15T05:00:00", "2018-10-15T09:00:00.000Z");
+        check_time("2018/10/15 05:00:00.250", "2018-10-15T09:00:00.250Z");
+        // Winter: EST.
+        check_time("2018-12-15T04:00:00", "2018-12-15T09:00:00.000Z");
+    }
+
+    #[test]
+    fn naive_times_on_dst_change_days() {
+        // Spring forward 2026-03-08 02:00 EST -> 03:00 EDT: 02:30 does not exist, read as EST.
+        check_time("2026-03-08T02:30:00", "2026-03-08T07:30:00.000Z");
+        check_time("2026-03-08T03:30:00", "2026-03-08T07:30:00.000Z");
+        check_time("2026-03-08T01:59:59", "2026-03-08T06:59:59.000Z");
+        // Fall back 2026-11-01 02:00 EDT -> 01:00 EST: 01:30 happens twice, the first is taken.
+        check_time("2026-11-01T01:30:00", "2026-11-01T05:30:00.000Z");
+        check_time("2026-11-01T02:30:00", "2026-11-01T07:30:00.000Z");
+    }
+
+    #[test]
+    fn bad_event_times_are_refused() {
+        for bad in [
+            "yesterday",
+            "",
+            "2018-10-15",
+            "2018-13-45T09:00:00Z",
+            "2018-10-15T25:00:00Z",
+            "2018-10-15T09:00Z",
+            "15/10/2018 09:00:00",
+            "2018-10-15T09:00:00+25:00",
+        ] {
+            assert!(parse_time(bad, NY).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let e =
+            parse(&json!({"sessionID": "s1", "eventTime": "2018-10-15T09:00:00Z", "metaData": {"a": 1}}), NY).unwrap();
+        assert_eq!(e.session_id.as_deref(), Some("s1"));
+        assert_eq!(e.metadata["a"], json!(1));
+    }
+
+    #[test]
+    fn missing_null_or_empty_session_is_sessionless() {
+        for p in [
+            json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+            json!({"SessionId": null, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+            json!({"SessionId": "  ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+        ] {
+            assert_eq!(parse(&p, NY).unwrap().session_id, None, "{p}");
+        }
+    }
+
+    #[test]
+    fn bad_payloads_name_the_field() {
+        let cases = [
+            (json!([1]), "expected a JSON object"),
+            (json!({"Metadata": {}}), "missing EventTime"),
+            (json!({"EventTime": "2018-10-15T09:00:00Z"}), "missing Metadata"),
+            (json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": "x"}), "`Metadata` must be"),
+            (json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": [1]}), "found an array"),
+            (json!({"EventTime": 1539594000, "Metadata": {}}), "`EventTime` must be"),
+            (json!({"EventTime": "nope", "Metadata": {}}), "EventTime \"nope\""),
+            (
+                json!({"SessionId": 7, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+                "`SessionId` must be a string",
+            ),
+            (json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": {}, "Foo": 1}), "unknown top-level field `Foo`"),
+            (
+                json!({"EventTime": "2018-10-15T09:00:00Z", "eventtime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+                "given twice",
+            ),
+        ];
+        for (payload, expected) in cases {
+            let err = parse(&payload, NY).unwrap_err();
+            assert!(err.contains(expected), "{payload}: {err:?} should contain {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! callrecon: attaches customers' async metadata events to calls and call groups.
+//!
+//! The data flows one way: `ingest → matching → apply → report`, orchestrated by [`run`].
+
+pub mod apply;
+pub mod calldata;
+pub mod cli;
+pub mod db;
+pub mod demo;
+pub mod event;
+pub mod ingest;
+pub mod job;
+pub mod matching;
+pub mod report;
+pub mod run;

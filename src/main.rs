@@ -1,0 +1,119 @@
+//! The `callrecon` binary: parse arguments, set up logs, run a command, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use callrecon::cli::{Cli, Command, LogFormat, ReportCommand};
+use callrecon::job::{self, JobError};
+use callrecon::run::{self, AlreadyRunning, Mode};
+use callrecon::{db, demo, event, ingest, report};
+
+/// Exit status when the job file is refused.
+const EXIT_BAD_JOB: u8 = 2;
+/// Exit status when another run of the job holds its lock.
+const EXIT_LOCKED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what went wrong and, through the context chain, where.
+            eprintln!("callrecon: error: {e:#}");
+            if e.downcast_ref::<JobError>().is_some() {
+                ExitCode::from(EXIT_BAD_JOB)
+            } else if e.downcast_ref::<AlreadyRunning>().is_some() {
+                ExitCode::from(EXIT_LOCKED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "callrecon=info,warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.compact().without_time().with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    // Job files are checked before anything touches the database.
+    let job = match &cli.command {
+        Command::Run { job, .. } | Command::Rematch { job, .. } | Command::Demo { job, .. } => Some(job::load(job)?),
+        _ => None,
+    };
+    let pool = db::connect(&cli.database_url).await?;
+    match cli.command {
+        Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
+        Command::Run { dry_run, .. } => {
+            let job = job.expect("loaded above");
+            let done = run::execute(&pool, &job, Mode::Run, dry_run).await?;
+            println!("{}", report::history::summary_text(&done.report, &done.dir));
+        }
+        Command::Rematch { since, until, dry_run, .. } => {
+            let job = job.expect("loaded above");
+            let time = |flag: &str, v: Option<String>| -> Result<_> {
+                v.map(|s| {
+                    event::parse_time(&s, job.timezone)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("--{flag} {s:?}"))
+                })
+                .transpose()
+            };
+            let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
+            let done = run::execute(&pool, &job, mode, dry_run).await?;
+            println!("{}", report::history::summary_text(&done.report, &done.dir));
+        }
+        Command::Enqueue { files } => enqueue(&pool, &files).await?,
+        Command::Report { command: ReportCommand::List { job, limit } } => {
+            print!("{}", report::history::list(&pool, job.as_deref(), limit).await?);
+        }
+        Command::Report { command: ReportCommand::Show { run, format } } => {
+            print!("{}", report::history::show(&pool, run, format).await?);
+        }
+        Command::Demo { samples, .. } => {
+            let job = job.expect("loaded above");
+            let runs = demo::demo(&pool, &samples, &job).await?;
+            let last = runs.last().expect("demo runs");
+            println!("\nOpen the report in a browser: {}", last.dir.join("report.html").display());
+        }
+    }
+    Ok(())
+}
+
+/// Enqueues every readable record of the files; records that cannot be read are listed and make
+/// the exit status non-zero, after the others are on the queue.
+async fn enqueue(pool: &sqlx::PgPool, files: &[std::path::PathBuf]) -> Result<()> {
+    let mut payloads = Vec::new();
+    let mut unreadable = Vec::new();
+    for path in files {
+        let format = ingest::inbox::Format::of(path)
+            .with_context(|| format!("{}: not a .json, .ndjson, .jsonl or .csv file", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let records =
+            ingest::inbox::read_records(&bytes, format, &path.display().to_string()).map_err(anyhow::Error::msg)?;
+        for r in records {
+            match r.payload {
+                Ok(p) => payloads.push(p),
+                Err(reason) => unreadable.push(format!("{}: {reason}", r.source)),
+            }
+        }
+    }
+    let n = ingest::queue::enqueue(&mut *pool.acquire().await?, &payloads).await?;
+    println!("enqueued {n} events");
+    if !unreadable.is_empty() {
+        for u in &unreadable {
+            eprintln!("not enqueued: {u}");
+        }
+        anyhow::bail!("{} records could not be read and were not enqueued", unreadable.len());
+    }
+    Ok(())
+}

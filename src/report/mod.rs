@@ -1,0 +1,219 @@
+//! The reconciliation report: `report.json`, `unmatched.csv` and `report.html` in
+//! `<report dir>/<run id>/`, and the run history.
+
+pub mod history;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::event::Rejected;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub run_id: String,
+    pub job: String,
+    /// `run` or `rematch`.
+    pub kind: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub dry_run: bool,
+    pub summary: Summary,
+    pub unmatched: Vec<Unmatched>,
+    pub rejected: Vec<Rejected>,
+    /// Inbox files this run picked and what became of them.
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    /// Valid events stored by this run.
+    pub ingested: u64,
+    /// Records this run refused.
+    pub rejected: u64,
+    /// Events matched in this run.
+    pub matched: u64,
+    /// Entries of `unmatched`: still pending, plus expired in this run.
+    pub unmatched: u64,
+    pub by_rule: BTreeMap<String, u64>,
+    pub by_reason: BTreeMap<String, u64>,
+    pub expired: u64,
+    pub pending: u64,
+    pub calls_updated: u64,
+    pub groups_updated: u64,
+    pub files_ingested: u64,
+    pub files_duplicate: u64,
+    pub files_failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Unmatched {
+    pub event_id: String,
+    pub source: String,
+    pub session_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    /// `unknown_session`, `missing_key`, `no_candidate`, `ambiguous`, or `expired`.
+    pub reason: String,
+    /// For `expired`: the reason it never matched.
+    pub last_reason: Option<String>,
+    pub candidates: Vec<String>,
+    pub metadata: Value,
+    /// When it stops being retried (`received_at + pending_for`).
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub file: String,
+    pub sha256: String,
+    /// `ingested`, `duplicate` or `failed`.
+    pub status: String,
+    pub events: u64,
+    pub rejected: u64,
+    pub archived_to: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Every unmatched event of the job still pending, plus those expired by `run_id`.
+pub async fn load_unmatched(
+    conn: &mut PgConnection,
+    job: &str,
+    run_id: i64,
+    pending_for: chrono::Duration,
+) -> Result<Vec<Unmatched>> {
+    type Row =
+        (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, Value);
+    let rows: Vec<Row> = sqlx::query_as(
+        "select id, source, session_id, event_time, received_at, state, reason, candidates, metadata
+         from events
+         where job = $1 and (state = 'pending' or (state = 'expired' and decided_run = $2))
+         order by received_at, id",
+    )
+    .bind(job)
+    .bind(run_id)
+    .fetch_all(conn)
+    .await
+    .context("reading unmatched events")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, source, session_id, event_time, received_at, state, reason, candidates, metadata)| {
+            let expired = state == "expired";
+            Unmatched {
+                event_id: id.to_string(),
+                source,
+                session_id,
+                event_time,
+                received_at,
+                reason: if expired { "expired".into() } else { reason.clone().unwrap_or_default() },
+                last_reason: if expired { reason } else { None },
+                candidates: candidates.unwrap_or_default(),
+                metadata,
+                expires_at: received_at + pending_for,
+            }
+        })
+        .collect())
+}
+
+/// Writes `report.json`, `unmatched.csv` and `report.html` into `dir`.
+pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_vec_pretty(report)?;
+    std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
+    let mut csv = Vec::new();
+    write_unmatched_csv(report, &mut csv)?;
+    std::fs::write(dir.join("unmatched.csv"), csv).context("writing unmatched.csv")?;
+    std::fs::write(dir.join("report.html"), render_html(report)?).context("writing report.html")?;
+    Ok(())
+}
+
+/// One row per unmatched event; Metadata as JSON in one column plus its top-level keys as
+/// columns. Cells that a spreadsheet would run as a formula are prefixed with `'`.
+pub fn write_unmatched_csv(report: &Report, out: impl std::io::Write) -> Result<()> {
+    let mut keys: Vec<&str> = Vec::new();
+    for u in &report.unmatched {
+        if let Value::Object(m) = &u.metadata {
+            for k in m.keys() {
+                if !keys.contains(&k.as_str()) {
+                    keys.push(k);
+                }
+            }
+        }
+    }
+    let mut w = csv::Writer::from_writer(out);
+    let fixed = [
+        "event_id",
+        "source",
+        "session_id",
+        "event_time",
+        "received_at",
+        "expires_at",
+        "reason",
+        "last_reason",
+        "candidates",
+        "metadata",
+    ];
+    w.write_record(fixed.iter().copied().chain(keys.iter().copied()).map(escape_cell))?;
+    for u in &report.unmatched {
+        let mut row = vec![
+            u.event_id.clone(),
+            u.source.clone(),
+            u.session_id.clone().unwrap_or_default(),
+            u.event_time.to_rfc3339(),
+            u.received_at.to_rfc3339(),
+            u.expires_at.to_rfc3339(),
+            u.reason.clone(),
+            u.last_reason.clone().unwrap_or_default(),
+            u.candidates.join(" "),
+            u.metadata.to_string(),
+        ];
+        for k in &keys {
+            row.push(match u.metadata.get(*k) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+            });
+        }
+        w.write_record(row.iter().map(|c| escape_cell(c)))?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Guards a cell against spreadsheet formula injection (OWASP): a leading `= + - @`, tab or
+/// carriage return gets a `'` in front.
+pub fn escape_cell(s: &str) -> String {
+    match s.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
+        _ => s.to_owned(),
+    }
+}
+
+const HTML: &str = include_str!("templates/report.html");
+
+/// The self-contained HTML page (no network needed) for analysts.
+pub fn render_html(report: &Report) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_template("report.html", HTML)?;
+    let tmpl = env.get_template("report.html")?;
+    let now = report.finished_at;
+    let rows: Vec<Value> = report
+        .unmatched
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "u": u,
+                "days_pending": format!("{:.1}", (now - u.received_at).num_minutes() as f64 / 1440.0),
+                "metadata": u.metadata.to_string(),
+            })
+        })
+        .collect();
+    let r = minijinja::Value::from(minijinja::value::Serde(report));
+    let rows = minijinja::Value::from(minijinja::value::Serde(&rows));
+    Ok(tmpl.render(minijinja::context! { r, rows })?)
+}

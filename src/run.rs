@@ -1,0 +1,551 @@
+//! One reconciliation run: `ingest → match → apply → report`, all or nothing.
+//!
+//! Everything that changes the database happens in one transaction holding the job's advisory
+//! lock; inbox files move to the archive only after it commits, and a dry run rolls it back. The
+//! `runs` row is written outside that transaction so failed and dry runs are recorded too.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sha2::Digest as _;
+use sqlx::{PgConnection, PgPool};
+
+use crate::apply::{self, Applied};
+use crate::calldata;
+use crate::event::{self, Rejected};
+use crate::ingest::{self, NewEvent, inbox};
+use crate::job::Job;
+use crate::matching::engine::{self, EventIn};
+use crate::matching::{self, Outcome, TargetKind};
+use crate::report::{self, FileEntry, Report, Summary};
+
+/// Sessionless events matched per polars batch; bounds memory whatever the total.
+pub const CHUNK_EVENTS: usize = 100_000;
+
+/// What kind of run, and over which events.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Ingest new events, then match every pending one.
+    Run,
+    /// Re-evaluate rule-based decisions of events with EventTime in `[since, until)`.
+    Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
+}
+
+/// A finished run: its report, and where the report files are.
+pub struct Finished {
+    pub report: Report,
+    pub dir: PathBuf,
+}
+
+/// Another run of the same job holds the lock.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job} is already running (since {since})")]
+pub struct AlreadyRunning {
+    pub job: String,
+    pub since: String,
+}
+
+/// Runs the job once. On error nothing is changed and the run is recorded as failed.
+pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
+    let mut tx = pool.begin().await.context("starting the run's transaction")?;
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(crate::db::job_lock_key(&job.name))
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        let since: Option<DateTime<Utc>> =
+            sqlx::query_scalar("select max(started_at) from runs where job = $1 and status = 'running'")
+                .bind(&job.name)
+                .fetch_one(pool)
+                .await?;
+        bail!(AlreadyRunning {
+            job: job.name.clone(),
+            since: since.map_or("an unknown time".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        });
+    }
+    // We hold the lock: a run still marked running was killed.
+    sqlx::query(
+        "update runs set status = 'abandoned', finished_at = now(),
+                error = 'the process ended before the run finished; nothing it did was kept'
+         where job = $1 and status = 'running'",
+    )
+    .bind(&job.name)
+    .execute(pool)
+    .await?;
+    let kind = match mode {
+        Mode::Run => "run",
+        Mode::Rematch { .. } => "rematch",
+    };
+    let (run_id, started_at): (i64, DateTime<Utc>) =
+        sqlx::query_as("insert into runs (job, kind, dry_run) values ($1, $2, $3) returning id, started_at")
+            .bind(&job.name)
+            .bind(kind)
+            .bind(dry_run)
+            .fetch_one(pool)
+            .await
+            .context("recording the run")?;
+    tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
+
+    let result = async {
+        let mut work = Work::new(job, run_id, started_at);
+        if matches!(mode, Mode::Run) {
+            work.ingest(&mut tx).await.context("ingesting events")?;
+        }
+        let applied = work.match_and_apply(&mut tx, mode).await?;
+        let report = work.report(&mut tx, kind, dry_run, applied).await?;
+        if dry_run {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await.context("committing the run")?;
+            work.archive_files();
+        }
+        anyhow::Ok(report)
+    }
+    .await;
+
+    match result {
+        Ok(mut report) => {
+            report.finished_at = Utc::now();
+            let dir = job.report_dir.join(&report.run_id);
+            let written = report::write_all(&report, &dir);
+            let (status, error) = match &written {
+                Ok(()) => ("succeeded", None),
+                Err(e) => ("failed", Some(format!("the run completed but its report could not be written: {e:#}"))),
+            };
+            sqlx::query(
+                "update runs set status = $2, finished_at = $3, summary = $4, report_dir = $5, error = $6 where id = $1",
+            )
+            .bind(run_id)
+            .bind(status)
+            .bind(report.finished_at)
+            .bind(serde_json::to_value(&report.summary)?)
+            .bind(dir.to_string_lossy().as_ref())
+            .bind(&error)
+            .execute(pool)
+            .await?;
+            written.with_context(|| format!("writing the report to {}", dir.display()))?;
+            Ok(Finished { report, dir })
+        }
+        Err(e) => {
+            let _ = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
+                .bind(run_id)
+                .bind(format!("{e:#}"))
+                .execute(pool)
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// A pending event as read back for matching.
+struct Pending {
+    id: i64,
+    session_id: Option<String>,
+    time: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    metadata: Map<String, Value>,
+    /// The decision before this run: target (kind, id) when matched.
+    old: Option<(TargetKind, String)>,
+}
+
+/// The state of a run in progress.
+struct Work<'j> {
+    job: &'j Job,
+    run_id: i64,
+    now: DateTime<Utc>,
+    ingested: u64,
+    rejected: Vec<Rejected>,
+    files: Vec<(PathBuf, FileEntry)>,
+    matched: u64,
+    by_rule: BTreeMap<String, u64>,
+}
+
+impl<'j> Work<'j> {
+    fn new(job: &'j Job, run_id: i64, now: DateTime<Utc>) -> Self {
+        Work {
+            job,
+            run_id,
+            now,
+            ingested: 0,
+            rejected: Vec::new(),
+            files: Vec::new(),
+            matched: 0,
+            by_rule: BTreeMap::new(),
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn ingest(&mut self, conn: &mut PgConnection) -> Result<()> {
+        if self.job.queue {
+            let drained = ingest::queue::drain(conn, &self.job.name, self.run_id, self.job.timezone).await?;
+            tracing::info!(stored = drained.stored, rejected = drained.rejected.len(), "queue drained");
+            self.ingested += drained.stored as u64;
+            self.rejected.extend(drained.rejected);
+        }
+        let Some(dir) = &self.job.inbox else { return Ok(()) };
+        let label_dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
+        let mut seen: HashSet<String> = HashSet::new();
+        for path in inbox::list(dir)? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let label = format!("{label_dir}/{name}");
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read inbox file; left in place");
+                    self.rejected.push(Rejected {
+                        source: label,
+                        reason: format!("cannot read the file: {e}"),
+                        raw: String::new(),
+                    });
+                    continue;
+                }
+            };
+            let sha = hex::encode(sha2::Sha256::digest(&bytes));
+            let mut entry = FileEntry {
+                file: label.clone(),
+                sha256: sha.clone(),
+                status: "ingested".into(),
+                events: 0,
+                rejected: 0,
+                archived_to: None,
+                reason: None,
+            };
+
+            let known: Option<(i64, String)> = sqlx::query_as("select run_id, name from inbox_files where sha256 = $1")
+                .bind(&sha)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some((run, first_name)) = known.or_else(|| seen.contains(&sha).then(|| (self.run_id, name.clone())))
+            {
+                tracing::warn!(file = %label, first_name, run, "same content already ingested; skipped");
+                entry.status = "duplicate".into();
+                entry.reason = Some(format!("same content as {first_name}, ingested by run {run}"));
+                self.files.push((path, entry));
+                continue;
+            }
+            seen.insert(sha.clone());
+
+            let format = inbox::Format::of(&path).expect("listed files have a known format");
+            let records = match inbox::read_records(&bytes, format, &label) {
+                Ok(r) => r,
+                Err(reason) => {
+                    tracing::error!(file = %label, %reason, "file cannot be parsed; archived as failed");
+                    self.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
+                    entry.status = "failed".into();
+                    entry.reason = Some(reason);
+                    self.files.push((path, entry));
+                    continue;
+                }
+            };
+            let mut events = Vec::new();
+            for r in records {
+                match r.payload.and_then(|p| event::parse(&p, self.job.timezone)) {
+                    Ok(event) => events.push(NewEvent { source: r.source, event, received_at: self.now }),
+                    Err(reason) => {
+                        entry.rejected += 1;
+                        self.rejected.push(Rejected { source: r.source, reason, raw: r.raw });
+                    }
+                }
+            }
+            ingest::store_events(conn, &self.job.name, self.run_id, &events).await?;
+            entry.events = events.len() as u64;
+            sqlx::query(
+                "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&sha)
+            .bind(&self.job.name)
+            .bind(&name)
+            .bind(self.run_id)
+            .bind(entry.events as i32)
+            .bind(entry.rejected as i32)
+            .execute(&mut *conn)
+            .await?;
+            tracing::info!(file = %label, events = entry.events, rejected = entry.rejected, "file ingested");
+            self.ingested += entry.events;
+            self.files.push((path, entry));
+        }
+        Ok(())
+    }
+
+    /// Decides every event in scope, stores the decisions and applies the changed targets.
+    async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
+        let pending = load_in_scope(conn, &self.job.name, mode).await?;
+        tracing::info!(events = pending.len(), "matching");
+        let outcomes = decide(conn, self.job, &pending).await?;
+
+        let expire_before = self.now - self.job.pending_for;
+        let mut rows = DecisionRows::default();
+        let (mut touched_calls, mut touched_groups) = (HashSet::new(), HashSet::new());
+        for (p, outcome) in pending.iter().zip(&outcomes) {
+            let new_target = match outcome {
+                Outcome::Matched { kind, target, .. } => Some((*kind, target.clone())),
+                Outcome::Unmatched { .. } => None,
+            };
+            if new_target != p.old {
+                for (kind, id) in p.old.iter().chain(&new_target) {
+                    match kind {
+                        TargetKind::Call => touched_calls.insert(id.clone()),
+                        TargetKind::CallGroup => touched_groups.insert(id.clone()),
+                    };
+                }
+            }
+            if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
+                self.matched += 1;
+                *self.by_rule.entry(rule.clone()).or_default() += 1;
+            }
+            // Unmatched past `pending_for` since it was received: expired, retried only by rematch.
+            let expired = new_target.is_none() && p.received_at <= expire_before;
+            rows.push(p, outcome, expired, &self.job.group_fields);
+        }
+        rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
+
+        let calls: Vec<String> = touched_calls.into_iter().collect();
+        let groups: Vec<String> = touched_groups.into_iter().collect();
+        apply::apply(conn, &calls, &groups).await
+    }
+
+    async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
+        let unmatched = report::load_unmatched(conn, &self.job.name, self.run_id, self.job.pending_for).await?;
+        let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+        for u in &unmatched {
+            *by_reason.entry(u.reason.clone()).or_default() += 1;
+        }
+        let expired = unmatched.iter().filter(|u| u.reason == "expired").count() as u64;
+        let count_files = |s: &str| self.files.iter().filter(|(_, f)| f.status == s).count() as u64;
+        let summary = Summary {
+            ingested: self.ingested,
+            rejected: self.rejected.len() as u64,
+            matched: self.matched,
+            unmatched: unmatched.len() as u64,
+            by_rule: std::mem::take(&mut self.by_rule),
+            by_reason,
+            expired,
+            pending: unmatched.len() as u64 - expired,
+            calls_updated: applied.calls_updated,
+            groups_updated: applied.groups_updated,
+            files_ingested: count_files("ingested"),
+            files_duplicate: count_files("duplicate"),
+            files_failed: count_files("failed"),
+        };
+        Ok(Report {
+            run_id: self.run_id.to_string(),
+            job: self.job.name.clone(),
+            kind: kind.to_owned(),
+            started_at: self.now,
+            finished_at: Utc::now(),
+            dry_run,
+            summary,
+            unmatched,
+            rejected: std::mem::take(&mut self.rejected),
+            files: self.files.iter().map(|(_, f)| f.clone()).collect(),
+        })
+    }
+
+    /// Moves this run's inbox files to the archive (after commit: a crash before leaves them in
+    /// the inbox, and their content is then recognised as already ingested).
+    fn archive_files(&mut self) {
+        let day = self.now.with_timezone(&self.job.timezone).date_naive();
+        for (path, entry) in &mut self.files {
+            let how = match entry.status.as_str() {
+                "duplicate" => inbox::Disposition::Duplicate,
+                "failed" => inbox::Disposition::Failed,
+                _ => inbox::Disposition::Ingested,
+            };
+            match inbox::archive(path, &self.job.archive, how, day) {
+                Ok(dest) => entry.archived_to = Some(dest.display().to_string()),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %format!("{e:#}"), "could not archive file; it stays in the inbox")
+                }
+            }
+        }
+    }
+}
+
+/// The events a run decides: every pending event of the job; for a rematch, every rule-decided
+/// or undecided event (SessionId attaches are final) with EventTime in range.
+async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result<Vec<Pending>> {
+    type Row = (
+        i64,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        sqlx::types::Json<Map<String, Value>>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = match mode {
+        Mode::Run => {
+            sqlx::query_as(
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id
+                 from events where job = $1 and state = 'pending' order by id",
+            )
+            .bind(job)
+            .fetch_all(&mut *conn)
+            .await
+        }
+        Mode::Rematch { since, until } => {
+            sqlx::query_as(
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id
+                 from events
+                 where job = $1 and session_id is null
+                   and ($2::timestamptz is null or event_time >= $2)
+                   and ($3::timestamptz is null or event_time < $3)
+                 order by id",
+            )
+            .bind(job)
+            .bind(since)
+            .bind(until)
+            .fetch_all(&mut *conn)
+            .await
+        }
+    }
+    .context("reading events to match")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, session_id, time, received_at, metadata, kind, target)| Pending {
+            id,
+            session_id,
+            time,
+            received_at,
+            metadata: metadata.0,
+            old: match (kind.as_deref(), target) {
+                (Some("call"), Some(t)) => Some((TargetKind::Call, t)),
+                (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
+                _ => None,
+            },
+        })
+        .collect())
+}
+
+/// Outcomes for `events`, in their order: SessionId attaches, then the rule cascade over the
+/// sessionless ones in time-ordered chunks.
+async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Result<Vec<Outcome>> {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+
+    let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
+    if !with_session.is_empty() {
+        let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
+        let calls = calldata::calls_by_session(conn, &sessions).await?;
+        let attached =
+            matching::attach_by_session(with_session.iter().filter_map(|&i| events[i].session_id.as_deref()), &calls);
+        for (i, o) in with_session.into_iter().zip(attached) {
+            outcomes[i] = Some(o);
+        }
+    }
+
+    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_none()).collect();
+    if !sessionless.is_empty() {
+        sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
+        let (call_fields, group_fields) = calldata::fields(job);
+        let groups = if group_fields.is_empty() {
+            Default::default()
+        } else {
+            calldata::load_groups(conn, &group_fields).await?
+        };
+        for chunk in sessionless.chunks(CHUNK_EVENTS) {
+            let from = events[chunk[0]].time;
+            let to = events[*chunk.last().expect("non-empty chunk")].time;
+            let calls = if call_fields.is_empty() {
+                Default::default()
+            } else {
+                calldata::load_calls(conn, &call_fields, from, to, job.max_window()).await?
+            };
+            tracing::debug!(events = chunk.len(), calls = calls.ids.len(), "matching chunk");
+            let input: Vec<EventIn> = chunk
+                .iter()
+                .map(|&i| EventIn {
+                    id: events[i].id,
+                    time: events[i].time.timestamp_micros(),
+                    metadata: &events[i].metadata,
+                })
+                .collect();
+            let decided =
+                engine::match_events(&job.rules, &input, &calls, &groups).context("matching sessionless events")?;
+            for (&i, o) in chunk.iter().zip(decided) {
+                outcomes[i] = Some(o);
+            }
+        }
+    }
+    Ok(outcomes.into_iter().map(|o| o.expect("every event decided")).collect())
+}
+
+/// Decisions as columns, written with one statement per batch.
+#[derive(Default)]
+struct DecisionRows {
+    id: Vec<i64>,
+    state: Vec<&'static str>,
+    kind: Vec<Option<&'static str>>,
+    target: Vec<Option<String>>,
+    rule: Vec<Option<String>>,
+    group_part: Vec<String>,
+    reason: Vec<Option<&'static str>>,
+    candidates: Vec<String>,
+}
+
+impl DecisionRows {
+    fn push(&mut self, p: &Pending, outcome: &Outcome, expired: bool, group_fields: &[String]) {
+        self.id.push(p.id);
+        match outcome {
+            Outcome::Matched { rule, kind, target } => {
+                self.state.push("matched");
+                self.kind.push(Some(kind.as_str()));
+                self.target.push(Some(target.clone()));
+                self.rule.push(Some(rule.clone()));
+                let part: Map<String, Value> = match kind {
+                    TargetKind::Call => {
+                        group_fields.iter().filter_map(|f| p.metadata.get(f).map(|v| (f.clone(), v.clone()))).collect()
+                    }
+                    TargetKind::CallGroup => Map::new(),
+                };
+                self.group_part.push(Value::Object(part).to_string());
+                self.reason.push(None);
+                self.candidates.push("{}".into());
+            }
+            Outcome::Unmatched { reason, candidates } => {
+                self.state.push(if expired { "expired" } else { "pending" });
+                self.kind.push(None);
+                self.target.push(None);
+                self.rule.push(None);
+                self.group_part.push("{}".into());
+                self.reason.push(Some(reason.as_str()));
+                // A Postgres array literal; ids are quoted.
+                let quoted: Vec<String> = candidates
+                    .iter()
+                    .map(|c| format!("\"{}\"", c.replace('\\', "\\\\").replace('"', "\\\"")))
+                    .collect();
+                self.candidates.push(format!("{{{}}}", quoted.join(",")));
+            }
+        }
+    }
+
+    async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
+        for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
+            sqlx::query(
+                "update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
+                        group_part = u.part::jsonb, reason = u.reason,
+                        candidates = case when u.reason is null then null else u.cands::text[] end,
+                        decided_run = $1, rules_fingerprint = $2
+                 from unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                      as u(id, state, kind, target, rule, part, reason, cands)
+                 where e.id = u.id",
+            )
+            .bind(run_id)
+            .bind(fingerprint)
+            .bind(&self.id[range.clone()])
+            .bind(&self.state[range.clone()])
+            .bind(&self.kind[range.clone()])
+            .bind(&self.target[range.clone()])
+            .bind(&self.rule[range.clone()])
+            .bind(&self.group_part[range.clone()])
+            .bind(&self.reason[range.clone()])
+            .bind(&self.candidates[range.clone()])
+            .execute(&mut *conn)
+            .await
+            .context("storing match decisions")?;
+        }
+        Ok(())
+    }
+}
