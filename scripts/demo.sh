@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/pg.sh
+export DATABASE_URL="${DATABASE_URL:-$CALLRECON_PG/callrecon}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo run --quiet -- demo "$@"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure a PostgreSQL is reachable and exports DATABASE_URL. Source it: `. scripts/pg.sh`.
+# Makes sure a PostgreSQL is reachable and exports CALLRECON_PG (the server's URL, without a
+# database). Source it: `. scripts/pg.sh`; the demo then uses $CALLRECON_PG/callrecon and the
+# tests $CALLRECON_PG/postgres (sqlx's test harness creates one database per test from there).
 #
 # 1. DATABASE_URL already set: used as it is.
 # 2. A server on 127.0.0.1:5432 (trust auth, as on the developers' machines): used.
@@ -20,7 +22,7 @@ _callrecon_pg() {
     return 0
   fi
   if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
-    export DATABASE_URL="postgres://postgres@127.0.0.1:5432/callrecon"
+    export CALLRECON_PG="postgres://postgres@127.0.0.1:5432"
     echo "pg.sh: PostgreSQL found on 127.0.0.1:5432" >&2
     return 0
   fi
@@ -43,7 +45,7 @@ _callrecon_pg() {
       -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >&2 \
       || { cat "$dir/server.log" >&2; return 1; }
   fi
-  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/callrecon"
+  export CALLRECON_PG="postgres://postgres@127.0.0.1:$port"
 }
 
 # initdb and the server refuse to run as root: run them as the postgres user then.

@@ -95,13 +95,14 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
             work.ingest(&mut tx).await.context("ingesting events")?;
         }
         let applied = work.match_and_apply(&mut tx, mode).await?;
-        let report = work.report(&mut tx, kind, dry_run, applied).await?;
+        let mut report = work.report(&mut tx, kind, dry_run, applied).await?;
         if dry_run {
             tx.rollback().await?;
         } else {
             tx.commit().await.context("committing the run")?;
             work.archive_files();
         }
+        report.files = work.files.into_iter().map(|(_, f)| f).collect();
         anyhow::Ok(report)
     }
     .await;
@@ -340,7 +341,8 @@ impl<'j> Work<'j> {
             summary,
             unmatched,
             rejected: std::mem::take(&mut self.rejected),
-            files: self.files.iter().map(|(_, f)| f.clone()).collect(),
+            // Filled in once the files are archived.
+            files: Vec::new(),
         })
     }
 
@@ -462,8 +464,11 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
                     metadata: &events[i].metadata,
                 })
                 .collect();
+            // CPU-bound, and polars may block on its own runtime: run it off the async worker.
             let decided =
-                engine::match_events(&job.rules, &input, &calls, &groups).context("matching sessionless events")?;
+                std::thread::scope(|s| s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups)).join())
+                    .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
+                    .context("matching sessionless events")?;
             for (&i, o) in chunk.iter().zip(decided) {
                 outcomes[i] = Some(o);
             }

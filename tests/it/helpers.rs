@@ -1,0 +1,188 @@
+//! Shared test helpers: a job in a temporary folder, call data, runs, and the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use callrecon::job::{self, Job};
+use callrecon::run::{self, Finished, Mode};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// The rules of the contract's example job.
+pub const RULES: &str = r#"
+[[rules]]
+name = "phone-and-agent"
+target = "call"
+keys = [ { event = "customerPhone", call = "ani", normalize = "phone" },
+         { event = "agentId", call = "agent_id" } ]
+window = { before = "10m", after = "10m" }
+ambiguous = "nearest"
+
+[[rules]]
+name = "crm-case"
+target = "call_group"
+keys = [ { event = "crmCaseId", call_group = "metadata.caseNumber" } ]
+
+[apply]
+group_fields = ["accountTier", "crmAccountId"]
+"#;
+
+/// A job file in its own temporary folder, with `inbox/`, `archive/` and `reports/` beside it.
+pub struct TestJob {
+    pub dir: tempfile::TempDir,
+    pub job: Job,
+}
+
+impl TestJob {
+    /// A job named `test` with the queue and inbox sources and the given rules/apply sections.
+    pub fn new(rules: &str) -> TestJob {
+        Self::with_header("pending_for = \"72h\"", rules)
+    }
+
+    pub fn with_header(header: &str, rules: &str) -> TestJob {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("inbox")).unwrap();
+        let text = format!(
+            "name = \"test\"\nschedule = \"0 0 2 * * *\"\ntimezone = \"America/New_York\"\n{header}\n\n\
+             [sources]\nqueue = true\ninbox = \"inbox\"\narchive = \"archive\"\n{rules}\n\n[report]\ndir = \"reports\"\n"
+        );
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        let job = job::load(&path).unwrap();
+        TestJob { dir, job }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.job.path.clone()
+    }
+
+    pub fn inbox(&self) -> PathBuf {
+        self.dir.path().join("inbox")
+    }
+
+    /// Drops a file into the inbox.
+    pub fn drop_file(&self, name: &str, content: &str) {
+        std::fs::write(self.inbox().join(name), content).unwrap();
+    }
+
+    pub async fn run(&self, pool: &PgPool) -> Finished {
+        run::execute(pool, &self.job, Mode::Run, false).await.unwrap()
+    }
+
+    pub async fn dry_run(&self, pool: &PgPool) -> Finished {
+        run::execute(pool, &self.job, Mode::Run, true).await.unwrap()
+    }
+}
+
+pub fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// A call; `ani`/`agent` as given, no group.
+pub struct Call<'a> {
+    pub id: &'a str,
+    pub session: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub start: &'a str,
+    pub end: Option<&'a str>,
+    pub ani: Option<&'a str>,
+    pub agent: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(id: &'a str, start: &'a str, end: Option<&'a str>) -> Self {
+        Call { id, session: None, group: None, start, end, ani: None, agent: None }
+    }
+    pub fn session(mut self, s: &'a str) -> Self {
+        self.session = Some(s);
+        self
+    }
+    pub fn group(mut self, g: &'a str) -> Self {
+        self.group = Some(g);
+        self
+    }
+    pub fn phone(mut self, ani: &'a str, agent: &'a str) -> Self {
+        self.ani = Some(ani);
+        self.agent = Some(agent);
+        self
+    }
+    pub async fn insert(self, pool: &PgPool) {
+        sqlx::query(
+            "insert into calls (id, session_id, call_group_id, started_at, ended_at, ani, agent_id)
+             values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(self.id)
+        .bind(self.session)
+        .bind(self.group)
+        .bind(t(self.start))
+        .bind(self.end.map(t))
+        .bind(self.ani)
+        .bind(self.agent)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+pub async fn add_group(pool: &PgPool, id: &str, metadata: Value) {
+    sqlx::query("insert into call_groups (id, metadata) values ($1, $2)")
+        .bind(id)
+        .bind(metadata)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+pub async fn enqueue(pool: &PgPool, payload: Value) {
+    sqlx::query("insert into event_queue (payload) values ($1)").bind(payload).execute(pool).await.unwrap();
+}
+
+pub async fn call_meta(pool: &PgPool, id: &str) -> Value {
+    sqlx::query_scalar("select async_metadata from calls where id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+pub async fn group_meta(pool: &PgPool, id: &str) -> Value {
+    sqlx::query_scalar("select async_metadata from call_groups where id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+/// `(id, async_metadata, xmin)` of every call: a snapshot that also shows whether rows were written.
+pub async fn calls_snapshot(pool: &PgPool) -> Vec<(String, Value, String)> {
+    sqlx::query_as("select id, async_metadata, xmin::text from calls order by id").fetch_all(pool).await.unwrap()
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(pool).await.unwrap()
+}
+
+/// The URL of the test's own database, for running the binary against it.
+pub async fn database_url(pool: &PgPool) -> String {
+    let db: String = sqlx::query_scalar("select current_database()").fetch_one(pool).await.unwrap();
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test.sh");
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&db);
+    url.to_string()
+}
+
+/// Runs the binary with `--database-url` of the test's database.
+pub async fn callrecon(pool: &PgPool, args: &[&str]) -> Output {
+    let url = database_url(pool).await;
+    callrecon_at(&url, args, None)
+}
+
+pub fn callrecon_at(url: &str, args: &[&str], cwd: Option<&Path>) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"));
+    cmd.arg("--database-url").arg(url).args(args).env("NO_COLOR", "1");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.output().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

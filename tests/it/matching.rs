@@ -1,0 +1,325 @@
+//! The rule cascade: table-driven cases on the engine, then whole runs against PostgreSQL.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use callrecon::job::{self, TargetField};
+use callrecon::matching::engine::{EventIn, Targets, match_events};
+use callrecon::matching::{Outcome, Reason, TargetKind};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::helpers::*;
+
+/// Calls used by the table: (id, start, end, ani, agent).
+const CALLS: &[(&str, &str, Option<&str>, &str, &str)] = &[
+    ("c1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"), "+1 (555) 123-4567", "a1"),
+    // Same caller and agent 30 minutes later.
+    ("c2", "2026-11-02T10:30:00Z", Some("2026-11-02T10:35:00Z"), "5551234567", "a1"),
+    // Still running (no end): the window closes `after` past its start.
+    ("c3", "2026-11-02T12:00:00Z", None, "5559990000", "a2"),
+    // Two calls of the same caller and agent: 10:20 is 5 minutes from each.
+    ("c4", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z"), "5557770000", "a3"),
+    ("c5", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z"), "5557770000", "a3"),
+    // Numeric agent ids.
+    ("c6", "2026-11-02T16:00:00Z", Some("2026-11-02T16:05:00Z"), "5551112222", "42"),
+];
+
+/// Call groups: (id, caseNumber).
+const GROUPS: &[(&str, &str)] = &[("g1", "C-1"), ("g2", "C-2"), ("g2b", "C-2")];
+
+fn targets() -> (Targets, Targets) {
+    let mut calls = Targets::default();
+    let (mut ani, mut agent) = (Vec::new(), Vec::new());
+    for (id, start, end, a, g) in CALLS {
+        calls.ids.push(id.to_string());
+        calls.start.push(t(start).timestamp_micros());
+        calls.end.push(t(end.unwrap_or(start)).timestamp_micros());
+        ani.push(Some(a.to_string()));
+        agent.push(Some(g.to_string()));
+    }
+    calls.fields = HashMap::from([(TargetField::Column("ani"), ani), (TargetField::Column("agent_id"), agent)]);
+    let mut groups = Targets::default();
+    groups.ids = GROUPS.iter().map(|g| g.0.to_string()).collect();
+    groups.fields = HashMap::from([(
+        TargetField::Metadata(vec!["caseNumber".into()]),
+        GROUPS.iter().map(|g| Some(g.1.to_string())).collect(),
+    )]);
+    (calls, groups)
+}
+
+fn rules(extra: &str) -> Vec<job::Rule> {
+    let text = format!(
+        "name = \"t\"\n{}",
+        RULES.replace("[apply]\ngroup_fields = [\"accountTier\", \"crmAccountId\"]\n", "") + extra
+    );
+    job::parse(Path::new("t.toml"), &text).unwrap().rules
+}
+
+fn decide(rule_text: &str, events: &[(&str, Value)]) -> Vec<Outcome> {
+    let rules = rules(rule_text);
+    let (calls, groups) = targets();
+    let metas: Vec<serde_json::Map<String, Value>> = events.iter().map(|e| e.1.as_object().unwrap().clone()).collect();
+    let input: Vec<EventIn> = events
+        .iter()
+        .zip(&metas)
+        .enumerate()
+        .map(|(i, (e, m))| EventIn { id: i as i64, time: t(e.0).timestamp_micros(), metadata: m })
+        .collect();
+    match_events(&rules, &input, &calls, &groups).unwrap()
+}
+
+fn matched(rule: &str, target: &str) -> Outcome {
+    let kind = if target.starts_with('g') { TargetKind::CallGroup } else { TargetKind::Call };
+    Outcome::Matched { rule: rule.into(), kind, target: target.into() }
+}
+
+fn unmatched(reason: Reason, candidates: &[&str]) -> Outcome {
+    Outcome::Unmatched { reason, candidates: candidates.iter().map(|c| c.to_string()).collect() }
+}
+
+fn phone(p: &str, agent: &str) -> Value {
+    json!({"customerPhone": p, "agentId": agent})
+}
+
+/// One row of the table: event time, metadata, expected outcome.
+fn check(rule_text: &str, cases: Vec<(&str, Value, Outcome)>) {
+    let events: Vec<(&str, Value)> = cases.iter().map(|c| (c.0, c.1.clone())).collect();
+    let got = decide(rule_text, &events);
+    for ((time, meta, expected), got) in cases.iter().zip(got) {
+        assert_eq!(&got, expected, "event at {time} {meta}");
+    }
+}
+
+#[test]
+fn every_phone_form_matches_the_same_call() {
+    let at = "2026-11-02T10:02:00Z";
+    check(
+        "",
+        vec![
+            (at, phone("(555) 123-4567", "a1"), matched("phone-and-agent", "c1")),
+            (at, phone("+1 555-123-4567", "a1"), matched("phone-and-agent", "c1")),
+            (at, phone("15551234567", "a1"), matched("phone-and-agent", "c1")),
+            (at, phone("5551234567", "a1"), matched("phone-and-agent", "c1")),
+            (at, phone("555.123.4567", "a1"), matched("phone-and-agent", "c1")),
+            (at, phone("25551234567", "a1"), unmatched(Reason::NoCandidate, &[])),
+            (at, phone("5551234567", "A1"), unmatched(Reason::NoCandidate, &[])),
+        ],
+    );
+}
+
+#[test]
+fn window_edges_are_inclusive() {
+    check(
+        "",
+        vec![
+            // c1 runs 10:00-10:05, window 10m either side.
+            ("2026-11-02T09:50:00Z", phone("5551234567", "a1"), matched("phone-and-agent", "c1")),
+            ("2026-11-02T09:49:59.999Z", phone("5551234567", "a1"), unmatched(Reason::NoCandidate, &[])),
+            ("2026-11-02T10:15:00Z", phone("5551234567", "a1"), matched("phone-and-agent", "c1")),
+            ("2026-11-02T10:15:00.001Z", phone("5551234567", "a1"), unmatched(Reason::NoCandidate, &[])),
+            // ended_at null: coalesce(ended_at, started_at) + after.
+            ("2026-11-02T12:10:00Z", phone("5559990000", "a2"), matched("phone-and-agent", "c3")),
+            ("2026-11-02T12:10:01Z", phone("5559990000", "a2"), unmatched(Reason::NoCandidate, &[])),
+            ("2026-11-02T11:50:00Z", phone("5559990000", "a2"), matched("phone-and-agent", "c3")),
+        ],
+    );
+}
+
+#[test]
+fn nearest_takes_the_closest_and_a_tie_stays_ambiguous() {
+    check(
+        "",
+        vec![
+            // 14:18 is 3 min after c4 and 7 min before c5.
+            ("2026-11-02T14:18:00Z", phone("5557770000", "a3"), matched("phone-and-agent", "c4")),
+            ("2026-11-02T14:22:00Z", phone("5557770000", "a3"), matched("phone-and-agent", "c5")),
+            // Inside c4 (distance 0) while c5 is 10 min away.
+            ("2026-11-02T14:15:00Z", phone("5557770000", "a3"), matched("phone-and-agent", "c4")),
+            // 14:20 is 5 min from both.
+            ("2026-11-02T14:20:00Z", phone("5557770000", "a3"), unmatched(Reason::Ambiguous, &["c4", "c5"])),
+        ],
+    );
+}
+
+#[test]
+fn report_mode_is_ambiguous_whenever_several() {
+    let report = "";
+    let cases = vec![
+        ("2026-11-02T14:18:00Z", phone("5557770000", "a3"), unmatched(Reason::Ambiguous, &["c4", "c5"])),
+        ("2026-11-02T10:02:00Z", phone("5551234567", "a1"), matched("phone-and-agent", "c1")),
+    ];
+    let events: Vec<(&str, Value)> = cases.iter().map(|c| (c.0, c.1.clone())).collect();
+    let text = format!("name = \"t\"\n{}", RULES.replace("ambiguous = \"nearest\"", "ambiguous = \"report\"")) + report;
+    let rules = job::parse(Path::new("t.toml"), &text).unwrap().rules;
+    let (calls, groups) = targets();
+    let metas: Vec<_> = events.iter().map(|e| e.1.as_object().unwrap().clone()).collect();
+    let input: Vec<EventIn> = events
+        .iter()
+        .zip(&metas)
+        .enumerate()
+        .map(|(i, (e, m))| EventIn { id: i as i64, time: t(e.0).timestamp_micros(), metadata: m })
+        .collect();
+    let got = match_events(&rules, &input, &calls, &groups).unwrap();
+    assert_eq!(got, cases.into_iter().map(|c| c.2).collect::<Vec<_>>());
+}
+
+#[test]
+fn cascade_and_reasons() {
+    check(
+        "",
+        vec![
+            // First rule finds nothing (no phone key), second matches the group by metadata path.
+            ("2026-11-02T10:02:00Z", json!({"crmCaseId": "C-1"}), matched("crm-case", "g1")),
+            // First rule has keys but no candidate: the second still decides.
+            (
+                "2026-11-02T10:02:00Z",
+                json!({"customerPhone": "5550000000", "agentId": "a1", "crmCaseId": "C-1"}),
+                matched("crm-case", "g1"),
+            ),
+            // First rule ambiguous: the cascade ends there, even though crm-case would match.
+            (
+                "2026-11-02T14:20:00Z",
+                json!({"customerPhone": "5557770000", "agentId": "a3", "crmCaseId": "C-1"}),
+                unmatched(Reason::Ambiguous, &["c4", "c5"]),
+            ),
+            // Two groups share C-2: ambiguous (groups have no time to be nearer).
+            ("2026-11-02T10:02:00Z", json!({"crmCaseId": "C-2"}), unmatched(Reason::Ambiguous, &["g2", "g2b"])),
+            // A key present but only one of two keys of the first rule, none of the second.
+            ("2026-11-02T10:02:00Z", json!({"customerPhone": "5551234567"}), unmatched(Reason::MissingKey, &[])),
+            ("2026-11-02T10:02:00Z", json!({"other": 1}), unmatched(Reason::MissingKey, &[])),
+            // Null and empty values are missing.
+            ("2026-11-02T10:02:00Z", json!({"crmCaseId": null}), unmatched(Reason::MissingKey, &[])),
+            ("2026-11-02T10:02:00Z", json!({"customerPhone": "", "agentId": "a1"}), unmatched(Reason::MissingKey, &[])),
+            ("2026-11-02T10:02:00Z", json!({"crmCaseId": "C-9"}), unmatched(Reason::NoCandidate, &[])),
+        ],
+    );
+}
+
+#[test]
+fn numeric_key_compares_as_text() {
+    check(
+        "",
+        vec![(
+            "2026-11-02T16:01:00Z",
+            json!({"customerPhone": 5551112222u64, "agentId": 42}),
+            matched("phone-and-agent", "c6"),
+        )],
+    );
+}
+
+#[test]
+fn shuffling_the_input_never_changes_a_decision() {
+    let mut events: Vec<(&str, Value)> = Vec::new();
+    let times = [
+        "2026-11-02T10:02:00Z",
+        "2026-11-02T10:20:00Z",
+        "2026-11-02T14:18:00Z",
+        "2026-11-02T14:20:00Z",
+        "2026-11-02T12:05:00Z",
+    ];
+    let metas = [
+        phone("5551234567", "a1"),
+        phone("5557770000", "a3"),
+        phone("5559990000", "a2"),
+        json!({"crmCaseId": "C-1"}),
+        json!({"crmCaseId": "C-2"}),
+        json!({}),
+    ];
+    for t in times {
+        for m in &metas {
+            events.push((t, m.clone()));
+        }
+    }
+    let baseline = decide("", &events);
+    // A small deterministic generator: the same permutations on every run.
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    for _ in 0..50 {
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        for i in (1..order.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            order.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+        let shuffled: Vec<(&str, Value)> = order.iter().map(|&i| events[i].clone()).collect();
+        let got = decide("", &shuffled);
+        for (pos, &i) in order.iter().enumerate() {
+            assert_eq!(got[pos], baseline[i], "event {i} ({:?}) decided differently after shuffling", events[i]);
+        }
+    }
+}
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn mixed_session_and_sessionless_events_in_one_run(pool: PgPool) {
+    add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
+    Call::new("c1", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z"))
+        .session("s1")
+        .group("g1")
+        .phone("5551234567", "a1")
+        .insert(&pool)
+        .await;
+    Call::new("c2", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z")).phone("5552223333", "a2").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    // A naive EventTime: 10:02 in New York on 2026-11-02 is 15:02Z.
+    job.drop_file(
+        "mixed.ndjson",
+        "{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T15:01:00Z\", \"Metadata\": {\"viaSession\": true}}\n\
+         {\"EventTime\": \"2026-11-02 10:02:00\", \"Metadata\": {\"customerPhone\": \"+1 555-222-3333\", \"agentId\": \"a2\", \"accountTier\": \"gold\"}}\n\
+         {\"EventTime\": \"2026-11-02T15:03:00Z\", \"Metadata\": {\"crmCaseId\": \"C-1\", \"case\": \"open\"}}\n\
+         {\"EventTime\": \"2026-11-02T18:00:00Z\", \"Metadata\": {\"customerPhone\": \"5552223333\", \"agentId\": \"a2\"}}\n",
+    );
+    let done = job.run(&pool).await;
+    let s = &done.report.summary;
+    assert_eq!((s.matched, s.unmatched), (3, 1));
+    assert_eq!(s.by_rule, [("crm-case".into(), 1), ("phone-and-agent".into(), 1), ("session_id".into(), 1)].into());
+    assert_eq!(done.report.unmatched[0].reason, "no_candidate");
+    assert_eq!(call_meta(&pool, "c1").await, json!({"viaSession": true, "crmCaseId": "C-1", "case": "open"}));
+    assert_eq!(
+        call_meta(&pool, "c2").await,
+        json!({"customerPhone": "+1 555-222-3333", "agentId": "a2", "accountTier": "gold"})
+    );
+    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+    // Every decision is recorded with its rule or its reason.
+    let rows: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as("select state, rule, reason from events order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("matched".into(), Some("session_id".into()), None),
+            ("matched".into(), Some("phone-and-agent".into()), None),
+            ("matched".into(), Some("crm-case".into()), None),
+            ("pending".into(), None, Some("no_candidate".into())),
+        ]
+    );
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn sessionless_event_matches_after_its_call_lands(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T15:01:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "x": 1}})).await;
+    let first = job.run(&pool).await;
+    assert_eq!(first.report.unmatched[0].reason, "no_candidate");
+    Call::new("c1", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z")).phone("5551234567", "a1").insert(&pool).await;
+    let second = job.run(&pool).await;
+    assert_eq!(second.report.summary.by_rule["phone-and-agent"], 1);
+    assert_eq!(call_meta(&pool, "c1").await["x"], 1);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn long_call_started_before_the_batch_still_matches(pool: PgPool) {
+    // A call that started 3 hours before the event and is still going at event time.
+    Call::new("long", "2026-11-02T12:00:00Z", Some("2026-11-02T16:00:00Z"))
+        .phone("5551234567", "a1")
+        .insert(&pool)
+        .await;
+    let job = TestJob::new(RULES);
+    enqueue(
+        &pool,
+        json!({"EventTime": "2026-11-02T15:00:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1"}}),
+    )
+    .await;
+    assert_eq!(job.run(&pool).await.report.summary.matched, 1);
+}
