@@ -39,12 +39,14 @@ fn targets() -> (Targets, Targets) {
         agent.push(Some(g.to_string()));
     }
     calls.fields = HashMap::from([(TargetField::Column("ani"), ani), (TargetField::Column("agent_id"), agent)]);
-    let mut groups = Targets::default();
-    groups.ids = GROUPS.iter().map(|g| g.0.to_string()).collect();
-    groups.fields = HashMap::from([(
-        TargetField::Metadata(vec!["caseNumber".into()]),
-        GROUPS.iter().map(|g| Some(g.1.to_string())).collect(),
-    )]);
+    let groups = Targets {
+        ids: GROUPS.iter().map(|g| g.0.to_string()).collect(),
+        fields: HashMap::from([(
+            TargetField::Metadata(vec!["caseNumber".into()]),
+            GROUPS.iter().map(|g| Some(g.1.to_string())).collect(),
+        )]),
+        ..Targets::default()
+    };
     (calls, groups)
 }
 
