@@ -8,7 +8,7 @@
 # 3. Otherwise a disposable local cluster is started from the system's PostgreSQL binaries
 #    (installing Debian's `postgresql` package if they are absent) under
 #    ${CALLRECON_PG_DIR:-/tmp/callrecon-pg}, listening on 127.0.0.1:${CALLRECON_PG_PORT:-54329}.
-#    Stop it with `scripts/pg.sh stop`.
+#    Stop it with `scripts/pg.sh stop`. CALLRECON_PG_DISPOSABLE=1 skips steps 1 and 2.
 
 _callrecon_pg() {
   local dir="${CALLRECON_PG_DIR:-/tmp/callrecon-pg}" port="${CALLRECON_PG_PORT:-54329}"
@@ -17,11 +17,11 @@ _callrecon_pg() {
     [ -f "$dir/data/postmaster.pid" ] && _callrecon_as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop
     return 0
   fi
-  if [ -n "${DATABASE_URL:-}" ]; then
+  if [ -z "${CALLRECON_PG_DISPOSABLE:-}" ] && [ -n "${DATABASE_URL:-}" ]; then
     echo "pg.sh: using DATABASE_URL=$DATABASE_URL" >&2
     return 0
   fi
-  if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  if [ -z "${CALLRECON_PG_DISPOSABLE:-}" ] && (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     export CALLRECON_PG="postgres://postgres@127.0.0.1:5432"
     echo "pg.sh: PostgreSQL found on 127.0.0.1:5432" >&2
     return 0

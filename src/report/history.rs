@@ -16,7 +16,7 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
     let secs = (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0;
     let mut out = String::new();
     let dry = if report.dry_run { " (dry run: nothing written)" } else { "" };
-    let _ = writeln!(out, "callrecon: job {}, {} {} in {secs:.1}s{dry}", report.job, report.kind, report.run_id);
+    let _ = writeln!(out, "callrecon: job {}, {} {} in {secs:.2}s{dry}", report.job, report.kind, report.run_id);
     let _ = writeln!(
         out,
         "  ingested  {:>6} events   ({} rejected records, {} files, {} duplicate, {} failed)",
