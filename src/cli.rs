@@ -51,6 +51,12 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Why an event did or did not match: each rule, its keys, candidates and decision.
+    Explain {
+        #[arg(long)]
+        job: PathBuf,
+        event_id: i64,
+    },
     /// Put the events of files (inbox formats) on event_queue.
     Enqueue {
         #[arg(required = true)]

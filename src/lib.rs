@@ -9,6 +9,7 @@ pub mod db;
 pub mod demo;
 pub mod event;
 pub mod ingest;
+pub mod inspect;
 pub mod job;
 pub mod matching;
 pub mod report;

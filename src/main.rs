@@ -8,7 +8,7 @@ use clap::Parser;
 use callrecon::cli::{Cli, Command, LogFormat, ReportCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{db, demo, event, ingest, report};
+use callrecon::{db, demo, event, ingest, inspect, report};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
@@ -47,7 +47,10 @@ fn init_tracing(format: LogFormat) {
 async fn dispatch(cli: Cli) -> Result<()> {
     // Job files are checked before anything touches the database.
     let job = match &cli.command {
-        Command::Run { job, .. } | Command::Rematch { job, .. } | Command::Demo { job, .. } => Some(job::load(job)?),
+        Command::Run { job, .. }
+        | Command::Rematch { job, .. }
+        | Command::Explain { job, .. }
+        | Command::Demo { job, .. } => Some(job::load(job)?),
         _ => None,
     };
     let pool = db::connect(&cli.database_url).await?;
@@ -71,6 +74,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
             let done = run::execute(&pool, &job, mode, dry_run).await?;
             println!("{}", report::history::summary_text(&done.report, &done.dir));
+        }
+        Command::Explain { event_id, .. } => {
+            print!("{}", inspect::explain_event(&pool, &job.expect("loaded above"), event_id).await?);
         }
         Command::Enqueue { files } => enqueue(&pool, &files).await?,
         Command::Report { command: ReportCommand::List { job, limit } } => {

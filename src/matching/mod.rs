@@ -5,6 +5,7 @@
 //! touches the database; callers read the candidates and store the outcomes.
 
 pub mod engine;
+pub mod explain;
 pub mod rules;
 
 use std::collections::HashMap;

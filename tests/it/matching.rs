@@ -325,3 +325,71 @@ async fn long_call_started_before_the_batch_still_matches(pool: PgPool) {
     .await;
     assert_eq!(job.run(&pool).await.report.summary.matched, 1);
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn explain_answers_for_matched_and_unmatched_events(pool: PgPool) {
+    Call::new("c4", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z")).phone("5557770000", "a3").insert(&pool).await;
+    Call::new("c5", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z")).phone("5557770000", "a3").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    let ev = |t: &str| json!({"EventTime": t, "Metadata": {"customerPhone": "+1 555 777 0000", "agentId": "a3"}});
+    enqueue(&pool, ev("2026-11-02T14:18:00Z")).await; // nearer c4
+    enqueue(&pool, ev("2026-11-02T14:20:00Z")).await; // a tie
+    enqueue(&pool, json!({"EventTime": "2026-11-02T14:20:00Z", "Metadata": {"crmCaseId": "C-404"}})).await;
+    job.run(&pool).await;
+    let path = job.path();
+    let explain = |id: &'static str| {
+        let pool = pool.clone();
+        let path = path.clone();
+        async move { callrecon(&pool, &["explain", "--job", path.to_str().unwrap(), id]).await }
+    };
+
+    let out = explain("1").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("stored decision: matched c4 by phone-and-agent"), "{text}");
+    assert!(text.contains("key customerPhone        \"5557770000\""), "{text}");
+    assert!(text.contains("2 target(s) share these keys"), "{text}");
+    assert!(text.contains("c4 (180s away)") && text.contains("c5 (420s away)"), "{text}");
+    assert!(text.contains("-> matched c4"), "{text}");
+
+    let text = stdout(&explain("2").await);
+    assert!(text.contains("stored decision: pending (ambiguous), candidates c4, c5"), "{text}");
+    assert!(text.contains("-> ambiguous between c4, c5; the cascade stops here"), "{text}");
+
+    let text = stdout(&explain("3").await);
+    assert!(text.contains("rule 1 `phone-and-agent`\n  key customerPhone        (missing)"), "{text}");
+    assert!(
+        text.contains("rule 2 `crm-case`\n  key crmCaseId            \"C-404\"\n  0 target(s) share these keys"),
+        "{text}"
+    );
+    assert!(text.contains("result: unmatched (no_candidate)"), "{text}");
+
+    let missing = explain("99").await;
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no event 99"));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn naive_event_time_on_a_dst_change_day_matches_in_the_job_time_zone(pool: PgPool) {
+    // New York springs forward at 2026-03-08 02:00 EST. 03:30 EDT is 07:30Z; 01:30 EST is 06:30Z.
+    Call::new("after", "2026-03-08T07:29:00Z", Some("2026-03-08T07:31:00Z"))
+        .phone("5551234567", "a1")
+        .insert(&pool)
+        .await;
+    Call::new("before", "2026-03-08T06:29:00Z", Some("2026-03-08T06:31:00Z"))
+        .phone("5551234567", "a2")
+        .insert(&pool)
+        .await;
+    let job = TestJob::new(
+        &RULES
+            .replace("window = { before = \"10m\", after = \"10m\" }", "window = { before = \"0s\", after = \"0s\" }"),
+    );
+    job.drop_file(
+        "dst.csv",
+        "EventTime,customerPhone,agentId\n2026-03-08 03:30:00,5551234567,a1\n2026-03-08 01:30:00,5551234567,a2\n",
+    );
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched);
+    assert_eq!(call_meta(&pool, "after").await["agentId"], "a1");
+    assert_eq!(call_meta(&pool, "before").await["agentId"], "a2");
+}
