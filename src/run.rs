@@ -20,7 +20,7 @@ use crate::ingest::{self, NewEvent, inbox};
 use crate::job::Job;
 use crate::matching::engine::{self, EventIn};
 use crate::matching::{self, Outcome, TargetKind};
-use crate::report::{self, FileEntry, Report, Summary};
+use crate::report::{self, Change, Diff, FileEntry, Report, Summary, TargetRef};
 
 /// Sessionless events matched per polars batch; bounds memory whatever the total.
 pub const CHUNK_EVENTS: usize = 100_000;
@@ -148,8 +148,9 @@ struct Pending {
     time: DateTime<Utc>,
     received_at: DateTime<Utc>,
     metadata: Map<String, Value>,
-    /// The decision before this run: target (kind, id) when matched.
+    /// The decision before this run: target (kind, id) when matched, and the rule.
     old: Option<(TargetKind, String)>,
+    old_rule: Option<String>,
 }
 
 /// The state of a run in progress.
@@ -162,6 +163,7 @@ struct Work<'j> {
     files: Vec<(PathBuf, FileEntry)>,
     matched: u64,
     by_rule: BTreeMap<String, u64>,
+    diff: Option<Diff>,
 }
 
 impl<'j> Work<'j> {
@@ -175,6 +177,7 @@ impl<'j> Work<'j> {
             files: Vec::new(),
             matched: 0,
             by_rule: BTreeMap::new(),
+            diff: None,
         }
     }
 
@@ -297,6 +300,9 @@ impl<'j> Work<'j> {
                 self.matched += 1;
                 *self.by_rule.entry(rule.clone()).or_default() += 1;
             }
+            if let Mode::Rematch { .. } = mode {
+                record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
+            }
             // Unmatched past `pending_for` since it was received: expired, retried only by rematch.
             let expired = new_target.is_none() && p.received_at <= expire_before;
             rows.push(p, outcome, expired, &self.job.group_fields);
@@ -343,6 +349,7 @@ impl<'j> Work<'j> {
             rejected: std::mem::take(&mut self.rejected),
             // Filled in once the files are archived.
             files: Vec::new(),
+            diff: self.diff.take().or_else(|| (kind == "rematch").then(Diff::default)),
         })
     }
 
@@ -377,11 +384,12 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
         sqlx::types::Json<Map<String, Value>>,
         Option<String>,
         Option<String>,
+        Option<String>,
     );
     let rows: Vec<Row> = match mode {
         Mode::Run => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule
                  from events where job = $1 and state = 'pending' order by id",
             )
             .bind(job)
@@ -390,7 +398,7 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
         }
         Mode::Rematch { since, until } => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule
                  from events
                  where job = $1 and session_id is null
                    and ($2::timestamptz is null or event_time >= $2)
@@ -407,7 +415,7 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
     .context("reading events to match")?;
     Ok(rows
         .into_iter()
-        .map(|(id, session_id, time, received_at, metadata, kind, target)| Pending {
+        .map(|(id, session_id, time, received_at, metadata, kind, target, old_rule)| Pending {
             id,
             session_id,
             time,
@@ -418,6 +426,7 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
                 (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
                 _ => None,
             },
+            old_rule,
         })
         .collect())
 }
@@ -553,4 +562,49 @@ impl DecisionRows {
         }
         Ok(())
     }
+}
+
+/// Adds one re-decided event to a rematch's diff.
+fn record_change(diff: &mut Diff, p: &Pending, outcome: &Outcome) {
+    diff.evaluated += 1;
+    let target_ref = |(kind, id): &(TargetKind, String)| TargetRef { kind: kind.as_str().to_owned(), id: id.clone() };
+    let (new, new_rule, reason) = match outcome {
+        Outcome::Matched { rule, kind, target } => (Some((*kind, target.clone())), Some(rule.clone()), None),
+        Outcome::Unmatched { reason, .. } => (None, None, Some(reason.as_str().to_owned())),
+    };
+    let change = match (&p.old, &new) {
+        (None, None) => None,
+        (None, Some(_)) => Some("newly_matched"),
+        (Some(_), None) => Some("newly_unmatched"),
+        (Some(a), Some(b)) if a != b => Some("moved"),
+        (Some(_), Some(_)) if p.old_rule != new_rule => Some("rule_changed"),
+        (Some(_), Some(_)) => None,
+    };
+    let Some(change) = change else {
+        diff.unchanged += 1;
+        return;
+    };
+    match change {
+        "newly_matched" => diff.newly_matched += 1,
+        "newly_unmatched" => diff.newly_unmatched += 1,
+        "moved" => diff.moved += 1,
+        _ => diff.rule_changed += 1,
+    }
+    if p.old_rule != new_rule {
+        if let Some(r) = &p.old_rule {
+            diff.by_rule.entry(r.clone()).or_default().lost += 1;
+        }
+        if let Some(r) = &new_rule {
+            diff.by_rule.entry(r.clone()).or_default().gained += 1;
+        }
+    }
+    diff.changes.push(Change {
+        event_id: p.id.to_string(),
+        change: change.to_owned(),
+        from: p.old.as_ref().map(target_ref),
+        to: new.as_ref().map(target_ref),
+        rule_before: p.old_rule.clone(),
+        rule_after: new_rule,
+        reason,
+    });
 }

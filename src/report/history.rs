@@ -24,6 +24,13 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
     );
     let _ = writeln!(out, "  matched   {:>6}          {}", s.matched, counts(&s.by_rule));
     let _ = writeln!(out, "  unmatched {:>6}          {}", s.unmatched, counts(&s.by_reason));
+    if let Some(d) = &report.diff {
+        let _ = writeln!(
+            out,
+            "  rematch   {:>6} events   {} newly matched · {} moved · {} newly unmatched · {} rule changed · {} unchanged",
+            d.evaluated, d.newly_matched, d.moved, d.newly_unmatched, d.rule_changed, d.unchanged
+        );
+    }
     let _ = writeln!(out, "  applied   {:>6} calls, {} call groups changed", s.calls_updated, s.groups_updated);
     let _ = write!(out, "report: {}", dir.join("report.html").display());
     out

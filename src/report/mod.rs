@@ -28,6 +28,52 @@ pub struct Report {
     pub rejected: Vec<Rejected>,
     /// Inbox files this run picked and what became of them.
     pub files: Vec<FileEntry>,
+    /// For a rematch: what changed against the previous decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<Diff>,
+}
+
+/// What a rematch changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Diff {
+    /// Events re-evaluated.
+    pub evaluated: u64,
+    pub newly_matched: u64,
+    pub moved: u64,
+    pub newly_unmatched: u64,
+    /// Same target, now by another rule.
+    pub rule_changed: u64,
+    pub unchanged: u64,
+    /// Per rule: events it now decides that it did not (`gained`) and the reverse (`lost`).
+    pub by_rule: BTreeMap<String, RuleDiff>,
+    /// Every event whose target or rule changed.
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuleDiff {
+    pub gained: u64,
+    pub lost: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Change {
+    pub event_id: String,
+    /// `newly_matched`, `moved`, `newly_unmatched` or `rule_changed`.
+    pub change: String,
+    pub from: Option<TargetRef>,
+    pub to: Option<TargetRef>,
+    pub rule_before: Option<String>,
+    pub rule_after: Option<String>,
+    /// For `newly_unmatched`: why.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetRef {
+    /// `call` or `call_group`.
+    pub kind: String,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

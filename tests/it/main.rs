@@ -1,6 +1,7 @@
 //! One integration-test binary (one link of polars): every test gets its own database from
 //! `#[sqlx::test]`, so they run in parallel against the PostgreSQL in `DATABASE_URL`.
 
+mod apply;
 mod helpers;
 mod ingest;
 mod matching;

@@ -1,0 +1,190 @@
+//! Applying: group fields, membership changes, rematch after a rule change.
+
+use callrecon::run::{self, Mode};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::*;
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn group_fields_reach_every_call_of_the_group_including_one_added_later(pool: PgPool) {
+    add_group(&pool, "g1", json!({})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
+    Call::new("solo", "2026-11-02T11:00:00Z", None).insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"accountTier": "gold", "private": 1}})).await;
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c1").await, json!({"accountTier": "gold", "private": 1}));
+    assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold"}), "group_fields only, not the rest");
+    assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
+    assert_eq!(call_meta(&pool, "solo").await, json!({}));
+
+    // Call data for the group lands later; an existing call joins the group.
+    Call::new("c3", "2026-11-03T09:00:00Z", None).group("g1").insert(&pool).await;
+    sqlx::query("update calls set call_group_id = 'g1' where id = 'solo'").execute(&pool).await.unwrap();
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.matched, 0);
+    assert_eq!(call_meta(&pool, "c3").await, json!({"accountTier": "gold"}));
+    assert_eq!(call_meta(&pool, "solo").await, json!({"accountTier": "gold"}));
+
+    // A later event on another call of the group overrides the field for every call.
+    Call::new("c4", "2026-11-03T12:00:00Z", None).session("s4").group("g1").insert(&pool).await;
+    enqueue(
+        &pool,
+        json!({"SessionId": "s4", "EventTime": "2026-11-03T12:01:00Z", "Metadata": {"accountTier": "platinum"}}),
+    )
+    .await;
+    job.run(&pool).await;
+    for c in ["c1", "c2", "c3", "c4", "solo"] {
+        assert_eq!(call_meta(&pool, c).await["accountTier"], "platinum", "{c}");
+    }
+    assert_eq!(call_meta(&pool, "c1").await["private"], 1, "c1 keeps its own fields");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool: PgPool) {
+    add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
+    add_group(&pool, "g2", json!({})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T11:00:00Z", None).session("s2").group("g1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {"crmCaseId": "C-1", "case": "open"}}))
+        .await;
+    enqueue(
+        &pool,
+        json!({"SessionId": "s2", "EventTime": "2026-11-02T11:01:00Z", "Metadata": {"crmAccountId": "A-2"}}),
+    )
+    .await;
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
+    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
+
+    // c2 moves to g2: g1 and c1 lose its group field, g2 gains it, c2 loses g1's case.
+    sqlx::query("update calls set call_group_id = 'g2' where id = 'c2'").execute(&pool).await.unwrap();
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+    assert_eq!(call_meta(&pool, "c2").await, json!({"crmAccountId": "A-2"}));
+    assert_eq!(group_meta(&pool, "g2").await, json!({"crmAccountId": "A-2"}));
+}
+
+/// Two calls of the same caller to different agents; the event names agent a1.
+async fn two_agents(pool: &PgPool) -> TestJob {
+    Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
+        .phone("5551234567", "a1")
+        .insert(pool)
+        .await;
+    Call::new("c-a2", "2026-11-02T10:20:00Z", Some("2026-11-02T10:25:00Z"))
+        .phone("5551234567", "a2")
+        .insert(pool)
+        .await;
+    let job = TestJob::new(RULES);
+    enqueue(pool, json!({"EventTime": "2026-11-02T10:14:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "note": "x"}})).await;
+    enqueue(pool, json!({"EventTime": "2026-11-02T09:00:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "early": true}})).await;
+    job.run(pool).await;
+    assert_eq!(call_meta(pool, "c-a1").await["note"], "x");
+    job
+}
+
+/// The job's rules after support drops the agent key and widens the window.
+fn phone_only(job: &TestJob) -> callrecon::job::Job {
+    let text = std::fs::read_to_string(job.path())
+        .unwrap()
+        .replace(",\n         { event = \"agentId\", call = \"agent_id\" } ]", " ]")
+        .replace("before = \"10m\"", "before = \"90m\"");
+    std::fs::write(job.path(), text).unwrap();
+    callrecon::job::load(&job.path()).unwrap()
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) {
+    let job = two_agents(&pool).await;
+    let new_rules = phone_only(&job);
+    assert_ne!(new_rules.rules_fingerprint, job.job.rules_fingerprint);
+
+    let done =
+        run::execute(&pool, &new_rules, Mode::Rematch { since: Some(t("2026-11-02T00:00:00Z")), until: None }, false)
+            .await
+            .unwrap();
+    let diff = done.report.diff.as_ref().unwrap();
+    assert_eq!((diff.evaluated, diff.moved, diff.newly_matched, diff.newly_unmatched, diff.unchanged), (2, 1, 1, 0, 0));
+    let moved = diff.changes.iter().find(|c| c.change == "moved").unwrap();
+    assert_eq!((moved.from.as_ref().unwrap().id.as_str(), moved.to.as_ref().unwrap().id.as_str()), ("c-a1", "c-a2"));
+    // 10:14 is 6 minutes from c-a2 and 9 from c-a1: nearest wins now that agent is not a key.
+    assert_eq!(call_meta(&pool, "c-a1").await, json!({"customerPhone": "5551234567", "agentId": "a1", "early": true}));
+    assert_eq!(call_meta(&pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
+    let fp: Vec<String> =
+        sqlx::query_scalar("select distinct rules_fingerprint from events").fetch_all(&pool).await.unwrap();
+    assert_eq!(fp, [new_rules.rules_fingerprint.clone()]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(done.dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["kind"], "rematch");
+    assert_eq!(report["diff"]["moved"], 1);
+    assert!(std::fs::read_to_string(done.dir.join("report.html")).unwrap().contains("Rematch: what changed"));
+
+    // Rematching again under the same rules changes nothing.
+    let before = calls_snapshot(&pool).await;
+    let again = run::execute(&pool, &new_rules, Mode::Rematch { since: None, until: None }, false).await.unwrap();
+    assert_eq!(again.report.diff.as_ref().unwrap().unchanged, 2);
+    assert_eq!(calls_snapshot(&pool).await, before);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: PgPool) {
+    let job = two_agents(&pool).await;
+    Call::new("c-s", "2026-11-02T10:00:00Z", None).session("s").insert(&pool).await;
+    enqueue(&pool, json!({"SessionId": "s", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"viaSession": 1}})).await;
+    job.run(&pool).await;
+    let new_rules = phone_only(&job);
+    // Only the 10:14 event is in range.
+    let done = run::execute(
+        &pool,
+        &new_rules,
+        Mode::Rematch { since: Some(t("2026-11-02T10:00:00Z")), until: Some(t("2026-11-02T11:00:00Z")) },
+        false,
+    )
+    .await
+    .unwrap();
+    let diff = done.report.diff.unwrap();
+    assert_eq!((diff.evaluated, diff.moved), (1, 1));
+    // The 09:00 event was out of range: not re-evaluated, so still unmatched (the new rules would match it).
+    let early: (String, Option<i64>) =
+        sqlx::query_as("select state, decided_run from events where metadata ? 'early'").fetch_one(&pool).await.unwrap();
+    assert_eq!(early, ("pending".into(), Some(2)));
+    assert_eq!(call_meta(&pool, "c-a1").await, json!({}));
+    assert_eq!(call_meta(&pool, "c-s").await, json!({"viaSession": 1}));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn rematch_dry_run_reports_the_diff_and_changes_nothing(pool: PgPool) {
+    let job = two_agents(&pool).await;
+    let new_rules = phone_only(&job);
+    let before = calls_snapshot(&pool).await;
+    let events_before: Vec<(i64, Option<String>)> =
+        sqlx::query_as("select id, target_id from events order by id").fetch_all(&pool).await.unwrap();
+
+    let out =
+        callrecon(&pool, &["rematch", "--job", job.path().to_str().unwrap(), "--since", "2026-11-02", "--dry-run"])
+            .await;
+    assert!(!out.status.success(), "a date without a time is refused");
+    assert!(stderr(&out).contains("--since \"2026-11-02\""), "{}", stderr(&out));
+
+    let out = callrecon(
+        &pool,
+        &["rematch", "--job", job.path().to_str().unwrap(), "--since", "2026-11-02 00:00:00", "--dry-run"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("dry run"), "{text}");
+    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words.contains("rematch 2 events 1 newly matched · 1 moved"), "{text}");
+    assert_eq!(calls_snapshot(&pool).await, before);
+    let events_after: Vec<(i64, Option<String>)> =
+        sqlx::query_as("select id, target_id from events order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(events_after, events_before);
+    drop(new_rules);
+}
