@@ -99,6 +99,13 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         if dry_run {
             tx.rollback().await?;
         } else {
+            // In the same transaction as the work: a run killed after its commit is never taken
+            // for one that changed nothing.
+            sqlx::query("update runs set status = 'succeeded', finished_at = now(), summary = $2 where id = $1")
+                .bind(run_id)
+                .bind(serde_json::to_value(&report.summary)?)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await.context("committing the run")?;
             work.archive_files();
         }

@@ -118,7 +118,7 @@ async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) 
     assert_eq!(call_meta(&pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
     let fp: Vec<String> =
         sqlx::query_scalar("select distinct rules_fingerprint from events").fetch_all(&pool).await.unwrap();
-    assert_eq!(fp, [new_rules.rules_fingerprint.clone()]);
+    assert_eq!(fp, std::slice::from_ref(&new_rules.rules_fingerprint));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(done.dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["kind"], "rematch");
@@ -151,8 +151,10 @@ async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: P
     let diff = done.report.diff.unwrap();
     assert_eq!((diff.evaluated, diff.moved), (1, 1));
     // The 09:00 event was out of range: not re-evaluated, so still unmatched (the new rules would match it).
-    let early: (String, Option<i64>) =
-        sqlx::query_as("select state, decided_run from events where metadata ? 'early'").fetch_one(&pool).await.unwrap();
+    let early: (String, Option<i64>) = sqlx::query_as("select state, decided_run from events where metadata ? 'early'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(early, ("pending".into(), Some(2)));
     assert_eq!(call_meta(&pool, "c-a1").await, json!({}));
     assert_eq!(call_meta(&pool, "c-s").await, json!({"viaSession": 1}));
