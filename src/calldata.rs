@@ -8,8 +8,10 @@ use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, Row as _};
 
-use crate::job::{Job, Target, TargetField};
-use crate::matching::engine::Targets;
+use serde_json::{Map, Value};
+
+use crate::job::{Job, Normalizer, Target, TargetField};
+use crate::matching::engine::{self, Targets};
 
 /// Calls longer than this are not considered for events past this much after their start.
 /// Bounds the `started_at` index range read for a batch; documented in docs/matching.md.
@@ -83,12 +85,72 @@ pub async fn load_calls(
     Ok(t)
 }
 
-/// Every call group with the fields the group rules compare with.
-pub async fn load_groups(conn: &mut PgConnection, fields: &[TargetField]) -> Result<Targets> {
+/// Restricts the call groups read to those whose value of `field`, normalised, is one of
+/// `values`: the key values of the batch's events for one group rule.
+pub struct GroupFilter {
+    pub field: TargetField,
+    pub normalize: Option<Normalizer>,
+    pub values: Vec<String>,
+}
+
+/// The filters that let a batch read only the call groups it can match: one per group rule, on
+/// its first key. `None` when some group rule cannot be filtered in SQL exactly as the engine
+/// normalises (`lower` and `trim` follow Unicode rules in Rust, locale rules in PostgreSQL):
+/// then every group is read.
+pub fn group_filters(job: &Job, events: &[&Map<String, Value>]) -> Option<Vec<GroupFilter>> {
+    let mut filters = Vec::new();
+    for rule in job.rules.iter().filter(|r| r.target == Target::CallGroup) {
+        let key = &rule.keys[0];
+        if matches!(key.normalize, Some(Normalizer::Lower | Normalizer::Trim)) {
+            return None;
+        }
+        let values: HashSet<String> = events.iter().filter_map(|m| engine::event_key(m, key)).collect();
+        filters.push(GroupFilter {
+            field: key.field.clone(),
+            normalize: key.normalize,
+            values: values.into_iter().collect(),
+        });
+    }
+    Some(filters)
+}
+
+/// Call groups with the fields the group rules compare with; all of them, or those passing any
+/// of `filters`.
+pub async fn load_groups(
+    conn: &mut PgConnection,
+    fields: &[TargetField],
+    filters: Option<&[GroupFilter]>,
+) -> Result<Targets> {
     let mut next = 1;
     let mut paths = Vec::new();
     let exprs: Vec<String> = fields.iter().map(|f| field_sql(f, &mut next, &mut paths)).collect();
-    let sql = format!("select id{}{} from call_groups", if exprs.is_empty() { "" } else { ", " }, exprs.join(", "));
+    // `paths` holds every text[] bind in `$n` order: field paths, then each filter's path (if
+    // any) and its values.
+    let mut conditions = Vec::new();
+    for f in filters.unwrap_or_default() {
+        let expr = field_sql(&f.field, &mut next, &mut paths);
+        let norm = match f.normalize {
+            None => expr,
+            Some(Normalizer::Digits) => format!("regexp_replace({expr}, '[^0-9]', '', 'g')"),
+            Some(Normalizer::Phone) => {
+                format!("regexp_replace(regexp_replace({expr}, '[^0-9]', '', 'g'), '^1([0-9]{{10}})$', '\\1')")
+            }
+            Some(Normalizer::Lower | Normalizer::Trim) => unreachable!("group_filters does not filter on these"),
+        };
+        conditions.push(format!("{norm} = any(${next}::text[])"));
+        next += 1;
+        paths.push(f.values.clone());
+    }
+    let filter_sql = match filters {
+        None => String::new(),
+        Some(_) if conditions.is_empty() => " where false".to_owned(),
+        Some(_) => format!(" where {}", conditions.join(" or ")),
+    };
+    let sql = format!(
+        "select id{}{} from call_groups{filter_sql}",
+        if exprs.is_empty() { "" } else { ", " },
+        exprs.join(", ")
+    );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for p in &paths {
         q = q.bind(p);

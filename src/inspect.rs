@@ -79,7 +79,8 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
     let calls = calldata::load_calls(&mut conn, &call_fields, time, time, (before + LOOK_AROUND, after + LOOK_AROUND))
         .await
         .context("reading calls around the event")?;
-    let groups = calldata::load_groups(&mut conn, &group_fields).await?;
+    let filters = calldata::group_filters(job, &[&metadata.0]);
+    let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
     let steps = explain::explain(&job.rules, time.timestamp_micros(), &metadata.0, &calls, &groups);
     let _ = writeln!(out, "calls sharing keys are counted within 7 days of the event\n");
     out.push_str(&explain::render(&steps));

@@ -461,7 +461,9 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
         let groups = if group_fields.is_empty() {
             Default::default()
         } else {
-            calldata::load_groups(conn, &group_fields).await?
+            let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &events[i].metadata).collect();
+            let filters = calldata::group_filters(job, &metas);
+            calldata::load_groups(conn, &group_fields, filters.as_deref()).await?
         };
         for chunk in sessionless.chunks(CHUNK_EVENTS) {
             let from = events[chunk[0]].time;
@@ -471,7 +473,7 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
             } else {
                 calldata::load_calls(conn, &call_fields, from, to, job.max_window()).await?
             };
-            tracing::debug!(events = chunk.len(), calls = calls.ids.len(), "matching chunk");
+            tracing::debug!(events = chunk.len(), calls = calls.ids.len(), groups = groups.ids.len(), "matching chunk");
             let input: Vec<EventIn> = chunk
                 .iter()
                 .map(|&i| EventIn {

@@ -393,3 +393,44 @@ async fn naive_event_time_on_a_dst_change_day_matches_in_the_job_time_zone(pool:
     assert_eq!(call_meta(&pool, "after").await["agentId"], "a1");
     assert_eq!(call_meta(&pool, "before").await["agentId"], "a2");
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn group_rules_read_groups_by_normalised_keys(pool: PgPool) {
+    add_group(&pool, "g-phone", json!({"phone": "+1 (555) 123-4567"})).await;
+    add_group(&pool, "g-ref", json!({"ref": "REF-00042"})).await;
+    add_group(&pool, "g-num", json!({"ref": 777})).await;
+    for i in 0..50 {
+        add_group(&pool, &format!("g-other-{i}"), json!({"phone": format!("555000{i:04}"), "ref": format!("X-{}", 1000 + i)})).await;
+    }
+    let rules = r#"
+[[rules]]
+name = "by-phone"
+target = "call_group"
+keys = [ { event = "phone", call_group = "metadata.phone", normalize = "phone" } ]
+
+[[rules]]
+name = "by-ref"
+target = "call_group"
+keys = [ { event = "ref", call_group = "metadata.ref", normalize = "digits" } ]
+"#;
+    let job = TestJob::new(rules);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"phone": "15551234567"}})).await;
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"ref": "42"}})).await;
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"ref": "#00042"}})).await;
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"ref": 777}})).await;
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"ref": "REF-9"}})).await;
+    let done = job.run(&pool).await;
+    let targets: Vec<(Option<String>, Option<String>)> =
+        sqlx::query_as("select target_id, reason from events order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(
+        targets,
+        [
+            (Some("g-phone".into()), None),
+            (None, Some("no_candidate".into())), // digits "42" is not "00042"
+            (Some("g-ref".into()), None),
+            (Some("g-num".into()), None),
+            (None, Some("no_candidate".into())),
+        ]
+    );
+    assert_eq!(done.report.summary.matched, 3);
+}
