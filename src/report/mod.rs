@@ -179,7 +179,7 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
 }
 
 /// One row per unmatched event; Metadata as JSON in one column plus its top-level keys as
-/// columns. Cells that a spreadsheet would run as a formula are prefixed with `'`.
+/// columns, in alphabetical order. Cells that a spreadsheet would run as a formula are prefixed with `'`.
 pub fn write_unmatched_csv(report: &Report, out: impl std::io::Write) -> Result<()> {
     let mut keys: Vec<&str> = Vec::new();
     for u in &report.unmatched {
@@ -191,6 +191,7 @@ pub fn write_unmatched_csv(report: &Report, out: impl std::io::Write) -> Result<
             }
         }
     }
+    keys.sort_unstable();
     let mut w = csv::Writer::from_writer(out);
     let fixed = [
         "event_id",

@@ -6,4 +6,5 @@ mod crash;
 mod helpers;
 mod ingest;
 mod matching;
+mod report;
 mod run;
