@@ -4,5 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/pg.sh
 export DATABASE_URL="${DATABASE_URL:-$CALLRECON_PG/postgres}"
+# The report's HTML is tested in a real headless browser.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "test.sh: installing Debian's chromium for the report's browser test" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >&2
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo test --all-targets "$@"

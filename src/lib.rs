@@ -12,5 +12,6 @@ pub mod ingest;
 pub mod inspect;
 pub mod job;
 pub mod matching;
+pub mod progress;
 pub mod report;
 pub mod run;

@@ -20,6 +20,7 @@ use crate::ingest::{self, NewEvent, inbox};
 use crate::job::Job;
 use crate::matching::engine::{self, EventIn};
 use crate::matching::{self, Outcome, TargetKind};
+use crate::progress;
 use crate::report::{self, Change, Diff, FileEntry, Report, Summary, TargetRef};
 
 /// Sessionless events matched per polars batch; bounds memory whatever the total.
@@ -191,7 +192,9 @@ impl<'j> Work<'j> {
     #[tracing::instrument(skip_all)]
     async fn ingest(&mut self, conn: &mut PgConnection) -> Result<()> {
         if self.job.queue {
-            let drained = ingest::queue::drain(conn, &self.job.name, self.run_id, self.job.timezone).await?;
+            let pb = progress::spinner("queue", "events");
+            let drained = ingest::queue::drain(conn, &self.job.name, self.run_id, self.job.timezone, &pb).await?;
+            pb.finish_and_clear();
             tracing::info!(stored = drained.stored, rejected = drained.rejected.len(), "queue drained");
             self.ingested += drained.stored as u64;
             self.rejected.extend(drained.rejected);
@@ -199,7 +202,10 @@ impl<'j> Work<'j> {
         let Some(dir) = &self.job.inbox else { return Ok(()) };
         let label_dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
         let mut seen: HashSet<String> = HashSet::new();
-        for path in inbox::list(dir)? {
+        let files = inbox::list(dir)?;
+        let pb = progress::bar("inbox", files.len() as u64, "files");
+        for path in files {
+            pb.inc(1);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let label = format!("{label_dir}/{name}");
             let bytes = match std::fs::read(&path) {
@@ -278,6 +284,7 @@ impl<'j> Work<'j> {
             self.ingested += entry.events;
             self.files.push((path, entry));
         }
+        pb.finish_and_clear();
         Ok(())
     }
 
@@ -318,7 +325,11 @@ impl<'j> Work<'j> {
 
         let calls: Vec<String> = touched_calls.into_iter().collect();
         let groups: Vec<String> = touched_groups.into_iter().collect();
-        apply::apply(conn, &calls, &groups).await
+        let pb = progress::spinner("apply", "targets");
+        pb.set_message(format!("recomputing {} calls, {} groups and their group members", calls.len(), groups.len()));
+        let applied = apply::apply(conn, &calls, &groups).await;
+        pb.finish_and_clear();
+        applied
     }
 
     async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
@@ -465,7 +476,9 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
             let filters = calldata::group_filters(job, &metas);
             calldata::load_groups(conn, &group_fields, filters.as_deref()).await?
         };
+        let pb = progress::bar("match", sessionless.len() as u64, "events");
         for chunk in sessionless.chunks(CHUNK_EVENTS) {
+            pb.set_message("reading calls");
             let from = events[chunk[0]].time;
             let to = events[*chunk.last().expect("non-empty chunk")].time;
             let calls = if call_fields.is_empty() {
@@ -482,6 +495,7 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
                     metadata: &events[i].metadata,
                 })
                 .collect();
+            pb.set_message(format!("matching against {} calls", calls.ids.len()));
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
             let decided =
                 std::thread::scope(|s| s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups)).join())
@@ -490,7 +504,9 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
             for (&i, o) in chunk.iter().zip(decided) {
                 outcomes[i] = Some(o);
             }
+            pb.inc(chunk.len() as u64);
         }
+        pb.finish_and_clear();
     }
     Ok(outcomes.into_iter().map(|o| o.expect("every event decided")).collect())
 }

@@ -23,7 +23,13 @@ pub struct Drained {
 /// Rows inserted by producers meanwhile are left for the next run; `SKIP LOCKED` keeps a second
 /// drainer from blocking on or double-taking rows.
 #[tracing::instrument(skip_all, fields(job))]
-pub async fn drain(conn: &mut PgConnection, job: &str, run_id: i64, tz: Tz) -> Result<Drained> {
+pub async fn drain(
+    conn: &mut PgConnection,
+    job: &str,
+    run_id: i64,
+    tz: Tz,
+    progress: &indicatif::ProgressBar,
+) -> Result<Drained> {
     let max_id: Option<i64> = sqlx::query_scalar("select max(id) from event_queue")
         .fetch_one(&mut *conn)
         .await
@@ -56,6 +62,7 @@ pub async fn drain(conn: &mut PgConnection, job: &str, run_id: i64, tz: Tz) -> R
         }
         store_events(conn, job, run_id, &events).await?;
         out.stored += events.len();
+        progress.inc(events.len() as u64);
         tracing::debug!(stored = out.stored, "queue batch stored");
     }
     Ok(out)

@@ -243,24 +243,60 @@ pub fn escape_cell(s: &str) -> String {
 
 const HTML: &str = include_str!("templates/report.html");
 
+/// Buckets of the ageing chart: (label, lower bound in days).
+const AGE_BUCKETS: &[(&str, f64)] =
+    &[("< 1 day", 0.0), ("1–2 days", 1.0), ("2–3 days", 2.0), ("3–7 days", 3.0), ("≥ 7 days", 7.0)];
+
 /// The self-contained HTML page (no network needed) for analysts.
 pub fn render_html(report: &Report) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.add_template("report.html", HTML)?;
     let tmpl = env.get_template("report.html")?;
     let now = report.finished_at;
+    let days = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_minutes() as f64 / 1440.0;
     let rows: Vec<Value> = report
         .unmatched
         .iter()
         .map(|u| {
             serde_json::json!({
                 "u": u,
-                "days_pending": format!("{:.1}", (now - u.received_at).num_minutes() as f64 / 1440.0),
+                "days_pending": format!("{:.1}", days(u.received_at, now)),
+                "days_left": format!("{:.1}", days(now, u.expires_at).max(0.0)),
                 "metadata": u.metadata.to_string(),
+                "event_time": short_time(u.event_time),
+                "received_at": short_time(u.received_at),
+                "expires_at": short_time(u.expires_at),
+            })
+        })
+        .collect();
+    // Ageing: how long unmatched events have been pending, and how soon they expire.
+    let bucket = |d: f64| AGE_BUCKETS.iter().rposition(|(_, lo)| d >= *lo).unwrap_or(0);
+    let mut pending = vec![0u64; AGE_BUCKETS.len()];
+    let mut expiring = vec![0u64; AGE_BUCKETS.len()];
+    for u in report.unmatched.iter().filter(|u| u.reason != "expired") {
+        pending[bucket(days(u.received_at, now))] += 1;
+        expiring[bucket(days(now, u.expires_at).max(0.0))] += 1;
+    }
+    let max = pending.iter().chain(&expiring).copied().max().unwrap_or(0).max(1);
+    let ageing: Vec<Value> = AGE_BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(i, (label, _))| {
+            serde_json::json!({
+                "label": label, "pending": pending[i], "expiring": expiring[i],
+                "pending_w": pending[i] * 260 / max, "expiring_w": expiring[i] * 260 / max,
             })
         })
         .collect();
     let r = minijinja::Value::from(minijinja::value::Serde(report));
     let rows = minijinja::Value::from(minijinja::value::Serde(&rows));
-    Ok(tmpl.render(minijinja::context! { r, rows })?)
+    let ageing = minijinja::Value::from(minijinja::value::Serde(&ageing));
+    let started = short_time(report.started_at);
+    let took = format!("{:.2} s", (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0);
+    Ok(tmpl.render(minijinja::context! { r, rows, ageing, started, took })?)
+}
+
+/// `2026-11-02 10:00:00 UTC`: what a person reads in a table.
+fn short_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
