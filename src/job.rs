@@ -24,6 +24,8 @@ pub struct Job {
     pub rules: Vec<Rule>,
     pub group_fields: Vec<String>,
     pub report_dir: PathBuf,
+    /// Where to POST each run's summary, if anywhere.
+    pub webhook: Option<url::Url>,
     /// Text identifying the rules, recorded with every decision so a rematch can tell which
     /// rules made it.
     pub rules_fingerprint: String,
@@ -153,6 +155,7 @@ struct RawApply {
 #[serde(deny_unknown_fields)]
 struct RawReport {
     dir: Option<String>,
+    webhook: Option<Spanned<String>>,
 }
 
 /// Reads and validates a job file.
@@ -308,6 +311,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         rules.push(Rule { name: rule_name, target, keys, ambiguous });
     }
 
+    let webhook = match &raw.report.webhook {
+        None => None,
+        Some(w) => match url::Url::parse(w.get_ref()) {
+            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
+            _ => return Err(at(w.span(), &format!("webhook must be an http(s) URL, not {:?}", w.get_ref()))),
+        },
+    };
+
     let rules_fingerprint = fingerprint(&rules);
     Ok(Job {
         name,
@@ -321,6 +332,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         rules,
         group_fields: raw.apply.group_fields,
         report_dir: resolve(raw.report.dir.as_deref().unwrap_or("reports")),
+        webhook,
         rules_fingerprint,
     })
 }
@@ -447,5 +459,10 @@ dir = "reports"
         check_err("call_group = \"metadata.caseNumber\"", "call = \"metadata.caseNumber\"", "targets call groups");
         check_err("queue = true", "queue = yes", ":8:9:");
         check_err("name = \"crm-case\"", "name = \"session_id\"", "reserved");
+        check_err(
+            "dir = \"reports\"",
+            "dir = \"reports\"\nwebhook = \"ftp://x\"",
+            ":30:11: webhook must be an http(s) URL",
+        );
     }
 }

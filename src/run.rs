@@ -136,6 +136,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
             .execute(pool)
             .await?;
             written.with_context(|| format!("writing the report to {}", dir.display()))?;
+            notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
             Ok(Finished { report, dir })
         }
         Err(e) => {
@@ -144,8 +145,33 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
                 .bind(format!("{e:#}"))
                 .execute(pool)
                 .await;
+            notify(
+                pool,
+                job,
+                run_id,
+                report::webhook::failure_payload(run_id, &job.name, kind, dry_run, &format!("{e:#}")),
+            )
+            .await;
             Err(e)
         }
+    }
+}
+
+/// Sends the job's webhook, if any, and records the outcome on the run. Never fails: a lost
+/// notification is logged and recorded, the run stands.
+async fn notify(pool: &PgPool, job: &Job, run_id: i64, body: Value) {
+    let Some(url) = &job.webhook else { return };
+    let outcome = report::webhook::notify(url, &body).await;
+    if let Err(error) = &outcome {
+        tracing::error!(%error, run_id, "webhook notification failed; the run's outcome stands");
+    }
+    let recorded = sqlx::query("update runs set notification = $2 where id = $1")
+        .bind(run_id)
+        .bind(outcome.err().unwrap_or_else(|| "delivered".into()))
+        .execute(pool)
+        .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, run_id, "could not record the webhook outcome");
     }
 }
 

@@ -54,7 +54,8 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
         Option<String>,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "select id, job, kind, dry_run, started_at, finished_at, status, summary, error
+        "select id, job, kind, dry_run, started_at, finished_at, status, summary,
+                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'))
          from runs where $1::text is null or job = $1 order by id desc limit $2",
     )
     .bind(job)
@@ -82,7 +83,7 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
             n(|s| s.matched),
             n(|s| s.unmatched),
         );
-        if let Some(e) = error {
+        if let Some(e) = error.filter(|e| !e.is_empty()) {
             let _ = write!(out, ": {e}");
         }
         out.push('\n');

@@ -2,6 +2,7 @@
 //! `<report dir>/<run id>/`, and the run history.
 
 pub mod history;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::path::Path;

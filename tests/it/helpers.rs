@@ -164,10 +164,18 @@ pub async fn database_url(pool: &PgPool) -> String {
     url.to_string()
 }
 
-/// Runs the binary with `--database-url` of the test's database.
+/// Runs the binary with `--database-url` of the test's database, letting the test's other
+/// tasks (a local HTTP server, say) run meanwhile.
 pub async fn callrecon(pool: &PgPool, args: &[&str]) -> Output {
     let url = database_url(pool).await;
-    callrecon_at(&url, args, None)
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+        .arg("--database-url")
+        .arg(url)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap()
 }
 
 pub fn callrecon_at(url: &str, args: &[&str], cwd: Option<&Path>) -> Output {

@@ -130,3 +130,89 @@ async fn report_json_has_the_contract_fields_and_counts(pool: PgPool) {
     assert!(rej["reason"].as_str().unwrap().contains("EventTime \"not a time\""));
     assert!(rej["raw"].as_str().unwrap().contains("not a time"));
 }
+
+/// A tiny HTTP server on loopback answering every request with `status`; returns its URL and the
+/// request bodies it received.
+async fn http_server(status: u16) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/callrecon", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then as many body bytes as Content-Length says.
+            let body = loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break String::new();
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                    }
+                }
+            };
+            seen.lock().unwrap().push(body);
+            let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    });
+    (url, bodies)
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn webhook_receives_the_run_summary(pool: PgPool) {
+    let (url, bodies) = http_server(200).await;
+    let job = webhook_job(&url);
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {}})).await;
+    let done = job.run(&pool).await;
+    let got = bodies.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let body: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(body["run_id"], done.report.run_id.as_str());
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["summary"]["matched"], 1);
+    let note: Option<String> = sqlx::query_scalar("select notification from runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(note.as_deref(), Some("delivered"));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn failing_webhook_is_retried_recorded_and_never_fails_the_run(pool: PgPool) {
+    let (url, bodies) = http_server(503).await;
+    let job = webhook_job(&url);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {}})).await;
+    let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("webhook notification failed"), "{}", stderr(&out));
+    assert_eq!(bodies.lock().unwrap().len(), 3, "three attempts");
+    let (status, note): (String, Option<String>) =
+        sqlx::query_as("select status, notification from runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(status, "succeeded");
+    assert!(note.as_deref().unwrap().contains("503"), "{note:?}");
+    assert_eq!(count(&pool, "select count(*) from events").await, 1);
+    let list = stdout(&callrecon(&pool, &["report", "list"]).await);
+    assert!(list.contains("webhook: "), "{list}");
+}
+
+/// A job whose `[report]` section also names a webhook.
+fn webhook_job(url: &str) -> TestJob {
+    let job = TestJob::new(RULES);
+    let text = std::fs::read_to_string(job.path())
+        .unwrap()
+        .replace("dir = \"reports\"", &format!("dir = \"reports\"\nwebhook = \"{url}\""));
+    std::fs::write(job.path(), text).unwrap();
+    TestJob { job: callrecon::job::load(&job.path()).unwrap(), dir: job.dir }
+}
