@@ -67,6 +67,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ReportCommand,
     },
+    /// Generate benchmark data (deterministic from a seed), written with COPY.
+    Gen {
+        #[command(subcommand)]
+        command: GenCommand,
+    },
     /// Load samples/ into the database and run jobs/demo.toml.
     Demo {
         #[arg(long, default_value = "samples")]
@@ -100,4 +105,42 @@ pub enum ReportFormat {
     Json,
     Csv,
     Html,
+}
+
+/// The shape of generated data: the same values give the same calls.
+#[derive(Debug, clap::Args)]
+pub struct GenScale {
+    /// Number of calls.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub calls: u64,
+    /// Days the calls span, ending at --until.
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
+    #[arg(long, default_value = "2026-10-31T00:00:00Z")]
+    pub until: chrono::DateTime<chrono::Utc>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenCommand {
+    /// Call groups and calls.
+    Calls {
+        #[command(flatten)]
+        scale: GenScale,
+    },
+    /// Events on event_queue about the calls starting in [--from, --to).
+    Events {
+        #[command(flatten)]
+        scale: GenScale,
+        #[arg(long)]
+        from: chrono::DateTime<chrono::Utc>,
+        #[arg(long)]
+        to: chrono::DateTime<chrono::Utc>,
+        #[arg(long)]
+        count: u64,
+        /// Distinguishes batches generated over the same range.
+        #[arg(long, default_value_t = 0)]
+        salt: u64,
+    },
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{ConnectOptions as _, PgPool, Postgres};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
 
@@ -13,6 +13,11 @@ pub const DEFAULT_URL: &str = "postgres://localhost:5432/callrecon";
 /// Connects to `url`, creating the database if it does not exist, and applies pending migrations.
 pub async fn connect(url: &str) -> Result<PgPool> {
     let options: PgConnectOptions = url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?;
+    // Long statements are expected (bulk matching and apply): sqlx's per-statement warnings
+    // with their full SQL would drown the run's own log. Available with RUST_LOG=sqlx=debug.
+    let options = options
+        .log_statements(log::LevelFilter::Trace)
+        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1));
     let exists =
         Postgres::database_exists(url).await.with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
     if !exists {

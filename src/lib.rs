@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod calldata;
 pub mod cli;
+pub mod datagen;
 pub mod db;
 pub mod demo;
 pub mod event;

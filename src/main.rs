@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use callrecon::cli::{Cli, Command, LogFormat, ReportCommand};
+use callrecon::cli::{Cli, Command, GenCommand, LogFormat, ReportCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{db, demo, event, ingest, inspect, report};
+use callrecon::{datagen, db, demo, event, ingest, inspect, report};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
@@ -79,6 +79,25 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", inspect::explain_event(&pool, &job.expect("loaded above"), event_id).await?);
         }
         Command::Enqueue { files } => enqueue(&pool, &files).await?,
+        Command::Gen { command } => {
+            let scale = |s: &callrecon::cli::GenScale| datagen::Scale {
+                calls: s.calls,
+                days: s.days,
+                until: s.until,
+                seed: s.seed,
+            };
+            let mut conn = pool.acquire().await?;
+            match command {
+                GenCommand::Calls { scale: s } => {
+                    let n = datagen::calls(&mut conn, &scale(&s)).await?;
+                    println!("generated {n} calls and {} call groups", scale(&s).groups());
+                }
+                GenCommand::Events { scale: s, from, to, count, salt } => {
+                    let n = datagen::events(&mut conn, &scale(&s), from, to, count, salt).await?;
+                    println!("queued {n} events about calls from {from} to {to}");
+                }
+            }
+        }
         Command::Report { command: ReportCommand::List { job, limit } } => {
             print!("{}", report::history::list(&pool, job.as_deref(), limit).await?);
         }

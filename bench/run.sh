@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmarks callrecon at production scale against the pure-SQL baseline, on one database.
+#
+#   bench/run.sh small    # CI-size check: 200k calls, 24k events (a few minutes)
+#   bench/run.sh full     # 5M calls over 30 days, 600k events; then the 2x data point
+#
+# Prints each time and appends a result table to bench/RESULTS.md (machine, date, commit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scale="${1:-small}"
+case "$scale" in
+  small) CALLS=200000;  EVENTS=24000;  NIGHTLY=2000;  FACTORS="1 2" ;;
+  full)  CALLS=5000000; EVENTS=600000; NIGHTLY=50000; FACTORS="1 2" ;;
+  *) echo "usage: bench/run.sh small|full" >&2; exit 2 ;;
+esac
+
+. scripts/pg.sh
+SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
+export CARGO_TARGET_DIR="${CALLRECON_RELEASE_TARGET:-$HOME/.cache/callrecon-release}"
+cargo build --release --quiet
+BIN="$CARGO_TARGET_DIR/release/callrecon"
+PSQL() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+sed -e 's/^name = .*/name = "bench"/' -e '/^inbox = /d' -e '/^archive = /d' \
+    -e 's|^dir = .*|dir = "reports"|' jobs/demo.toml > "$work/job.toml"
+# The rule change support makes before a rematch: a wider window after the call.
+sed -e 's/after = "10m"/after = "15m"/' "$work/job.toml" > "$work/job-changed.toml"
+
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+rows=()
+for factor in $FACTORS; do
+  calls=$((CALLS * factor)); events=$((EVENTS * factor)); days=$((30 * factor))
+  db="callrecon_bench_${scale}_${factor}"
+  url="$SERVER/$db"
+  PSQL "$SERVER/postgres" -c "drop database if exists $db" -c "create database $db"
+  echo "== ${factor}x: $calls calls over $days days, $events events ==" >&2
+  "$BIN" --database-url "$url" migrate >/dev/null
+  t0=$(now); "$BIN" --database-url "$url" gen calls --calls "$calls" --days "$days" >&2; t1=$(now)
+  PSQL "$url" -c "vacuum analyze calls, call_groups"
+  gen_secs=$(secs "$t0" "$t1")
+  until=2026-10-31T00:00:00Z
+  from=$(date -u -d "$until - $days days" +%Y-%m-%dT%H:%M:%SZ)
+  last_day=$(date -u -d "$until - 1 day" +%Y-%m-%dT%H:%M:%SZ)
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --from "$from" --to "$until" --count "$events" >&2
+  read -r load_secs load_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
+  read -r nightly_secs nightly_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
+  PSQL "$url" -c "vacuum analyze events, calls"
+  read -r rematch_secs rematch_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" rematch --job "$work/job-changed.toml" --since "$from" --until "$until")
+  sessionless=$(PSQL "$url" -tAc "select count(*) from events where session_id is null")
+
+  # The pure-SQL baseline on the same data, rolled back afterwards.
+  t0=$(now); { echo "begin;"; cat bench/baseline.sql; echo "rollback;"; } | PSQL "$url" >&2; t1=$(now)
+  baseline_secs=$(secs "$t0" "$t1")
+
+  # I/O floors: the call columns matching needs, out in binary; and the update of as many rows
+  # as the baseline writes (rolled back).
+  t0=$(now)
+  PSQL "$url" -c "copy (select id, session_id, call_group_id, ani, agent_id, started_at, ended_at from calls) to stdout (format binary)" > /dev/null
+  t1=$(now); copy_secs=$(secs "$t0" "$t1")
+  t0=$(now)
+  PSQL "$url" -c "begin" -c "update calls c set async_metadata = c.async_metadata || '{\"bench\": 1}' from (select distinct target_id from events where target_kind = 'call' and session_id is null) e where c.id = e.target_id" -c "rollback"
+  t1=$(now); update_secs=$(secs "$t0" "$t1")
+  ratio=$(python3 -c "print(f'{$baseline_secs / $rematch_secs:.1f}')")
+  floor=$(python3 -c "print(f'{$rematch_secs / ($copy_secs + $update_secs):.1f}')")
+  echo "${factor}x: nightly ${nightly_secs}s, rematch ${rematch_secs}s (baseline ${baseline_secs}s, ${ratio}x), floor $copy_secs+$update_secs s" >&2
+  rows+=("| ${factor}x | $calls | $sessionless | $gen_secs | $load_secs | $nightly_secs | $rematch_secs | $baseline_secs | **$ratio×** | $copy_secs + $update_secs | $floor× | $(( nightly_rss > rematch_rss ? nightly_rss : rematch_rss )) (load $load_rss) |")
+  PSQL "$SERVER/postgres" -c "drop database $db"
+done
+
+{
+  echo
+  echo "## $(date -u +%Y-%m-%d) · $scale · commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+  echo
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Times in seconds, RSS in MiB."
+  echo
+  echo "| data | calls | sessionless events | generate | first run (ingest + match all) | nightly ($NIGHTLY events) | rematch 30 days | pure-SQL baseline | baseline / rematch | I/O floor (COPY out + UPDATE) | rematch / floor | peak RSS |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  printf '%s\n' "${rows[@]}"
+} | tee -a bench/RESULTS.md

@@ -1,0 +1,228 @@
+//! `callrecon gen` (module `datagen`): realistic call data and events at a chosen scale, for benchmarks.
+//!
+//! Deterministic from a seed without holding anything in memory: call `i` is a pure function of
+//! `(seed, i)`, and its start time grows with `i`, so the calls of a day are an index range and an
+//! event describing call `i` can be made by recomputing it. Everything is written with COPY.
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Duration, Utc};
+use sqlx::PgConnection;
+
+/// The shape of the data.
+#[derive(Debug, Clone)]
+pub struct Scale {
+    pub calls: u64,
+    pub days: u32,
+    /// The end of the data (exclusive); calls span `days` before it.
+    pub until: DateTime<Utc>,
+    pub seed: u64,
+}
+
+/// A call, recomputed from its index.
+pub struct GenCall {
+    pub id: u64,
+    pub start: DateTime<Utc>,
+    pub seconds: i64,
+    pub open: bool,
+    pub customer: u64,
+    pub agent: u64,
+    pub group: Option<u64>,
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl Scale {
+    fn h(&self, i: u64, salt: u64) -> u64 {
+        splitmix(self.seed ^ splitmix(i.wrapping_mul(64).wrapping_add(salt)))
+    }
+    fn from(&self) -> DateTime<Utc> {
+        self.until - Duration::days(i64::from(self.days))
+    }
+    fn spacing_ms(&self) -> u64 {
+        (u64::from(self.days) * 86_400_000 / self.calls.max(1)).max(1)
+    }
+    /// Repeat callers: about four calls per customer.
+    fn customers(&self) -> u64 {
+        (self.calls / 4).max(1)
+    }
+    pub fn groups(&self) -> u64 {
+        (self.calls / 20).max(1)
+    }
+
+    pub fn call(&self, i: u64) -> GenCall {
+        let spacing = self.spacing_ms();
+        let start = self.from() + Duration::milliseconds((i * spacing + self.h(i, 0) % spacing) as i64);
+        let mut customer = self.h(i, 2) % self.customers();
+        let mut agent = self.h(i, 3) % 2_000;
+        // One call in 200 is a callback to the same agent right after the previous call: an event
+        // inside both is a tie, the ambiguous case.
+        if i > 0 && self.h(i, 4) % 200 == 0 {
+            let prev = self.call(i - 1);
+            customer = prev.customer;
+            agent = prev.agent;
+        }
+        GenCall {
+            id: i,
+            start,
+            seconds: 60 + (self.h(i, 1) % 1_140) as i64,
+            open: self.h(i, 7) % 50 == 0,
+            customer,
+            agent,
+            group: (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % self.groups()),
+        }
+    }
+
+    /// Indices of the calls starting in `[from, to)`.
+    pub fn calls_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> std::ops::Range<u64> {
+        let index =
+            |t: DateTime<Utc>| ((t - self.from()).num_milliseconds().max(0) as u64 / self.spacing_ms()).min(self.calls);
+        index(from)..index(to)
+    }
+}
+
+/// A customer's number in E.164, and written the way a CRM might.
+fn phone(customer: u64, style: u64) -> String {
+    let area = 201 + customer % 780;
+    let exchange = 200 + (customer / 780) % 800;
+    let line = (customer / 624_000) % 10_000 + customer % 7;
+    let line = line % 10_000;
+    match style % 4 {
+        0 => format!("+1{area}{exchange}{line:04}"),
+        1 => format!("({area}) {exchange}-{line:04}"),
+        2 => format!("1{area}{exchange}{line:04}"),
+        _ => format!("+1 {area}-{exchange}-{line:04}"),
+    }
+}
+
+const TIERS: &[&str] = &["bronze", "silver", "gold", "platinum"];
+
+/// Writes call groups and calls with COPY. Returns the number of calls.
+pub async fn calls(conn: &mut PgConnection, s: &Scale) -> Result<u64> {
+    let mut copy = conn.copy_in_raw("copy call_groups (id, metadata) from stdin (format csv)").await?;
+    let mut buf = String::new();
+    for g in 0..s.groups() {
+        buf.push_str(&format!("g{g},\"{{\"\"caseNumber\"\": \"\"C-{g}\"\", \"\"queue\"\": \"\"q{}\"\"}}\"\n", g % 12));
+        if buf.len() > 1 << 20 {
+            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+        }
+    }
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await.context("copying call groups")?;
+
+    let mut copy = conn
+        .copy_in_raw("copy calls (id, session_id, call_group_id, started_at, ended_at, ani, dnis, agent_id, metadata) from stdin (format csv)")
+        .await?;
+    let mut buf = String::with_capacity(1 << 21);
+    for i in 0..s.calls {
+        let c = s.call(i);
+        let end = if c.open { String::new() } else { (c.start + Duration::seconds(c.seconds)).to_rfc3339() };
+        let group = c.group.map(|g| format!("g{g}")).unwrap_or_default();
+        buf.push_str(&format!(
+            "c{i},s{i},{group},{},{end},{},+18005550{},agent-{:04},\"{{\"\"ivr\"\": \"\"path-{}\"\"}}\"\n",
+            c.start.to_rfc3339(),
+            phone(c.customer, 0),
+            100 + i % 9,
+            c.agent,
+            i % 17
+        ));
+        if buf.len() > 1 << 21 {
+            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+        }
+    }
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await.context("copying calls")?;
+    Ok(s.calls)
+}
+
+/// Queues `n` events about the calls starting in `[from, to)`: mostly sessionless (phone and
+/// agent in mixed formats; CRM cases for groups), some with a SessionId, some with no candidate
+/// or no key. `salt` keeps several batches apart.
+pub async fn events(
+    conn: &mut PgConnection,
+    s: &Scale,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    n: u64,
+    salt: u64,
+) -> Result<u64> {
+    let range = s.calls_between(from, to);
+    anyhow::ensure!(!range.is_empty(), "no calls between {from} and {to}");
+    let mut copy = conn.copy_in_raw("copy event_queue (payload) from stdin (format csv)").await?;
+    let mut buf = String::with_capacity(1 << 21);
+    for k in 0..n {
+        let r = |x: u64| s.h(k ^ (salt << 40), 100 + x);
+        let i = range.start + r(0) % (range.end - range.start);
+        let c = s.call(i);
+        let offset = (r(1) % (c.seconds as u64 + 600)) as i64 - 300;
+        let time = (c.start + Duration::seconds(offset)).to_rfc3339();
+        let tier = TIERS[(c.customer % 4) as usize];
+        let common = format!(
+            "\"crmAccountId\": \"A-{}\", \"accountTier\": \"{tier}\", \"customerDataField1\": \"d{}\"",
+            c.customer,
+            r(2) % 1000
+        );
+        let payload = match r(3) % 100 {
+            0..=9 => format!(
+                "{{\"SessionId\": \"s{i}\", \"EventTime\": \"{}\", \"Metadata\": {{{common}}}}}",
+                (c.start + Duration::seconds(c.seconds / 2)).to_rfc3339()
+            ),
+            10..=14 if c.group.is_some() => format!(
+                "{{\"EventTime\": \"{time}\", \"Metadata\": {{\"crmCaseId\": \"C-{}\", {common}}}}}",
+                c.group.expect("checked")
+            ),
+            15..=16 => format!(
+                "{{\"EventTime\": \"{time}\", \"Metadata\": {{\"customerPhone\": \"+1 999 555 {:04}\", \"agentId\": \"agent-{:04}\", {common}}}}}",
+                r(4) % 10_000,
+                c.agent
+            ),
+            17 => format!("{{\"EventTime\": \"{time}\", \"Metadata\": {{{common}}}}}"),
+            _ => format!(
+                "{{\"EventTime\": \"{time}\", \"Metadata\": {{\"customerPhone\": \"{}\", \"agentId\": \"agent-{:04}\", {common}}}}}",
+                phone(c.customer, r(5)),
+                c.agent
+            ),
+        };
+        buf.push('"');
+        buf.push_str(&payload.replace('"', "\"\""));
+        buf.push_str("\"\n");
+        if buf.len() > 1 << 21 {
+            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+        }
+    }
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await.context("copying events")?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scale() -> Scale {
+        Scale { calls: 10_000, days: 10, until: "2026-10-31T00:00:00Z".parse().unwrap(), seed: 7 }
+    }
+
+    #[test]
+    fn calls_are_deterministic_and_ordered_in_time() {
+        let s = scale();
+        let (a, b) = (s.call(1234), s.call(1234));
+        assert_eq!((a.start, a.customer, a.agent, a.group), (b.start, b.customer, b.agent, b.group));
+        assert!((0..9_999).all(|i| s.call(i).start <= s.call(i + 1).start));
+        let day = s.calls_between("2026-10-30T00:00:00Z".parse().unwrap(), s.until);
+        assert!(s.call(day.start).start >= "2026-10-30T00:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert!((900..=1_100).contains(&(day.end - day.start)), "{day:?}");
+    }
+
+    #[test]
+    fn phone_styles_normalise_to_the_same_number() {
+        use crate::matching::rules::normalize;
+        let n: Vec<_> =
+            (0..4).map(|style| normalize(Some(crate::job::Normalizer::Phone), &phone(987_654, style))).collect();
+        assert!(n.iter().all(|x| x == &n[0]), "{n:?}");
+    }
+}
