@@ -61,7 +61,7 @@ impl Scale {
         let mut agent = self.h(i, 3) % 2_000;
         // One call in 200 is a callback to the same agent right after the previous call: an event
         // inside both is a tie, the ambiguous case.
-        if i > 0 && self.h(i, 4) % 200 == 0 {
+        if i > 0 && self.h(i, 4).is_multiple_of(200) {
             let prev = self.call(i - 1);
             customer = prev.customer;
             agent = prev.agent;
@@ -70,7 +70,7 @@ impl Scale {
             id: i,
             start,
             seconds: 60 + (self.h(i, 1) % 1_140) as i64,
-            open: self.h(i, 7) % 50 == 0,
+            open: self.h(i, 7).is_multiple_of(50),
             customer,
             agent,
             group: (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % self.groups()),
