@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::job::{Job, Normalizer, Target, TargetField};
 use crate::matching::engine::{self, Targets};
+use crate::pgcopy;
 
 /// Calls longer than this are not considered for events past this much after their start.
 /// Bounds the `started_at` index range read for a batch; documented in docs/matching.md.
@@ -48,6 +49,10 @@ fn field_sql(field: &TargetField, next: &mut usize, paths: &mut Vec<Vec<String>>
 }
 
 /// Calls that a window can place an event of `[from, to]` in, given the job's widest window.
+///
+/// Read with binary `COPY … TO STDOUT` (several times faster than row-by-row fetching on
+/// millions of rows) and decoded straight into columns. COPY takes no bind parameters: the
+/// timestamps are our own values and metadata paths are quoted as literals.
 pub async fn load_calls(
     conn: &mut PgConnection,
     fields: &[TargetField],
@@ -55,34 +60,51 @@ pub async fn load_calls(
     to: DateTime<Utc>,
     (before, after): (chrono::Duration, chrono::Duration),
 ) -> Result<Targets> {
-    let mut next = 4;
-    let mut paths = Vec::new();
-    let exprs: Vec<String> = fields.iter().map(|f| field_sql(f, &mut next, &mut paths)).collect();
+    let exprs: Vec<String> = fields
+        .iter()
+        .map(|f| match f {
+            // Column names come from the job loader's allow-list, never from user text.
+            TargetField::Column(c) => format!("{c}::text"),
+            TargetField::Metadata(path) => {
+                let parts: Vec<String> = path.iter().map(|p| pgcopy::literal(p)).collect();
+                format!("metadata #>> array[{}]::text[]", parts.join(", "))
+            }
+        })
+        .collect();
+    let ts = |t: DateTime<Utc>| pgcopy::literal(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     let sql = format!(
-        "select id, started_at, coalesce(ended_at, started_at){}{}
-         from calls
-         where started_at >= $1 and started_at <= $2 and coalesce(ended_at, started_at) >= $3",
+        "copy (select id, started_at, coalesce(ended_at, started_at){}{}
+               from calls
+               where started_at >= {} and started_at <= {} and coalesce(ended_at, started_at) >= {})
+         to stdout (format binary)",
         if exprs.is_empty() { "" } else { ", " },
-        exprs.join(", ")
+        exprs.join(", "),
+        ts(from - after - MAX_CALL_LENGTH),
+        ts(to + before),
+        ts(from - after),
     );
-    let mut q =
-        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(from - after - MAX_CALL_LENGTH).bind(to + before).bind(from - after);
-    for p in &paths {
-        q = q.bind(p);
+    let mut kinds = vec![pgcopy::Kind::Text, pgcopy::Kind::Timestamp, pgcopy::Kind::Timestamp];
+    kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
+    let mut decoder = pgcopy::Decoder::new(&kinds);
+    let mut stream = conn.copy_out_raw(&sql).await.context("reading calls")?;
+    while let Some(chunk) = stream.try_next().await.context("reading calls")? {
+        decoder.feed(&chunk)?;
     }
-    let mut t = Targets::default();
-    let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
-    let mut rows = q.fetch(&mut *conn);
-    while let Some(row) = rows.try_next().await.context("reading calls")? {
-        t.ids.push(row.try_get(0)?);
-        t.start.push(row.try_get::<DateTime<Utc>, _>(1)?.timestamp_micros());
-        t.end.push(row.try_get::<DateTime<Utc>, _>(2)?.timestamp_micros());
-        for (i, col) in cols.iter_mut().enumerate() {
-            col.push(row.try_get(3 + i)?);
-        }
-    }
-    t.fields = fields.iter().cloned().zip(cols).collect();
-    Ok(t)
+    drop(stream);
+    let mut columns = decoder.finish()?.into_iter();
+    let text = |c: Option<pgcopy::Column>| match c {
+        Some(pgcopy::Column::Text(v)) => v,
+        _ => unreachable!("decoded as text"),
+    };
+    let time = |c: Option<pgcopy::Column>| match c {
+        Some(pgcopy::Column::Timestamp(v)) => v.into_iter().map(|t| t.expect("not null")).collect(),
+        _ => unreachable!("decoded as timestamps"),
+    };
+    let ids = text(columns.next()).into_iter().map(|id| id.expect("calls.id is not null")).collect();
+    let start = time(columns.next());
+    let end = time(columns.next());
+    let fields = fields.iter().cloned().zip(columns.map(|c| text(Some(c)))).collect();
+    Ok(Targets { ids, start, end, fields })
 }
 
 /// Restricts the call groups read to those whose value of `field`, normalised, is one of

@@ -439,3 +439,24 @@ keys = [ { event = "ref", call_group = "metadata.ref", normalize = "digits" } ]
     );
     assert_eq!(done.report.summary.matched, 3);
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn call_rule_on_a_metadata_path_with_a_quote(pool: PgPool) {
+    Call::new("c1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).insert(&pool).await;
+    Call::new("c2", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).insert(&pool).await;
+    sqlx::query("update calls set metadata = jsonb_build_object('crm', jsonb_build_object('o''brien', 'REF-' || id))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rules = r#"
+[[rules]]
+name = "by-ref"
+target = "call"
+keys = [ { event = "ref", call = "metadata.crm.o'brien" } ]
+window = { before = "1m", after = "1m" }
+"#;
+    let job = TestJob::new(rules);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:02:00Z", "Metadata": {"ref": "REF-c2"}})).await;
+    assert_eq!(job.run(&pool).await.report.summary.matched, 1);
+    assert_eq!(call_meta(&pool, "c2").await, json!({"ref": "REF-c2"}));
+}
