@@ -152,14 +152,17 @@ pub async fn events(
 ) -> Result<u64> {
     let range = s.calls_between(from, to);
     anyhow::ensure!(!range.is_empty(), "no calls between {from} and {to}");
-    let mut copy = conn.copy_in_raw("copy event_queue (payload) from stdin (format csv)").await?;
+    // Events reach the queue an hour after they happen, as from a CRM's hourly export: old ones
+    // are then past pending_for, as they would be in production.
+    let mut copy = conn.copy_in_raw("copy event_queue (received_at, payload) from stdin (format csv)").await?;
     let mut buf = String::with_capacity(1 << 21);
     for k in 0..n {
         let r = |x: u64| s.h(k ^ (salt << 40), 100 + x);
         let i = range.start + r(0) % (range.end - range.start);
         let c = s.call(i);
         let offset = (r(1) % (c.seconds as u64 + 600)) as i64 - 300;
-        let time = (c.start + Duration::seconds(offset)).to_rfc3339();
+        let at = c.start + Duration::seconds(offset);
+        let time = at.to_rfc3339();
         let tier = TIERS[(c.customer % 4) as usize];
         let common = format!(
             "\"crmAccountId\": \"A-{}\", \"accountTier\": \"{tier}\", \"customerDataField1\": \"d{}\"",
@@ -187,7 +190,8 @@ pub async fn events(
                 c.agent
             ),
         };
-        buf.push('"');
+        buf.push_str(&(at + Duration::hours(1)).to_rfc3339());
+        buf.push_str(",\"");
         buf.push_str(&payload.replace('"', "\"\""));
         buf.push_str("\"\n");
         if buf.len() > 1 << 21 {

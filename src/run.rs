@@ -80,14 +80,16 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         Mode::Run => "run",
         Mode::Rematch { .. } => "rematch",
     };
-    let (run_id, started_at): (i64, DateTime<Utc>) =
-        sqlx::query_as("insert into runs (job, kind, dry_run) values ($1, $2, $3) returning id, started_at")
-            .bind(&job.name)
-            .bind(kind)
-            .bind(dry_run)
-            .fetch_one(pool)
-            .await
-            .context("recording the run")?;
+    let (run_id, started_at): (i64, DateTime<Utc>) = sqlx::query_as(
+        "insert into runs (job, kind, dry_run, rules_fingerprint) values ($1, $2, $3, $4) returning id, started_at",
+    )
+    .bind(&job.name)
+    .bind(kind)
+    .bind(dry_run)
+    .bind(&job.rules_fingerprint)
+    .fetch_one(pool)
+    .await
+    .context("recording the run")?;
     tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
 
     let result = async {
@@ -185,6 +187,11 @@ struct Pending {
     /// The decision before this run: target (kind, id) when matched, and the rule.
     old: Option<(TargetKind, String)>,
     old_rule: Option<String>,
+    /// The rest of the stored decision, to write only decisions that change.
+    old_state: String,
+    old_reason: Option<String>,
+    old_candidates: Vec<String>,
+    old_group_part: Map<String, Value>,
 }
 
 /// The state of a run in progress.
@@ -429,11 +436,16 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
         Option<String>,
         Option<String>,
         Option<String>,
+        String,
+        Option<String>,
+        Vec<String>,
+        sqlx::types::Json<Map<String, Value>>,
     );
     let rows: Vec<Row> = match mode {
         Mode::Run => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule,
+                        state, reason, coalesce(candidates, '{}'), group_part
                  from events where job = $1 and state = 'pending' order by id",
             )
             .bind(job)
@@ -442,7 +454,8 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
         }
         Mode::Rematch { since, until } => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule
+                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule,
+                        state, reason, coalesce(candidates, '{}'), group_part
                  from events
                  where job = $1 and session_id is null
                    and ($2::timestamptz is null or event_time >= $2)
@@ -459,18 +472,24 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
     .context("reading events to match")?;
     Ok(rows
         .into_iter()
-        .map(|(id, session_id, time, received_at, metadata, kind, target, old_rule)| Pending {
-            id,
-            session_id,
-            time,
-            received_at,
-            metadata: metadata.0,
-            old: match (kind.as_deref(), target) {
-                (Some("call"), Some(t)) => Some((TargetKind::Call, t)),
-                (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
-                _ => None,
-            },
-            old_rule,
+        .map(|(id, session_id, time, received_at, metadata, kind, target, old_rule, state, reason, cands, part)| {
+            Pending {
+                id,
+                session_id,
+                time,
+                received_at,
+                metadata: metadata.0,
+                old: match (kind.as_deref(), target) {
+                    (Some("call"), Some(t)) => Some((TargetKind::Call, t)),
+                    (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
+                    _ => None,
+                },
+                old_rule,
+                old_state: state,
+                old_reason: reason,
+                old_candidates: cands,
+                old_group_part: part.0,
+            }
         })
         .collect())
 }
@@ -551,39 +570,51 @@ struct DecisionRows {
 }
 
 impl DecisionRows {
+    /// Adds the event's new decision unless it is the one already stored (a rematch that
+    /// confirms most decisions then writes few rows).
     fn push(&mut self, p: &Pending, outcome: &Outcome, expired: bool, group_fields: &[String]) {
-        self.id.push(p.id);
-        match outcome {
-            Outcome::Matched { rule, kind, target } => {
-                self.state.push("matched");
-                self.kind.push(Some(kind.as_str()));
-                self.target.push(Some(target.clone()));
-                self.rule.push(Some(rule.clone()));
-                let part: Map<String, Value> = match kind {
-                    TargetKind::Call => {
-                        group_fields.iter().filter_map(|f| p.metadata.get(f).map(|v| (f.clone(), v.clone()))).collect()
-                    }
-                    TargetKind::CallGroup => Map::new(),
-                };
-                self.group_part.push(Value::Object(part).to_string());
-                self.reason.push(None);
-                self.candidates.push("{}".into());
-            }
-            Outcome::Unmatched { reason, candidates } => {
-                self.state.push(if expired { "expired" } else { "pending" });
-                self.kind.push(None);
-                self.target.push(None);
-                self.rule.push(None);
-                self.group_part.push("{}".into());
-                self.reason.push(Some(reason.as_str()));
-                // A Postgres array literal; ids are quoted.
-                let quoted: Vec<String> = candidates
-                    .iter()
-                    .map(|c| format!("\"{}\"", c.replace('\\', "\\\\").replace('"', "\\\"")))
-                    .collect();
-                self.candidates.push(format!("{{{}}}", quoted.join(",")));
-            }
+        let (state, kind, target, rule, part, reason, candidates): (_, _, _, _, Map<String, Value>, _, &[String]) =
+            match outcome {
+                Outcome::Matched { rule, kind, target } => {
+                    let part = match kind {
+                        TargetKind::Call => group_fields
+                            .iter()
+                            .filter_map(|f| p.metadata.get(f).map(|v| (f.clone(), v.clone())))
+                            .collect(),
+                        TargetKind::CallGroup => Map::new(),
+                    };
+                    ("matched", Some(*kind), Some(target), Some(rule), part, None, &[])
+                }
+                Outcome::Unmatched { reason, candidates } => (
+                    if expired { "expired" } else { "pending" },
+                    None,
+                    None,
+                    None,
+                    Map::new(),
+                    Some(*reason),
+                    candidates,
+                ),
+            };
+        let unchanged = state == p.old_state
+            && kind.zip(target).map(|(k, t)| (k, t.clone())) == p.old
+            && rule == p.old_rule.as_ref()
+            && reason.map(|r| r.as_str()) == p.old_reason.as_deref()
+            && candidates == p.old_candidates.as_slice()
+            && part == p.old_group_part;
+        if unchanged {
+            return;
         }
+        self.id.push(p.id);
+        self.state.push(state);
+        self.kind.push(kind.map(TargetKind::as_str));
+        self.target.push(target.cloned());
+        self.rule.push(rule.cloned());
+        self.group_part.push(Value::Object(part).to_string());
+        self.reason.push(reason.map(|r| r.as_str()));
+        // A Postgres array literal; ids are quoted.
+        let quoted: Vec<String> =
+            candidates.iter().map(|c| format!("\"{}\"", c.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+        self.candidates.push(format!("{{{}}}", quoted.join(",")));
     }
 
     async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {

@@ -155,7 +155,8 @@ async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: P
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(early, ("pending".into(), Some(2)));
+    // decided_run is the run that last changed a decision: run 1; later runs confirmed it.
+    assert_eq!(early, ("pending".into(), Some(1)));
     assert_eq!(call_meta(&pool, "c-a1").await, json!({}));
     assert_eq!(call_meta(&pool, "c-s").await, json!({"viaSession": 1}));
 }
