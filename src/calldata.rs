@@ -14,9 +14,9 @@ use crate::job::{Job, Normalizer, Target, TargetField};
 use crate::matching::engine::{self, Targets};
 use crate::pgcopy;
 
-/// Calls longer than this are not considered for events past this much after their start.
-/// Bounds the `started_at` index range read for a batch; documented in docs/matching.md.
-pub const MAX_CALL_LENGTH: chrono::Duration = chrono::Duration::hours(24);
+/// Calls up to this long are found by the batch's `started_at` range; longer ones through the
+/// partial index `calls_long_idx` (sql/0006), whose predicate this must match.
+pub const LONG_CALL: chrono::Duration = chrono::Duration::hours(2);
 
 /// The target fields the job's call rules and group rules compare with.
 pub fn fields(job: &Job) -> (Vec<TargetField>, Vec<TargetField>) {
@@ -72,16 +72,19 @@ pub async fn load_calls(
         })
         .collect();
     let ts = |t: DateTime<Utc>| pgcopy::literal(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
-    let sql = format!(
-        "copy (select id, started_at, coalesce(ended_at, started_at){}{}
-               from calls
-               where started_at >= {} and started_at <= {} and coalesce(ended_at, started_at) >= {})
-         to stdout (format binary)",
+    let columns = format!(
+        "id, started_at, coalesce(ended_at, started_at){}{}",
         if exprs.is_empty() { "" } else { ", " },
-        exprs.join(", "),
-        ts(from - after - MAX_CALL_LENGTH),
-        ts(to + before),
-        ts(from - after),
+        exprs.join(", ")
+    );
+    let (lo, hi, end) = (ts(from - after - LONG_CALL), ts(to + before), ts(from - after));
+    let sql = format!(
+        "copy (select {columns} from calls
+               where started_at >= {lo} and started_at <= {hi} and coalesce(ended_at, started_at) >= {end}
+               union all
+               select {columns} from calls
+               where started_at < {lo} and ended_at - started_at > interval '2 hours' and ended_at >= {end})
+         to stdout (format binary)"
     );
     let mut kinds = vec![pgcopy::Kind::Text, pgcopy::Kind::Timestamp, pgcopy::Kind::Timestamp];
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));

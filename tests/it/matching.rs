@@ -460,3 +460,29 @@ window = { before = "1m", after = "1m" }
     assert_eq!(job.run(&pool).await.report.summary.matched, 1);
     assert_eq!(call_meta(&pool, "c2").await, json!({"ref": "REF-c2"}));
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_call_of_three_days_matches_an_event_on_its_second_day(pool: PgPool) {
+    Call::new("marathon", "2026-11-01T00:00:00Z", Some("2026-11-04T00:00:00Z"))
+        .phone("5551234567", "a1")
+        .insert(&pool)
+        .await;
+    Call::new("short", "2026-11-02T11:00:00Z", Some("2026-11-02T11:05:00Z"))
+        .phone("5550000000", "a1")
+        .insert(&pool)
+        .await;
+    let job = TestJob::new(RULES);
+    enqueue(
+        &pool,
+        json!({"EventTime": "2026-11-02T11:02:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1"}}),
+    )
+    .await;
+    enqueue(
+        &pool,
+        json!({"EventTime": "2026-11-02T11:03:00Z", "Metadata": {"customerPhone": "5550000000", "agentId": "a1"}}),
+    )
+    .await;
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched);
+    assert_eq!(call_meta(&pool, "marathon").await["customerPhone"], "5551234567");
+}
