@@ -23,46 +23,40 @@ pub struct Applied {
 ///
 /// `calls` and `groups` are the targets of events whose decision changed (old and new targets).
 /// The groups of those calls, every call of a touched group, and calls that joined or left a
-/// group carrying contributions since they were last applied (`applied_members`) are
-/// recomputed too.
+/// group carrying contributions since the last run (`call_group_changes`, filled by a trigger)
+/// are recomputed too.
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
     for sql in [
         "create temp table if not exists touched_calls (id text primary key) on commit drop",
         "create temp table if not exists touched_groups (id text primary key) on commit drop",
-        "truncate touched_calls, touched_groups",
+        "create temp table if not exists changed_calls (call_id text, old_group_id text) on commit drop",
+        "truncate touched_calls, touched_groups, changed_calls",
     ] {
         sqlx::query(sql).execute(&mut *conn).await.context("creating temporary tables for apply")?;
     }
 
     sqlx::query("insert into touched_calls select distinct unnest($1::text[])").bind(calls).execute(&mut *conn).await?;
-    // Calls that joined or left a contributing group since they were last applied.
+    // Calls that joined or left a contributing group since the last run (logged by the
+    // callrecon_group_change trigger, sql/0007).
     sqlx::query(
-        "insert into touched_calls
-         select m.call_id from applied_members m join calls c on c.id = m.call_id
-         where c.call_group_id is distinct from m.call_group_id
-         union
-         select c.id from calls c
-         join (select distinct target_id as gid from events where state = 'matched' and target_kind = 'call_group'
-               union
-               select distinct c2.call_group_id from events e join calls c2 on c2.id = e.target_id
-               where e.state = 'matched' and e.target_kind = 'call' and e.group_part <> '{}'
-                 and c2.call_group_id is not null) g on g.gid = c.call_group_id
-         left join applied_members m on m.call_id = c.id
-         where m.call_id is null
-         on conflict do nothing",
+        "with changed as (delete from call_group_changes returning call_id, old_group_id)
+         insert into changed_calls select * from changed",
     )
     .execute(&mut *conn)
     .await
-    .context("finding calls whose group changed")?;
+    .context("reading calls whose group changed")?;
+    sqlx::query("insert into touched_calls select distinct call_id from changed_calls on conflict do nothing")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(
         "insert into touched_groups
          select unnest($1::text[])
          union
          select c.call_group_id from calls c join touched_calls t on t.id = c.id where c.call_group_id is not null
          union
-         -- the group a touched call carried contributions from, which it may have left
-         select m.call_group_id from applied_members m join touched_calls t on t.id = m.call_id",
+         -- the group a call left: it loses that call's group fields
+         select old_group_id from changed_calls where old_group_id is not null",
     )
     .bind(groups)
     .execute(&mut *conn)
@@ -135,23 +129,23 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .context("updating calls.async_metadata")?
     .rows_affected();
 
-    // Remember which touched calls now carry their group's contributions.
-    sqlx::query("delete from applied_members m using touched_calls t where m.call_id = t.id")
-        .execute(&mut *conn)
-        .await?;
+    // Keep the set of contributing groups current for the trigger.
     sqlx::query(
-        "insert into applied_members (call_id, call_group_id)
-         select c.id, c.call_group_id from touched_calls t join calls c on c.id = t.id
-         where c.call_group_id is not null
-           and (exists (select 1 from events e where e.target_id = c.call_group_id
-                        and e.target_kind = 'call_group' and e.state = 'matched')
-                or exists (select 1 from calls sib join events e on e.target_id = sib.id
-                           where sib.call_group_id = c.call_group_id and e.target_kind = 'call'
-                             and e.state = 'matched' and e.group_part <> '{}'))",
+        "with state as (
+             select g.id,
+                    exists (select 1 from events e where e.target_id = g.id and e.target_kind = 'call_group'
+                            and e.state = 'matched')
+                    or exists (select 1 from calls c join events e on e.target_id = c.id
+                               where c.call_group_id = g.id and e.target_kind = 'call' and e.state = 'matched'
+                                 and e.group_part <> '{}') as contributes
+             from touched_groups g
+         ),
+         gone as (delete from contributing_groups c using state s where c.id = s.id and not s.contributes)
+         insert into contributing_groups select id from state where contributes on conflict do nothing",
     )
     .execute(&mut *conn)
     .await
-    .context("recording group members")?;
+    .context("recording contributing groups")?;
 
     tracing::info!(calls_updated, groups_updated, "applied");
     Ok(Applied { calls_updated, groups_updated })
