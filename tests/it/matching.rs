@@ -311,22 +311,6 @@ async fn sessionless_event_matches_after_its_call_lands(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
-async fn long_call_started_before_the_batch_still_matches(pool: PgPool) {
-    // A call that started 3 hours before the event and is still going at event time.
-    Call::new("long", "2026-11-02T12:00:00Z", Some("2026-11-02T16:00:00Z"))
-        .phone("5551234567", "a1")
-        .insert(&pool)
-        .await;
-    let job = TestJob::new(RULES);
-    enqueue(
-        &pool,
-        json!({"EventTime": "2026-11-02T15:00:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1"}}),
-    )
-    .await;
-    assert_eq!(job.run(&pool).await.report.summary.matched, 1);
-}
-
-#[sqlx::test(migrator = "MIGRATOR")]
 async fn explain_answers_for_matched_and_unmatched_events(pool: PgPool) {
     Call::new("c4", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z")).phone("5557770000", "a3").insert(&pool).await;
     Call::new("c5", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z")).phone("5557770000", "a3").insert(&pool).await;
