@@ -14,3 +14,4 @@ pub mod job;
 pub mod matching;
 pub mod report;
 pub mod run;
+pub mod schedule;
