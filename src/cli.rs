@@ -51,6 +51,12 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Long-running: each job at its cron times in its time zone, one run at a time per job.
+    Schedule {
+        /// A job file with a `schedule`; repeat for several jobs.
+        #[arg(long = "job", required = true)]
+        jobs: Vec<PathBuf>,
+    },
     /// Why an event did or did not match: each rule, its keys, candidates and decision.
     Explain {
         #[arg(long)]

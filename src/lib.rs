@@ -17,3 +17,4 @@ pub mod pgcopy;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod schedule;

@@ -53,8 +53,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
         | Command::Demo { job, .. } => Some(job::load(job)?),
         _ => None,
     };
+    if let Command::Schedule { jobs } = &cli.command {
+        // Long-running: connects (and reconnects) to the database itself.
+        return callrecon::schedule::daemon(&cli.database_url, jobs).await;
+    }
     let pool = db::connect(&cli.database_url).await?;
     match cli.command {
+        Command::Schedule { .. } => unreachable!("handled above"),
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
         Command::Run { dry_run, .. } => {
             let job = job.expect("loaded above");

@@ -9,3 +9,4 @@ mod ingest;
 mod matching;
 mod report;
 mod run;
+mod schedule;
