@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scale="${1:-small}"
 case "$scale" in
-  small) CALLS=200000;  EVENTS=24000;  NIGHTLY=2000;  FACTORS="1 2" ;;
-  full)  CALLS=5000000; EVENTS=600000; NIGHTLY=50000; FACTORS="1 2" ;;
+  small) CALLS=200000;  EVENTS=24000;  NIGHTLY=2000;  FACTORS="${FACTORS:-1 2}" ;;
+  full)  CALLS=5000000; EVENTS=600000; NIGHTLY=50000; FACTORS="${FACTORS:-1 2}" ;;
   *) echo "usage: bench/run.sh small|full" >&2; exit 2 ;;
 esac
 
