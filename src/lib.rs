@@ -14,3 +14,5 @@ pub mod job;
 pub mod matching;
 pub mod report;
 pub mod run;
+pub mod serve;
+pub mod users;

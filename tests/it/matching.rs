@@ -400,7 +400,12 @@ async fn group_rules_read_groups_by_normalised_keys(pool: PgPool) {
     add_group(&pool, "g-ref", json!({"ref": "REF-00042"})).await;
     add_group(&pool, "g-num", json!({"ref": 777})).await;
     for i in 0..50 {
-        add_group(&pool, &format!("g-other-{i}"), json!({"phone": format!("555000{i:04}"), "ref": format!("X-{}", 1000 + i)})).await;
+        add_group(
+            &pool,
+            &format!("g-other-{i}"),
+            json!({"phone": format!("555000{i:04}"), "ref": format!("X-{}", 1000 + i)}),
+        )
+        .await;
     }
     let rules = r#"
 [[rules]]
