@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -206,14 +206,23 @@ async fn store(
         return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Failed)).collect());
     }
 
-    // Ids first, so that idempotency keys can name their event before it is inserted.
-    let ids: Vec<i64> = sqlx::query_scalar("select nextval($1::regclass) from generate_series(1, $2)")
-        .bind(sequence)
-        .bind(to_store.len() as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .context("allocating event_queue ids")?;
-    let mut queue_id: HashMap<usize, i64> = to_store.iter().map(|(i, _)| *i).zip(ids).collect();
+    // Insert first (one statement, ids in the order of `to_store`); a retried key below takes
+    // its row out again before anyone can see it.
+    let bodies: Vec<&str> = to_store.iter().map(|(i, _)| subs[*i].body.as_str()).collect();
+    let inserted: Vec<(i64, i64)> = sqlx::query_as(
+        "with rows as materialized (
+             select ord, nextval($2::regclass) as id, p from unnest($1::text[]) with ordinality as u(p, ord)),
+         ins as (insert into event_queue (id, payload) select id, p::jsonb from rows)
+         select ord, id from rows",
+    )
+    .bind(&bodies)
+    .bind(sequence)
+    .fetch_all(&mut *tx)
+    .await
+    .context("inserting into event_queue")?;
+    ensure!(inserted.len() == to_store.len(), "inserted {} of {} events", inserted.len(), to_store.len());
+    let mut queue_id: HashMap<usize, i64> =
+        inserted.into_iter().map(|(ord, id)| (to_store[ord as usize - 1].0, id)).collect();
 
     // Claim the keys; a key claimed before (or by a concurrent batch, which we wait for) is a
     // retry: answer as the first time, store nothing.
@@ -254,33 +263,26 @@ async fn store(
             .context("reading idempotency keys")?;
             let earlier: HashMap<(i64, &str), (&[u8], i64)> =
                 earlier.iter().map(|(u, k, h, q)| ((*u, k.as_str()), (&h[..], *q))).collect();
+            let mut withdrawn = Vec::new();
             for k in retried {
                 let outcome = match earlier.get(&(k.0, k.1)) {
                     Some((hash, id)) if *hash == k.2 => Outcome::Stored { queue_id: *id, replayed: true },
                     Some(_) => Outcome::KeyReused,
-                    // Claimed by a transaction that then rolled back: it stored nothing, and
-                    // neither do we; the client retries.
+                    // Forgotten just now (keys are kept 24 hours): store nothing; the client
+                    // retries and the key is claimed afresh.
                     None => Outcome::Failed,
                 };
-                queue_id.remove(&k.4);
+                withdrawn.extend(queue_id.remove(&k.4));
                 outcomes[k.4] = Some(outcome);
             }
+            sqlx::query("delete from event_queue where id = any($1)")
+                .bind(&withdrawn)
+                .execute(&mut *tx)
+                .await
+                .context("withdrawing retried events")?;
         }
     }
 
-    let mut rows: Vec<(i64, &str)> =
-        to_store.iter().filter_map(|(i, _)| queue_id.get(i).map(|id| (*id, subs[*i].body.as_str()))).collect();
-    rows.sort_unstable_by_key(|r| r.0);
-    if !rows.is_empty() {
-        sqlx::query(
-            "insert into event_queue (id, payload) select i, p::jsonb from unnest($1::bigint[], $2::text[]) as u(i, p)",
-        )
-        .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await
-        .context("inserting into event_queue")?;
-    }
     tx.commit().await.context("committing events")?;
 
     for (i, id) in queue_id {
