@@ -65,6 +65,7 @@ read -r line <"$work/out"
 url="${line##* }"
 echo "bench-serve.sh: server at $url ($profile build, $writers writers)" >&2
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 table=$("$work/serve_load" --url "$url" --client-id "$client_id" --client-secret "$client_secret" \
   --database-url "$db" --clients "$clients" --events "$events")
 echo "$table"
@@ -81,6 +82,7 @@ cat >bench/RESULTS-serve.md <<EOF
 - date: $(date -u +"%Y-%m-%d %H:%M UTC")
 - commit: $commit
 - machine: $(nproc) cores ($cpu), $mem; load generator, server and PostgreSQL on the same machine
+- load average when the run started: $load_before (anything above 0 is other work sharing the 2 cores)
 - build: $profile profile; \`callrecon serve --writers $writers\` (defaults otherwise)
 - PostgreSQL $pg_version: $settings
 - each event: one HTTP/1.1 POST (keep-alive) of a ~130-byte sessionless event with a bearer token;
