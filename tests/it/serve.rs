@@ -650,7 +650,9 @@ impl Process {
     }
 
     fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        // The shell's own `kill`: no procps needed.
+        let status =
+            Command::new("sh").args(["-c", "kill -TERM \"$1\"", "sh", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
