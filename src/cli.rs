@@ -1,6 +1,8 @@
 //! Command-line definitions only (clap); `main.rs` dispatches.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -85,6 +87,13 @@ pub enum Command {
         #[arg(long, default_value = "jobs/demo.toml")]
         job: PathBuf,
     },
+    /// The intake API: POST /token, POST /callevent/v1/outofband/event, GET /healthz.
+    Serve(ServeArgs),
+    /// Users of the intake API.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,4 +158,38 @@ pub enum GenCommand {
         #[arg(long, default_value_t = 0)]
         salt: u64,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 takes a free port (the address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; a larger one is answered 413.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_body: usize,
+    /// Lifetime of access tokens (`expires_in` is one second less).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// Most events stored in one transaction (group commit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_batch: usize,
+    /// Transactions storing events in flight at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub writers: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create an API user; prints its client id and secret (the only time the secret is shown).
+    Add {
+        name: String,
+        /// A role to grant (repeatable); AsyncMetaData may post events.
+        #[arg(long = "role", value_parser = ["AsyncMetaData"])]
+        roles: Vec<String>,
+    },
+    /// Every API user, active and revoked.
+    List,
+    /// Revoke a user: its secret and tokens stop working at once.
+    Revoke { name: String },
 }

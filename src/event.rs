@@ -27,8 +27,31 @@ pub struct Rejected {
 
 /// Parses one payload. The error is a reason a person can act on, naming the field at fault.
 pub fn parse(payload: &Value, tz: Tz) -> Result<Event, String> {
+    parse_naming_field(payload, tz).map_err(|invalid| invalid.reason)
+}
+
+/// Why a payload is not an event, with the top-level field at fault apart (as spelled in the
+/// payload; `None` when the payload as a whole is wrong), for the intake API's error bodies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// [`parse`] itself (the same checks and reasons), keeping the field at fault apart.
+pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
+    let invalid = |field: &str, reason: String| Invalid { field: Some(field.to_owned()), reason };
     let Value::Object(fields) = payload else {
-        return Err(format!("expected a JSON object with SessionId, EventTime and Metadata, found {}", kind(payload)));
+        return Err(Invalid {
+            field: None,
+            reason: format!("expected a JSON object with SessionId, EventTime and Metadata, found {}", kind(payload)),
+        });
     };
 
     let mut session_id = None;
@@ -40,14 +63,17 @@ pub fn parse(payload: &Value, tz: Tz) -> Result<Event, String> {
             "eventtime" => &mut event_time,
             "metadata" => &mut metadata,
             _ => {
-                return Err(format!(
-                    "unknown top-level field `{key}`: only SessionId, EventTime and Metadata are \
-                     allowed; put custom fields inside Metadata"
+                return Err(invalid(
+                    key,
+                    format!(
+                        "unknown top-level field `{key}`: only SessionId, EventTime and Metadata are \
+                         allowed; put custom fields inside Metadata"
+                    ),
                 ));
             }
         };
         if slot.replace((key, value)).is_some() {
-            return Err(format!("field `{key}` is given twice (keys are case-insensitive)"));
+            return Err(invalid(key, format!("field `{key}` is given twice (keys are case-insensitive)")));
         }
     }
 
@@ -56,23 +82,25 @@ pub fn parse(payload: &Value, tz: Tz) -> Result<Event, String> {
         Some((_, Value::String(s))) if s.trim().is_empty() => None,
         Some((_, Value::String(s))) => Some(s.trim().to_owned()),
         Some((key, other)) => {
-            return Err(format!("`{key}` must be a string, found {}", kind(other)));
+            return Err(invalid(key, format!("`{key}` must be a string, found {}", kind(other))));
         }
     };
 
     let event_time = match event_time {
-        None => return Err("missing EventTime".to_owned()),
-        Some((_, Value::String(s))) => parse_time(s, tz).map_err(|e| format!("EventTime {s:?}: {e}"))?,
+        None => return Err(invalid("EventTime", "missing EventTime".to_owned())),
+        Some((key, Value::String(s))) => {
+            parse_time(s, tz).map_err(|e| invalid(key, format!("EventTime {s:?}: {e}")))?
+        }
         Some((key, other)) => {
-            return Err(format!("`{key}` must be a date-time string, found {}", kind(other)));
+            return Err(invalid(key, format!("`{key}` must be a date-time string, found {}", kind(other))));
         }
     };
 
     let metadata = match metadata {
-        None => return Err("missing Metadata (a JSON object)".to_owned()),
+        None => return Err(invalid("Metadata", "missing Metadata (a JSON object)".to_owned())),
         Some((_, Value::Object(m))) => m.clone(),
         Some((key, other)) => {
-            return Err(format!("`{key}` must be a JSON object, found {}", kind(other)));
+            return Err(invalid(key, format!("`{key}` must be a JSON object, found {}", kind(other))));
         }
     };
 
@@ -241,6 +269,25 @@ mod tests {
         for (payload, expected) in cases {
             let err = parse(&payload, NY).unwrap_err();
             assert!(err.contains(expected), "{payload}: {err:?} should contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn the_field_at_fault_is_named_as_spelled() {
+        let cases = [
+            (json!([1]), None),
+            (json!({"Metadata": {}}), Some("EventTime")),
+            (json!({"eventTime": "x", "Metadata": {}}), Some("eventTime")),
+            (json!({"EventTime": 1, "Metadata": {}}), Some("EventTime")),
+            (json!({"EventTime": "2018-10-15T09:00:00Z"}), Some("Metadata")),
+            (json!({"EventTime": "2018-10-15T09:00:00Z", "metaData": "x"}), Some("metaData")),
+            (json!({"sessionId": 7, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), Some("sessionId")),
+            (json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": {}, "Foo": 1}), Some("Foo")),
+        ];
+        for (payload, field) in cases {
+            let err = parse_naming_field(&payload, NY).unwrap_err();
+            assert_eq!(err.field.as_deref(), field, "{payload}");
+            assert_eq!(Err(err.reason), parse(&payload, NY), "{payload}");
         }
     }
 }

@@ -18,3 +18,5 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod schedule;
+pub mod serve;
+pub mod users;

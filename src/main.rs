@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use callrecon::cli::{Cli, Command, GenCommand, LogFormat, ReportCommand};
+use callrecon::cli::{Cli, Command, GenCommand, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, report};
+use callrecon::{datagen, db, demo, event, ingest, inspect, report, serve, users};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
@@ -114,6 +114,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let runs = demo::demo(&pool, &samples, &job).await?;
             let last = runs.last().expect("demo runs");
             println!("\nOpen the report in a browser: {}", last.dir.join("report.html").display());
+        }
+        Command::Serve(args) => serve::run(&pool, &args).await?,
+        Command::Users { command: UsersCommand::Add { name, roles } } => {
+            print!("{}", users::created_text(&users::add(&pool, &name, &roles).await?));
+        }
+        Command::Users { command: UsersCommand::List } => print!("{}", users::list_text(&users::list(&pool).await?)),
+        Command::Users { command: UsersCommand::Revoke { name } } => {
+            users::revoke(&pool, &name).await?;
+            println!("revoked API user {name}: its secret and tokens no longer work");
         }
     }
     Ok(())

@@ -10,3 +10,4 @@ mod matching;
 mod report;
 mod run;
 mod schedule;
+mod serve;

@@ -1,0 +1,234 @@
+//! `POST /token` (OAuth2 client credentials, RFC 6749 §4.4) and reading bearer tokens.
+//!
+//! Tokens are 32 random bytes, base64url; only their sha256 is stored. Whether a token is valid
+//! (known, not expired, user not revoked) is decided where the event is stored, in the writer's
+//! transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+use crate::users;
+
+/// A hash to verify against when the client id is unknown, so that the answer takes as long as
+/// for a wrong secret.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| users::hash_secret("not a secret").expect("hashing a constant"));
+
+/// What the token endpoint needs.
+#[derive(Clone)]
+pub struct TokenIssuer {
+    pub pool: PgPool,
+    pub ttl: Duration,
+    /// Bounds the argon2 verifications running at once (each takes tens of ms and ~19 MiB), so
+    /// a flood of token requests cannot starve event intake.
+    pub verifications: Arc<Semaphore>,
+}
+
+/// Why a request carries no usable bearer token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoToken {
+    Missing,
+    Malformed,
+}
+
+impl IntoResponse for NoToken {
+    fn into_response(self) -> Response {
+        match self {
+            NoToken::Missing => {
+                unauthorized(None, "missing `Authorization: Bearer <token>`; get a token from POST /token")
+            }
+            NoToken::Malformed => {
+                unauthorized(Some("invalid_token"), "the Authorization header must be `Bearer <token>`")
+            }
+        }
+    }
+}
+
+/// The bearer token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Result<&str, NoToken> {
+    let value = headers.get(header::AUTHORIZATION).ok_or(NoToken::Missing)?;
+    match value.to_str().unwrap_or("").split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && is_token(token.trim()) => Ok(token.trim()),
+        _ => Err(NoToken::Malformed),
+    }
+}
+
+fn is_token(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 512 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+}
+
+/// A 401 with the `WWW-Authenticate` challenge of RFC 6750.
+pub fn unauthorized(error: Option<&str>, message: &str) -> Response {
+    let challenge = match error {
+        Some(e) => format!("Bearer realm=\"callrecon\", error=\"{e}\""),
+        None => "Bearer realm=\"callrecon\"".to_owned(),
+    };
+    let mut resp =
+        (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": error.unwrap_or("unauthorized"), "message": message})))
+            .into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).expect("ASCII"));
+    resp
+}
+
+/// `POST /token`: `grant_type=client_credentials` with `client_id`/`client_secret` as form
+/// fields or HTTP Basic.
+pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut grant_type = None;
+    let mut form_id = None;
+    let mut form_secret = None;
+    for (k, v) in url::form_urlencoded::parse(&body) {
+        match &*k {
+            "grant_type" => grant_type = Some(v.into_owned()),
+            "client_id" => form_id = Some(v.into_owned()),
+            "client_secret" => form_secret = Some(v.into_owned()),
+            _ => {} // `scope` and extensions: not used
+        }
+    }
+    let basic = match headers.get(header::AUTHORIZATION).map(basic_credentials) {
+        None => None,
+        Some(Some(pair)) => Some(pair),
+        Some(None) => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "unreadable Authorization header");
+        }
+    };
+    match grant_type.as_deref() {
+        Some("client_credentials") => {}
+        None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "missing grant_type"),
+        Some(other) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("grant_type {other:?} is not supported; use client_credentials"),
+            );
+        }
+    }
+    let used_basic = basic.is_some();
+    let (client_id, secret) = match (basic, form_id, form_secret) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give the client credentials either as HTTP Basic or as form fields, not both",
+            );
+        }
+        (Some(pair), None, None) => pair,
+        (None, Some(id), Some(secret)) => (id, secret),
+        (None, _, _) => {
+            return invalid_client(false, "missing client_id and client_secret (form fields or HTTP Basic)");
+        }
+    };
+
+    match issue(&issuer, &client_id, &secret).await {
+        Ok(Some(token)) => {
+            let expires_in = issuer.ttl.as_secs().saturating_sub(1);
+            let mut resp = axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": expires_in}))
+                .into_response();
+            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            resp
+        }
+        Ok(None) => invalid_client(used_basic, "unknown client, wrong secret, or revoked user"),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "issuing a token failed");
+            oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "could not issue a token; retry")
+        }
+    }
+}
+
+/// A new token for the active user with these credentials, or `None`.
+async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::Result<Option<String>> {
+    let user: Option<(i64, String)> =
+        sqlx::query_as("select id, secret_hash from api_users where client_id = $1 and revoked_at is null")
+            .bind(client_id)
+            .fetch_optional(&issuer.pool)
+            .await?;
+    let known = user.is_some();
+    let (user_id, hash) = user.unwrap_or((0, DUMMY_HASH.clone()));
+    let permit = issuer.verifications.clone().acquire_owned().await?;
+    let secret = secret.to_owned();
+    let ok = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        users::verify_secret(&secret, &hash)
+    })
+    .await?;
+    if !(known && ok) {
+        return Ok(None);
+    }
+    let token = users::random_string(32);
+    let ttl = chrono::Duration::from_std(issuer.ttl)?;
+    // The user may have been revoked while we verified: issue only to a still-active user.
+    let issued = sqlx::query(
+        "insert into api_tokens (token_sha256, user_id, expires_at)
+         select $1, id, now() + $3::interval from api_users where id = $2 and revoked_at is null",
+    )
+    .bind(&users::token_digest(&token)[..])
+    .bind(user_id)
+    .bind(ttl)
+    .execute(&issuer.pool)
+    .await?;
+    Ok((issued.rows_affected() == 1).then_some(token))
+}
+
+/// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1); `None` if
+/// the header is not readable as that.
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let (scheme, encoded) = value.to_str().ok()?.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape =
+        |s: &str| url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+    Some((unescape(id)?, unescape(secret)?))
+}
+
+fn invalid_client(used_basic: bool, message: &str) -> Response {
+    let mut resp = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", message);
+    if used_basic {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"callrecon\""));
+    }
+    resp
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut resp = (status, axum::Json(json!({"error": error, "error_description": description}))).into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_decoded_and_unescaped() {
+        let v = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode("cr-abc:s%2Bcret"))).unwrap();
+        assert_eq!(basic_credentials(&v), Some(("cr-abc".to_owned(), "s+cret".to_owned())));
+        assert_eq!(basic_credentials(&HeaderValue::from_static("Basic !!!")), None);
+        assert_eq!(basic_credentials(&HeaderValue::from_static("Bearer abc")), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Err(NoToken::Missing));
+        assert_eq!(bearer(&h).unwrap_err().into_response().status(), StatusCode::UNAUTHORIZED);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer abc-_1"));
+        assert_eq!(bearer(&h).unwrap(), "abc-_1");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), Err(NoToken::Malformed));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert!(bearer(&h).is_err());
+    }
+}

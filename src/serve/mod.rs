@@ -1,0 +1,299 @@
+//! The intake API (`callrecon serve`): customers post async-metadata events, which are answered
+//! 200 only once they are committed on `event_queue`; the next run ingests them from there.
+//!
+//! - `POST /token`: OAuth2 client credentials → a bearer token ([`auth`]).
+//! - `POST /callevent/v1/outofband/event`: one event, checked with [`crate::event`]'s parser (in
+//!   UTC: the API does not know the job's time zone, so the body is stored as posted and the run
+//!   parses it again in the job's zone), stored by the group-commit writer ([`queue_writer`]).
+//! - `GET /healthz`: 200 while the database answers.
+//!
+//! **Architecture invariant:** the API never writes anything but `event_queue` and its own
+//! `api_*` tables, and a 200 means the event's transaction has committed.
+
+pub mod auth;
+pub mod queue_writer;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+
+use crate::cli::ServeArgs;
+use crate::event::{self, Invalid};
+use crate::users;
+use queue_writer::{Outcome, Submission, Writer};
+
+/// The path the Async Metadata API article gives.
+pub const EVENT_PATH: &str = "/callevent/v1/outofband/event";
+
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_KEYS_KEPT: &str = "24 hours";
+
+/// `callrecon serve`: listens until SIGTERM or SIGINT, then answers the requests already
+/// accepted and stops.
+pub async fn run(pool: &PgPool, args: &ServeArgs) -> Result<()> {
+    // A pool of its own: one connection per writer plus tokens and health checks.
+    let pool = PgPoolOptions::new()
+        .max_connections(args.writers + 4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .context("connecting the intake API's pool")?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("callrecon serve: listening on http://{addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, max_body = args.max_body, writers = args.writers, "intake API listening");
+    serve(pool, args, listener, shutdown_signal()).await?;
+    tracing::info!("intake API stopped; every accepted request was answered");
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown` completes, then stops accepting connections, answers
+/// every request in flight (their events committed or refused), and returns.
+pub async fn serve(
+    pool: PgPool,
+    args: &ServeArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (writer, writer_task) = queue_writer::start(pool.clone(), args.max_batch, args.writers).await?;
+    let housekeeping = tokio::spawn(housekeeping(pool.clone()));
+    let app = router(pool, writer, args);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+    // Every connection is closed, so every handler (and its writer handle) is gone: wait for
+    // the writer to answer the last batches.
+    writer_task.await.context("the queue writer")?;
+    housekeeping.abort();
+    Ok(())
+}
+
+#[derive(Clone)]
+struct App {
+    pool: PgPool,
+    writer: Writer,
+    max_body: usize,
+}
+
+fn router(pool: PgPool, writer: Writer, args: &ServeArgs) -> Router {
+    let issuer = auth::TokenIssuer {
+        pool: pool.clone(),
+        ttl: args.token_ttl,
+        verifications: Arc::new(tokio::sync::Semaphore::new(2)),
+    };
+    let app = App { pool, writer, max_body: args.max_body };
+    Router::new()
+        .route(EVENT_PATH, post(post_event))
+        .route("/healthz", get(healthz))
+        .with_state(app)
+        .merge(Router::new().route("/token", post(auth::token)).with_state(issuer))
+        .layer(DefaultBodyLimit::max(args.max_body))
+}
+
+async fn post_event(State(app): State<App>, request: Request) -> Response {
+    // The caller first: no body is read for a request without a token.
+    let token = match auth::bearer(request.headers()) {
+        Ok(token) => users::token_digest(token),
+        Err(no_token) => return no_token.into_response(),
+    };
+    let idempotency_key = match idempotency_key(request.headers()) {
+        Ok(key) => key,
+        Err(message) => return bad_request(Some("Idempotency-Key"), message),
+    };
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let message = format!("the request body is larger than {} bytes", app.max_body);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(json!({"error": "payload_too_large", "message": message})),
+            )
+                .into_response();
+        }
+        Err(rejection) => {
+            return bad_request(None, &format!("could not read the request body: {}", rejection.body_text()));
+        }
+    };
+    let (body_text, check) = check_body(&body);
+    let submission = Submission {
+        token_sha256: token,
+        idempotency_key,
+        body: body_text,
+        body_sha256: Sha256::digest(&body).into(),
+        check,
+    };
+    match app.writer.submit(submission).await {
+        Outcome::Stored { queue_id, replayed } => {
+            let mut resp = axum::Json(json!({"status": "accepted", "id": queue_id})).into_response();
+            if replayed {
+                resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Outcome::Unauthorized => auth::unauthorized(
+            Some("invalid_token"),
+            "the token is unknown, expired or its user revoked; get a new one from POST /token",
+        ),
+        Outcome::Forbidden { user } => {
+            let message = format!("API user {user} lacks the {} role", users::ROLE_ASYNC_METADATA);
+            let mut resp =
+                (StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
+                    .into_response();
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"callrecon\", error=\"insufficient_scope\""),
+            );
+            resp
+        }
+        Outcome::Invalid(invalid) => bad_request(invalid.field.as_deref(), &invalid.reason),
+        Outcome::KeyReused => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({
+                "error": "idempotency_key_reused",
+                "field": "Idempotency-Key",
+                "message": "this Idempotency-Key was used before with a different body; use a new key for a new event",
+            })),
+        )
+            .into_response(),
+        Outcome::Failed => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": "storage_failed", "message": "the event could not be stored (nothing was stored); retry"})),
+        )
+            .into_response(),
+    }
+}
+
+/// The body as text and what the event parser says of it. Times are read in UTC here only to
+/// check them: the stored body is parsed again by the run in the job's time zone.
+fn check_body(body: &[u8]) -> (String, Result<(), Invalid>) {
+    let not_json = |reason: String| (String::new(), Err(Invalid { field: None, reason }));
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return not_json(format!("the body is not JSON: {e}")),
+    };
+    let Ok(text) = std::str::from_utf8(body) else { return not_json("the body is not UTF-8".to_owned()) };
+    if let Value::Object(fields) = &value {
+        // PostgreSQL's jsonb cannot hold U+0000: refuse it here rather than fail a whole batch.
+        if let Some((key, _)) = fields.iter().find(|(k, v)| k.contains('\0') || has_nul(v)) {
+            let reason = format!("`{key}` contains the character U+0000, which cannot be stored");
+            return (String::new(), Err(Invalid { field: Some(key.clone()), reason }));
+        }
+    }
+    (text.to_owned(), event::parse_naming_field(&value, chrono_tz::UTC).map(drop))
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, &'static str> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k.to_owned())),
+        _ => Err("the Idempotency-Key header must be 1 to 255 visible ASCII characters"),
+    }
+}
+
+fn bad_request(field: Option<&str>, message: &str) -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_event", "field": field, "message": message})))
+        .into_response()
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&app.pool);
+    match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => axum::Json(json!({"status": "ok"})).into_response(),
+        Ok(Err(e)) => unavailable(&format!("database: {e}")),
+        Err(_) => unavailable("database: no answer within 2s"),
+    }
+}
+
+fn unavailable(message: &str) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "unavailable", "message": message}))).into_response()
+}
+
+/// Forgets expired tokens and old idempotency keys, hourly.
+async fn housekeeping(pool: PgPool) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let tokens =
+            sqlx::query("delete from api_tokens where expires_at < now() - interval '1 day'").execute(&pool).await;
+        let keys = sqlx::query("delete from api_idempotency where created_at < now() - $1::interval")
+            .bind(IDEMPOTENCY_KEYS_KEPT)
+            .execute(&pool)
+            .await;
+        match (tokens, keys) {
+            (Ok(t), Ok(k)) => tracing::debug!(tokens = t.rows_affected(), keys = k.rows_affected(), "housekeeping"),
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "housekeeping failed; will retry in an hour"),
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: no new connections; answering the requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_checked_with_the_event_parser() {
+        let ok = br#"{"SessionId": "abc123", "EventTime": "2018/10/15T09:00:00.000Z", "Metadata": {"a": 1}}"#;
+        let (text, check) = check_body(ok);
+        assert_eq!(check, Ok(()));
+        assert_eq!(text.as_bytes(), ok);
+
+        let cases: [(&[u8], Option<&str>, &str); 5] = [
+            (b"not json", None, "not JSON"),
+            (br#"{"Metadata": {}}"#, Some("EventTime"), "missing EventTime"),
+            (br#"{"EventTime": "2018-13-01T00:00:00Z", "Metadata": {}}"#, Some("EventTime"), "not a valid date-time"),
+            (br#"{"EventTime": "2018-10-15T09:00:00Z", "metadata": [1]}"#, Some("metadata"), "must be a JSON object"),
+            (br#"{"EventTime": "2018-10-15T09:00:00Z", "Metadata": {"a": "x\u0000"}}"#, Some("Metadata"), "U+0000"),
+        ];
+        for (body, field, reason) in cases {
+            let err = check_body(body).1.unwrap_err();
+            assert_eq!(err.field.as_deref(), field, "{}", String::from_utf8_lossy(body));
+            assert!(err.reason.contains(reason), "{err:?} should say {reason:?}");
+        }
+    }
+}
