@@ -4,6 +4,7 @@
 mod apply;
 mod browser;
 mod crash;
+mod demo;
 mod helpers;
 mod ingest;
 mod matching;

@@ -1,0 +1,49 @@
+//! `callrecon demo`, the README's first command: its runs must reproduce the outcome counts that
+//! samples/gen.py computed independently (samples/expected.json).
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::helpers::*;
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+/// Sums one outcome over every sample file of a phase in samples/expected.json.
+fn expected(phase: &str, outcome: &str) -> u64 {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/samples/expected.json")).unwrap()).unwrap();
+    e["counts"][phase].as_object().unwrap().values().map(|f| f[outcome].as_u64().unwrap()).sum()
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn demo_reproduces_the_sample_generators_expected_outcomes(pool: PgPool) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    // The demo job, in a temporary folder so its inbox, archive and reports stay out of the repo.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(format!("{root}/jobs/demo.toml"), dir.path().join("demo.toml")).unwrap();
+    let samples = format!("{root}/samples");
+    let out =
+        callrecon(&pool, &["demo", "--samples", &samples, "--job", dir.path().join("demo.toml").to_str().unwrap()])
+            .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+
+    let runs: Vec<sqlx::types::Json<callrecon::report::Summary>> =
+        sqlx::query_scalar("select summary from runs order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(runs.len(), 2, "{text}");
+    let (first, second) = (&runs[0].0, &runs[1].0);
+    assert_eq!(first.by_rule["session_id"], expected("first_run", "session"));
+    assert_eq!(first.by_rule["phone-and-agent"], expected("first_run", "phone-and-agent"));
+    assert_eq!(first.by_rule["crm-case"], expected("first_run", "crm-case"));
+    for reason in ["unknown_session", "no_candidate", "ambiguous", "missing_key"] {
+        assert_eq!(first.by_reason.get(reason).copied().unwrap_or(0), expected("first_run", reason), "{reason}");
+    }
+    // The queue's line that is not JSON cannot be enqueued (jsonb); every other bad record is rejected.
+    assert_eq!(first.rejected, expected("first_run", "bad") - 1);
+    // The late call lands: its event attaches, nothing else changes.
+    assert_eq!(second.by_rule.get("session_id").copied(), Some(1));
+    assert_eq!(second.by_reason["unknown_session"], expected("after_calls_late", "unknown_session"));
+    let report = text.lines().last().unwrap().strip_prefix("Open the report in a browser: ").unwrap();
+    assert!(std::path::Path::new(report).exists(), "{report}");
+}
