@@ -27,6 +27,7 @@ pub struct Applied {
 /// are recomputed too.
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
+    let started = std::time::Instant::now();
     for sql in [
         "create temp table if not exists touched_calls (id text primary key) on commit drop",
         "create temp table if not exists touched_groups (id text primary key) on commit drop",
@@ -70,21 +71,38 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .await?;
     sqlx::query("analyze touched_calls, touched_groups").execute(&mut *conn).await?;
 
+    // Every contribution of each touched group, fetched once: its own events (full metadata,
+    // `owner` null) and the group part of events matched to its calls (`owner` = that call).
+    sqlx::query(
+        "create temp table if not exists group_contrib
+             (gid text, event_time timestamptz, id bigint, m jsonb, owner text) on commit drop",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("truncate group_contrib").execute(&mut *conn).await?;
+    sqlx::query(
+        "insert into group_contrib
+         select e.target_id, e.event_time, e.id, e.metadata, null
+         from events e join touched_groups g on e.target_id = g.id
+         where e.state = 'matched' and e.target_kind = 'call_group'
+         union all
+         select c.call_group_id, e.event_time, e.id, e.group_part, c.id
+         from touched_groups g
+         join calls c on c.call_group_id = g.id
+         join events e on e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
+         where e.group_part <> '{}'",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("collecting group contributions")?;
+    sqlx::query("analyze group_contrib").execute(&mut *conn).await?;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "touched targets found");
+
+    let step = std::time::Instant::now();
     let groups_updated = sqlx::query(
-        "with contrib as (
-             select e.target_id as gid, e.event_time, e.id, e.metadata as m
-             from events e join touched_groups g on e.target_id = g.id
-             where e.state = 'matched' and e.target_kind = 'call_group'
-             union all
-             select c.call_group_id, e.event_time, e.id, e.group_part
-             from calls c
-             join touched_groups g on g.id = c.call_group_id
-             join events e on e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
-             where e.group_part <> '{}'
-         ),
-         merged as (
-             select g.id, coalesce(callrecon_merge(m order by event_time, cid) filter (where m is not null), '{}') as v
-             from touched_groups g left join (select gid, event_time, id as cid, m from contrib) x on x.gid = g.id
+        "with merged as (
+             select g.id, coalesce(callrecon_merge(x.m order by x.event_time, x.id) filter (where x.m is not null), '{}') as v
+             from touched_groups g left join group_contrib x on x.gid = g.id
              group by g.id
          )
          update call_groups t set async_metadata = merged.v
@@ -94,7 +112,9 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .await
     .context("updating call_groups.async_metadata")?
     .rows_affected();
+    tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, groups_updated, "call groups recomputed");
 
+    let step = std::time::Instant::now();
     let calls_updated = sqlx::query(
         "with contrib as (
              -- the call's own events
@@ -102,19 +122,11 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
              from events e join touched_calls t on e.target_id = t.id
              where e.state = 'matched' and e.target_kind = 'call'
              union all
-             -- events matched to the call's group
-             select t.id, e.event_time, e.id, e.metadata
+             -- its group's events, and the group fields of events on its group's other calls
+             select t.id, x.event_time, x.id, x.m
              from touched_calls t
              join calls c on c.id = t.id
-             join events e on e.target_id = c.call_group_id and e.target_kind = 'call_group' and e.state = 'matched'
-             union all
-             -- group fields from events on any call of the group
-             select t.id, e.event_time, e.id, e.group_part
-             from touched_calls t
-             join calls c on c.id = t.id
-             join calls sib on sib.call_group_id = c.call_group_id and sib.id <> c.id
-             join events e on e.target_id = sib.id and e.target_kind = 'call' and e.state = 'matched'
-             where e.group_part <> '{}'
+             join group_contrib x on x.gid = c.call_group_id and x.owner is distinct from c.id
          ),
          merged as (
              select t.id, coalesce(callrecon_merge(x.m order by x.event_time, x.id) filter (where x.m is not null), '{}') as v
@@ -128,17 +140,14 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .await
     .context("updating calls.async_metadata")?
     .rows_affected();
+    tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls_updated, "calls recomputed");
 
-    // Keep the set of contributing groups current for the trigger.
+    // Keep the set of contributing groups current for the trigger: a group whose merged value
+    // is empty gives its calls nothing, so calls joining or leaving it change nothing.
     sqlx::query(
         "with state as (
-             select g.id,
-                    exists (select 1 from events e where e.target_id = g.id and e.target_kind = 'call_group'
-                            and e.state = 'matched')
-                    or exists (select 1 from calls c join events e on e.target_id = c.id
-                               where c.call_group_id = g.id and e.target_kind = 'call' and e.state = 'matched'
-                                 and e.group_part <> '{}') as contributes
-             from touched_groups g
+             select g.id, t.async_metadata <> '{}' as contributes
+             from touched_groups g join call_groups t on t.id = g.id
          ),
          gone as (delete from contributing_groups c using state s where c.id = s.id and not s.contributes)
          insert into contributing_groups select id from state where contributes on conflict do nothing",
@@ -147,6 +156,6 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .await
     .context("recording contributing groups")?;
 
-    tracing::info!(calls_updated, groups_updated, "applied");
+    tracing::info!(calls_updated, groups_updated, elapsed_ms = started.elapsed().as_millis() as u64, "applied");
     Ok(Applied { calls_updated, groups_updated })
 }

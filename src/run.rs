@@ -323,9 +323,12 @@ impl<'j> Work<'j> {
 
     /// Decides every event in scope, stores the decisions and applies the changed targets.
     async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
+        let t = std::time::Instant::now();
         let pending = load_in_scope(conn, &self.job.name, mode).await?;
-        tracing::info!(events = pending.len(), "matching");
+        tracing::info!(events = pending.len(), elapsed_ms = t.elapsed().as_millis() as u64, "events to match read");
+        let t = std::time::Instant::now();
         let outcomes = decide(conn, self.job, &pending).await?;
+        tracing::info!(events = pending.len(), elapsed_ms = t.elapsed().as_millis() as u64, "matched");
 
         let expire_before = self.now - self.job.pending_for;
         let mut rows = DecisionRows::default();
@@ -354,7 +357,9 @@ impl<'j> Work<'j> {
             let expired = new_target.is_none() && p.received_at <= expire_before;
             rows.push(p, outcome, expired, &self.job.group_fields);
         }
+        let t = std::time::Instant::now();
         rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
+        tracing::info!(changed = rows.id.len(), elapsed_ms = t.elapsed().as_millis() as u64, "decisions stored");
 
         let calls: Vec<String> = touched_calls.into_iter().collect();
         let groups: Vec<String> = touched_groups.into_iter().collect();
