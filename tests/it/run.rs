@@ -236,3 +236,17 @@ async fn unreachable_database_is_a_one_line_error(_pool: PgPool) {
     assert!(err.contains("cannot reach PostgreSQL at postgres://postgres@127.0.0.1:1/none"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn json_log_format_writes_one_json_object_per_line(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {}})).await;
+    let out = callrecon(&pool, &["--log-format", "json", "run", "--job", job.path().to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> =
+        stderr(&out).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "run started" && l["fields"]["run_id"] == 1), "{lines:?}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    // The summary for people still goes to stdout.
+    assert!(stdout(&out).contains("callrecon: job test, run 1"));
+}
