@@ -16,6 +16,8 @@ esac
 
 . scripts/pg.sh
 SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
+# The code measured: taken now, before the build and before this script appends to RESULTS.md.
+commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql Cargo.toml Cargo.lock || echo '+uncommitted changes')"
 if [ -n "${CALLRECON_BIN:-}" ]; then
   BIN="$CALLRECON_BIN"   # to check the harness itself with another build; not for results
 else
@@ -77,7 +79,7 @@ done
 
 {
   echo
-  echo "## $(date -u +%Y-%m-%d) · $scale · commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+  echo "## $(date -u +%Y-%m-%d) · $scale · commit $commit"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Times in seconds, RSS in MiB."
   echo
