@@ -54,7 +54,9 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
         "insert into touched_groups
          select unnest($1::text[])
          union
-         select c.call_group_id from calls c join touched_calls t on t.id = c.id where c.call_group_id is not null
+         select c.call_group_id from touched_calls t
+         cross join lateral (select call_group_id from calls c where c.id = t.id offset 0) c
+         where c.call_group_id is not null
          union
          -- the group a call left: it loses that call's group fields
          select old_group_id from changed_calls where old_group_id is not null",
@@ -64,13 +66,17 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     .await?;
     sqlx::query(
         "insert into touched_calls
-         select c.id from calls c join touched_groups g on g.id = c.call_group_id
+         select c.id from touched_groups g
+         cross join lateral (select id from calls c where c.call_group_id = g.id offset 0) c
          on conflict do nothing",
     )
     .execute(&mut *conn)
     .await?;
     sqlx::query("analyze touched_calls, touched_groups").execute(&mut *conn).await?;
 
+    // The temp tables are small and the tables they probe large: `lateral (… offset 0)` keeps
+    // each probe an index lookup per row (the planner otherwise walks every matched event or
+    // the whole call_group_id index: 2.1 s instead of 0.34 s for 4.4k groups at 2M calls).
     // Every contribution of each touched group, fetched once: its own events (full metadata,
     // `owner` null) and the group part of events matched to its calls (`owner` = that call).
     sqlx::query(
@@ -82,15 +88,18 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     sqlx::query("truncate group_contrib").execute(&mut *conn).await?;
     sqlx::query(
         "insert into group_contrib
-         select e.target_id, e.event_time, e.id, e.metadata, null
-         from events e join touched_groups g on e.target_id = g.id
-         where e.state = 'matched' and e.target_kind = 'call_group'
-         union all
-         select c.call_group_id, e.event_time, e.id, e.group_part, c.id
+         select g.id, e.event_time, e.id, e.metadata, null
          from touched_groups g
-         join calls c on c.call_group_id = g.id
-         join events e on e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
-         where e.group_part <> '{}'",
+         cross join lateral (select event_time, id, metadata from events e
+                             where e.target_id = g.id and e.target_kind = 'call_group' and e.state = 'matched'
+                             offset 0) e
+         union all
+         select g.id, e.event_time, e.id, e.group_part, c.id
+         from touched_groups g
+         cross join lateral (select id from calls c where c.call_group_id = g.id offset 0) c
+         cross join lateral (select event_time, id, group_part from events e
+                             where e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
+                               and e.group_part <> '{}' offset 0) e",
     )
     .execute(&mut *conn)
     .await
@@ -118,15 +127,17 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     let calls_updated = sqlx::query(
         "with contrib as (
              -- the call's own events
-             select e.target_id as call_id, e.event_time, e.id, e.metadata as m
-             from events e join touched_calls t on e.target_id = t.id
-             where e.state = 'matched' and e.target_kind = 'call'
+             select t.id as call_id, e.event_time, e.id, e.metadata as m
+             from touched_calls t
+             cross join lateral (select event_time, id, metadata from events e
+                                 where e.target_id = t.id and e.target_kind = 'call' and e.state = 'matched'
+                                 offset 0) e
              union all
              -- its group's events, and the group fields of events on its group's other calls
              select t.id, x.event_time, x.id, x.m
              from touched_calls t
-             join calls c on c.id = t.id
-             join group_contrib x on x.gid = c.call_group_id and x.owner is distinct from c.id
+             cross join lateral (select call_group_id from calls c where c.id = t.id offset 0) c
+             join group_contrib x on x.gid = c.call_group_id and x.owner is distinct from t.id
          ),
          merged as (
              select t.id, coalesce(callrecon_merge(x.m order by x.event_time, x.id) filter (where x.m is not null), '{}') as v
