@@ -35,15 +35,14 @@ pub fn fields(job: &Job) -> (Vec<TargetField>, Vec<TargetField>) {
     (calls, groups)
 }
 
-/// SQL text of a field and its bind value (a metadata path), with `$n` numbered from `next`.
-fn field_sql(field: &TargetField, next: &mut usize, paths: &mut Vec<Vec<String>>) -> String {
+/// SQL text of a field. Column names come from the job loader's allow-list; metadata paths are
+/// the job file's text, quoted as literals (COPY, which reads calls, takes no bind parameters).
+fn field_sql(field: &TargetField) -> String {
     match field {
-        // Column names come from the job loader's allow-list, never from user text.
         TargetField::Column(c) => format!("{c}::text"),
         TargetField::Metadata(path) => {
-            paths.push(path.clone());
-            *next += 1;
-            format!("metadata #>> ${}::text[]", *next - 1)
+            let parts: Vec<String> = path.iter().map(|p| pgcopy::literal(p)).collect();
+            format!("metadata #>> array[{}]::text[]", parts.join(", "))
         }
     }
 }
@@ -60,17 +59,7 @@ pub async fn load_calls(
     to: DateTime<Utc>,
     (before, after): (chrono::Duration, chrono::Duration),
 ) -> Result<Targets> {
-    let exprs: Vec<String> = fields
-        .iter()
-        .map(|f| match f {
-            // Column names come from the job loader's allow-list, never from user text.
-            TargetField::Column(c) => format!("{c}::text"),
-            TargetField::Metadata(path) => {
-                let parts: Vec<String> = path.iter().map(|p| pgcopy::literal(p)).collect();
-                format!("metadata #>> array[{}]::text[]", parts.join(", "))
-            }
-        })
-        .collect();
+    let exprs: Vec<String> = fields.iter().map(field_sql).collect();
     let ts = |t: DateTime<Utc>| pgcopy::literal(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     let columns = format!(
         "id, started_at, coalesce(ended_at, started_at){}{}",
@@ -146,14 +135,11 @@ pub async fn load_groups(
     fields: &[TargetField],
     filters: Option<&[GroupFilter]>,
 ) -> Result<Targets> {
-    let mut next = 1;
-    let mut paths = Vec::new();
-    let exprs: Vec<String> = fields.iter().map(|f| field_sql(f, &mut next, &mut paths)).collect();
-    // `paths` holds every text[] bind in `$n` order: field paths, then each filter's path (if
-    // any) and its values.
+    let exprs: Vec<String> = fields.iter().map(field_sql).collect();
+    // Each filter's values are bound as `$n`, in filter order.
     let mut conditions = Vec::new();
-    for f in filters.unwrap_or_default() {
-        let expr = field_sql(&f.field, &mut next, &mut paths);
+    for (n, f) in filters.unwrap_or_default().iter().enumerate() {
+        let expr = field_sql(&f.field);
         let norm = match f.normalize {
             None => expr,
             Some(Normalizer::Digits) => format!("regexp_replace({expr}, '[^0-9]', '', 'g')"),
@@ -162,9 +148,7 @@ pub async fn load_groups(
             }
             Some(Normalizer::Lower | Normalizer::Trim) => unreachable!("group_filters does not filter on these"),
         };
-        conditions.push(format!("{norm} = any(${next}::text[])"));
-        next += 1;
-        paths.push(f.values.clone());
+        conditions.push(format!("{norm} = any(${}::text[])", n + 1));
     }
     let filter_sql = match filters {
         None => String::new(),
@@ -177,8 +161,8 @@ pub async fn load_groups(
         exprs.join(", ")
     );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for p in &paths {
-        q = q.bind(p);
+    for f in filters.unwrap_or_default() {
+        q = q.bind(&f.values);
     }
     let mut t = Targets::default();
     let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
