@@ -23,16 +23,9 @@ pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finish
         let calls = load_calls(pool, &samples.join("calls.csv")).await?;
         println!("loaded {groups} call groups and {calls} calls from {}", samples.display());
 
-        let mut payloads = Vec::new();
-        for path in inbox::list(&samples.join("queue"))? {
-            let bytes = std::fs::read(&path)?;
-            let format = inbox::Format::of(&path).expect("listed");
-            let records =
-                inbox::read_records(&bytes, format, &path.display().to_string()).map_err(anyhow::Error::msg)?;
-            // Producers can write anything to the queue; keep the bad JSON-valid records so the
-            // demo shows them rejected (a non-JSON line cannot be stored in a jsonb column).
-            payloads.extend(records.into_iter().filter_map(|r| r.payload.ok()));
-        }
+        // Producers can write anything to the queue; the bad JSON-valid records go on it so the
+        // demo shows them rejected (a non-JSON line cannot be stored in a jsonb column).
+        let (payloads, _not_json) = inbox::payloads_of(&inbox::list(&samples.join("queue"))?)?;
         let n = queue::enqueue(&mut *pool.acquire().await?, &payloads).await?;
         println!("queued {n} API events on event_queue");
 

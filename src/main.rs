@@ -131,21 +131,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
 /// Enqueues every readable record of the files; records that cannot be read are listed and make
 /// the exit status non-zero, after the others are on the queue.
 async fn enqueue(pool: &sqlx::PgPool, files: &[std::path::PathBuf]) -> Result<()> {
-    let mut payloads = Vec::new();
-    let mut unreadable = Vec::new();
-    for path in files {
-        let format = ingest::inbox::Format::of(path)
-            .with_context(|| format!("{}: not a .json, .ndjson, .jsonl or .csv file", path.display()))?;
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let records =
-            ingest::inbox::read_records(&bytes, format, &path.display().to_string()).map_err(anyhow::Error::msg)?;
-        for r in records {
-            match r.payload {
-                Ok(p) => payloads.push(p),
-                Err(reason) => unreadable.push(format!("{}: {reason}", r.source)),
-            }
-        }
-    }
+    let (payloads, unreadable) = ingest::inbox::payloads_of(files)?;
     let n = ingest::queue::enqueue(&mut *pool.acquire().await?, &payloads).await?;
     println!("enqueued {n} events");
     if !unreadable.is_empty() {

@@ -181,6 +181,25 @@ fn csv_payload(
     Ok(Value::Object(payload))
 }
 
+/// The payloads of files, for putting them on the queue as a producer would: every record that
+/// reads as JSON (bad events among them are rejected by the run that ingests them), and the
+/// records that do not, as `source: reason`.
+pub fn payloads_of(files: &[PathBuf]) -> Result<(Vec<Value>, Vec<String>)> {
+    let (mut payloads, mut unreadable) = (Vec::new(), Vec::new());
+    for path in files {
+        let format = Format::of(path)
+            .with_context(|| format!("{}: not a .json, .ndjson, .jsonl or .csv file", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        for r in read_records(&bytes, format, &path.display().to_string()).map_err(anyhow::Error::msg)? {
+            match r.payload {
+                Ok(p) => payloads.push(p),
+                Err(reason) => unreadable.push(format!("{}: {reason}", r.source)),
+            }
+        }
+    }
+    Ok((payloads, unreadable))
+}
+
 /// Where a file goes after a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
