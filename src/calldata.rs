@@ -77,25 +77,12 @@ pub async fn load_calls(
     );
     let mut kinds = vec![pgcopy::Kind::Text, pgcopy::Kind::Timestamp, pgcopy::Kind::Timestamp];
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
-    let mut decoder = pgcopy::Decoder::new(&kinds);
-    let mut stream = conn.copy_out_raw(&sql).await.context("reading calls")?;
-    while let Some(chunk) = stream.try_next().await.context("reading calls")? {
-        decoder.feed(&chunk)?;
-    }
-    drop(stream);
-    let mut columns = decoder.finish()?.into_iter();
-    let text = |c: Option<pgcopy::Column>| match c {
-        Some(pgcopy::Column::Text(v)) => v,
-        _ => unreachable!("decoded as text"),
-    };
-    let time = |c: Option<pgcopy::Column>| match c {
-        Some(pgcopy::Column::Timestamp(v)) => v.into_iter().map(|t| t.expect("not null")).collect(),
-        _ => unreachable!("decoded as timestamps"),
-    };
-    let ids = text(columns.next()).into_iter().map(|id| id.expect("calls.id is not null")).collect();
-    let start = time(columns.next());
-    let end = time(columns.next());
-    let fields = fields.iter().cloned().zip(columns.map(|c| text(Some(c)))).collect();
+    let mut columns = pgcopy::read(conn, &sql, &kinds).await.context("reading calls")?.into_iter();
+    let mut next = || columns.next().expect("one column per kind");
+    let ids = next().into_text().into_iter().map(|id| id.expect("calls.id is not null")).collect();
+    let start = next().into_i64().into_iter().map(|t| t.expect("not null")).collect();
+    let end = next().into_i64().into_iter().map(|t| t.expect("not null")).collect();
+    let fields = fields.iter().cloned().zip(columns.map(pgcopy::Column::into_text)).collect();
     Ok(Targets { ids, start, end, fields })
 }
 

@@ -53,3 +53,21 @@ pub fn redact(url: &str) -> String {
 pub fn job_lock_key(job: &str) -> String {
     format!("callrecon.job:{job}")
 }
+
+/// Runs `statement` with the planner told to probe indexes row by row (nested loops) instead of
+/// hashing the small side and scanning the big table. For bulk updates of a few hundred
+/// thousand rows of a table of millions, where the planner's costs for random reads, tuned for
+/// disks, make it scan the whole table (100k values against 2M calls: 2.6 s against 1.4 s, and
+/// the scan grows with the table). Scoped to the transaction and reset afterwards.
+pub async fn with_index_probes(
+    conn: &mut sqlx::PgConnection,
+    statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+) -> Result<u64> {
+    sqlx::query("set local enable_hashjoin = off").execute(&mut *conn).await?;
+    sqlx::query("set local enable_mergejoin = off").execute(&mut *conn).await?;
+    // On error the transaction is aborted (and the settings die with it): report that error.
+    let done = statement.execute(&mut *conn).await?;
+    sqlx::query("reset enable_hashjoin").execute(&mut *conn).await?;
+    sqlx::query("reset enable_mergejoin").execute(&mut *conn).await?;
+    Ok(done.rows_affected())
+}

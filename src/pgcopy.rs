@@ -24,6 +24,23 @@ pub enum Column {
     Timestamp(Vec<Option<i64>>),
 }
 
+impl Column {
+    /// The values of a column decoded as [`Kind::Text`].
+    pub fn into_text(self) -> Vec<Option<String>> {
+        match self {
+            Column::Text(v) => v,
+            other => unreachable!("a text column was decoded as {other:?}"),
+        }
+    }
+    /// The values of a column decoded as [`Kind::Timestamp`].
+    pub fn into_i64(self) -> Vec<Option<i64>> {
+        match self {
+            Column::Timestamp(v) => v,
+            other => unreachable!("an integer column was decoded as {other:?}"),
+        }
+    }
+}
+
 /// Incremental decoder: feed it the chunks of a COPY stream in order.
 pub struct Decoder {
     kinds: Vec<Kind>,
@@ -125,6 +142,41 @@ impl Decoder {
 
 fn i32_at(b: &[u8], at: usize) -> i32 {
     i32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Runs `copy (…) to stdout (format binary)` and decodes the result into columns of `kinds`.
+pub async fn read(conn: &mut sqlx::PgConnection, sql: &str, kinds: &[Kind]) -> Result<Vec<Column>> {
+    use futures_util::TryStreamExt as _;
+    let mut decoder = Decoder::new(kinds);
+    let mut stream = conn.copy_out_raw(sql).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        decoder.feed(&chunk)?;
+    }
+    drop(stream);
+    decoder.finish()
+}
+
+/// Writes `(a, b)` text pairs to `copy … from stdin (format csv)`: every field quoted, so any
+/// text (commas, quotes, newlines, backslashes) arrives as it is.
+pub async fn write_pairs(conn: &mut sqlx::PgConnection, sql: &str, rows: &[(String, String)]) -> Result<()> {
+    let mut copy = conn.copy_in_raw(sql).await?;
+    for chunk in rows.chunks(10_000) {
+        let mut buf = String::with_capacity(1 << 20);
+        for (a, b) in chunk {
+            for (i, field) in [a, b].into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(',');
+                }
+                buf.push('"');
+                buf.push_str(&field.replace('"', "\"\""));
+                buf.push('"');
+            }
+            buf.push('\n');
+        }
+        copy.send(buf.into_bytes()).await?;
+    }
+    copy.finish().await?;
+    Ok(())
 }
 
 /// A SQL string literal (for COPY, which takes no bind parameters). With

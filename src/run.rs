@@ -23,8 +23,14 @@ use crate::matching::{self, Outcome, TargetKind};
 use crate::progress;
 use crate::report::{self, Change, Diff, FileEntry, Report, Summary, TargetRef};
 
-/// Sessionless events matched per polars batch; bounds memory whatever the total.
+/// Sessionless events matched per polars batch; bounds memory whatever the total. Two batches'
+/// calls are held at once (the next is read while one is matched).
 pub const CHUNK_EVENTS: usize = 100_000;
+
+/// [`CHUNK_EVENTS`], or `CALLRECON_CHUNK_EVENTS` (tests use small batches to cross boundaries).
+fn chunk_events() -> usize {
+    std::env::var("CALLRECON_CHUNK_EVENTS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(CHUNK_EVENTS)
+}
 
 /// What kind of run, and over which events.
 #[derive(Debug, Clone, Copy)]
@@ -527,15 +533,13 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
             calldata::load_groups(conn, &group_fields, filters.as_deref()).await?
         };
         let pb = progress::bar("match", sessionless.len() as u64, "events");
-        for chunk in sessionless.chunks(CHUNK_EVENTS) {
-            pb.set_message("reading calls");
-            let from = events[chunk[0]].time;
-            let to = events[*chunk.last().expect("non-empty chunk")].time;
-            let calls = if call_fields.is_empty() {
-                Default::default()
-            } else {
-                calldata::load_calls(conn, &call_fields, from, to, job.max_window()).await?
-            };
+        let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events()).collect();
+        pb.set_message("reading calls");
+        let mut calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
+        // On a multi-threaded runtime the next chunk's calls are read while this chunk is
+        // matched: PostgreSQL formats and sends rows while polars joins.
+        let overlap = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        for (k, chunk) in chunks.iter().enumerate() {
             tracing::debug!(events = chunk.len(), calls = calls.ids.len(), groups = groups.ids.len(), "matching chunk");
             let input: Vec<EventIn> = chunk
                 .iter()
@@ -546,19 +550,54 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
                 })
                 .collect();
             pb.set_message(format!("matching against {} calls", calls.ids.len()));
+            let next = chunks.get(k + 1);
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
-            let decided =
-                std::thread::scope(|s| s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups)).join())
-                    .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
-                    .context("matching sessionless events")?;
+            let (decided, next_calls) = if overlap && next.is_some() {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::block_in_place(|| {
+                    std::thread::scope(|s| {
+                        let matching = s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups));
+                        let next_calls =
+                            handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied()));
+                        (matching.join(), next_calls)
+                    })
+                })
+            } else {
+                let decided = std::thread::scope(|s| {
+                    s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups)).join()
+                });
+                (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied()).await)
+            };
+            let decided = decided
+                .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
+                .context("matching sessionless events")?;
             for (&i, o) in chunk.iter().zip(decided) {
                 outcomes[i] = Some(o);
             }
             pb.inc(chunk.len() as u64);
+            calls = next_calls?;
         }
         pb.finish_and_clear();
     }
     Ok(outcomes.into_iter().map(|o| o.expect("every event decided")).collect())
+}
+
+/// The calls a chunk of sessionless events can match; none to read without a chunk or when no
+/// rule targets calls.
+async fn calls_for(
+    conn: &mut PgConnection,
+    job: &Job,
+    fields: &[crate::job::TargetField],
+    events: &[Pending],
+    chunk: Option<&[usize]>,
+) -> Result<engine::Targets> {
+    match chunk {
+        Some(c) if !fields.is_empty() => {
+            let (from, to) = (events[c[0]].time, events[*c.last().expect("non-empty chunk")].time);
+            calldata::load_calls(conn, fields, from, to, job.max_window()).await
+        }
+        _ => Ok(Default::default()),
+    }
 }
 
 /// Decisions as columns, written with one statement per batch.
@@ -624,7 +663,8 @@ impl DecisionRows {
 
     async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
-            sqlx::query(
+            // One primary-key probe per decision, not a scan of every event per batch.
+            let statement = sqlx::query(
                 "update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
                         group_part = u.part::jsonb, reason = u.reason,
                         candidates = case when u.reason is null then null else u.cands::text[] end,
@@ -642,10 +682,8 @@ impl DecisionRows {
             .bind(&self.rule[range.clone()])
             .bind(&self.group_part[range.clone()])
             .bind(&self.reason[range.clone()])
-            .bind(&self.candidates[range.clone()])
-            .execute(&mut *conn)
-            .await
-            .context("storing match decisions")?;
+            .bind(&self.candidates[range.clone()]);
+            crate::db::with_index_probes(conn, statement).await.context("storing match decisions")?;
         }
         Ok(())
     }

@@ -131,17 +131,19 @@ pub fn event_key(metadata: &Map<String, Value>, key: &Key) -> Option<String> {
 struct NormCache(HashMap<(TargetField, Option<Normalizer>), Vec<Option<String>>>);
 
 impl NormCache {
-    fn get<'t>(&'t mut self, targets: &Targets, key: &Key) -> &'t [Option<String>] {
-        self.0
-            .entry((key.field.clone(), key.normalize))
-            .or_insert_with(|| {
-                let raw = targets.fields.get(&key.field).map(Vec::as_slice).unwrap_or(&[]);
-                let mut out: Vec<Option<String>> =
-                    raw.iter().map(|v| v.as_deref().and_then(|v| normalize(key.normalize, v))).collect();
-                out.resize(targets.ids.len(), None);
-                out
-            })
-            .as_slice()
+    /// Normalises the target column `key` compares with, unless already done for this batch.
+    fn fill(&mut self, targets: &Targets, key: &Key) {
+        self.0.entry((key.field.clone(), key.normalize)).or_insert_with(|| {
+            let raw = targets.fields.get(&key.field).map(Vec::as_slice).unwrap_or(&[]);
+            let mut out: Vec<Option<String>> =
+                raw.iter().map(|v| v.as_deref().and_then(|v| normalize(key.normalize, v))).collect();
+            out.resize(targets.ids.len(), None);
+            out
+        });
+    }
+
+    fn get(&self, key: &Key) -> &[Option<String>] {
+        &self.0[&(key.field.clone(), key.normalize)]
     }
 }
 
@@ -158,7 +160,10 @@ fn candidate_pairs(
     let names: Vec<PlSmallStr> = (0..rule.keys.len()).map(|k| format!("k{k}").into()).collect();
 
     // Target rows with every key present.
-    let norm: Vec<Vec<Option<String>>> = rule.keys.iter().map(|k| cache.get(targets, k).to_vec()).collect();
+    for k in &rule.keys {
+        cache.fill(targets, k);
+    }
+    let norm: Vec<&[Option<String>]> = rule.keys.iter().map(|k| cache.get(k)).collect();
     let rows: Vec<u32> =
         (0..targets.ids.len() as u32).filter(|&r| norm.iter().all(|col| col[r as usize].is_some())).collect();
     if rows.is_empty() {
@@ -190,7 +195,7 @@ fn candidate_pairs(
         }
         Target::CallGroup => false,
     };
-    for (name, col) in names.iter().zip(&norm) {
+    for (name, col) in names.iter().zip(norm) {
         let vals: Vec<&str> = rows.iter().map(|&r| col[r as usize].as_deref().unwrap_or_default()).collect();
         tg_cols.push(Column::new(name.clone(), vals));
     }

@@ -18,19 +18,29 @@ fn expected(phase: &str, outcome: &str) -> u64 {
 
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn demo_reproduces_the_sample_generators_expected_outcomes(pool: PgPool) {
+    demo_matches_expected(&pool, &[]).await;
+}
+
+/// Matching in batches of 7 sessionless events (the next batch's calls read while one is
+/// matched) decides exactly as one batch does: windows across batch boundaries are not lost.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn demo_in_small_batches_decides_the_same(pool: PgPool) {
+    demo_matches_expected(&pool, &[("CALLRECON_CHUNK_EVENTS", "7")]).await;
+}
+
+async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) {
     let root = env!("CARGO_MANIFEST_DIR");
     // The demo job, in a temporary folder so its inbox, archive and reports stay out of the repo.
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(format!("{root}/jobs/demo.toml"), dir.path().join("demo.toml")).unwrap();
     let samples = format!("{root}/samples");
-    let out =
-        callrecon(&pool, &["demo", "--samples", &samples, "--job", dir.path().join("demo.toml").to_str().unwrap()])
-            .await;
+    let job = dir.path().join("demo.toml");
+    let out = callrecon_env(pool, &["demo", "--samples", &samples, "--job", job.to_str().unwrap()], env).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
 
     let runs: Vec<sqlx::types::Json<callrecon::report::Summary>> =
-        sqlx::query_scalar("select summary from runs order by id").fetch_all(&pool).await.unwrap();
+        sqlx::query_scalar("select summary from runs order by id").fetch_all(pool).await.unwrap();
     assert_eq!(runs.len(), 2, "{text}");
     let (first, second) = (&runs[0].0, &runs[1].0);
     assert_eq!(first.by_rule["session_id"], expected("first_run", "session"));

@@ -167,12 +167,18 @@ pub async fn database_url(pool: &PgPool) -> String {
 /// Runs the binary with `--database-url` of the test's database, letting the test's other
 /// tasks (a local HTTP server, say) run meanwhile.
 pub async fn callrecon(pool: &PgPool, args: &[&str]) -> Output {
+    callrecon_env(pool, args, &[]).await
+}
+
+/// [`callrecon`] with extra environment variables.
+pub async fn callrecon_env(pool: &PgPool, args: &[&str], env: &[(&str, &str)]) -> Output {
     let url = database_url(pool).await;
     tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
         .arg("--database-url")
         .arg(url)
         .args(args)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .output()
         .await
         .unwrap()
