@@ -330,7 +330,7 @@ impl<'j> Work<'j> {
     /// Decides every event in scope, stores the decisions and applies the changed targets.
     async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
         let t = std::time::Instant::now();
-        let pending = load_in_scope(conn, &self.job.name, mode).await?;
+        let pending = load_in_scope(conn, self.job, mode).await?;
         tracing::info!(events = pending.len(), elapsed_ms = t.elapsed().as_millis() as u64, "events to match read");
         let t = std::time::Instant::now();
         let outcomes = decide(conn, self.job, &pending).await?;
@@ -437,13 +437,13 @@ impl<'j> Work<'j> {
 
 /// The events a run decides: every pending event of the job; for a rematch, every rule-decided
 /// or undecided event (SessionId attaches are final) with EventTime in range.
-async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result<Vec<Pending>> {
+async fn load_in_scope(conn: &mut PgConnection, job: &Job, mode: Mode) -> Result<Vec<Pending>> {
     type Row = (
         i64,
         Option<String>,
         DateTime<Utc>,
         DateTime<Utc>,
-        sqlx::types::Json<Map<String, Value>>,
+        String,
         Option<String>,
         Option<String>,
         Option<String>,
@@ -455,17 +455,17 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
     let rows: Vec<Row> = match mode {
         Mode::Run => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule,
+                "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
                  from events where job = $1 and state = 'pending' order by id",
             )
-            .bind(job)
+            .bind(&job.name)
             .fetch_all(&mut *conn)
             .await
         }
         Mode::Rematch { since, until } => {
             sqlx::query_as(
-                "select id, session_id, event_time, received_at, metadata, target_kind, target_id, rule,
+                "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
                  from events
                  where job = $1 and session_id is null
@@ -473,7 +473,7 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
                    and ($3::timestamptz is null or event_time < $3)
                  order by id",
             )
-            .bind(job)
+            .bind(&job.name)
             .bind(since)
             .bind(until)
             .fetch_all(&mut *conn)
@@ -481,15 +481,25 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
         }
     }
     .context("reading events to match")?;
-    Ok(rows
-        .into_iter()
+    // Only the top-level keys that rules read or apply copies into group parts are kept: most
+    // of an event's metadata is never looked at here, and parsing it all was most of this
+    // stage's time.
+    let keep: HashSet<&str> = job
+        .rules
+        .iter()
+        .flat_map(|r| r.keys.iter().filter_map(|k| k.event.first()))
+        .chain(&job.group_fields)
+        .map(String::as_str)
+        .collect();
+    rows.into_iter()
         .map(|(id, session_id, time, received_at, metadata, kind, target, old_rule, state, reason, cands, part)| {
-            Pending {
+            let metadata = parse_keeping(&metadata, &keep).with_context(|| format!("metadata of event {id}"))?;
+            Ok(Pending {
                 id,
                 session_id,
                 time,
                 received_at,
-                metadata: metadata.0,
+                metadata,
                 old: match (kind.as_deref(), target) {
                     (Some("call"), Some(t)) => Some((TargetKind::Call, t)),
                     (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
@@ -500,9 +510,43 @@ async fn load_in_scope(conn: &mut PgConnection, job: &str, mode: Mode) -> Result
                 old_reason: reason,
                 old_candidates: cands,
                 old_group_part: part.0,
-            }
+            })
         })
-        .collect())
+        .collect()
+}
+
+/// The top-level entries of a JSON object whose keys are in `keep`; the others are skipped
+/// without being built.
+fn parse_keeping(json: &str, keep: &HashSet<&str>) -> Result<Map<String, Value>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keep<'k>(&'k HashSet<&'k str>);
+    impl<'de> DeserializeSeed<'de> for Keep<'_> {
+        type Value = Map<String, Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Keep<'_> {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if self.0.contains(key.as_str()) {
+                    out.insert(key, map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let out = Keep(keep).deserialize(&mut de)?;
+    de.end()?;
+    Ok(out)
 }
 
 /// Outcomes for `events`, in their order: SessionId attaches, then the rule cascade over the
@@ -732,4 +776,19 @@ fn record_change(diff: &mut Diff, p: &Pending, outcome: &Outcome) {
         rule_after: new_rule,
         reason,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeping_keeps_only_the_named_top_level_keys() {
+        let keep: HashSet<&str> = ["phone", "tier", "k\"q"].into_iter().collect();
+        let json = r#"{"phone": "+1 555", "notes": {"deep": [1, 2, {"phone": "x"}]}, "tier": 7, "k\"q": null, "big": "\u00e9"}"#;
+        let m = parse_keeping(json, &keep).unwrap();
+        assert_eq!(Value::Object(m), serde_json::json!({"phone": "+1 555", "tier": 7, "k\"q": null}));
+        assert!(parse_keeping("[1]", &keep).is_err());
+        assert!(parse_keeping(r#"{"phone": "x"} trailing"#, &keep).is_err());
+    }
 }
