@@ -10,12 +10,6 @@ use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
 use callrecon::{datagen, db, demo, event, ingest, inspect, report, serve, users};
 
-/// Matching allocates and frees millions of small strings and large column buffers; glibc's
-/// allocator hands the large ones back to the kernel and faults them in again, zeroed (a third
-/// of a rematch's CPU time went to clearing pages). mimalloc keeps and reuses them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
 /// Exit status when another run of the job holds its lock.
