@@ -23,9 +23,44 @@ async fn demo_reproduces_the_sample_generators_expected_outcomes(pool: PgPool) {
 
 /// Matching in batches of 7 sessionless events (the next batch's calls read while one is
 /// matched) decides exactly as one batch does: windows across batch boundaries are not lost.
+/// Applying 2 groups (10 groupless calls) at a time writes the same values as one batch.
 #[sqlx::test(migrator = "MIGRATOR")]
-async fn demo_in_small_batches_decides_the_same(pool: PgPool) {
-    demo_matches_expected(&pool, &[("CALLRECON_CHUNK_EVENTS", "7")]).await;
+async fn demo_in_small_batches_decides_and_applies_the_same(pool: PgPool) {
+    demo_matches_expected(&pool, &[("CALLRECON_CHUNK_EVENTS", "7"), ("CALLRECON_APPLY_BATCH_GROUPS", "2")]).await;
+}
+
+/// Calls and groups whose `async_metadata` is not the contract's merge of their matched
+/// events, computed independently in SQL (ordered jsonb merge aggregate).
+async fn misapplied(pool: &PgPool) -> (Vec<String>, Vec<String>) {
+    let grp = "select target_id as gid, event_time, id, metadata as m, null::text as owner
+               from events where state = 'matched' and target_kind = 'call_group'
+               union all
+               select c.call_group_id, e.event_time, e.id, e.group_part, c.id
+               from events e join calls c on c.id = e.target_id
+               where e.state = 'matched' and e.target_kind = 'call' and e.group_part <> '{}'
+                 and c.call_group_id is not null";
+    let calls = format!(
+        "with grp as ({grp}),
+         contrib as (select target_id as call_id, event_time, id, metadata as m
+                     from events where state = 'matched' and target_kind = 'call'
+                     union all
+                     select c.id, g.event_time, g.id, g.m
+                     from calls c join grp g on g.gid = c.call_group_id and g.owner is distinct from c.id)
+         select c.id from calls c
+         left join (select call_id, callrecon_merge(m order by event_time, id) as v from contrib group by call_id) x
+           on x.call_id = c.id
+         where c.async_metadata is distinct from coalesce(x.v, '{{}}') order by c.id"
+    );
+    let groups = format!(
+        "with grp as ({grp})
+         select g.id from call_groups g
+         left join (select gid, callrecon_merge(m order by event_time, id) as v from grp group by gid) x on x.gid = g.id
+         where g.async_metadata is distinct from coalesce(x.v, '{{}}') order by g.id"
+    );
+    (
+        sqlx::query_scalar(sqlx::AssertSqlSafe(calls)).fetch_all(pool).await.unwrap(),
+        sqlx::query_scalar(sqlx::AssertSqlSafe(groups)).fetch_all(pool).await.unwrap(),
+    )
 }
 
 async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) {
@@ -42,6 +77,9 @@ async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) {
     let runs: Vec<sqlx::types::Json<callrecon::report::Summary>> =
         sqlx::query_scalar("select summary from runs order by id").fetch_all(pool).await.unwrap();
     assert_eq!(runs.len(), 2, "{text}");
+    assert_eq!(misapplied(pool).await, (vec![], vec![]), "values differ from the merge of their events");
+    let with_values = count(pool, "select count(*) from calls where async_metadata <> '{}'").await;
+    assert!(with_values > 200, "{with_values} calls carry metadata");
     let (first, second) = (&runs[0].0, &runs[1].0);
     assert_eq!(first.by_rule["session_id"], expected("first_run", "session"));
     assert_eq!(first.by_rule["phone-and-agent"], expected("first_run", "phone-and-agent"));
