@@ -24,7 +24,8 @@ use crate::progress;
 use crate::report::{self, Change, Diff, FileEntry, Report, Summary, TargetRef};
 
 /// Sessionless events matched per polars batch; bounds memory whatever the total. Two batches'
-/// calls are held at once (the next is read while one is matched).
+/// calls are held at once (the next is read while one is matched). Events are read, decided
+/// and stored three batches at a time.
 pub const CHUNK_EVENTS: usize = 100_000;
 
 /// [`CHUNK_EVENTS`], or `CALLRECON_CHUNK_EVENTS` (tests use small batches to cross boundaries).
@@ -328,44 +329,69 @@ impl<'j> Work<'j> {
     }
 
     /// Decides every event in scope, stores the decisions and applies the changed targets.
+    ///
+    /// Events are read, decided and stored a batch at a time in (EventTime, id) order, so
+    /// memory does not grow with the number of events in scope; only the touched targets and a
+    /// rematch's list of changes are kept across batches.
     async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
-        let t = std::time::Instant::now();
-        let pending = load_in_scope(conn, self.job, mode).await?;
-        tracing::info!(events = pending.len(), elapsed_ms = t.elapsed().as_millis() as u64, "events to match read");
-        let t = std::time::Instant::now();
-        let outcomes = decide(conn, self.job, &pending).await?;
-        tracing::info!(events = pending.len(), elapsed_ms = t.elapsed().as_millis() as u64, "matched");
-
         let expire_before = self.now - self.job.pending_for;
-        let mut rows = DecisionRows::default();
+        let batch = 3 * chunk_events();
         let (mut touched_calls, mut touched_groups) = (HashSet::new(), HashSet::new());
-        for (p, outcome) in pending.iter().zip(&outcomes) {
-            let new_target = match outcome {
-                Outcome::Matched { kind, target, .. } => Some((*kind, target.clone())),
-                Outcome::Unmatched { .. } => None,
-            };
-            if new_target != p.old {
-                for (kind, id) in p.old.iter().chain(&new_target) {
-                    match kind {
-                        TargetKind::Call => touched_calls.insert(id.clone()),
-                        TargetKind::CallGroup => touched_groups.insert(id.clone()),
-                    };
+        let (mut read_ms, mut match_ms, mut store_ms, mut events, mut changed) = (0, 0, 0, 0, 0);
+        let mut cursor = match mode {
+            Mode::Rematch { since: Some(since), .. } => (since, i64::MIN),
+            _ => (DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("0001-01-01"), i64::MIN),
+        };
+        loop {
+            let t = std::time::Instant::now();
+            let pending = load_in_scope(conn, self.job, mode, cursor, batch).await?;
+            read_ms += t.elapsed().as_millis() as u64;
+            let Some(last) = pending.last() else { break };
+            cursor = (last.time, last.id);
+            events += pending.len();
+            let t = std::time::Instant::now();
+            let outcomes = decide(conn, self.job, &pending).await?;
+            match_ms += t.elapsed().as_millis() as u64;
+
+            let mut rows = DecisionRows::default();
+            for (p, outcome) in pending.iter().zip(&outcomes) {
+                let new_target = match outcome {
+                    Outcome::Matched { kind, target, .. } => Some((*kind, target.clone())),
+                    Outcome::Unmatched { .. } => None,
+                };
+                if new_target != p.old {
+                    for (kind, id) in p.old.iter().chain(&new_target) {
+                        match kind {
+                            TargetKind::Call => touched_calls.insert(id.clone()),
+                            TargetKind::CallGroup => touched_groups.insert(id.clone()),
+                        };
+                    }
                 }
+                if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
+                    self.matched += 1;
+                    *self.by_rule.entry(rule.clone()).or_default() += 1;
+                }
+                if let Mode::Rematch { .. } = mode {
+                    record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
+                }
+                // Unmatched past `pending_for` since it was received: expired, retried only by rematch.
+                let expired = new_target.is_none() && p.received_at <= expire_before;
+                rows.push(p, outcome, expired, &self.job.group_fields);
             }
-            if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
-                self.matched += 1;
-                *self.by_rule.entry(rule.clone()).or_default() += 1;
+            let t = std::time::Instant::now();
+            rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
+            store_ms += t.elapsed().as_millis() as u64;
+            changed += rows.id.len();
+            if pending.len() < batch {
+                break;
             }
-            if let Mode::Rematch { .. } = mode {
-                record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
-            }
-            // Unmatched past `pending_for` since it was received: expired, retried only by rematch.
-            let expired = new_target.is_none() && p.received_at <= expire_before;
-            rows.push(p, outcome, expired, &self.job.group_fields);
         }
-        let t = std::time::Instant::now();
-        rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
-        tracing::info!(changed = rows.id.len(), elapsed_ms = t.elapsed().as_millis() as u64, "decisions stored");
+        if let Some(diff) = &mut self.diff {
+            diff.changes.sort_by_key(|c| c.event_id.parse::<i64>().unwrap_or(i64::MAX));
+        }
+        tracing::info!(events, elapsed_ms = read_ms, "events to match read");
+        tracing::info!(events, elapsed_ms = match_ms, "matched");
+        tracing::info!(changed, elapsed_ms = store_ms, "decisions stored");
 
         let calls: Vec<String> = touched_calls.into_iter().collect();
         let groups: Vec<String> = touched_groups.into_iter().collect();
@@ -435,9 +461,16 @@ impl<'j> Work<'j> {
     }
 }
 
-/// The events a run decides: every pending event of the job; for a rematch, every rule-decided
-/// or undecided event (SessionId attaches are final) with EventTime in range.
-async fn load_in_scope(conn: &mut PgConnection, job: &Job, mode: Mode) -> Result<Vec<Pending>> {
+/// The events a run decides, the next `limit` after `(after_time, after_id)` in (EventTime, id)
+/// order: every pending event of the job; for a rematch, every rule-decided or undecided event
+/// (SessionId attaches are final) with EventTime in range.
+async fn load_in_scope(
+    conn: &mut PgConnection,
+    job: &Job,
+    mode: Mode,
+    (after_time, after_id): (DateTime<Utc>, i64),
+    limit: usize,
+) -> Result<Vec<Pending>> {
     type Row = (
         i64,
         Option<String>,
@@ -457,9 +490,15 @@ async fn load_in_scope(conn: &mut PgConnection, job: &Job, mode: Mode) -> Result
             sqlx::query_as(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
-                 from events where job = $1 and state = 'pending' order by id",
+                 from events
+                 where job = $1 and state = 'pending'
+                   and event_time >= $2 and (event_time, id) > ($2, $3)
+                 order by event_time, id limit $4",
             )
             .bind(&job.name)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(limit as i64)
             .fetch_all(&mut *conn)
             .await
         }
@@ -471,11 +510,15 @@ async fn load_in_scope(conn: &mut PgConnection, job: &Job, mode: Mode) -> Result
                  where job = $1 and session_id is null
                    and ($2::timestamptz is null or event_time >= $2)
                    and ($3::timestamptz is null or event_time < $3)
-                 order by id",
+                   and event_time >= $4 and (event_time, id) > ($4, $5)
+                 order by event_time, id limit $6",
             )
             .bind(&job.name)
             .bind(since)
             .bind(until)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(limit as i64)
             .fetch_all(&mut *conn)
             .await
         }

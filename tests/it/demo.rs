@@ -26,7 +26,17 @@ async fn demo_reproduces_the_sample_generators_expected_outcomes(pool: PgPool) {
 /// Applying 2 groups (10 groupless calls) at a time writes the same values as one batch.
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn demo_in_small_batches_decides_and_applies_the_same(pool: PgPool) {
-    demo_matches_expected(&pool, &[("CALLRECON_CHUNK_EVENTS", "7"), ("CALLRECON_APPLY_BATCH_GROUPS", "2")]).await;
+    let env = [("CALLRECON_CHUNK_EVENTS", "7"), ("CALLRECON_APPLY_BATCH_GROUPS", "2")];
+    let job = demo_matches_expected(&pool, &env).await;
+    // A rematch under the same rules, read in pages of 21 events, re-evaluates every
+    // sessionless event exactly once and changes nothing.
+    let sessionless = count(&pool, "select count(*) from events where session_id is null").await;
+    let out = callrecon_env(&pool, &["rematch", "--job", job.path().join("demo.toml").to_str().unwrap()], &env).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = format!("rematch   {sessionless:>6} events   0 newly matched · 0 moved · 0 newly unmatched");
+    assert!(stdout(&out).contains(&expected), "{}\nexpected: {expected}", stdout(&out));
+    assert!(sessionless > 21 * 3, "{sessionless} sessionless events: several pages");
+    assert_eq!(misapplied(&pool).await, (vec![], vec![]));
 }
 
 /// Calls and groups whose `async_metadata` is not the contract's merge of their matched
@@ -63,7 +73,8 @@ async fn misapplied(pool: &PgPool) -> (Vec<String>, Vec<String>) {
     )
 }
 
-async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) {
+/// Runs the demo and checks its outcomes; returns the folder holding its job file.
+async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) -> tempfile::TempDir {
     let root = env!("CARGO_MANIFEST_DIR");
     // The demo job, in a temporary folder so its inbox, archive and reports stay out of the repo.
     let dir = tempfile::tempdir().unwrap();
@@ -94,4 +105,5 @@ async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) {
     assert_eq!(second.by_reason["unknown_session"], expected("after_calls_late", "unknown_session"));
     let report = text.lines().last().unwrap().strip_prefix("Open the report in a browser: ").unwrap();
     assert!(std::path::Path::new(report).exists(), "{report}");
+    dir
 }
