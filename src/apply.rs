@@ -33,9 +33,9 @@ pub struct Applied {
 /// group carrying contributions since the last run (`call_group_changes`, filled by a trigger)
 /// are recomputed too.
 ///
-/// Each table is read once, by index, for the touched targets only; the merged values are
-/// computed here and written back with COPY and one `UPDATE … FROM` per table, skipping rows
-/// whose value is already right.
+/// Calls and events are read by index for the touched targets only; the merged values are
+/// computed here and written back with COPY and an `UPDATE … FROM` per table and batch of
+/// groups, skipping rows whose value is already right.
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
     let started = std::time::Instant::now();
