@@ -53,26 +53,24 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
         touched_groups.extend(old_group);
     }
     let direct: Vec<String> = direct.into_iter().collect();
-    // Each call's heap block (from its ctid), to write calls in physical order (below).
-    let mut block: HashMap<String, i64> = HashMap::new();
+    // Each call's heap block (from its ctid), to write calls in physical order (see recompute).
     let groups_of_direct: Vec<(String, Option<String>, i64)> =
         sqlx::query_as("select id, call_group_id, (ctid::text::point)[0]::bigint from calls where id = any($1)")
             .bind(&direct)
             .fetch_all(&mut *conn)
             .await
             .context("reading the groups of touched calls")?;
-    let mut groupless: Vec<String> = Vec::new();
-    for (call, group, b) in groups_of_direct {
+    let mut groupless: Vec<(i64, String)> = Vec::new();
+    for (call, group, block) in groups_of_direct {
         match group {
             Some(g) => {
                 touched_groups.insert(g);
             }
-            None => {
-                block.insert(call.clone(), b);
-                groupless.push(call);
-            }
+            None => groupless.push((block, call)),
         }
     }
+    groupless.sort_unstable();
+    let groupless: Vec<String> = groupless.into_iter().map(|(_, call)| call).collect();
     let touched_groups: Vec<String> = touched_groups.into_iter().collect();
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -85,12 +83,12 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     // every matched call).
     let mut applied = Applied::default();
     let (mut contributing, mut not_contributing) = (Vec::new(), Vec::new());
-    let batch_groups = apply_batch_groups();
+    let batch_groups = crate::run::size_from_env("CALLRECON_APPLY_BATCH_GROUPS", APPLY_BATCH_GROUPS);
     for batch in touched_groups.chunks(batch_groups) {
-        recompute(conn, batch, &[], &block, &mut applied, &mut contributing, &mut not_contributing).await?;
+        recompute(conn, batch, &[], &mut applied, &mut contributing, &mut not_contributing).await?;
     }
     for batch in groupless.chunks(batch_groups * 5) {
-        recompute(conn, &[], batch, &block, &mut applied, &mut contributing, &mut not_contributing).await?;
+        recompute(conn, &[], batch, &mut applied, &mut contributing, &mut not_contributing).await?;
     }
 
     // Keep the set of contributing groups current for the trigger: a group whose merged value
@@ -112,25 +110,16 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
 }
 
 /// Touched groups recomputed per batch, each with all its calls (~7 on average in the
-/// benchmark); five times as many calls without a group.
+/// benchmark); five times as many calls without a group. `CALLRECON_APPLY_BATCH_GROUPS`
+/// overrides it (tests use tiny batches).
 const APPLY_BATCH_GROUPS: usize = 20_000;
 
-/// [`APPLY_BATCH_GROUPS`], or `CALLRECON_APPLY_BATCH_GROUPS` (tests use tiny batches).
-fn apply_batch_groups() -> usize {
-    std::env::var("CALLRECON_APPLY_BATCH_GROUPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(APPLY_BATCH_GROUPS)
-}
-
-/// Recomputes `groups` with every call in them, and `groupless` calls; adds what it changed to
-/// `applied` and sorts the groups into contributing or not.
+/// Recomputes `groups` with every call in them, and `groupless` calls (given in heap order);
+/// adds what it changed to `applied` and sorts the groups into contributing or not.
 async fn recompute(
     conn: &mut PgConnection,
     groups: &[String],
     groupless: &[String],
-    direct_block: &HashMap<String, i64>,
     applied: &mut Applied,
     contributing: &mut Vec<String>,
     not_contributing: &mut Vec<String>,
@@ -209,8 +198,8 @@ async fn recompute(
         call_values.push((c.clone(), value));
     }
     // In heap order, the UPDATE reads and dirties each page once instead of coming back to
-    // pages evicted meanwhile.
-    call_values.sort_by_key(|(c, _)| block.get(c).or_else(|| direct_block.get(c)).copied().unwrap_or(i64::MAX));
+    // pages evicted meanwhile. Groupless calls come sorted (stable sort: they keep it).
+    call_values.sort_by_key(|(c, _)| block.get(c).copied().unwrap_or(i64::MAX));
     tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls = call_values.len(), "values merged");
 
     let step = std::time::Instant::now();

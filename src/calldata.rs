@@ -80,8 +80,8 @@ pub async fn load_calls(
     let mut columns = pgcopy::read(conn, &sql, &kinds).await.context("reading calls")?.into_iter();
     let mut next = || columns.next().expect("one column per kind");
     let ids = next().into_text().into_iter().map(|id| id.expect("calls.id is not null")).collect();
-    let start = next().into_i64().into_iter().map(|t| t.expect("not null")).collect();
-    let end = next().into_i64().into_iter().map(|t| t.expect("not null")).collect();
+    let start = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
+    let end = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
     let fields = fields.iter().cloned().zip(columns.map(pgcopy::Column::into_text)).collect();
     Ok(Targets { ids, start, end, fields })
 }

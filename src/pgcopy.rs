@@ -32,11 +32,11 @@ impl Column {
             other => unreachable!("a text column was decoded as {other:?}"),
         }
     }
-    /// The values of a column decoded as [`Kind::Timestamp`].
-    pub fn into_i64(self) -> Vec<Option<i64>> {
+    /// The values of a column decoded as [`Kind::Timestamp`]: microseconds since the epoch.
+    pub fn into_micros(self) -> Vec<Option<i64>> {
         match self {
             Column::Timestamp(v) => v,
-            other => unreachable!("an integer column was decoded as {other:?}"),
+            other => unreachable!("a timestamp column was decoded as {other:?}"),
         }
     }
 }

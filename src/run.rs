@@ -30,7 +30,12 @@ pub const CHUNK_EVENTS: usize = 100_000;
 
 /// [`CHUNK_EVENTS`], or `CALLRECON_CHUNK_EVENTS` (tests use small batches to cross boundaries).
 fn chunk_events() -> usize {
-    std::env::var("CALLRECON_CHUNK_EVENTS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(CHUNK_EVENTS)
+    size_from_env("CALLRECON_CHUNK_EVENTS", CHUNK_EVENTS)
+}
+
+/// A batch size: the positive integer in the environment variable `var`, else `default`.
+pub(crate) fn size_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
 /// What kind of run, and over which events.
