@@ -156,29 +156,6 @@ pub async fn read(conn: &mut sqlx::PgConnection, sql: &str, kinds: &[Kind]) -> R
     decoder.finish()
 }
 
-/// Writes `(a, b)` text pairs to `copy … from stdin (format csv)`: every field quoted, so any
-/// text (commas, quotes, newlines, backslashes) arrives as it is.
-pub async fn write_pairs(conn: &mut sqlx::PgConnection, sql: &str, rows: &[(String, String)]) -> Result<()> {
-    let mut copy = conn.copy_in_raw(sql).await?;
-    for chunk in rows.chunks(10_000) {
-        let mut buf = String::with_capacity(1 << 20);
-        for (a, b) in chunk {
-            for (i, field) in [a, b].into_iter().enumerate() {
-                if i > 0 {
-                    buf.push(',');
-                }
-                buf.push('"');
-                buf.push_str(&field.replace('"', "\"\""));
-                buf.push('"');
-            }
-            buf.push('\n');
-        }
-        copy.send(buf.into_bytes()).await?;
-    }
-    copy.finish().await?;
-    Ok(())
-}
-
 /// A SQL string literal (for COPY, which takes no bind parameters). With
 /// `standard_conforming_strings` (on since PostgreSQL 9.1) only quotes need doubling.
 pub fn literal(s: &str) -> String {

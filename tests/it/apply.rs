@@ -45,6 +45,70 @@ async fn group_fields_reach_every_call_of_the_group_including_one_added_later(po
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
+async fn a_recomputed_call_whose_value_stays_the_same_is_not_written(pool: PgPool) {
+    add_group(&pool, "g1", json!({})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T11:00:00Z", None).session("s2").group("g1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    // Keys PostgreSQL orders its own way (by length first), escapes, nesting, numbers it prints
+    // differently from how they were sent.
+    let own = json!({"accountTier": "gold", "zz": 1.50, "a": {"y": [1, 2.0], "x": "\u{e9}\"\\n"},
+                     "na\u{ef}ve": null, "bb": 1e3, "\u{1F600}": true, "big": 12345678901234567890u64});
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": own})).await;
+    let first = job.run(&pool).await;
+    assert_eq!(first.report.summary.calls_updated, 2, "c1 gets the event, c2 its group field");
+
+    // An event on c2 with the same group field: both calls of the group are recomputed, only c2
+    // gains a field; c1's value comes out as stored and is not written again.
+    enqueue(
+        &pool,
+        json!({"SessionId": "s2", "EventTime": "2026-11-02T11:01:00Z", "Metadata": {"accountTier": "gold", "note": "x"}}),
+    )
+    .await;
+    let second = job.run(&pool).await;
+    assert_eq!(second.report.summary.calls_updated, 1, "only c2 changed");
+    assert_eq!(second.report.summary.groups_updated, 0, "the group's value is unchanged");
+    let stored: String =
+        sqlx::query_scalar("select async_metadata::text from calls where id = 'c1'").fetch_one(&pool).await.unwrap();
+    let sent: String =
+        sqlx::query_scalar("select $1::jsonb::text").bind(own.to_string()).fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, sent);
+    assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold", "note": "x"}));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_value(pool: PgPool) {
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"note": "x"}})).await;
+    // The platform writes the call (a new row version, elsewhere in the table) and has not
+    // committed when the run reads it.
+    let mut platform = pool.begin().await.unwrap();
+    sqlx::query("update calls set dnis = '+18005550999' where id = 'c1'").execute(&mut *platform).await.unwrap();
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let done = job.run(&pool).await;
+            (job, done)
+        }
+    });
+    // The run's write waits for the platform's row lock; the platform then commits.
+    let waiting =
+        "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'";
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&pool).await.unwrap() == 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the run never waited for the row lock");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    platform.commit().await.unwrap();
+    let (_job, done) = run.await.unwrap();
+    assert_eq!(done.report.summary.calls_updated, 1);
+    assert_eq!(call_meta(&pool, "c1").await, json!({"note": "x"}), "written where the row moved to");
+    let dnis: String = sqlx::query_scalar("select dnis from calls where id = 'c1'").fetch_one(&pool).await.unwrap();
+    assert_eq!(dnis, "+18005550999", "the platform's write stands");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
 async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool: PgPool) {
     add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
     add_group(&pool, "g2", json!({})).await;
