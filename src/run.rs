@@ -33,6 +33,11 @@ fn chunk_events() -> usize {
     size_from_env("CALLRECON_CHUNK_EVENTS", CHUNK_EVENTS)
 }
 
+/// Events read (or ingested), decided and stored at a time: three matching batches.
+fn page_events() -> usize {
+    3 * chunk_events()
+}
+
 /// A batch size: the positive integer in the environment variable `var`, else `default`.
 pub(crate) fn size_from_env(var: &str, default: usize) -> usize {
     std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
@@ -206,6 +211,42 @@ struct Pending {
     old_group_part: Map<String, Value>,
 }
 
+impl Pending {
+    /// An event this run ingested, not stored yet: `id` stands in until it is.
+    fn fresh(id: i64, e: &NewEvent, keep: &HashSet<&str>) -> Self {
+        Pending {
+            id,
+            session_id: e.event.session_id.clone(),
+            time: e.event.event_time,
+            received_at: e.received_at,
+            metadata: e
+                .event
+                .metadata
+                .iter()
+                .filter(|(k, _)| keep.contains(k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            old: None,
+            old_rule: None,
+            old_state: "pending".into(),
+            old_reason: None,
+            old_candidates: Vec::new(),
+            old_group_part: Map::new(),
+        }
+    }
+}
+
+/// The top-level metadata keys matching and apply look at: the first segment of every rule
+/// key, and the job's group fields. Most of an event's metadata is never looked at here.
+fn kept_keys(job: &Job) -> HashSet<&str> {
+    job.rules
+        .iter()
+        .flat_map(|r| r.keys.iter().filter_map(|k| k.event.first()))
+        .chain(&job.group_fields)
+        .map(String::as_str)
+        .collect()
+}
+
 /// The state of a run in progress.
 struct Work<'j> {
     job: &'j Job,
@@ -217,6 +258,24 @@ struct Work<'j> {
     matched: u64,
     by_rule: BTreeMap<String, u64>,
     diff: Option<Diff>,
+    /// Events this run ingested and has not stored yet. They are decided first and stored once,
+    /// with their decision, a page at a time: storing them pending and updating them in the
+    /// same run wrote every new event twice.
+    fresh: Vec<NewEvent>,
+    /// Targets whose set of matched events changed: what apply recomputes.
+    touched_calls: HashSet<String>,
+    touched_groups: HashSet<String>,
+    times: StageTimes,
+}
+
+/// Time spent per stage across pages, logged once at the end of matching.
+#[derive(Default, Clone, Copy)]
+struct StageTimes {
+    events: usize,
+    read_ms: u64,
+    match_ms: u64,
+    store_ms: u64,
+    stored: usize,
 }
 
 impl<'j> Work<'j> {
@@ -231,6 +290,10 @@ impl<'j> Work<'j> {
             matched: 0,
             by_rule: BTreeMap::new(),
             diff: None,
+            fresh: Vec::new(),
+            touched_calls: HashSet::new(),
+            touched_groups: HashSet::new(),
+            times: StageTimes::default(),
         }
     }
 
@@ -238,13 +301,31 @@ impl<'j> Work<'j> {
     async fn ingest(&mut self, conn: &mut PgConnection) -> Result<()> {
         if self.job.queue {
             let pb = progress::spinner("queue", "events");
-            let drained = ingest::queue::drain(conn, &self.job.name, self.run_id, self.job.timezone, &pb).await?;
+            let (mut valid, mut rejected) = (0, 0);
+            if let Some(max_id) = ingest::queue::last_id(conn).await? {
+                loop {
+                    let batch = ingest::queue::take(conn, max_id, self.job.timezone).await?;
+                    if batch.taken() == 0 {
+                        break;
+                    }
+                    pb.inc(batch.taken() as u64);
+                    (valid, rejected) = (valid + batch.events.len(), rejected + batch.rejected.len());
+                    self.rejected.extend(batch.rejected);
+                    self.add_fresh(conn, batch.events).await?;
+                }
+            }
             pb.finish_and_clear();
-            tracing::info!(stored = drained.stored, rejected = drained.rejected.len(), "queue drained");
-            self.ingested += drained.stored as u64;
-            self.rejected.extend(drained.rejected);
+            tracing::info!(valid, rejected, "queue drained");
+            self.ingested += valid as u64;
         }
-        let Some(dir) = &self.job.inbox else { return Ok(()) };
+        if let Some(dir) = self.job.inbox.clone() {
+            self.ingest_inbox(conn, &dir).await?;
+        }
+        self.settle_fresh(conn).await
+    }
+
+    /// Reads the inbox's files into fresh events, recording each file's fate.
+    async fn ingest_inbox(&mut self, conn: &mut PgConnection, dir: &std::path::Path) -> Result<()> {
         let label_dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
         let mut seen: HashSet<String> = HashSet::new();
         let files = inbox::list(dir)?;
@@ -312,8 +393,8 @@ impl<'j> Work<'j> {
                     }
                 }
             }
-            ingest::store_events(conn, &self.job.name, self.run_id, &events).await?;
             entry.events = events.len() as u64;
+            self.add_fresh(conn, events).await?;
             sqlx::query(
                 "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",
             )
@@ -333,73 +414,113 @@ impl<'j> Work<'j> {
         Ok(())
     }
 
-    /// Decides every event in scope, stores the decisions and applies the changed targets.
+    /// Adds ingested events to the fresh ones; a full page is decided and stored right away, so
+    /// memory does not grow with a backlog.
+    async fn add_fresh(&mut self, conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<()> {
+        self.fresh.extend(events);
+        if self.fresh.len() >= page_events() { self.settle_fresh(conn).await } else { Ok(()) }
+    }
+
+    /// Decides the fresh events and stores them with their decisions, in arrival order (their
+    /// ids follow it: arrival order breaks merge ties).
+    async fn settle_fresh(&mut self, conn: &mut PgConnection) -> Result<()> {
+        if self.fresh.is_empty() {
+            return Ok(());
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        let keep = kept_keys(self.job);
+        // Until they are stored they have no id: their position stands in for it.
+        let pending: Vec<Pending> = fresh.iter().enumerate().map(|(i, e)| Pending::fresh(i as i64, e, &keep)).collect();
+        let t = std::time::Instant::now();
+        let outcomes = decide(conn, self.job, &pending).await?;
+        self.times.match_ms += t.elapsed().as_millis() as u64;
+        self.times.events += pending.len();
+        let mut rows = DecisionRows::default();
+        for (p, outcome) in pending.iter().zip(&outcomes) {
+            let expired = self.book(p, outcome, Mode::Run);
+            rows.push(p, outcome, expired, &self.job.group_fields, Write::Always);
+        }
+        let t = std::time::Instant::now();
+        rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
+        self.times.store_ms += t.elapsed().as_millis() as u64;
+        self.times.stored += fresh.len();
+        tracing::debug!(events = fresh.len(), "new events decided and stored");
+        Ok(())
+    }
+
+    /// Books one decision: the targets it touches, a new match's count, a rematch's diff.
+    /// Returns whether the event is expired: unmatched past `pending_for` since it was
+    /// received, retried only by rematch.
+    fn book(&mut self, p: &Pending, outcome: &Outcome, mode: Mode) -> bool {
+        let new_target = match outcome {
+            Outcome::Matched { kind, target, .. } => Some((*kind, target.clone())),
+            Outcome::Unmatched { .. } => None,
+        };
+        if new_target != p.old {
+            for (kind, id) in p.old.iter().chain(&new_target) {
+                match kind {
+                    TargetKind::Call => self.touched_calls.insert(id.clone()),
+                    TargetKind::CallGroup => self.touched_groups.insert(id.clone()),
+                };
+            }
+        }
+        if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
+            self.matched += 1;
+            *self.by_rule.entry(rule.clone()).or_default() += 1;
+        }
+        if let Mode::Rematch { .. } = mode {
+            record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
+        }
+        new_target.is_none() && p.received_at <= self.now - self.job.pending_for
+    }
+
+    /// Decides every stored event in scope (for a run, those pending from earlier runs; this
+    /// run's own were decided as they were ingested), stores the decisions that changed and
+    /// applies the changed targets.
     ///
-    /// Events are read, decided and stored a batch at a time in (EventTime, id) order, so
+    /// Events are read, decided and stored a page at a time in (EventTime, id) order, so
     /// memory does not grow with the number of events in scope; only the touched targets and a
-    /// rematch's list of changes are kept across batches.
+    /// rematch's list of changes are kept across pages.
     async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
-        let expire_before = self.now - self.job.pending_for;
-        let batch = 3 * chunk_events();
-        let (mut touched_calls, mut touched_groups) = (HashSet::new(), HashSet::new());
-        let (mut read_ms, mut match_ms, mut store_ms, mut events, mut changed) = (0, 0, 0, 0, 0);
+        let page = page_events();
         let mut cursor = match mode {
             Mode::Rematch { since: Some(since), .. } => (since, i64::MIN),
             _ => (DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("0001-01-01"), i64::MIN),
         };
         loop {
             let t = std::time::Instant::now();
-            let pending = load_in_scope(conn, self.job, mode, cursor, batch).await?;
-            read_ms += t.elapsed().as_millis() as u64;
+            let pending = load_in_scope(conn, self.job, self.run_id, mode, cursor, page).await?;
+            self.times.read_ms += t.elapsed().as_millis() as u64;
             let Some(last) = pending.last() else { break };
             cursor = (last.time, last.id);
-            events += pending.len();
+            self.times.events += pending.len();
             let t = std::time::Instant::now();
             let outcomes = decide(conn, self.job, &pending).await?;
-            match_ms += t.elapsed().as_millis() as u64;
+            self.times.match_ms += t.elapsed().as_millis() as u64;
 
             let mut rows = DecisionRows::default();
             for (p, outcome) in pending.iter().zip(&outcomes) {
-                let new_target = match outcome {
-                    Outcome::Matched { kind, target, .. } => Some((*kind, target.clone())),
-                    Outcome::Unmatched { .. } => None,
-                };
-                if new_target != p.old {
-                    for (kind, id) in p.old.iter().chain(&new_target) {
-                        match kind {
-                            TargetKind::Call => touched_calls.insert(id.clone()),
-                            TargetKind::CallGroup => touched_groups.insert(id.clone()),
-                        };
-                    }
-                }
-                if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
-                    self.matched += 1;
-                    *self.by_rule.entry(rule.clone()).or_default() += 1;
-                }
-                if let Mode::Rematch { .. } = mode {
-                    record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
-                }
-                // Unmatched past `pending_for` since it was received: expired, retried only by rematch.
-                let expired = new_target.is_none() && p.received_at <= expire_before;
-                rows.push(p, outcome, expired, &self.job.group_fields);
+                let expired = self.book(p, outcome, mode);
+                rows.push(p, outcome, expired, &self.job.group_fields, Write::IfChanged);
             }
             let t = std::time::Instant::now();
             rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
-            store_ms += t.elapsed().as_millis() as u64;
-            changed += rows.id.len();
-            if pending.len() < batch {
+            self.times.store_ms += t.elapsed().as_millis() as u64;
+            self.times.stored += rows.id.len();
+            if pending.len() < page {
                 break;
             }
         }
         if let Some(diff) = &mut self.diff {
             diff.changes.sort_by_key(|c| c.event_id.parse::<i64>().unwrap_or(i64::MAX));
         }
-        tracing::info!(events, elapsed_ms = read_ms, "events to match read");
+        let StageTimes { events, read_ms, match_ms, store_ms, stored } = self.times;
+        tracing::info!(events, elapsed_ms = read_ms, "stored events to match read");
         tracing::info!(events, elapsed_ms = match_ms, "matched");
-        tracing::info!(changed, elapsed_ms = store_ms, "decisions stored");
+        tracing::info!(stored, elapsed_ms = store_ms, "decisions stored");
 
-        let calls: Vec<String> = touched_calls.into_iter().collect();
-        let groups: Vec<String> = touched_groups.into_iter().collect();
+        let calls: Vec<String> = std::mem::take(&mut self.touched_calls).into_iter().collect();
+        let groups: Vec<String> = std::mem::take(&mut self.touched_groups).into_iter().collect();
         let pb = progress::spinner("apply", "targets");
         pb.set_message(format!("recomputing {} calls, {} groups and their group members", calls.len(), groups.len()));
         let applied = apply::apply(conn, &calls, &groups).await;
@@ -466,12 +587,14 @@ impl<'j> Work<'j> {
     }
 }
 
-/// The events a run decides, the next `limit` after `(after_time, after_id)` in (EventTime, id)
-/// order: every pending event of the job; for a rematch, every rule-decided or undecided event
-/// (SessionId attaches are final) with EventTime in range.
+/// The stored events a run decides, the next `limit` after `(after_time, after_id)` in
+/// (EventTime, id) order: every pending event of the job but those run `run_id` ingested (it
+/// decided them already); for a rematch, every rule-decided or undecided event (SessionId
+/// attaches are final) with EventTime in range.
 async fn load_in_scope(
     conn: &mut PgConnection,
     job: &Job,
+    run_id: i64,
     mode: Mode,
     (after_time, after_id): (DateTime<Utc>, i64),
     limit: usize,
@@ -496,7 +619,7 @@ async fn load_in_scope(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
                  from events
-                 where job = $1 and state = 'pending'
+                 where job = $1 and state = 'pending' and ingested_run <> $5
                    and event_time >= $2 and (event_time, id) > ($2, $3)
                  order by event_time, id limit $4",
             )
@@ -504,6 +627,7 @@ async fn load_in_scope(
             .bind(after_time)
             .bind(after_id)
             .bind(limit as i64)
+            .bind(run_id)
             .fetch_all(&mut *conn)
             .await
         }
@@ -529,16 +653,9 @@ async fn load_in_scope(
         }
     }
     .context("reading events to match")?;
-    // Only the top-level keys that rules read or apply copies into group parts are kept: most
-    // of an event's metadata is never looked at here, and parsing it all was most of this
-    // stage's time.
-    let keep: HashSet<&str> = job
-        .rules
-        .iter()
-        .flat_map(|r| r.keys.iter().filter_map(|k| k.event.first()))
-        .chain(&job.group_fields)
-        .map(String::as_str)
-        .collect();
+    // Only the keys matching and apply look at are parsed: parsing the whole metadata was most
+    // of this stage's time.
+    let keep = kept_keys(job);
     rows.into_iter()
         .map(|(id, session_id, time, received_at, metadata, kind, target, old_rule, state, reason, cands, part)| {
             let metadata = parse_keeping(&metadata, &keep).with_context(|| format!("metadata of event {id}"))?;
@@ -705,10 +822,18 @@ struct DecisionRows {
     candidates: Vec<String>,
 }
 
+/// Whether [`DecisionRows::push`] keeps a decision that is the one already stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// A stored event: skip it (a rematch that confirms most decisions then writes few rows).
+    IfChanged,
+    /// A fresh event, stored with its decision whatever it is.
+    Always,
+}
+
 impl DecisionRows {
-    /// Adds the event's new decision unless it is the one already stored (a rematch that
-    /// confirms most decisions then writes few rows).
-    fn push(&mut self, p: &Pending, outcome: &Outcome, expired: bool, group_fields: &[String]) {
+    /// Adds the event's new decision (see [`Write`]).
+    fn push(&mut self, p: &Pending, outcome: &Outcome, expired: bool, group_fields: &[String], write: Write) {
         let (state, kind, target, rule, part, reason, candidates): (_, _, _, _, Map<String, Value>, _, &[String]) =
             match outcome {
                 Outcome::Matched { rule, kind, target } => {
@@ -737,7 +862,7 @@ impl DecisionRows {
             && reason.map(|r| r.as_str()) == p.old_reason.as_deref()
             && candidates == p.old_candidates.as_slice()
             && part == p.old_group_part;
-        if unchanged {
+        if unchanged && write == Write::IfChanged {
             return;
         }
         self.id.push(p.id);
@@ -753,6 +878,60 @@ impl DecisionRows {
         self.candidates.push(format!("{{{}}}", quoted.join(",")));
     }
 
+    /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
+    /// decisions; ids are assigned in that order.
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        run_id: i64,
+        fingerprint: &str,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        debug_assert_eq!(self.id.len(), events.len());
+        for start in (0..events.len()).step_by(10_000) {
+            let range = start..(start + 10_000).min(events.len());
+            let chunk = &events[range.clone()];
+            let source: Vec<&str> = chunk.iter().map(|e| e.source.as_str()).collect();
+            let session: Vec<Option<&str>> = chunk.iter().map(|e| e.event.session_id.as_deref()).collect();
+            let time: Vec<DateTime<Utc>> = chunk.iter().map(|e| e.event.event_time).collect();
+            let received: Vec<DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
+            let metadata: Vec<String> =
+                chunk.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?;
+            sqlx::query(
+                "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
+                                     state, target_kind, target_id, rule, group_part, reason, candidates,
+                                     decided_run, rules_fingerprint)
+                 select $1, s, sid, t, r, m::jsonb, $2, st, k, tg, ru, gp::jsonb, re,
+                        case when re is null then null else c::text[] end, $2, $3
+                 from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
+                             $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+                      with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
+                 order by ord",
+            )
+            .bind(job)
+            .bind(run_id)
+            .bind(fingerprint)
+            .bind(&source)
+            .bind(&session)
+            .bind(&time)
+            .bind(&received)
+            .bind(&metadata)
+            .bind(&self.state[range.clone()])
+            .bind(&self.kind[range.clone()])
+            .bind(&self.target[range.clone()])
+            .bind(&self.rule[range.clone()])
+            .bind(&self.group_part[range.clone()])
+            .bind(&self.reason[range.clone()])
+            .bind(&self.candidates[range])
+            .execute(&mut *conn)
+            .await
+            .context("storing events")?;
+        }
+        Ok(())
+    }
+
+    /// Updates stored events with their new decisions.
     async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
             // One primary-key probe per decision, not a scan of every event per batch.

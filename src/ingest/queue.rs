@@ -7,63 +7,57 @@ use chrono_tz::Tz;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::{NewEvent, store_events};
+use super::NewEvent;
 use crate::event::{self, Rejected};
 
+/// Queued rows taken off the queue per statement.
 const BATCH: i64 = 5_000;
 
+/// One batch taken off the queue: its valid events in queue order, and the rows refused.
 #[derive(Debug, Default)]
 pub struct Drained {
-    pub stored: usize,
+    pub events: Vec<NewEvent>,
     pub rejected: Vec<Rejected>,
 }
 
-/// Moves every queued row present when the drain starts into `events` (rejecting bad payloads).
-///
-/// Rows inserted by producers meanwhile are left for the next run; `SKIP LOCKED` keeps a second
-/// drainer from blocking on or double-taking rows.
-#[tracing::instrument(skip_all, fields(job))]
-pub async fn drain(
-    conn: &mut PgConnection,
-    job: &str,
-    run_id: i64,
-    tz: Tz,
-    progress: &indicatif::ProgressBar,
-) -> Result<Drained> {
-    let max_id: Option<i64> = sqlx::query_scalar("select max(id) from event_queue")
-        .fetch_one(&mut *conn)
-        .await
-        .context("reading event_queue")?;
-    let Some(max_id) = max_id else { return Ok(Drained::default()) };
+impl Drained {
+    /// Rows taken off the queue; zero once it is drained.
+    pub fn taken(&self) -> usize {
+        self.events.len() + self.rejected.len()
+    }
+}
 
-    let mut out = Drained::default();
-    loop {
-        let mut rows: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
-            "delete from event_queue where id in (
-                 select id from event_queue where id <= $1 order by id limit $2 for update skip locked)
-             returning id, received_at, payload",
-        )
-        .bind(max_id)
-        .bind(BATCH)
-        .fetch_all(&mut *conn)
-        .await
-        .context("draining event_queue")?;
-        if rows.is_empty() {
-            break;
+/// The last row on the queue when a drain starts: rows producers insert after it are left for
+/// the next run.
+pub async fn last_id(conn: &mut PgConnection) -> Result<Option<i64>> {
+    sqlx::query_scalar("select max(id) from event_queue").fetch_one(&mut *conn).await.context("reading event_queue")
+}
+
+/// Takes the next batch of queued rows with ids up to `max_id` off the queue, parsing each
+/// payload (a bad one is rejected, the good ones beside it kept).
+///
+/// The rows are deleted in the run's transaction, which stores their events: a crash loses and
+/// duplicates nothing. `SKIP LOCKED` keeps a second drainer from blocking on or double-taking
+/// rows.
+pub async fn take(conn: &mut PgConnection, max_id: i64, tz: Tz) -> Result<Drained> {
+    let mut rows: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
+        "delete from event_queue where id in (
+             select id from event_queue where id <= $1 order by id limit $2 for update skip locked)
+         returning id, received_at, payload",
+    )
+    .bind(max_id)
+    .bind(BATCH)
+    .fetch_all(&mut *conn)
+    .await
+    .context("draining event_queue")?;
+    rows.sort_by_key(|r| r.0);
+    let mut out = Drained { events: Vec::with_capacity(rows.len()), rejected: Vec::new() };
+    for (id, received_at, payload) in rows {
+        let source = format!("queue:{id}");
+        match event::parse(&payload, tz) {
+            Ok(event) => out.events.push(NewEvent { source, event, received_at }),
+            Err(reason) => out.rejected.push(Rejected { source, reason, raw: payload.to_string() }),
         }
-        rows.sort_by_key(|r| r.0);
-        let mut events = Vec::with_capacity(rows.len());
-        for (id, received_at, payload) in rows {
-            let source = format!("queue:{id}");
-            match event::parse(&payload, tz) {
-                Ok(event) => events.push(NewEvent { source, event, received_at }),
-                Err(reason) => out.rejected.push(Rejected { source, reason, raw: payload.to_string() }),
-            }
-        }
-        store_events(conn, job, run_id, &events).await?;
-        out.stored += events.len();
-        progress.inc(events.len() as u64);
-        tracing::debug!(stored = out.stored, "queue batch stored");
     }
     Ok(out)
 }
