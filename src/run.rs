@@ -258,10 +258,14 @@ struct Work<'j> {
     matched: u64,
     by_rule: BTreeMap<String, u64>,
     diff: Option<Diff>,
-    /// Events this run ingested and has not stored yet. They are decided first and stored once,
-    /// with their decision, a page at a time: storing them pending and updating them in the
-    /// same run wrote every new event twice.
+    /// Events this run ingested and has not stored yet. Up to a page of them are decided first
+    /// and stored once, with their decision: storing them pending and updating them in the same
+    /// run wrote every new event twice.
     fresh: Vec<NewEvent>,
+    /// More than a page was ingested: every new event is stored pending and decided from the
+    /// table, in EventTime order. Pages in arrival order would each span the whole backlog's
+    /// time range and hold the calls of all of it (3 GiB for 1.2M events over 60 days).
+    backlog: bool,
     /// Targets whose set of matched events changed: what apply recomputes.
     touched_calls: HashSet<String>,
     touched_groups: HashSet<String>,
@@ -291,6 +295,7 @@ impl<'j> Work<'j> {
             by_rule: BTreeMap::new(),
             diff: None,
             fresh: Vec::new(),
+            backlog: false,
             touched_calls: HashSet::new(),
             touched_groups: HashSet::new(),
             times: StageTimes::default(),
@@ -414,15 +419,22 @@ impl<'j> Work<'j> {
         Ok(())
     }
 
-    /// Adds ingested events to the fresh ones; a full page is decided and stored right away, so
-    /// memory does not grow with a backlog.
+    /// Adds ingested events to the fresh ones. Once they fill a page, this run has a backlog:
+    /// they, and every event ingested after them, are stored pending right away.
     async fn add_fresh(&mut self, conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<()> {
         self.fresh.extend(events);
-        if self.fresh.len() >= page_events() { self.settle_fresh(conn).await } else { Ok(()) }
+        if self.backlog || self.fresh.len() >= page_events() {
+            self.backlog = true;
+            let t = std::time::Instant::now();
+            ingest::store_pending(conn, &self.job.name, self.run_id, &self.fresh).await?;
+            self.times.store_ms += t.elapsed().as_millis() as u64;
+            self.fresh.clear();
+        }
+        Ok(())
     }
 
-    /// Decides the fresh events and stores them with their decisions, in arrival order (their
-    /// ids follow it: arrival order breaks merge ties).
+    /// Decides the fresh events (less than a page) and stores them with their decisions, in
+    /// arrival order (their ids follow it: arrival order breaks merge ties).
     async fn settle_fresh(&mut self, conn: &mut PgConnection) -> Result<()> {
         if self.fresh.is_empty() {
             return Ok(());
@@ -474,9 +486,9 @@ impl<'j> Work<'j> {
         new_target.is_none() && p.received_at <= self.now - self.job.pending_for
     }
 
-    /// Decides every stored event in scope (for a run, those pending from earlier runs; this
-    /// run's own were decided as they were ingested), stores the decisions that changed and
-    /// applies the changed targets.
+    /// Decides every stored event in scope (for a run, those pending from earlier runs and a
+    /// backlog this run stored pending; events it decided as it ingested them are left out),
+    /// stores the decisions that changed and applies the changed targets.
     ///
     /// Events are read, decided and stored a page at a time in (EventTime, id) order, so
     /// memory does not grow with the number of events in scope; only the touched targets and a
@@ -588,8 +600,8 @@ impl<'j> Work<'j> {
 }
 
 /// The stored events a run decides, the next `limit` after `(after_time, after_id)` in
-/// (EventTime, id) order: every pending event of the job but those run `run_id` ingested (it
-/// decided them already); for a rematch, every rule-decided or undecided event (SessionId
+/// (EventTime, id) order: every pending event of the job but those run `run_id` decided
+/// already; for a rematch, every rule-decided or undecided event (SessionId
 /// attaches are final) with EventTime in range.
 async fn load_in_scope(
     conn: &mut PgConnection,
@@ -619,7 +631,7 @@ async fn load_in_scope(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
                  from events
-                 where job = $1 and state = 'pending' and ingested_run <> $5
+                 where job = $1 and state = 'pending' and decided_run is distinct from $5
                    and event_time >= $2 and (event_time, id) > ($2, $3)
                  order by event_time, id limit $4",
             )
