@@ -117,6 +117,14 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
 /// overrides it (tests use tiny batches).
 const APPLY_BATCH_GROUPS: usize = 20_000;
 
+/// The SQL joining each row `c` of calls with the events matched to it (probed by index).
+macro_rules! events_of_c {
+    () => {
+        "left join lateral (select event_time, id, metadata, group_part from events e
+                            where e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
+                            offset 0) e on true"
+    };
+}
 /// Recomputes `groups` with every call in them, and `groupless` calls (given in heap order);
 /// adds what it changed to `applied` and sorts the groups into contributing or not.
 async fn recompute(
@@ -140,23 +148,23 @@ async fn recompute(
     // group's other calls. Then touched calls without a group, with their events.
     for (sql, ids) in [
         (
-            "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+            concat!(
+                "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
              from unnest($1::text[]) g(id)
              cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                 from calls c where c.call_group_id = g.id offset 0) c
-             left join lateral (select event_time, id, metadata, group_part from events e
-                                where e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
-                                offset 0) e on true",
+                                 from calls c where c.call_group_id = g.id offset 0) c ",
+                events_of_c!()
+            ),
             groups,
         ),
         (
-            "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+            concat!(
+                "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
              from unnest($1::text[]) u(id)
              cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                 from calls c where c.id = u.id offset 0) c
-             left join lateral (select event_time, id, metadata, group_part from events e
-                                where e.target_id = c.id and e.target_kind = 'call' and e.state = 'matched'
-                                offset 0) e on true",
+                                 from calls c where c.id = u.id offset 0) c ",
+                events_of_c!()
+            ),
             groupless,
         ),
     ] {

@@ -910,7 +910,7 @@ impl DecisionRows {
             let received: Vec<DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
             let metadata: Vec<String> =
                 chunk.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?;
-            sqlx::query(
+            let statement = sqlx::query(
                 "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
                                      state, target_kind, target_id, rule, group_part, reason, candidates,
                                      decided_run, rules_fingerprint)
@@ -928,7 +928,20 @@ impl DecisionRows {
             .bind(&session)
             .bind(&time)
             .bind(&received)
-            .bind(&metadata)
+            .bind(&metadata);
+            self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
+        }
+        Ok(())
+    }
+
+    /// Binds the decision columns of `range`: state, kind, target, rule, group part, reason and
+    /// candidates, the order both statements take them in.
+    fn bind_decisions<'q>(
+        &'q self,
+        statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        range: std::ops::Range<usize>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        statement
             .bind(&self.state[range.clone()])
             .bind(&self.kind[range.clone()])
             .bind(&self.target[range.clone()])
@@ -936,11 +949,6 @@ impl DecisionRows {
             .bind(&self.group_part[range.clone()])
             .bind(&self.reason[range.clone()])
             .bind(&self.candidates[range])
-            .execute(&mut *conn)
-            .await
-            .context("storing events")?;
-        }
-        Ok(())
     }
 
     /// Updates stored events with their new decisions.
@@ -958,14 +966,8 @@ impl DecisionRows {
             )
             .bind(run_id)
             .bind(fingerprint)
-            .bind(&self.id[range.clone()])
-            .bind(&self.state[range.clone()])
-            .bind(&self.kind[range.clone()])
-            .bind(&self.target[range.clone()])
-            .bind(&self.rule[range.clone()])
-            .bind(&self.group_part[range.clone()])
-            .bind(&self.reason[range.clone()])
-            .bind(&self.candidates[range.clone()]);
+            .bind(&self.id[range.clone()]);
+            let statement = self.bind_decisions(statement, range);
             crate::db::with_index_probes(conn, statement).await.context("storing match decisions")?;
         }
         Ok(())
