@@ -275,7 +275,10 @@ struct Work<'j> {
 /// Time spent per stage across pages, logged once at the end of matching.
 #[derive(Default, Clone, Copy)]
 struct StageTimes {
+    /// Events decided (this run's new ones and those read back).
     events: usize,
+    /// Events read back from the table.
+    read: usize,
     read_ms: u64,
     match_ms: u64,
     store_ms: u64,
@@ -506,6 +509,7 @@ impl<'j> Work<'j> {
             let Some(last) = pending.last() else { break };
             cursor = (last.time, last.id);
             self.times.events += pending.len();
+            self.times.read += pending.len();
             let t = std::time::Instant::now();
             let outcomes = decide(conn, self.job, &pending).await?;
             self.times.match_ms += t.elapsed().as_millis() as u64;
@@ -526,8 +530,8 @@ impl<'j> Work<'j> {
         if let Some(diff) = &mut self.diff {
             diff.changes.sort_by_key(|c| c.event_id.parse::<i64>().unwrap_or(i64::MAX));
         }
-        let StageTimes { events, read_ms, match_ms, store_ms, stored } = self.times;
-        tracing::info!(events, elapsed_ms = read_ms, "stored events to match read");
+        let StageTimes { events, read, read_ms, match_ms, store_ms, stored } = self.times;
+        tracing::info!(events = read, elapsed_ms = read_ms, "stored events to match read");
         tracing::info!(events, elapsed_ms = match_ms, "matched");
         tracing::info!(stored, elapsed_ms = store_ms, "decisions stored");
 
