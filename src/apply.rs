@@ -125,6 +125,7 @@ macro_rules! events_of_c {
                             offset 0) e on true"
     };
 }
+
 /// Recomputes `groups` with every call in them, and `groupless` calls (given in heap order);
 /// adds what it changed to `applied` and sorts the groups into contributing or not.
 async fn recompute(
