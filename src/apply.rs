@@ -37,6 +37,13 @@ pub struct Applied {
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
     let started = std::time::Instant::now();
+    // One apply at a time across jobs (see `db::APPLY_LOCK_KEY`); released when the run's
+    // transaction ends.
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(crate::db::APPLY_LOCK_KEY)
+        .execute(&mut *conn)
+        .await
+        .context("waiting for another run's apply to finish")?;
     let mut direct: HashSet<String> = calls.iter().cloned().collect();
     let mut touched_groups: HashSet<String> = groups.iter().cloned().collect();
     // Calls that joined or left a contributing group since the last run (logged by the

@@ -49,6 +49,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// The advisory-lock key apply holds until its run's transaction ends. Runs of different jobs
+/// can touch the same calls; apply recomputes each from the events it can see, so two applies at
+/// once could each miss the other's uncommitted events, and the later commit would win. Taken at
+/// the start of apply, the lock makes a second run's apply read after the first one committed.
+pub const APPLY_LOCK_KEY: &str = "callrecon.apply";
+
 /// The advisory-lock key of a job: the same for `run`, `rematch` and `schedule`.
 pub fn job_lock_key(job: &str) -> String {
     format!("callrecon.job:{job}")

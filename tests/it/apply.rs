@@ -109,6 +109,53 @@ async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_valu
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
+async fn a_run_applies_after_another_jobs_run_has_committed_and_keeps_its_events(pool: PgPool) {
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:05:00Z", "Metadata": {"mine": 1}})).await;
+    // Another job's run is applying: it holds the apply lock and has matched an event to c1,
+    // not committed yet.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(callrecon::db::APPLY_LOCK_KEY)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
+                             state, target_kind, target_id, rule)
+         values ('other', 'queue:0', 's1', '2026-11-02T10:01:00Z', now(), '{\"theirs\": 2, \"mine\": 0}', 0,
+                 'matched', 'call', 'c1', 'session_id')",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    sqlx::query(r#"update calls set async_metadata = '{"theirs": 2, "mine": 0}' where id = 'c1'"#)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let done = job.run(&pool).await;
+            (job, done)
+        }
+    });
+    let waiting = "select count(*) from pg_stat_activity
+                   where datname = current_database() and wait_event = 'advisory'";
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&pool).await.unwrap() == 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the run never waited for the other apply");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    other.commit().await.unwrap();
+    let (_job, done) = run.await.unwrap();
+    assert_eq!(done.report.summary.matched, 1);
+    // Both jobs' events, merged in EventTime order: this run's later event wins "mine".
+    assert_eq!(call_meta(&pool, "c1").await, json!({"theirs": 2, "mine": 1}));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
 async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool: PgPool) {
     add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
     add_group(&pool, "g2", json!({})).await;
