@@ -85,21 +85,9 @@ async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_valu
     // committed when the run reads it.
     let mut platform = pool.begin().await.unwrap();
     sqlx::query("update calls set dnis = '+18005550999' where id = 'c1'").execute(&mut *platform).await.unwrap();
-    let run = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            let done = job.run(&pool).await;
-            (job, done)
-        }
-    });
+    let run = spawn_run(&pool, job);
     // The run's write waits for the platform's row lock; the platform then commits.
-    let waiting =
-        "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'";
-    let started = std::time::Instant::now();
-    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&pool).await.unwrap() == 0 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the run never waited for the row lock");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_for_lock_wait(&pool, None, "the row lock").await;
     platform.commit().await.unwrap();
     let (_job, done) = run.await.unwrap();
     assert_eq!(done.report.summary.calls_updated, 1);
@@ -134,20 +122,8 @@ async fn a_run_applies_after_another_jobs_run_has_committed_and_keeps_its_events
         .execute(&mut *other)
         .await
         .unwrap();
-    let run = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            let done = job.run(&pool).await;
-            (job, done)
-        }
-    });
-    let waiting = "select count(*) from pg_stat_activity
-                   where datname = current_database() and wait_event = 'advisory'";
-    let started = std::time::Instant::now();
-    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&pool).await.unwrap() == 0 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the run never waited for the other apply");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let run = spawn_run(&pool, job);
+    wait_for_lock_wait(&pool, Some("advisory"), "the other apply").await;
     other.commit().await.unwrap();
     let (_job, done) = run.await.unwrap();
     assert_eq!(done.report.summary.matched, 1);

@@ -200,3 +200,33 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Runs `job` in a task, for a test that holds a lock the run is to wait for.
+pub fn spawn_run(pool: &PgPool, job: TestJob) -> tokio::task::JoinHandle<(TestJob, Finished)> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let done = job.run(&pool).await;
+        (job, done)
+    })
+}
+
+/// Returns once a session of this test's database waits for a lock (of the `wait_event` kind,
+/// e.g. `advisory`, when given); fails the test after 30 s, naming `what` it waited for.
+pub async fn wait_for_lock_wait(pool: &PgPool, wait_event: Option<&str>, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database()
+             and wait_event_type = 'Lock' and ($1::text is null or wait_event = $1)",
+        )
+        .bind(wait_event)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the run never waited for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
