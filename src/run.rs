@@ -905,15 +905,9 @@ impl DecisionRows {
         events: &[NewEvent],
     ) -> Result<()> {
         debug_assert_eq!(self.id.len(), events.len());
-        for start in (0..events.len()).step_by(10_000) {
-            let range = start..(start + 10_000).min(events.len());
-            let chunk = &events[range.clone()];
-            let source: Vec<&str> = chunk.iter().map(|e| e.source.as_str()).collect();
-            let session: Vec<Option<&str>> = chunk.iter().map(|e| e.event.session_id.as_deref()).collect();
-            let time: Vec<DateTime<Utc>> = chunk.iter().map(|e| e.event.event_time).collect();
-            let received: Vec<DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
-            let metadata: Vec<String> =
-                chunk.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?;
+        for start in (0..events.len()).step_by(ingest::STORE_CHUNK) {
+            let range = start..(start + ingest::STORE_CHUNK).min(events.len());
+            let columns = ingest::EventColumns::of(&events[range.clone()])?;
             let statement = sqlx::query(
                 "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
                                      state, target_kind, target_id, rule, group_part, reason, candidates,
@@ -927,12 +921,8 @@ impl DecisionRows {
             )
             .bind(job)
             .bind(run_id)
-            .bind(fingerprint)
-            .bind(&source)
-            .bind(&session)
-            .bind(&time)
-            .bind(&received)
-            .bind(&metadata);
+            .bind(fingerprint);
+            let statement = columns.bind(statement);
             self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
         }
         Ok(())

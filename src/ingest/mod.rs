@@ -20,23 +20,45 @@ pub struct NewEvent {
     pub received_at: DateTime<Utc>,
 }
 
+/// Events stored per statement.
+pub const STORE_CHUNK: usize = 10_000;
+
+/// The columns of new events as `events` stores them, bound in this order by every statement
+/// that inserts them: source, session id, EventTime, received at, metadata (JSON text).
+pub struct EventColumns<'e> {
+    source: Vec<&'e str>,
+    session: Vec<Option<&'e str>>,
+    time: Vec<DateTime<Utc>>,
+    received: Vec<DateTime<Utc>>,
+    metadata: Vec<String>,
+}
+
+impl<'e> EventColumns<'e> {
+    pub fn of(events: &'e [NewEvent]) -> Result<Self> {
+        Ok(EventColumns {
+            source: events.iter().map(|e| e.source.as_str()).collect(),
+            session: events.iter().map(|e| e.event.session_id.as_deref()).collect(),
+            time: events.iter().map(|e| e.event.event_time).collect(),
+            received: events.iter().map(|e| e.received_at).collect(),
+            metadata: events.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Binds the five columns, in the order above.
+    pub fn bind<'q>(
+        &'q self,
+        statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        statement.bind(&self.source).bind(&self.session).bind(&self.time).bind(&self.received).bind(&self.metadata)
+    }
+}
+
 /// Stores events pending, undecided, in the given order (their ids follow it: arrival order
 /// breaks merge ties). For a backlog: the run then decides them from the table in EventTime order.
 pub async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: &[NewEvent]) -> Result<()> {
-    for chunk in events.chunks(10_000) {
-        let mut source = Vec::with_capacity(chunk.len());
-        let mut session = Vec::with_capacity(chunk.len());
-        let mut time = Vec::with_capacity(chunk.len());
-        let mut received = Vec::with_capacity(chunk.len());
-        let mut metadata = Vec::with_capacity(chunk.len());
-        for e in chunk {
-            source.push(e.source.as_str());
-            session.push(e.event.session_id.as_deref());
-            time.push(e.event.event_time);
-            received.push(e.received_at);
-            metadata.push(serde_json::to_string(&e.event.metadata)?);
-        }
-        sqlx::query(
+    for chunk in events.chunks(STORE_CHUNK) {
+        let columns = EventColumns::of(chunk)?;
+        let statement = sqlx::query(
             "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run)
              select $1, s, sid, t, r, m::jsonb, $2
              from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[])
@@ -44,15 +66,8 @@ pub async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, even
              order by ord",
         )
         .bind(job)
-        .bind(run_id)
-        .bind(&source)
-        .bind(&session)
-        .bind(&time)
-        .bind(&received)
-        .bind(&metadata)
-        .execute(&mut *conn)
-        .await
-        .context("storing events")?;
+        .bind(run_id);
+        columns.bind(statement).execute(&mut *conn).await.context("storing events")?;
     }
     Ok(())
 }
