@@ -15,24 +15,15 @@ case "$scale" in
 esac
 
 . scripts/pg.sh
+. bench/lib.sh
 SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
 # The code measured: taken now, before the build and before this script appends to RESULTS.md.
 commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql Cargo.toml Cargo.lock || echo '+uncommitted changes')"
-if [ -n "${CALLRECON_BIN:-}" ]; then
-  BIN="$CALLRECON_BIN"   # to check the harness itself with another build; not for results
-else
-  export CARGO_TARGET_DIR="${CALLRECON_RELEASE_TARGET:-$HOME/.cache/callrecon-release}"
-  cargo build --release --quiet
-  BIN="$CARGO_TARGET_DIR/release/callrecon"
-fi
-PSQL() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+bench_binary
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed -e '0,/^name = .*/s//name = "bench"/' -e '/^inbox = /d' -e '/^archive = /d' \
-    -e 's|^dir = .*|dir = "reports"|' jobs/demo.toml > "$work/job.toml"
-# The rule change support makes before a rematch: a wider window after the call.
-sed -e 's/after = "10m"/after = "15m"/' "$work/job.toml" > "$work/job-changed.toml"
+bench_jobs "$work"
 
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }

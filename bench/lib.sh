@@ -1,0 +1,22 @@
+# Shared by the bench scripts (sourced): the binary to measure, psql, and the bench job files.
+
+# Sets BIN: $CALLRECON_BIN, or a release build in its own target directory.
+bench_binary() {
+  if [ -n "${CALLRECON_BIN:-}" ]; then
+    BIN="$CALLRECON_BIN"   # to check the harness itself with another build; not for results
+  else
+    export CARGO_TARGET_DIR="${CALLRECON_RELEASE_TARGET:-$HOME/.cache/callrecon-release}"
+    cargo build --release --quiet
+    BIN="$CARGO_TARGET_DIR/release/callrecon"
+  fi
+}
+
+PSQL() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+
+# Writes the bench job (the demo job, reading the queue only) to $1/job.toml, and the rule change
+# support makes before a rematch (a wider window after the call) to $1/job-changed.toml.
+bench_jobs() {
+  sed -e '0,/^name = .*/s//name = "bench"/' -e '/^inbox = /d' -e '/^archive = /d' \
+      -e 's|^dir = .*|dir = "reports"|' jobs/demo.toml > "$1/job.toml"
+  sed -e 's/after = "10m"/after = "15m"/' "$1/job.toml" > "$1/job-changed.toml"
+}
