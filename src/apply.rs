@@ -287,6 +287,9 @@ async fn recompute(
     applied.calls_updated +=
         write_values(conn, "calls", &mut call_changes).await.context("updating calls.async_metadata")?;
     tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, "values written");
+    // Freeing a batch's maps (hundreds of thousands of small allocations: 0.07-0.09 s per batch
+    // in the 5M-call nightly) is left to another thread while the database works on the next.
+    std::thread::spawn(move || drop((current, by_group, members, by_call, group_rows, call_changes, group_changes)));
     Ok(())
 }
 
