@@ -311,15 +311,18 @@ impl<'j> Work<'j> {
             let pb = progress::spinner("queue", "events");
             let (mut valid, mut rejected) = (0, 0);
             if let Some(max_id) = ingest::queue::last_id(conn).await? {
-                loop {
-                    let batch = ingest::queue::take(conn, max_id, self.job.timezone).await?;
-                    if batch.taken() == 0 {
-                        break;
-                    }
+                let tz = self.job.timezone;
+                let mut rows = ingest::queue::take(conn, max_id).await?;
+                // Each batch is parsed on another thread while the next is taken off the queue.
+                while !rows.is_empty() {
+                    let parsing = tokio::task::spawn_blocking(move || ingest::queue::parse(rows, tz));
+                    let next = ingest::queue::take(conn, max_id).await;
+                    let batch = parsing.await.context("parsing queued events")?;
                     pb.inc(batch.taken() as u64);
                     (valid, rejected) = (valid + batch.events.len(), rejected + batch.rejected.len());
                     self.rejected.extend(batch.rejected);
                     self.add_fresh(conn, batch.events).await?;
+                    rows = next?;
                 }
             }
             pb.finish_and_clear();

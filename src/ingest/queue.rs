@@ -33,14 +33,17 @@ pub async fn last_id(conn: &mut PgConnection) -> Result<Option<i64>> {
     sqlx::query_scalar("select max(id) from event_queue").fetch_one(&mut *conn).await.context("reading event_queue")
 }
 
-/// Takes the next batch of queued rows with ids up to `max_id` off the queue, parsing each
-/// payload (a bad one is rejected, the good ones beside it kept).
+/// Queued rows taken off the queue and not parsed yet: id, received_at, payload.
+pub type Rows = Vec<(i64, DateTime<Utc>, Value)>;
+
+/// Takes the next batch of queued rows with ids up to `max_id` off the queue, in queue order;
+/// empty once the queue is drained.
 ///
 /// The rows are deleted in the run's transaction, which stores their events: a crash loses and
 /// duplicates nothing. `SKIP LOCKED` keeps a second drainer from blocking on or double-taking
 /// rows.
-pub async fn take(conn: &mut PgConnection, max_id: i64, tz: Tz) -> Result<Drained> {
-    let mut rows: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
+pub async fn take(conn: &mut PgConnection, max_id: i64) -> Result<Rows> {
+    let mut rows: Rows = sqlx::query_as(
         "delete from event_queue where id in (
              select id from event_queue where id <= $1 order by id limit $2 for update skip locked)
          returning id, received_at, payload",
@@ -51,6 +54,11 @@ pub async fn take(conn: &mut PgConnection, max_id: i64, tz: Tz) -> Result<Draine
     .await
     .context("draining event_queue")?;
     rows.sort_by_key(|r| r.0);
+    Ok(rows)
+}
+
+/// Parses taken rows' payloads: a bad one is rejected, the good ones beside it kept.
+pub fn parse(rows: Rows, tz: Tz) -> Drained {
     let mut out = Drained { events: Vec::with_capacity(rows.len()), rejected: Vec::new() };
     for (id, received_at, payload) in rows {
         let source = format!("queue:{id}");
@@ -59,7 +67,7 @@ pub async fn take(conn: &mut PgConnection, max_id: i64, tz: Tz) -> Result<Draine
             Err(reason) => out.rejected.push(Rejected { source, reason, raw: payload.to_string() }),
         }
     }
-    Ok(out)
+    out
 }
 
 /// Puts events on the queue as producers do (`callrecon enqueue`): the payloads as given.
