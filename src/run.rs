@@ -318,11 +318,13 @@ impl<'j> Work<'j> {
                     let parsing = tokio::task::spawn_blocking(move || ingest::queue::parse(rows, tz));
                     let next = ingest::queue::take(conn, max_id).await;
                     let batch = parsing.await.context("parsing queued events")?;
+                    // A failed take aborts the transaction: report it, not the next statement's
+                    // "transaction is aborted".
+                    rows = next?;
                     pb.inc(batch.taken() as u64);
                     (valid, rejected) = (valid + batch.events.len(), rejected + batch.rejected.len());
                     self.rejected.extend(batch.rejected);
                     self.add_fresh(conn, batch.events).await?;
-                    rows = next?;
                 }
             }
             pb.finish_and_clear();

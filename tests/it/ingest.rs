@@ -176,3 +176,43 @@ async fn enqueue_command_puts_file_events_on_the_queue(pool: PgPool) {
         sqlx::query_scalar("select payload from event_queue").fetch_all(&pool).await.unwrap();
     assert_eq!(payloads, [json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})]);
 }
+
+/// A queue batch that cannot be taken off the queue fails the run with that error (not with a
+/// later statement's "transaction is aborted"), and leaves the queue and `events` as they were.
+/// 12k queued events are three batches; with matching batches of 1k a page is 3k events, so the
+/// first batch is stored (as a backlog) while the second is taken.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_failed_queue_batch_fails_the_run_with_its_own_error(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    sqlx::query(
+        "insert into event_queue (payload)
+         select jsonb_build_object('EventTime', '2026-11-02T10:00:00Z', 'Metadata', jsonb_build_object('i', i))
+         from generate_series(1, 12000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "create function refuse_7000() returns trigger language plpgsql as $$
+         begin
+             if (old.payload->'Metadata'->>'i')::int = 7000 then
+                 raise exception 'queue row 7000 is locked by the test';
+             end if;
+             return old;
+         end $$;
+         create trigger refuse_7000 before delete on event_queue for each row execute function refuse_7000();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let path = job.path();
+    let out =
+        callrecon_env(&pool, &["run", "--job", path.to_str().unwrap()], &[("CALLRECON_CHUNK_EVENTS", "1000")]).await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("draining event_queue") && err.contains("queue row 7000 is locked by the test"), "{err}");
+    assert!(!err.contains("transaction is aborted"), "{err}");
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 12000);
+    assert_eq!(count(&pool, "select count(*) from events").await, 0);
+}
