@@ -1,4 +1,9 @@
-# Shared by the bench scripts (sourced): the binary to measure, psql, and the bench job files.
+# Shared by the bench scripts (sourced from the repository's root): the PostgreSQL server, the
+# binary to measure, psql, and the bench job files.
+
+. scripts/pg.sh
+# The server's URL, without a database.
+SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
 
 # Sets BIN: $CALLRECON_BIN, or a release build in its own target directory.
 bench_binary() {

@@ -13,9 +13,7 @@
 # The last run's log (JSON, debug level): ${TMPDIR:-/tmp}/callrecon-nightly/run.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/pg.sh
 . bench/lib.sh
-SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
 tpl=callrecon_bench_nightly
 copy=callrecon_bench_nightly_copy
 work="${TMPDIR:-/tmp}/callrecon-nightly"

@@ -14,9 +14,7 @@ case "$scale" in
   *) echo "usage: bench/run.sh small|full" >&2; exit 2 ;;
 esac
 
-. scripts/pg.sh
 . bench/lib.sh
-SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
 # The code measured: taken now, before the build and before this script appends to RESULTS.md.
 commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src sql Cargo.toml Cargo.lock || echo '+uncommitted changes')"
 bench_binary
