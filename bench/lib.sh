@@ -4,6 +4,9 @@
 . scripts/pg.sh
 # The server's URL, without a database.
 SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
+# How the generator puts calls in call groups (`callrecon gen --groups`): `cases` (one customer's
+# calls per group, the default) or `mixed` (unrelated customers per group: the stress shape).
+GEN_GROUPS="${GEN_GROUPS:-cases}"
 
 # Sets BIN: $CALLRECON_BIN, or a release build in its own target directory.
 bench_binary() {

@@ -7,15 +7,16 @@
 #   bench/nightly.sh [runs]    # the nightly on a fresh copy, `runs` times (default 3)
 #   bench/nightly.sh drop      # drops the prepared database
 #
-# CALLS, EVENTS and NIGHTLY change the sizes of `prepare` (defaults: the full bench's 1x).
+# CALLS, EVENTS and NIGHTLY change the sizes of `prepare` (defaults: the full bench's 1x);
+# GEN_GROUPS=mixed prepares (and then times) the stress shape of call groups (bench/lib.sh).
 # Each copy is made with `create database … strategy file_copy`, which checkpoints: every page
 # the nightly changes gets a full-page image in the WAL, as it would in a real nightly.
 # The last run's log (JSON, debug level): ${TMPDIR:-/tmp}/callrecon-nightly/run.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-tpl=callrecon_bench_nightly
-copy=callrecon_bench_nightly_copy
+tpl=callrecon_bench_nightly_$GEN_GROUPS
+copy=callrecon_bench_nightly_${GEN_GROUPS}_copy
 work="${TMPDIR:-/tmp}/callrecon-nightly"
 mkdir -p "$work"
 bench_jobs "$work"
@@ -27,13 +28,13 @@ case "${1:-3}" in
     url="$SERVER/$tpl"
     PSQL "$SERVER/postgres" -c "drop database if exists $tpl" -c "create database $tpl"
     "$BIN" --database-url "$url" migrate >/dev/null
-    "$BIN" --database-url "$url" gen calls --calls "$calls" --days 30 >&2
+    "$BIN" --database-url "$url" gen calls --calls "$calls" --days 30 --groups "$GEN_GROUPS" >&2
     PSQL "$url" -c "vacuum analyze calls, call_groups"
-    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 \
+    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" \
       --from 2026-10-01T00:00:00Z --to 2026-10-31T00:00:00Z --count "$events" >&2
     "$BIN" --database-url "$url" run --job "$work/job.toml" >&2
     PSQL "$url" -c "vacuum analyze"   # the day between the load and the nightly (see run.sh)
-    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 \
+    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" \
       --from 2026-10-30T00:00:00Z --to 2026-10-31T00:00:00Z --count "$nightly" --salt 1 >&2
     PSQL "$url" -c "vacuum analyze event_queue"
     echo "prepared $tpl; now: bench/nightly.sh [runs]" >&2

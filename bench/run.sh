@@ -33,19 +33,19 @@ for factor in $FACTORS; do
   PSQL "$SERVER/postgres" -c "drop database if exists $db" -c "create database $db"
   echo "== ${factor}x: $calls calls over $days days, $events events ==" >&2
   "$BIN" --database-url "$url" migrate >/dev/null
-  t0=$(now); "$BIN" --database-url "$url" gen calls --calls "$calls" --days "$days" >&2; t1=$(now)
+  t0=$(now); "$BIN" --database-url "$url" gen calls --calls "$calls" --days "$days" --groups "$GEN_GROUPS" >&2; t1=$(now)
   PSQL "$url" -c "vacuum analyze calls, call_groups"
   gen_secs=$(secs "$t0" "$t1")
   until=2026-10-31T00:00:00Z
   from=$(date -u -d "$until - $days days" +%Y-%m-%dT%H:%M:%SZ)
   last_day=$(date -u -d "$until - 1 day" +%Y-%m-%dT%H:%M:%SZ)
-  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --from "$from" --to "$until" --count "$events" >&2
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --from "$from" --to "$until" --count "$events" >&2
   read -r load_secs load_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
   # The nightly comes a day after the load: autovacuum has long been through the 1.2M rows the
   # load updated. Without this, the nightly's first reads of those pages set their hint bits and
   # dirty them (2.4 s more at 5M calls), a cost no real nightly pays.
   PSQL "$url" -c "vacuum analyze"
-  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
   read -r nightly_secs nightly_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
   PSQL "$url" -c "vacuum analyze events, calls"
   read -r rematch_secs rematch_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" rematch --job "$work/job-changed.toml" --since "$from" --until "$until")
@@ -74,7 +74,7 @@ done
   echo
   echo "## $(date -u +%Y-%m-%d) · $scale · commit $commit"
   echo
-  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Times in seconds, RSS in MiB."
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Call groups: $GEN_GROUPS. Times in seconds, RSS in MiB."
   echo
   echo "| data | calls | sessionless events | generate | first run (ingest + match all) | nightly ($NIGHTLY events) | rematch 30 days | pure-SQL baseline | baseline / rematch | I/O floor (COPY out + UPDATE) | rematch / floor | peak RSS |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"

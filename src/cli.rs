@@ -135,6 +135,9 @@ pub struct GenScale {
     pub until: chrono::DateTime<chrono::Utc>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// How calls are put in call groups.
+    #[arg(long, value_enum, default_value_t = crate::datagen::Groups::Cases)]
+    pub groups: crate::datagen::Groups,
 }
 
 #[derive(Debug, Subcommand)]

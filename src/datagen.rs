@@ -16,6 +16,19 @@ pub struct Scale {
     /// The end of the data (exclusive); calls span `days` before it.
     pub until: DateTime<Utc>,
     pub seed: u64,
+    pub groups: Groups,
+}
+
+/// How calls are put in call groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Groups {
+    /// A group is one customer's CRM case: 30% of customers have one, and all their calls are in
+    /// it, so the group fields of its events (account id and tier) agree.
+    Cases,
+    /// 30% of calls, each in one of `calls / 20` groups at random: a group's calls are unrelated
+    /// customers, so every event changes its group's account fields on all its calls (a stress
+    /// shape; the benchmarks' data before 2026-11-25).
+    Mixed,
 }
 
 /// A call, recomputed from its index.
@@ -50,8 +63,17 @@ impl Scale {
     fn customers(&self) -> u64 {
         (self.calls / 4).max(1)
     }
-    pub fn groups(&self) -> u64 {
-        (self.calls / 20).max(1)
+    /// The ids of the call groups (`g{id}`).
+    pub fn groups(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self.groups {
+            Groups::Cases => Box::new((0..self.customers()).filter(|&c| self.has_case(c))),
+            Groups::Mixed => Box::new(0..(self.calls / 20).max(1)),
+        }
+    }
+    /// Whether a customer has a CRM case (its id is the customer's number).
+    fn has_case(&self, customer: u64) -> bool {
+        // Salts of calls are below 64 (`h`): customers hash apart from calls.
+        splitmix(self.seed ^ splitmix(customer.wrapping_mul(64).wrapping_add(63))) % 10 < 3
     }
 
     pub fn call(&self, i: u64) -> GenCall {
@@ -73,7 +95,10 @@ impl Scale {
             open: self.h(i, 7).is_multiple_of(50),
             customer,
             agent,
-            group: (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % self.groups()),
+            group: match self.groups {
+                Groups::Cases => self.has_case(customer).then_some(customer),
+                Groups::Mixed => (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % (self.calls / 20).max(1)),
+            },
         }
     }
 
@@ -105,7 +130,7 @@ const TIERS: &[&str] = &["bronze", "silver", "gold", "platinum"];
 pub async fn calls(conn: &mut PgConnection, s: &Scale) -> Result<u64> {
     let mut copy = conn.copy_in_raw("copy call_groups (id, metadata) from stdin (format csv)").await?;
     let mut buf = String::new();
-    for g in 0..s.groups() {
+    for g in s.groups() {
         buf.push_str(&format!("g{g},\"{{\"\"caseNumber\"\": \"\"C-{g}\"\", \"\"queue\"\": \"\"q{}\"\"}}\"\n", g % 12));
         if buf.len() > 1 << 20 {
             copy.send(std::mem::take(&mut buf).into_bytes()).await?;
@@ -208,7 +233,37 @@ mod tests {
     use super::*;
 
     fn scale() -> Scale {
-        Scale { calls: 10_000, days: 10, until: "2026-10-31T00:00:00Z".parse().unwrap(), seed: 7 }
+        Scale {
+            calls: 10_000,
+            days: 10,
+            until: "2026-10-31T00:00:00Z".parse().unwrap(),
+            seed: 7,
+            groups: Groups::Cases,
+        }
+    }
+
+    #[test]
+    fn a_case_group_holds_one_customers_calls() {
+        let s = scale();
+        let mut customer_of_group = std::collections::HashMap::new();
+        let mut grouped = 0;
+        for i in 0..s.calls {
+            let c = s.call(i);
+            if let Some(g) = c.group {
+                grouped += 1;
+                assert_eq!(*customer_of_group.entry(g).or_insert(c.customer), c.customer, "call {i}");
+            }
+        }
+        // About 30% of calls, in groups that exist.
+        assert!((2_500..3_500).contains(&grouped), "{grouped}");
+        let groups: std::collections::HashSet<u64> = s.groups().collect();
+        assert!(customer_of_group.keys().all(|g| groups.contains(g)));
+
+        let mixed = Scale { groups: Groups::Mixed, ..s };
+        let groups: std::collections::HashSet<u64> = mixed.groups().collect();
+        let customers: std::collections::HashSet<u64> =
+            (0..mixed.calls).map(|i| mixed.call(i)).filter(|c| c.group == Some(0)).map(|c| c.customer).collect();
+        assert!(customers.len() > 1 && groups.len() == 500, "{customers:?}");
     }
 
     #[test]

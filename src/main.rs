@@ -90,12 +90,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 days: s.days,
                 until: s.until,
                 seed: s.seed,
+                groups: s.groups,
             };
             let mut conn = pool.acquire().await?;
             match command {
                 GenCommand::Calls { scale: s } => {
                     let n = datagen::calls(&mut conn, &scale(&s)).await?;
-                    println!("generated {n} calls and {} call groups", scale(&s).groups());
+                    println!("generated {n} calls and {} call groups", scale(&s).groups().count());
                 }
                 GenCommand::Events { scale: s, from, to, count, salt } => {
                     let n = datagen::events(&mut conn, &scale(&s), from, to, count, salt).await?;
