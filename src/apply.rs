@@ -16,7 +16,8 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
 use serde_json::value::RawValue;
-use sqlx::PgConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Applied {
@@ -24,7 +25,8 @@ pub struct Applied {
     pub groups_updated: u64,
 }
 
-/// Recomputes the targets whose set of matched events may have changed.
+/// Recomputes the targets whose set of matched events may have changed, reading and writing on
+/// the run's connection.
 ///
 /// `calls` and `groups` are the targets of events whose decision changed (old and new targets).
 /// The groups of those calls, every call of a touched group, and calls that joined or left a
@@ -37,92 +39,213 @@ pub struct Applied {
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
     let started = std::time::Instant::now();
-    // One apply at a time across jobs (see `db::APPLY_LOCK_KEY`); released when the run's
-    // transaction ends.
+    lock(conn).await?;
+    let targets = Targets::take_changes(conn, calls, groups).await?;
+    let (groups, groupless) = targets.resolve(conn).await?;
+    let mut out = Outcome::default();
+    for (groups, groupless) in batches(&groups, &groupless) {
+        let batch = Batch::read(conn, groups, groupless, &HashSet::new()).await?;
+        out.merge_and_write(conn, batch, &ThisRun::default()).await?;
+    }
+    out.finish(conn, started).await
+}
+
+/// Waits for any other run's apply to finish, then keeps others waiting until this run's
+/// transaction ends (see `db::APPLY_LOCK_KEY`).
+pub async fn lock(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(crate::db::APPLY_LOCK_KEY)
         .execute(&mut *conn)
         .await
         .context("waiting for another run's apply to finish")?;
-    let mut direct: HashSet<String> = calls.iter().cloned().collect();
-    let mut touched_groups: HashSet<String> = groups.iter().cloned().collect();
-    // Calls that joined or left a contributing group since the last run (logged by the
-    // callrecon_group_change trigger, sql/0007); the group a call left loses its group fields.
-    let changed: Vec<(String, Option<String>)> =
-        sqlx::query_as("delete from call_group_changes returning call_id, old_group_id")
-            .fetch_all(&mut *conn)
-            .await
-            .context("reading calls whose group changed")?;
-    for (call, old_group) in changed {
-        direct.insert(call);
-        touched_groups.extend(old_group);
-    }
-    let direct: Vec<String> = direct.into_iter().collect();
-    // Each call's heap block (from its ctid): calls without a group are read in that order.
-    // One primary-key probe per call (`lateral … offset 0`): for tens of thousands of ids the
-    // planner otherwise scans the whole table (0.36 s instead of 0.09 s for 41k of 5M calls).
-    let groups_of_direct: Vec<(String, Option<String>, i64)> = sqlx::query_as(
-        "select u.id, c.call_group_id, c.block from unnest($1::text[]) u(id)
-         cross join lateral (select call_group_id, (ctid::text::point)[0]::bigint as block
-                             from calls c where c.id = u.id offset 0) c",
-    )
-    .bind(&direct)
-    .fetch_all(&mut *conn)
-    .await
-    .context("reading the groups of touched calls")?;
-    let mut groupless: Vec<(i64, String)> = Vec::new();
-    for (call, group, block) in groups_of_direct {
-        match group {
-            Some(g) => {
-                touched_groups.insert(g);
-            }
-            None => groupless.push((block, call)),
+    Ok(())
+}
+
+/// The touched targets before their groups are known.
+pub struct Targets {
+    direct: Vec<String>,
+    groups: HashSet<String>,
+}
+
+impl Targets {
+    /// The targets of changed decisions, with the calls that joined or left a contributing group
+    /// since the last run (logged by the callrecon_group_change trigger, sql/0007; the log is
+    /// emptied here, in the run's transaction). The group a call left loses its group fields.
+    pub async fn take_changes(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Self> {
+        let mut direct: HashSet<String> = calls.iter().cloned().collect();
+        let mut touched_groups: HashSet<String> = groups.iter().cloned().collect();
+        let changed: Vec<(String, Option<String>)> =
+            sqlx::query_as("delete from call_group_changes returning call_id, old_group_id")
+                .fetch_all(&mut *conn)
+                .await
+                .context("reading calls whose group changed")?;
+        for (call, old_group) in changed {
+            direct.insert(call);
+            touched_groups.extend(old_group);
         }
+        Ok(Targets { direct: direct.into_iter().collect(), groups: touched_groups })
     }
-    groupless.sort_unstable();
-    let groupless: Vec<String> = groupless.into_iter().map(|(_, call)| call).collect();
-    let touched_groups: Vec<String> = touched_groups.into_iter().collect();
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        groups = touched_groups.len(),
-        "touched targets found"
-    );
 
-    // Groups (with all their calls) and groupless calls are independent: recomputed in
-    // batches, memory stays bounded however many targets a run touches (a first run touches
-    // every matched call).
-    let mut applied = Applied::default();
-    let (mut contributing, mut not_contributing) = (Vec::new(), Vec::new());
+    /// Splits the touched calls into the groups to recompute (with all their calls) and the
+    /// calls without a group, those in heap order.
+    async fn resolve(self, conn: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)> {
+        let started = std::time::Instant::now();
+        let Targets { direct, groups: mut touched_groups } = self;
+        // Each call's heap block (from its ctid): calls without a group are read in that order.
+        // One primary-key probe per call (`lateral … offset 0`): for tens of thousands of ids the
+        // planner otherwise scans the whole table (0.36 s instead of 0.09 s for 41k of 5M calls).
+        let groups_of_direct: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "select u.id, c.call_group_id, c.block from unnest($1::text[]) u(id)
+             cross join lateral (select call_group_id, (ctid::text::point)[0]::bigint as block
+                                 from calls c where c.id = u.id offset 0) c",
+        )
+        .bind(&direct)
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading the groups of touched calls")?;
+        let mut groupless: Vec<(i64, String)> = Vec::new();
+        for (call, group, block) in groups_of_direct {
+            match group {
+                Some(g) => {
+                    touched_groups.insert(g);
+                }
+                None => groupless.push((block, call)),
+            }
+        }
+        groupless.sort_unstable();
+        let groupless: Vec<String> = groupless.into_iter().map(|(_, call)| call).collect();
+        let groups: Vec<String> = touched_groups.into_iter().collect();
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            groups = groups.len(),
+            "touched targets found"
+        );
+        Ok((groups, groupless))
+    }
+}
+
+/// Groups and groupless calls are independent: recomputed in batches, memory stays bounded
+/// however many targets a run touches (a first run touches every matched call). Groups come
+/// first, then the calls without a group.
+fn batches<'a>(groups: &'a [String], groupless: &'a [String]) -> impl Iterator<Item = (&'a [String], &'a [String])> {
     let batch_groups = crate::run::size_from_env("CALLRECON_APPLY_BATCH_GROUPS", APPLY_BATCH_GROUPS);
-    for batch in touched_groups.chunks(batch_groups) {
-        recompute(conn, batch, &[], &mut applied, &mut contributing, &mut not_contributing).await?;
-    }
-    for batch in groupless.chunks(batch_groups * 5) {
-        recompute(conn, &[], batch, &mut applied, &mut contributing, &mut not_contributing).await?;
-    }
-
-    // Keep the set of contributing groups current for the trigger: a group whose merged value
-    // is empty gives its calls nothing, so calls joining or leaving it change nothing.
-    sqlx::query("delete from contributing_groups where id = any($1)")
-        .bind(not_contributing)
-        .execute(&mut *conn)
-        .await
-        .context("recording contributing groups")?;
-    sqlx::query("insert into contributing_groups select unnest($1::text[]) on conflict do nothing")
-        .bind(contributing)
-        .execute(&mut *conn)
-        .await
-        .context("recording contributing groups")?;
-
-    let Applied { calls_updated, groups_updated } = applied;
-    tracing::info!(calls_updated, groups_updated, elapsed_ms = started.elapsed().as_millis() as u64, "applied");
-    Ok(applied)
+    let none: &[String] = &[];
+    groups
+        .chunks(batch_groups)
+        .map(move |g| (g, none))
+        .chain(groupless.chunks(batch_groups * 5).map(move |c| (none, c)))
 }
 
 /// Touched groups recomputed per batch, each with all its calls (~7 on average in the
 /// benchmark); five times as many calls without a group. `CALLRECON_APPLY_BATCH_GROUPS`
 /// overrides it (tests use tiny batches).
 const APPLY_BATCH_GROUPS: usize = 20_000;
+
+/// Reads the touched targets on a second connection while the run's connection stores this
+/// run's events, so PostgreSQL does both at once: the nightly's two biggest steps. The run's
+/// connection then merges and writes each batch while the reader reads the next.
+///
+/// The reader sees the database as committed when it starts: the caller holds the apply lock
+/// (no other run's decisions can commit meanwhile) and none of this run's writes. What it
+/// misses is exactly this run's decisions, given to [`Reader::finish`] as a [`ThisRun`]; the
+/// stored events whose decision this run rewrote (`stale`) are left out of what it reads.
+pub struct Reader {
+    task: tokio::task::JoinHandle<Result<()>>,
+    batches: tokio::sync::mpsc::Receiver<Batch>,
+    started: std::time::Instant,
+}
+
+impl Reader {
+    /// Starts reading; the caller must hold the apply lock ([`lock`]) and have taken the change
+    /// log ([`Targets::take_changes`]).
+    pub fn start(mut reader: PoolConnection<Postgres>, targets: Targets, stale: HashSet<i64>) -> Self {
+        let started = std::time::Instant::now();
+        // One batch waiting while the next is read: at most three batches in memory.
+        let (send, receive) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let mut tx =
+                sqlx::Connection::begin(&mut *reader).await.context("starting the apply reader's transaction")?;
+            sqlx::query("set transaction isolation level repeatable read, read only")
+                .execute(&mut *tx)
+                .await
+                .context("starting the apply reader's transaction")?;
+            let (groups, groupless) = targets.resolve(&mut tx).await?;
+            for (groups, groupless) in batches(&groups, &groupless) {
+                let batch = Batch::read(&mut tx, groups, groupless, &stale).await?;
+                if send.send(batch).await.is_err() {
+                    break; // the run failed: it reports its own error
+                }
+            }
+            tx.rollback().await?;
+            anyhow::Ok(())
+        });
+        Reader { task, batches: receive, started }
+    }
+
+    /// Merges what the reader read with this run's decisions, and writes the changes on the
+    /// run's connection.
+    pub async fn finish(mut self, conn: &mut PgConnection, this_run: ThisRun) -> Result<Applied> {
+        let mut out = Outcome::default();
+        while let Some(batch) = self.batches.recv().await {
+            out.merge_and_write(conn, batch, &this_run).await?;
+        }
+        self.task.await.context("the apply reader")?.context("reading touched targets on a second connection")?;
+        out.finish(conn, self.started).await
+    }
+}
+
+/// This run's decisions that a reader on another connection cannot see: the events now matched
+/// (stored in this transaction), by target.
+#[derive(Default)]
+pub struct ThisRun {
+    /// Per call: the event's metadata, and its group part when it has one.
+    calls: HashMap<String, Vec<(Contribution, Option<Contribution>)>>,
+    groups: HashMap<String, Vec<Contribution>>,
+}
+
+impl ThisRun {
+    /// Reads the matched ones among `ids`, stored events this run re-decided.
+    pub async fn read(conn: &mut PgConnection, ids: &[i64]) -> Result<Self> {
+        let mut this_run = ThisRun::default();
+        if ids.is_empty() {
+            return Ok(this_run);
+        }
+        let mut rows = sqlx::query_as::<_, (i64, DateTime<Utc>, String, String, String, String)>(
+            "select e.id, e.event_time, e.metadata::text, e.group_part::text, e.target_kind, e.target_id
+             from unnest($1::bigint[]) u(id)
+             cross join lateral (select * from events e where e.id = u.id and e.state = 'matched' offset 0) e",
+        )
+        .bind(ids)
+        .fetch(&mut *conn);
+        while let Some((id, time, metadata, part, kind, target)) =
+            rows.try_next().await.context("reading this run's matched events")?
+        {
+            this_run.push(id, time, &metadata, &part, &kind, target)?;
+        }
+        Ok(this_run)
+    }
+
+    /// Adds an event matched to `target` (`kind` `call` or `call_group`), with its metadata and
+    /// group part as PostgreSQL prints jsonb.
+    pub fn push(
+        &mut self,
+        id: i64,
+        time: DateTime<Utc>,
+        metadata: &str,
+        part: &str,
+        kind: &str,
+        target: String,
+    ) -> Result<()> {
+        let metadata = Contribution::parse(time, id, metadata, None)?;
+        if kind == "call" {
+            let part = if part == "{}" { None } else { Some(Contribution::parse(time, id, part, None)?) };
+            self.calls.entry(target).or_default().push((metadata, part));
+        } else {
+            self.groups.entry(target).or_default().push(metadata);
+        }
+        Ok(())
+    }
+}
 
 /// The SQL joining each row `c` of calls with the events matched to it (probed by index).
 macro_rules! events_of_c {
@@ -133,164 +256,264 @@ macro_rules! events_of_c {
     };
 }
 
-/// Recomputes `groups` with every call in them, and `groupless` calls (given in heap order);
-/// adds what it changed to `applied` and sorts the groups into contributing or not.
-async fn recompute(
-    conn: &mut PgConnection,
-    groups: &[String],
-    groupless: &[String],
-    applied: &mut Applied,
-    contributing: &mut Vec<String>,
-    not_contributing: &mut Vec<String>,
-) -> Result<()> {
-    // The small input drives index probes (`lateral … offset 0`): left to itself the planner
-    // walks every matched event or the whole call_group_id index (2.1 s instead of 0.34 s for
-    // 4.4k groups at 2M calls).
-    let step = std::time::Instant::now();
-    let mut current: HashMap<String, Row> = HashMap::new();
-    let mut by_group: HashMap<String, Vec<Contribution>> = HashMap::new();
-    let mut members: HashMap<String, Vec<String>> = HashMap::new();
-    let mut by_call: HashMap<String, Vec<Contribution>> = HashMap::new();
-    // Every call of each touched group (where it is and what it holds), with the events matched
-    // to it: their metadata is the call's own, their group part goes to the group and the
-    // group's other calls. Then touched calls without a group, with their events.
-    for (sql, ids) in [
-        (
-            concat!(
-                "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
-             from unnest($1::text[]) g(id)
-             cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                 from calls c where c.call_group_id = g.id offset 0) c ",
-                events_of_c!()
-            ),
-            groups,
-        ),
-        (
-            concat!(
-                "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
-             from unnest($1::text[]) u(id)
-             cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                 from calls c where c.id = u.id offset 0) c ",
-                events_of_c!()
-            ),
-            groupless,
-        ),
-    ] {
-        if ids.is_empty() {
-            continue;
-        }
-        let mut rows = sqlx::query_as::<
-            _,
+/// What apply reads for a batch of targets: touched groups with every call in them, and calls
+/// without a group, with what they hold and the contributions of their matched events.
+struct Batch {
+    groups: Vec<String>,
+    groupless: Vec<String>,
+    current: HashMap<String, Row>,
+    members: HashMap<String, Vec<String>>,
+    by_call: HashMap<String, Vec<Contribution>>,
+    by_group: HashMap<String, Vec<Contribution>>,
+    group_rows: HashMap<String, Row>,
+}
+
+impl Batch {
+    /// Reads `groups` with every call in them, and `groupless` calls (given in heap order),
+    /// leaving out the events in `stale`.
+    async fn read(
+        conn: &mut PgConnection,
+        groups: &[String],
+        groupless: &[String],
+        stale: &HashSet<i64>,
+    ) -> Result<Self> {
+        // The small input drives index probes (`lateral … offset 0`): left to itself the planner
+        // walks every matched event or the whole call_group_id index (2.1 s instead of 0.34 s for
+        // 4.4k groups at 2M calls).
+        let step = std::time::Instant::now();
+        let mut b = Batch {
+            groups: groups.to_vec(),
+            groupless: groupless.to_vec(),
+            current: HashMap::new(),
+            members: HashMap::new(),
+            by_call: HashMap::new(),
+            by_group: HashMap::new(),
+            group_rows: HashMap::new(),
+        };
+        // Every call of each touched group (where it is and what it holds), with the events matched
+        // to it: their metadata is the call's own, their group part goes to the group and the
+        // group's other calls. Then touched calls without a group, with their events.
+        for (sql, ids) in [
             (
-                Option<String>,
-                String,
-                String,
-                String,
-                Option<DateTime<Utc>>,
-                Option<i64>,
-                Option<String>,
-                Option<String>,
+                concat!(
+                    "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                 from unnest($1::text[]) g(id)
+                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
+                                     from calls c where c.call_group_id = g.id offset 0) c ",
+                    events_of_c!()
+                ),
+                groups,
             ),
-        >(sql)
-        .bind(ids)
-        .fetch(&mut *conn);
-        while let Some((group, call, tid, value, time, id, metadata, part)) =
-            rows.try_next().await.context("reading touched calls and their events")?
-        {
-            if !current.contains_key(&call) {
-                current.insert(call.clone(), Row::new(&tid, value)?);
-                if let Some(g) = &group {
-                    members.entry(g.clone()).or_default().push(call.clone());
+            (
+                concat!(
+                    "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                 from unnest($1::text[]) u(id)
+                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
+                                     from calls c where c.id = u.id offset 0) c ",
+                    events_of_c!()
+                ),
+                groupless,
+            ),
+        ] {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut rows = sqlx::query_as::<
+                _,
+                (
+                    Option<String>,
+                    String,
+                    String,
+                    String,
+                    Option<DateTime<Utc>>,
+                    Option<i64>,
+                    Option<String>,
+                    Option<String>,
+                ),
+            >(sql)
+            .bind(ids)
+            .fetch(&mut *conn);
+            while let Some((group, call, tid, value, time, id, metadata, part)) =
+                rows.try_next().await.context("reading touched calls and their events")?
+            {
+                if !b.current.contains_key(&call) {
+                    b.current.insert(call.clone(), Row::new(&tid, value)?);
+                    if let Some(g) = &group {
+                        b.members.entry(g.clone()).or_default().push(call.clone());
+                    }
+                }
+                let (Some(time), Some(id), Some(metadata), Some(part)) = (time, id, metadata, part) else { continue };
+                if stale.contains(&id) {
+                    continue;
+                }
+                if let Some(g) = group
+                    && part != "{}"
+                {
+                    b.by_group.entry(g).or_default().push(Contribution::parse(time, id, &part, Some(call.clone()))?);
+                }
+                b.by_call.entry(call).or_default().push(Contribution::parse(time, id, &metadata, None)?);
+            }
+        }
+        // The groups themselves, and the events matched to them.
+        if !groups.is_empty() {
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "select u.id, g.tid, g.value from unnest($1::text[]) u(id)
+                 cross join lateral (select ctid::text as tid, async_metadata::text as value
+                                     from call_groups g where g.id = u.id offset 0) g",
+            )
+            .bind(groups)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading touched call groups")?;
+            for (id, tid, value) in rows {
+                b.group_rows.insert(id, Row::new(&tid, value)?);
+            }
+            let rows: Vec<(String, DateTime<Utc>, i64, String)> = sqlx::query_as(
+                "select u.id, e.event_time, e.id, e.metadata::text from unnest($1::text[]) u(id)
+                 cross join lateral (select event_time, id, metadata from events e
+                                     where e.target_id = u.id and e.target_kind = 'call_group' and e.state = 'matched'
+                                     offset 0) e",
+            )
+            .bind(groups)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading events matched to touched call groups")?;
+            for (target, time, id, metadata) in rows {
+                if !stale.contains(&id) {
+                    b.by_group.entry(target).or_default().push(Contribution::parse(time, id, &metadata, None)?);
                 }
             }
-            let (Some(time), Some(id), Some(metadata), Some(part)) = (time, id, metadata, part) else { continue };
-            if let Some(g) = group
-                && part != "{}"
+        }
+        tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls = b.current.len(), "contributions read");
+        Ok(b)
+    }
+}
+
+/// What apply changed so far, and which groups contribute.
+#[derive(Default)]
+struct Outcome {
+    applied: Applied,
+    contributing: Vec<String>,
+    not_contributing: Vec<String>,
+}
+
+/// A batch's new values, where they differ from what the rows hold, and its groups sorted into
+/// contributing or not.
+struct Merged {
+    group_changes: Vec<Change>,
+    call_changes: Vec<Change>,
+    contributing: Vec<String>,
+    not_contributing: Vec<String>,
+}
+
+/// What was read for a batch, to free once merged.
+type Read = (
+    HashMap<String, Row>,
+    HashMap<String, Vec<String>>,
+    HashMap<String, Vec<Contribution>>,
+    HashMap<String, Vec<Contribution>>,
+    HashMap<String, Row>,
+);
+
+impl Batch {
+    /// Merges the batch's values, with this run's decisions it was read without.
+    fn merge(self, this_run: &ThisRun) -> (Merged, Read) {
+        let step = std::time::Instant::now();
+        let Batch { groups, groupless, current, members, by_call, by_group, group_rows } = self;
+        let none: &[Contribution] = &[];
+        let new_of = |c: &str| this_run.calls.get(c).map_or(&[][..], Vec::as_slice);
+        let mut m = Merged {
+            group_changes: Vec::new(),
+            call_changes: Vec::new(),
+            contributing: Vec::new(),
+            not_contributing: Vec::new(),
+        };
+        // Rows are only looked at here: what was read is freed on another thread.
+        let keep_if_changed = |changes: &mut Vec<Change>, rows: &HashMap<String, Row>, id: &str, value: String| {
+            if let Some(row) = rows.get(id)
+                && row.value != value
             {
-                by_group.entry(g).or_default().push(Contribution::parse(time, id, &part, Some(call.clone()))?);
+                changes.push(Change { tid: row.tid, id: id.to_owned(), value });
             }
-            by_call.entry(call).or_default().push(Contribution::parse(time, id, &metadata, None)?);
+        };
+        for g in groups {
+            let calls = members.get(&g).map_or(&[][..], Vec::as_slice);
+            // The group's contributions, with the call whose event each group part is.
+            let mut parts: Vec<(&Contribution, Option<&str>)> =
+                by_group.get(&g).map_or(none, Vec::as_slice).iter().map(|p| (p, p.owner.as_deref())).collect();
+            parts.extend(this_run.groups.get(&g).into_iter().flatten().map(|p| (p, None)));
+            for c in calls {
+                parts.extend(new_of(c).iter().filter_map(|(_, part)| part.as_ref()).map(|p| (p, Some(c.as_str()))));
+            }
+            for c in calls {
+                let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
+                let theirs = parts.iter().filter(|(_, owner)| *owner != Some(c.as_str())).map(|(p, _)| *p);
+                keep_if_changed(&mut m.call_changes, &current, c, merge(own.chain(theirs)));
+            }
+            let value = merge(parts.iter().map(|(p, _)| *p));
+            keep_if_changed(&mut m.group_changes, &group_rows, &g, value.clone());
+            if value == "{}" { m.not_contributing.push(g) } else { m.contributing.push(g) }
         }
+        for c in groupless {
+            let own = by_call.get(&c).map_or(none, Vec::as_slice).iter().chain(new_of(&c).iter().map(|(m, _)| m));
+            keep_if_changed(&mut m.call_changes, &current, &c, merge(own));
+        }
+        tracing::debug!(
+            elapsed_ms = step.elapsed().as_millis() as u64,
+            calls = m.call_changes.len(),
+            groups = m.group_changes.len(),
+            "values merged"
+        );
+        (m, (current, members, by_call, by_group, group_rows))
     }
-    // The groups themselves, and the events matched to them.
-    let mut group_rows: HashMap<String, Row> = HashMap::new();
-    if !groups.is_empty() {
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "select u.id, g.tid, g.value from unnest($1::text[]) u(id)
-             cross join lateral (select ctid::text as tid, async_metadata::text as value
-                                 from call_groups g where g.id = u.id offset 0) g",
-        )
-        .bind(groups)
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading touched call groups")?;
-        for (id, tid, value) in rows {
-            group_rows.insert(id, Row::new(&tid, value)?);
-        }
-        let rows: Vec<(String, DateTime<Utc>, i64, String)> = sqlx::query_as(
-            "select u.id, e.event_time, e.id, e.metadata::text from unnest($1::text[]) u(id)
-             cross join lateral (select event_time, id, metadata from events e
-                                 where e.target_id = u.id and e.target_kind = 'call_group' and e.state = 'matched'
-                                 offset 0) e",
-        )
-        .bind(groups)
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading events matched to touched call groups")?;
-        for (target, time, id, metadata) in rows {
-            by_group.entry(target).or_default().push(Contribution::parse(time, id, &metadata, None)?);
-        }
-    }
-    tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls = current.len(), "contributions read");
+}
 
-    // Merged values, kept only where they differ from what the row holds.
-    let step = std::time::Instant::now();
-    let none: &[Contribution] = &[];
-    let mut group_changes: Vec<Change> = Vec::new();
-    let mut call_changes: Vec<Change> = Vec::new();
-    let keep_if_changed = |changes: &mut Vec<Change>, rows: &mut HashMap<String, Row>, id: &str, value: String| {
-        if let Some(row) = rows.remove(id)
-            && row.value != value
-        {
-            changes.push(Change { tid: row.tid, id: id.to_owned(), value });
-        }
-    };
-    for g in groups {
-        let parts = by_group.get(g).map_or(none, Vec::as_slice);
-        for c in members.get(g).map_or(&[][..], Vec::as_slice) {
-            let own = by_call.get(c).map_or(none, Vec::as_slice);
-            let value = merge(own.iter().chain(parts.iter().filter(|x| x.owner.as_ref() != Some(c))));
-            keep_if_changed(&mut call_changes, &mut current, c, value);
-        }
-        let value = merge(parts.iter());
-        if value == "{}" {
-            not_contributing.push(g.clone())
-        } else {
-            contributing.push(g.clone())
-        }
-        keep_if_changed(&mut group_changes, &mut group_rows, g, value);
+impl Outcome {
+    /// Merges a batch with this run's decisions it was read without, and writes the values
+    /// that changed.
+    async fn merge_and_write(&mut self, conn: &mut PgConnection, batch: Batch, this_run: &ThisRun) -> Result<()> {
+        let (merged, read) = batch.merge(this_run);
+        // Freeing what was read (hundreds of thousands of small allocations: 0.07-0.09 s per
+        // batch in the 5M-call nightly) is left to another thread while the database writes. It
+        // is over before the next merge: frees from another thread contend with that merge's
+        // allocations for malloc's locks (two to five times slower merges, measured).
+        let freed = std::thread::spawn(move || drop(read));
+        self.write(conn, merged).await?;
+        let _ = freed.join();
+        Ok(())
     }
-    for c in groupless {
-        let value = merge(by_call.get(c).map_or(none, Vec::as_slice).iter());
-        keep_if_changed(&mut call_changes, &mut current, c, value);
-    }
-    tracing::debug!(
-        elapsed_ms = step.elapsed().as_millis() as u64,
-        calls = call_changes.len(),
-        groups = group_changes.len(),
-        "values merged"
-    );
 
-    let step = std::time::Instant::now();
-    applied.groups_updated +=
-        write_values(conn, "call_groups", &mut group_changes).await.context("updating call_groups.async_metadata")?;
-    applied.calls_updated +=
-        write_values(conn, "calls", &mut call_changes).await.context("updating calls.async_metadata")?;
-    tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, "values written");
-    // Freeing a batch's maps (hundreds of thousands of small allocations: 0.07-0.09 s per batch
-    // in the 5M-call nightly) is left to another thread while the database works on the next.
-    std::thread::spawn(move || drop((current, by_group, members, by_call, group_rows, call_changes, group_changes)));
-    Ok(())
+    /// Writes a batch's merged values.
+    async fn write(&mut self, conn: &mut PgConnection, mut m: Merged) -> Result<()> {
+        let step = std::time::Instant::now();
+        self.applied.groups_updated += write_values(conn, "call_groups", &mut m.group_changes)
+            .await
+            .context("updating call_groups.async_metadata")?;
+        self.applied.calls_updated +=
+            write_values(conn, "calls", &mut m.call_changes).await.context("updating calls.async_metadata")?;
+        tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, "values written");
+        self.contributing.append(&mut m.contributing);
+        self.not_contributing.append(&mut m.not_contributing);
+        Ok(())
+    }
+
+    /// Records which groups contribute, for the trigger: a group whose merged value is empty
+    /// gives its calls nothing, so calls joining or leaving it change nothing.
+    async fn finish(self, conn: &mut PgConnection, started: std::time::Instant) -> Result<Applied> {
+        sqlx::query("delete from contributing_groups where id = any($1)")
+            .bind(self.not_contributing)
+            .execute(&mut *conn)
+            .await
+            .context("recording contributing groups")?;
+        sqlx::query("insert into contributing_groups select unnest($1::text[]) on conflict do nothing")
+            .bind(self.contributing)
+            .execute(&mut *conn)
+            .await
+            .context("recording contributing groups")?;
+        let Applied { calls_updated, groups_updated } = self.applied;
+        tracing::info!(calls_updated, groups_updated, elapsed_ms = started.elapsed().as_millis() as u64, "applied");
+        Ok(self.applied)
+    }
 }
 
 /// A touched row as read in this transaction: where it is, and the value it holds.

@@ -33,6 +33,12 @@ fn chunk_events() -> usize {
     size_from_env("CALLRECON_CHUNK_EVENTS", CHUNK_EVENTS)
 }
 
+/// Whether apply may read on a second connection while the run stores ([`Work::apply`]):
+/// `CALLRECON_APPLY_READER=off` turns it off (tests compare both ways).
+fn apply_reader_enabled() -> bool {
+    std::env::var("CALLRECON_APPLY_READER").map_or(true, |v| v != "off")
+}
+
 /// Events read (or ingested), decided and stored at a time: three matching batches.
 fn page_events() -> usize {
     3 * chunk_events()
@@ -114,8 +120,9 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         if matches!(mode, Mode::Run) {
             work.ingest(&mut tx).await.context("ingesting events")?;
         }
-        let applied = work.match_and_apply(&mut tx, mode).await?;
+        let applied = work.match_and_apply(&mut tx, pool, mode).await?;
         let mut report = work.report(&mut tx, kind, dry_run, applied).await?;
+        tracing::debug!("report built");
         if dry_run {
             tx.rollback().await?;
         } else {
@@ -127,6 +134,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await.context("committing the run")?;
+            tracing::debug!("committed");
             work.archive_files();
         }
         report.files = work.files.into_iter().map(|(_, f)| f).collect();
@@ -139,6 +147,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
             report.finished_at = Utc::now();
             let dir = job.report_dir.join(&report.run_id);
             let written = report::write_all(&report, &dir);
+            tracing::debug!("report written");
             let (status, error) = match &written {
                 Ok(()) => ("succeeded", None),
                 Err(e) => ("failed", Some(format!("the run completed but its report could not be written: {e:#}"))),
@@ -266,6 +275,10 @@ struct Work<'j> {
     /// table, in EventTime order. Pages in arrival order would each span the whole backlog's
     /// time range and hold the calls of all of it (3 GiB for 1.2M events over 60 days).
     backlog: bool,
+    /// The fresh events, decided: stored just before apply, while apply's reader reads.
+    decided_fresh: Option<(DecisionRows, Vec<NewEvent>)>,
+    /// Stored events whose decision this run rewrote, while at most a page of them.
+    stale: Option<Vec<i64>>,
     /// Targets whose set of matched events changed: what apply recomputes.
     touched_calls: HashSet<String>,
     touched_groups: HashSet<String>,
@@ -299,6 +312,8 @@ impl<'j> Work<'j> {
             diff: None,
             fresh: Vec::new(),
             backlog: false,
+            decided_fresh: None,
+            stale: Some(Vec::new()),
             touched_calls: HashSet::new(),
             touched_groups: HashSet::new(),
             times: StageTimes::default(),
@@ -441,8 +456,7 @@ impl<'j> Work<'j> {
         Ok(())
     }
 
-    /// Decides the fresh events (less than a page) and stores them with their decisions, in
-    /// arrival order (their ids follow it: arrival order breaks merge ties).
+    /// Decides the fresh events (less than a page); [`Work::store_fresh`] stores them.
     async fn settle_fresh(&mut self, conn: &mut PgConnection) -> Result<()> {
         if self.fresh.is_empty() {
             return Ok(());
@@ -460,11 +474,25 @@ impl<'j> Work<'j> {
             let expired = self.book(p, outcome, Mode::Run);
             rows.push(p, outcome, expired, &self.job.group_fields, Write::Always);
         }
+        tracing::debug!(events = fresh.len(), "new events decided");
+        self.decided_fresh = Some((rows, fresh));
+        Ok(())
+    }
+
+    /// Stores the fresh events with their decisions, in arrival order (their ids follow it:
+    /// arrival order breaks merge ties); adds the matched ones to `this_run`, when given.
+    async fn store_fresh(&mut self, conn: &mut PgConnection, this_run: Option<&mut apply::ThisRun>) -> Result<()> {
+        let Some((rows, fresh)) = self.decided_fresh.take() else { return Ok(()) };
         let t = std::time::Instant::now();
-        rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
-        self.times.store_ms += t.elapsed().as_millis() as u64;
-        self.times.stored += fresh.len();
-        tracing::debug!(events = fresh.len(), "new events decided and stored");
+        let stored = rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
+        if let Some(this_run) = this_run {
+            for (id, time, metadata, part, kind, target) in stored {
+                if let (Some(kind), Some(target)) = (kind, target) {
+                    this_run.push(id, time, &metadata, &part, &kind, target)?;
+                }
+            }
+        }
+        tracing::debug!(events = fresh.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
         Ok(())
     }
 
@@ -501,7 +529,7 @@ impl<'j> Work<'j> {
     /// Events are read, decided and stored a page at a time in (EventTime, id) order, so
     /// memory does not grow with the number of events in scope; only the touched targets and a
     /// rematch's list of changes are kept across pages.
-    async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
+    async fn match_and_apply(&mut self, conn: &mut PgConnection, pool: &PgPool, mode: Mode) -> Result<Applied> {
         let page = page_events();
         let mut cursor = match mode {
             Mode::Rematch { since: Some(since), .. } => (since, i64::MIN),
@@ -528,6 +556,12 @@ impl<'j> Work<'j> {
             rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
             self.times.store_ms += t.elapsed().as_millis() as u64;
             self.times.stored += rows.id.len();
+            if let Some(stale) = &mut self.stale {
+                stale.extend(&rows.id);
+                if stale.len() > page {
+                    self.stale = None;
+                }
+            }
             if pending.len() < page {
                 break;
             }
@@ -544,9 +578,51 @@ impl<'j> Work<'j> {
         let groups: Vec<String> = std::mem::take(&mut self.touched_groups).into_iter().collect();
         let pb = progress::spinner("apply", "targets");
         pb.set_message(format!("recomputing {} calls, {} groups and their group members", calls.len(), groups.len()));
-        let applied = apply::apply(conn, &calls, &groups).await;
+        let applied = self.apply(conn, pool, &calls, &groups).await;
         pb.finish_and_clear();
         applied
+    }
+
+    /// Stores the fresh events and applies. When this run's decisions are few enough to hold
+    /// (at most a page), the touched targets are read on a second connection meanwhile
+    /// ([`apply::Reader`]); otherwise, or when no connection is free, one after the other.
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        pool: &PgPool,
+        calls: &[String],
+        groups: &[String],
+    ) -> Result<Applied> {
+        let fresh = self.decided_fresh.as_ref().map_or(0, |(rows, _)| rows.id.len());
+        let reader = match &self.stale {
+            Some(stale) if stale.len() + fresh <= page_events() && apply_reader_enabled() => {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), pool.acquire()).await {
+                    Ok(Ok(reader)) => Some(reader),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "no second connection for apply's reads; reading after storing");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!("no second connection free for apply's reads; reading after storing");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(reader) = reader else {
+            self.store_fresh(conn, None).await?;
+            return apply::apply(conn, calls, groups).await;
+        };
+        let started = std::time::Instant::now();
+        apply::lock(conn).await?;
+        let targets = apply::Targets::take_changes(conn, calls, groups).await?;
+        let stale = self.stale.take().unwrap_or_default();
+        let reader = apply::Reader::start(reader, targets, stale.iter().copied().collect());
+        let mut this_run = apply::ThisRun::read(conn, &stale).await?;
+        self.store_fresh(conn, Some(&mut this_run)).await?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
+        reader.finish(conn, this_run).await
     }
 
     async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
@@ -831,6 +907,9 @@ async fn calls_for(
 }
 
 /// Decisions as columns, written with one statement per batch.
+/// An event as stored: id, EventTime, metadata and group part (jsonb text), target kind and id.
+type StoredEvent = (i64, DateTime<Utc>, String, String, Option<String>, Option<String>);
+
 #[derive(Default)]
 struct DecisionRows {
     id: Vec<i64>,
@@ -900,7 +979,7 @@ impl DecisionRows {
     }
 
     /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
-    /// decisions; ids are assigned in that order.
+    /// decisions; ids are assigned in that order. Returns them as stored.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -908,8 +987,9 @@ impl DecisionRows {
         run_id: i64,
         fingerprint: &str,
         events: &[NewEvent],
-    ) -> Result<()> {
+    ) -> Result<Vec<StoredEvent>> {
         debug_assert_eq!(self.id.len(), events.len());
+        let mut rows = Vec::with_capacity(events.len());
         for start in (0..events.len()).step_by(ingest::STORE_CHUNK) {
             let range = start..(start + ingest::STORE_CHUNK).min(events.len());
             let columns = ingest::EventColumns::of(&events[range.clone()])?;
@@ -922,15 +1002,21 @@ impl DecisionRows {
                  from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
                              $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
                       with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
-                 order by ord",
+                 order by ord
+                 returning id, event_time, metadata::text, group_part::text, target_kind, target_id",
             )
             .bind(job)
             .bind(run_id)
             .bind(fingerprint);
             let statement = columns.bind(statement);
-            self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
+            let stored = self.bind_decisions(statement, range).fetch_all(&mut *conn).await.context("storing events")?;
+            for row in &stored {
+                use sqlx::Row as _;
+                let get = |i| row.try_get::<Option<String>, _>(i);
+                rows.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, get(4)?, get(5)?));
+            }
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// Binds the decision columns of `range`: state, kind, target, rule, group part, reason and

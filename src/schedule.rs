@@ -203,7 +203,7 @@ async fn connect(url: &str, options: PgConnectOptions, jobs: usize, mut stop: wa
     }
     Some(
         PgPoolOptions::new()
-            .max_connections(2 * jobs as u32 + 2)
+            .max_connections(3 * jobs as u32 + 2)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options),
     )

@@ -278,3 +278,103 @@ async fn rematch_dry_run_reports_the_diff_and_changes_nothing(pool: PgPool) {
     assert_eq!(events_after, events_before);
     drop(new_rules);
 }
+
+/// Runs, a pending event that finds its call, a later group field, and a rematch that moves an
+/// event: the same call data whichever way apply reads (`env`). Batches of one group, so the
+/// reader hands over several.
+async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
+    add_group(pool, "g1", json!({"caseNumber": "C-1"})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(pool).await;
+    Call::new("c2", "2026-11-02T11:00:00Z", Some("2026-11-02T11:05:00Z"))
+        .phone("5550000002", "a2")
+        .group("g1")
+        .insert(pool)
+        .await;
+    Call::new("c3", "2026-11-02T12:00:00Z", Some("2026-11-02T12:05:00Z")).phone("5550000003", "a3").insert(pool).await;
+    Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
+        .phone("5551234567", "a1")
+        .insert(pool)
+        .await;
+    Call::new("c-a2", "2026-11-02T10:20:00Z", Some("2026-11-02T10:25:00Z"))
+        .phone("5551234567", "a2")
+        .insert(pool)
+        .await;
+    let job = TestJob::new(RULES);
+    let path = job.path();
+    let mut env = env.to_vec();
+    env.push(("RUST_LOG", "callrecon=debug"));
+    let run = async |args: &[&str]| {
+        let out = callrecon_env(pool, args, &env).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        // The reader's mark: this run's events are stored while it reads.
+        assert_eq!(stderr(&out).contains("this run's events stored"), reader, "{}", stderr(&out));
+    };
+    let phone = |p: &str, a: &str, time: &str, extra: serde_json::Value| {
+        let mut m = json!({"customerPhone": p, "agentId": a});
+        m.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        json!({"EventTime": time, "Metadata": m})
+    };
+    enqueue(
+        pool,
+        json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"accountTier": "gold", "own1": 1}}),
+    )
+    .await;
+    enqueue(pool, phone("5550000002", "a2", "2026-11-02T11:02:00Z", json!({"crmAccountId": "A-2", "own2": 2}))).await;
+    enqueue(pool, json!({"EventTime": "2026-11-02T11:30:00Z", "Metadata": {"crmCaseId": "C-1", "case": "open"}})).await;
+    enqueue(pool, phone("5550000004", "a4", "2026-11-02T13:00:00Z", json!({"own4": 4}))).await;
+    enqueue(pool, phone("5551234567", "a1", "2026-11-02T10:14:00Z", json!({"note": "x"}))).await;
+    run(&["run", "--job", path.to_str().unwrap()]).await;
+    let case = json!({"crmCaseId": "C-1", "case": "open"});
+    let with = |a: serde_json::Value, b: &serde_json::Value| {
+        let mut a = a;
+        a.as_object_mut().unwrap().extend(b.as_object().unwrap().clone());
+        a
+    };
+    assert_eq!(group_meta(pool, "g1").await, with(json!({"accountTier": "gold", "crmAccountId": "A-2"}), &case));
+    assert_eq!(
+        call_meta(pool, "c1").await,
+        with(json!({"accountTier": "gold", "own1": 1, "crmAccountId": "A-2"}), &case)
+    );
+    let c2 = json!({"customerPhone": "5550000002", "agentId": "a2", "crmAccountId": "A-2", "own2": 2});
+    assert_eq!(call_meta(pool, "c2").await, with(with(c2.clone(), &json!({"accountTier": "gold"})), &case));
+    assert_eq!(call_meta(pool, "c3").await, json!({}));
+    assert_eq!(call_meta(pool, "c-a1").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
+
+    // The pending event's call arrives (a stored event decided again), a new event on c3, and a
+    // later account tier on c1 for the whole group.
+    Call::new("c4", "2026-11-02T12:55:00Z", Some("2026-11-02T13:05:00Z")).phone("5550000004", "a4").insert(pool).await;
+    enqueue(pool, phone("5550000003", "a3", "2026-11-02T12:02:00Z", json!({"accountTier": "silver", "own3": 3}))).await;
+    enqueue(
+        pool,
+        json!({"SessionId": "s1", "EventTime": "2026-11-02T10:30:00Z", "Metadata": {"accountTier": "platinum"}}),
+    )
+    .await;
+    run(&["run", "--job", path.to_str().unwrap()]).await;
+    assert_eq!(call_meta(pool, "c4").await, json!({"customerPhone": "5550000004", "agentId": "a4", "own4": 4}));
+    assert_eq!(
+        call_meta(pool, "c3").await,
+        json!({"customerPhone": "5550000003", "agentId": "a3", "accountTier": "silver", "own3": 3})
+    );
+    let platinum = json!({"accountTier": "platinum"});
+    assert_eq!(group_meta(pool, "g1").await, with(with(json!({"crmAccountId": "A-2"}), &case), &platinum));
+    assert_eq!(call_meta(pool, "c1").await, with(with(json!({"own1": 1, "crmAccountId": "A-2"}), &case), &platinum));
+    assert_eq!(call_meta(pool, "c2").await, with(with(c2, &case), &platinum));
+
+    // Support drops the agent key: the 10:14 event moves to the nearer c-a2 (a stored event
+    // whose old target the reader still sees).
+    phone_only(&job);
+    run(&["rematch", "--job", path.to_str().unwrap(), "--since", "2026-11-02T00:00:00Z"]).await;
+    assert_eq!(call_meta(pool, "c-a1").await, json!({}));
+    assert_eq!(call_meta(pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
+    assert_eq!(call_meta(pool, "c4").await, json!({"customerPhone": "5550000004", "agentId": "a4", "own4": 4}));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn apply_reading_on_a_second_connection_while_the_run_stores(pool: PgPool) {
+    apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1")], true).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn apply_reading_after_the_run_has_stored(pool: PgPool) {
+    apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1"), ("CALLRECON_APPLY_READER", "off")], false).await;
+}
