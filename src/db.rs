@@ -10,14 +10,21 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
 /// The default of `--database-url`.
 pub const DEFAULT_URL: &str = "postgres://localhost:5432/callrecon";
 
-/// Connects to `url`, creating the database if it does not exist, and applies pending migrations.
-pub async fn connect(url: &str) -> Result<PgPool> {
-    let options: PgConnectOptions = url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?;
+/// callrecon's settings for its connections.
+pub fn session(options: PgConnectOptions) -> PgConnectOptions {
     // Long statements are expected (bulk matching and apply): sqlx's per-statement warnings
     // with their full SQL would drown the run's own log. Available with RUST_LOG=sqlx=debug.
-    let options = options
+    options
         .log_statements(log::LevelFilter::Trace)
-        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1));
+        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1))
+        // Our big statements are many index probes, costed high enough for PostgreSQL to
+        // JIT-compile them on every run: compiling costs more than it saves.
+        .options([("jit", "off")])
+}
+
+/// Connects to `url`, creating the database if it does not exist, and applies pending migrations.
+pub async fn connect(url: &str) -> Result<PgPool> {
+    let options = session(url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?);
     let exists =
         Postgres::database_exists(url).await.with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
     if !exists {

@@ -113,8 +113,9 @@ pub async fn daemon(database_url: &str, paths: &[PathBuf]) -> Result<()> {
         }
         jobs.push(s);
     }
-    let options: PgConnectOptions =
-        database_url.parse().with_context(|| format!("invalid database URL {}", db::redact(database_url)))?;
+    let options: PgConnectOptions = db::session(
+        database_url.parse().with_context(|| format!("invalid database URL {}", db::redact(database_url)))?,
+    );
     let stop = watch_signals()?;
 
     let Some(pool) = connect(database_url, options, jobs.len(), stop.clone()).await else {
