@@ -33,8 +33,9 @@ pub async fn last_id(conn: &mut PgConnection) -> Result<Option<i64>> {
     sqlx::query_scalar("select max(id) from event_queue").fetch_one(&mut *conn).await.context("reading event_queue")
 }
 
-/// Queued rows taken off the queue and not parsed yet: id, received_at, payload.
-pub type Rows = Vec<(i64, DateTime<Utc>, Value)>;
+/// Queued rows taken off the queue and not parsed yet: id, received_at, payload (JSON text,
+/// parsed with the rest on the parsing thread).
+pub type Rows = Vec<(i64, DateTime<Utc>, String)>;
 
 /// Takes the next batch of queued rows with ids up to `max_id` off the queue, in queue order;
 /// empty once the queue is drained.
@@ -46,7 +47,7 @@ pub async fn take(conn: &mut PgConnection, max_id: i64) -> Result<Rows> {
     let mut rows: Rows = sqlx::query_as(
         "delete from event_queue where id in (
              select id from event_queue where id <= $1 order by id limit $2 for update skip locked)
-         returning id, received_at, payload",
+         returning id, received_at, payload::text",
     )
     .bind(max_id)
     .bind(BATCH)
@@ -60,11 +61,13 @@ pub async fn take(conn: &mut PgConnection, max_id: i64) -> Result<Rows> {
 /// Parses taken rows' payloads: a bad one is rejected, the good ones beside it kept.
 pub fn parse(rows: Rows, tz: Tz) -> Drained {
     let mut out = Drained { events: Vec::with_capacity(rows.len()), rejected: Vec::new() };
-    for (id, received_at, payload) in rows {
+    for (id, received_at, text) in rows {
         let source = format!("queue:{id}");
-        match event::parse(&payload, tz) {
+        // The column is jsonb: its text always parses.
+        let parsed = serde_json::from_str::<Value>(&text).map_err(|e| format!("payload is not JSON: {e}"));
+        match parsed.and_then(|payload| event::parse(&payload, tz)) {
             Ok(event) => out.events.push(NewEvent { source, event, received_at }),
-            Err(reason) => out.rejected.push(Rejected { source, reason, raw: payload.to_string() }),
+            Err(reason) => out.rejected.push(Rejected { source, reason, raw: text }),
         }
     }
     out
