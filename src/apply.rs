@@ -190,6 +190,7 @@ impl Reader {
             out.merge_and_write(conn, batch, &this_run).await?;
         }
         self.task.await.context("the apply reader")?.context("reading touched targets on a second connection")?;
+        std::thread::spawn(move || drop(this_run));
         out.finish(conn, self.started).await
     }
 }

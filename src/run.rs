@@ -627,6 +627,7 @@ impl<'j> Work<'j> {
 
     async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
         let unmatched = report::load_unmatched(conn, &self.job.name, self.run_id, self.job.pending_for).await?;
+        tracing::debug!(events = unmatched.len(), "unmatched read");
         let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
         for u in &unmatched {
             *by_reason.entry(u.reason.clone()).or_default() += 1;
