@@ -158,8 +158,8 @@ async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool:
     assert_eq!(group_meta(&pool, "g2").await, json!({"crmAccountId": "A-2"}));
 }
 
-/// Two calls of the same caller to different agents; the event names agent a1.
-async fn two_agents(pool: &PgPool) -> TestJob {
+/// Two calls of the same caller, 15 minutes apart, to agents a1 and a2.
+async fn two_agent_calls(pool: &PgPool) {
     Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
         .phone("5551234567", "a1")
         .insert(pool)
@@ -168,6 +168,11 @@ async fn two_agents(pool: &PgPool) -> TestJob {
         .phone("5551234567", "a2")
         .insert(pool)
         .await;
+}
+
+/// Two calls of the same caller to different agents; the event names agent a1.
+async fn two_agents(pool: &PgPool) -> TestJob {
+    two_agent_calls(pool).await;
     let job = TestJob::new(RULES);
     enqueue(pool, json!({"EventTime": "2026-11-02T10:14:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "note": "x"}})).await;
     enqueue(pool, json!({"EventTime": "2026-11-02T09:00:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "early": true}})).await;
@@ -291,14 +296,7 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
         .insert(pool)
         .await;
     Call::new("c3", "2026-11-02T12:00:00Z", Some("2026-11-02T12:05:00Z")).phone("5550000003", "a3").insert(pool).await;
-    Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
-        .phone("5551234567", "a1")
-        .insert(pool)
-        .await;
-    Call::new("c-a2", "2026-11-02T10:20:00Z", Some("2026-11-02T10:25:00Z"))
-        .phone("5551234567", "a2")
-        .insert(pool)
-        .await;
+    two_agent_calls(pool).await;
     let job = TestJob::new(RULES);
     let path = job.path();
     let mut env = env.to_vec();
