@@ -492,7 +492,7 @@ impl<'j> Work<'j> {
                 }
             }
         }
-        tracing::debug!(events = fresh.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
+        tracing::info!(events = fresh.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
         Ok(())
     }
 
@@ -907,10 +907,10 @@ async fn calls_for(
     }
 }
 
-/// Decisions as columns, written with one statement per batch.
 /// An event as stored: id, EventTime, metadata and group part (jsonb text), target kind and id.
 type StoredEvent = (i64, DateTime<Utc>, String, String, Option<String>, Option<String>);
 
+/// Decisions as columns, written with one statement per batch.
 #[derive(Default)]
 struct DecisionRows {
     id: Vec<i64>,
