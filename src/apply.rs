@@ -136,9 +136,10 @@ fn batches<'a>(groups: &'a [String], groupless: &'a [String]) -> impl Iterator<I
         .chain(groupless.chunks(batch_groups * 5).map(move |c| (none, c)))
 }
 
-/// Touched groups recomputed per batch, each with all its calls (~7 on average in the
-/// benchmark); five times as many calls without a group. `CALLRECON_APPLY_BATCH_GROUPS`
-/// overrides it (tests use tiny batches).
+/// Touched groups recomputed per batch, each with all its calls (~5 on average in the
+/// benchmark's touched case groups); five times as many calls without a group.
+/// `CALLRECON_APPLY_BATCH_GROUPS` overrides it (tests use tiny batches). With the reader, up to
+/// three batches are in memory at once: one read, one waiting, one merged.
 const APPLY_BATCH_GROUPS: usize = 20_000;
 
 /// Reads the touched targets on a second connection while the run's connection stores this
