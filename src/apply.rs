@@ -389,6 +389,61 @@ impl Batch {
         tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls = b.current.len(), "contributions read");
         Ok(b)
     }
+
+    /// Merges the batch's values, with this run's decisions it was read without.
+    fn merge(&self, this_run: &ThisRun) -> Merged {
+        let step = std::time::Instant::now();
+        let Batch { groups, groupless, current, members, by_call, by_group, group_rows } = self;
+        let none: &[Contribution] = &[];
+        let new_of = |c: &str| this_run.calls.get(c).map_or(&[][..], Vec::as_slice);
+        let mut m = Merged {
+            group_changes: Vec::new(),
+            call_changes: Vec::new(),
+            contributing: Vec::new(),
+            not_contributing: Vec::new(),
+        };
+        // Rows are only looked at: the caller frees the batch on another thread.
+        let keep_if_changed = |changes: &mut Vec<Change>, rows: &HashMap<String, Row>, id: &str, value: String| {
+            if let Some(row) = rows.get(id)
+                && row.value != value
+            {
+                changes.push(Change { tid: row.tid, id: id.to_owned(), value });
+            }
+        };
+        for g in groups {
+            let calls = members.get(g).map_or(&[][..], Vec::as_slice);
+            // The group's contributions, with the call whose event each group part is.
+            let mut parts: Vec<(&Contribution, Option<&str>)> =
+                by_group.get(g).map_or(none, Vec::as_slice).iter().map(|p| (p, p.owner.as_deref())).collect();
+            parts.extend(this_run.groups.get(g).into_iter().flatten().map(|p| (p, None)));
+            for c in calls {
+                parts.extend(new_of(c).iter().filter_map(|(_, part)| part.as_ref()).map(|p| (p, Some(c.as_str()))));
+            }
+            for c in calls {
+                let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
+                let theirs = parts.iter().filter(|(_, owner)| *owner != Some(c.as_str())).map(|(p, _)| *p);
+                keep_if_changed(&mut m.call_changes, current, c, merge(own.chain(theirs)));
+            }
+            let value = merge(parts.iter().map(|(p, _)| *p));
+            if value == "{}" {
+                m.not_contributing.push(g.clone())
+            } else {
+                m.contributing.push(g.clone())
+            }
+            keep_if_changed(&mut m.group_changes, group_rows, g, value);
+        }
+        for c in groupless {
+            let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
+            keep_if_changed(&mut m.call_changes, current, c, merge(own));
+        }
+        tracing::debug!(
+            elapsed_ms = step.elapsed().as_millis() as u64,
+            calls = m.call_changes.len(),
+            groups = m.group_changes.len(),
+            "values merged"
+        );
+        m
+    }
 }
 
 /// What apply changed so far, and which groups contribute.
@@ -408,78 +463,16 @@ struct Merged {
     not_contributing: Vec<String>,
 }
 
-/// What was read for a batch, to free once merged.
-type Read = (
-    HashMap<String, Row>,
-    HashMap<String, Vec<String>>,
-    HashMap<String, Vec<Contribution>>,
-    HashMap<String, Vec<Contribution>>,
-    HashMap<String, Row>,
-);
-
-impl Batch {
-    /// Merges the batch's values, with this run's decisions it was read without.
-    fn merge(self, this_run: &ThisRun) -> (Merged, Read) {
-        let step = std::time::Instant::now();
-        let Batch { groups, groupless, current, members, by_call, by_group, group_rows } = self;
-        let none: &[Contribution] = &[];
-        let new_of = |c: &str| this_run.calls.get(c).map_or(&[][..], Vec::as_slice);
-        let mut m = Merged {
-            group_changes: Vec::new(),
-            call_changes: Vec::new(),
-            contributing: Vec::new(),
-            not_contributing: Vec::new(),
-        };
-        // Rows are only looked at here: what was read is freed on another thread.
-        let keep_if_changed = |changes: &mut Vec<Change>, rows: &HashMap<String, Row>, id: &str, value: String| {
-            if let Some(row) = rows.get(id)
-                && row.value != value
-            {
-                changes.push(Change { tid: row.tid, id: id.to_owned(), value });
-            }
-        };
-        for g in groups {
-            let calls = members.get(&g).map_or(&[][..], Vec::as_slice);
-            // The group's contributions, with the call whose event each group part is.
-            let mut parts: Vec<(&Contribution, Option<&str>)> =
-                by_group.get(&g).map_or(none, Vec::as_slice).iter().map(|p| (p, p.owner.as_deref())).collect();
-            parts.extend(this_run.groups.get(&g).into_iter().flatten().map(|p| (p, None)));
-            for c in calls {
-                parts.extend(new_of(c).iter().filter_map(|(_, part)| part.as_ref()).map(|p| (p, Some(c.as_str()))));
-            }
-            for c in calls {
-                let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
-                let theirs = parts.iter().filter(|(_, owner)| *owner != Some(c.as_str())).map(|(p, _)| *p);
-                keep_if_changed(&mut m.call_changes, &current, c, merge(own.chain(theirs)));
-            }
-            let value = merge(parts.iter().map(|(p, _)| *p));
-            keep_if_changed(&mut m.group_changes, &group_rows, &g, value.clone());
-            if value == "{}" { m.not_contributing.push(g) } else { m.contributing.push(g) }
-        }
-        for c in groupless {
-            let own = by_call.get(&c).map_or(none, Vec::as_slice).iter().chain(new_of(&c).iter().map(|(m, _)| m));
-            keep_if_changed(&mut m.call_changes, &current, &c, merge(own));
-        }
-        tracing::debug!(
-            elapsed_ms = step.elapsed().as_millis() as u64,
-            calls = m.call_changes.len(),
-            groups = m.group_changes.len(),
-            "values merged"
-        );
-        (m, (current, members, by_call, by_group, group_rows))
-    }
-}
-
 impl Outcome {
     /// Merges a batch with this run's decisions it was read without, and writes the values
     /// that changed.
     async fn merge_and_write(&mut self, conn: &mut PgConnection, batch: Batch, this_run: &ThisRun) -> Result<()> {
-        let (merged, read) = batch.merge(this_run);
+        let merged = batch.merge(this_run);
         // Freeing what was read (hundreds of thousands of small allocations: 0.07-0.09 s per
         // batch in the 5M-call nightly) is left to another thread while the database writes. It
         // is over before the next merge: frees from another thread contend with that merge's
         // allocations for malloc's locks (two to five times slower merges, measured).
-        let freed = std::thread::spawn(move || drop(read));
+        let freed = std::thread::spawn(move || drop(batch));
         self.write(conn, merged).await?;
         let _ = freed.join();
         Ok(())

@@ -67,8 +67,12 @@ impl Scale {
     pub fn groups(&self) -> Box<dyn Iterator<Item = u64> + '_> {
         match self.groups {
             Groups::Cases => Box::new((0..self.customers()).filter(|&c| self.has_case(c))),
-            Groups::Mixed => Box::new(0..(self.calls / 20).max(1)),
+            Groups::Mixed => Box::new(0..self.mixed_groups()),
         }
+    }
+    /// How many groups the mixed shape spreads grouped calls over.
+    fn mixed_groups(&self) -> u64 {
+        (self.calls / 20).max(1)
     }
     /// Whether a customer has a CRM case (its id is the customer's number).
     fn has_case(&self, customer: u64) -> bool {
@@ -97,7 +101,7 @@ impl Scale {
             agent,
             group: match self.groups {
                 Groups::Cases => self.has_case(customer).then_some(customer),
-                Groups::Mixed => (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % (self.calls / 20).max(1)),
+                Groups::Mixed => (self.h(i, 5) % 10 < 3).then(|| self.h(i, 6) % self.mixed_groups()),
             },
         }
     }
