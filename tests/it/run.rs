@@ -250,3 +250,11 @@ async fn json_log_format_writes_one_json_object_per_line(pool: PgPool) {
     // The summary for people still goes to stdout.
     assert!(stdout(&out).contains("callrecon: job test, run 1"));
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn callrecons_connections_run_without_jit(pool: PgPool) {
+    // PostgreSQL's default is on; callrecon's statements are index probes JIT only slows down.
+    let ours = callrecon::db::connect(&database_url(&pool).await).await.unwrap();
+    let jit: String = sqlx::query_scalar("show jit").fetch_one(&ours).await.unwrap();
+    assert_eq!(jit, "off");
+}
