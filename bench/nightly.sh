@@ -4,7 +4,8 @@
 #
 #   bench/nightly.sh prepare   # once (~6 min): 5M calls over 30 days, the first run over 600k
 #                              # events, vacuum analyze, then one day's 50k events queued
-#   bench/nightly.sh [runs]    # the nightly on a fresh copy, `runs` times (default 3)
+#   bench/nightly.sh [runs]    # the nightly on a fresh copy, `runs` times (default 3), each
+#                              # followed by its I/O floor on the same copy (nightly-floor.sql)
 #   bench/nightly.sh drop      # drops the prepared database
 #
 # CALLS, EVENTS and NIGHTLY change the sizes of `prepare` (defaults: the full bench's 1x);
@@ -56,7 +57,9 @@ case "${1:-3}" in
       sync
       read -r secs rss < <(RUST_LOG=callrecon=debug python3 bench/measure.py "$BIN" --log-format json \
         --database-url "$SERVER/$copy" run --job "$work/job.toml" 2> "$work/run.log")
-      echo "== nightly $i of $runs: $secs s, peak RSS $rss MiB =="
+      run_id=$(PSQL "$SERVER/$copy" -tAc "select max(ingested_run) from events")
+      floor=$(PSQL "$SERVER/$copy" -v run="$run_id" -f bench/nightly-floor.sql)
+      echo "== nightly $i of $runs: $secs s, peak RSS $rss MiB; its I/O floor $floor s (bench/nightly-floor.sql) =="
       python3 bench/stages.py < "$work/run.log"
     done
     PSQL "$SERVER/postgres" -c "drop database $copy"
