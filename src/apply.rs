@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
 
@@ -227,9 +228,29 @@ impl ThisRun {
         Ok(this_run)
     }
 
+    /// Adds a new event matched to `target` from memory: its metadata, and the group part it was
+    /// stored with (for an event matched to a call; empty for none).
+    pub fn push_new(
+        &mut self,
+        id: i64,
+        time: DateTime<Utc>,
+        metadata: &Map<String, Value>,
+        part: &Map<String, Value>,
+        kind: &str,
+        target: String,
+    ) {
+        let metadata = Contribution::of(time, id, metadata);
+        if kind == "call" {
+            let part = (!part.is_empty()).then(|| Contribution::of(time, id, part));
+            self.calls.entry(target).or_default().push((metadata, part));
+        } else {
+            self.groups.entry(target).or_default().push(metadata);
+        }
+    }
+
     /// Adds an event matched to `target` (`kind` `call` or `call_group`), with its metadata and
     /// group part as PostgreSQL prints jsonb.
-    pub fn push(
+    fn push(
         &mut self,
         id: i64,
         time: DateTime<Utc>,
@@ -563,6 +584,104 @@ impl Contribution {
             .collect();
         Ok(Contribution { order: (time.timestamp_micros(), id), fields, owner })
     }
+
+    /// An event's part from its JSON values in memory, printed as [`jsonb_text`] does.
+    fn of(time: DateTime<Utc>, id: i64, metadata: &Map<String, Value>) -> Self {
+        let fields = metadata
+            .iter()
+            .map(|(k, v)| {
+                let raw = RawValue::from_string(jsonb_text(v)).expect("jsonb_text prints JSON");
+                (k.clone(), raw)
+            })
+            .collect();
+        Contribution { order: (time.timestamp_micros(), id), fields, owner: None }
+    }
+}
+
+/// `value` as PostgreSQL prints it once stored as jsonb: `", "` and `": "` between items, object
+/// keys by length then bytes, numbers as `numeric` prints them (never with an exponent). So a
+/// new event's contribution compares with stored values without reading the event back.
+/// Strings are escaped as serde_json escapes them, which is also PostgreSQL's escaping.
+pub fn jsonb_text(value: &Value) -> String {
+    let mut out = String::new();
+    print_jsonb(value, &mut out);
+    out
+}
+
+fn print_jsonb(value: &Value, out: &mut String) {
+    match value {
+        Value::Null | Value::Bool(_) | Value::String(_) => {
+            out.push_str(&serde_json::to_string(value).expect("a JSON value serialises"))
+        }
+        Value::Number(n) => out.push_str(&plain_number(&n.to_string())),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                print_jsonb(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|(a, _), (b, _)| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&serde_json::to_string(k).expect("a string serialises"));
+                out.push_str(": ");
+                print_jsonb(v, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON number's text as PostgreSQL's `numeric` prints it: an exponent (serde_json prints
+/// `1e21` and `1.5e-7`) is written out, with as many decimals as the text implies, and zero has
+/// no sign.
+fn plain_number(text: &str) -> String {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().expect("a JSON exponent is an integer")),
+        None => (unsigned, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int}{frac}");
+    // The value is 0.digits × 10^point; `numeric` keeps `frac.len() - exponent` decimals.
+    let point = int.len() as i64 + exponent;
+    let decimals = (frac.len() as i64 - exponent).max(0) as usize;
+    let whole = if point <= 0 {
+        String::new()
+    } else if point as usize >= digits.len() {
+        format!("{digits}{}", "0".repeat(point as usize - digits.len()))
+    } else {
+        digits[..point as usize].to_owned()
+    };
+    let mut fraction = if point < 0 {
+        format!("{}{digits}", "0".repeat(point.unsigned_abs() as usize))
+    } else {
+        digits.get(point as usize..).unwrap_or("").to_owned()
+    };
+    fraction.truncate(decimals);
+    let whole = whole.trim_start_matches('0');
+    let mut out = String::new();
+    if negative && digits.bytes().any(|d| d != b'0') {
+        out.push('-');
+    }
+    out.push_str(if whole.is_empty() { "0" } else { whole });
+    if decimals > 0 {
+        out.push('.');
+        out.push_str(&fraction);
+    }
+    out
 }
 
 /// The shallow merge of `parts` in merge order (later wins), as JSON text in the form

@@ -484,11 +484,13 @@ impl<'j> Work<'j> {
     async fn store_fresh(&mut self, conn: &mut PgConnection, this_run: Option<&mut apply::ThisRun>) -> Result<()> {
         let Some((rows, fresh)) = self.decided_fresh.take() else { return Ok(()) };
         let t = std::time::Instant::now();
-        let stored = rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
+        let ids = rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
         if let Some(this_run) = this_run {
-            for (id, time, metadata, part, kind, target) in stored {
-                if let (Some(kind), Some(target)) = (kind, target) {
-                    this_run.push(id, time, &metadata, &part, &kind, target)?;
+            // From memory: what the insert stored, printed as PostgreSQL prints jsonb.
+            for (i, (id, e)) in ids.into_iter().zip(&fresh).enumerate() {
+                if let (Some(kind), Some(target)) = (rows.kind[i], &rows.target[i]) {
+                    let part = group_part(&e.event.metadata, kind, &self.job.group_fields);
+                    this_run.push_new(id, e.event.event_time, &e.event.metadata, &part, kind, target.clone());
                 }
             }
         }
@@ -907,8 +909,15 @@ async fn calls_for(
     }
 }
 
-/// An event as stored: id, EventTime, metadata and group part (jsonb text), target kind and id.
-type StoredEvent = (i64, DateTime<Utc>, String, String, Option<String>, Option<String>);
+/// The group part of an event matched to a target of `kind` (`call` or `call_group`): its
+/// values of the job's `group_fields`, given to the call's group and its other calls. None for
+/// an event matched to a group, which gets all of the event.
+fn group_part(metadata: &Map<String, Value>, kind: &str, group_fields: &[String]) -> Map<String, Value> {
+    if kind != TargetKind::Call.as_str() {
+        return Map::new();
+    }
+    group_fields.iter().filter_map(|f| metadata.get(f).map(|v| (f.clone(), v.clone()))).collect()
+}
 
 /// Decisions as columns, written with one statement per batch.
 #[derive(Default)]
@@ -938,13 +947,7 @@ impl DecisionRows {
         let (state, kind, target, rule, part, reason, candidates): (_, _, _, _, Map<String, Value>, _, &[String]) =
             match outcome {
                 Outcome::Matched { rule, kind, target } => {
-                    let part = match kind {
-                        TargetKind::Call => group_fields
-                            .iter()
-                            .filter_map(|f| p.metadata.get(f).map(|v| (f.clone(), v.clone())))
-                            .collect(),
-                        TargetKind::CallGroup => Map::new(),
-                    };
+                    let part = group_part(&p.metadata, kind.as_str(), group_fields);
                     ("matched", Some(*kind), Some(target), Some(rule), part, None, &[])
                 }
                 Outcome::Unmatched { reason, candidates } => (
@@ -980,7 +983,7 @@ impl DecisionRows {
     }
 
     /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
-    /// decisions; ids are assigned in that order. Returns them as stored.
+    /// decisions; ids are assigned in that order. Returns the ids, in that order.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -988,9 +991,9 @@ impl DecisionRows {
         run_id: i64,
         fingerprint: &str,
         events: &[NewEvent],
-    ) -> Result<Vec<StoredEvent>> {
+    ) -> Result<Vec<i64>> {
         debug_assert_eq!(self.id.len(), events.len());
-        let mut rows = Vec::with_capacity(events.len());
+        let mut ids = Vec::with_capacity(events.len());
         for start in (0..events.len()).step_by(ingest::STORE_CHUNK) {
             let range = start..(start + ingest::STORE_CHUNK).min(events.len());
             let columns = ingest::EventColumns::of(&events[range.clone()])?;
@@ -1004,20 +1007,26 @@ impl DecisionRows {
                              $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
                       with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
                  order by ord
-                 returning id, event_time, metadata::text, group_part::text, target_kind, target_id",
+                 returning id",
             )
             .bind(job)
             .bind(run_id)
             .bind(fingerprint);
             let statement = columns.bind(statement);
-            let stored = self.bind_decisions(statement, range).fetch_all(&mut *conn).await.context("storing events")?;
-            for row in &stored {
-                use sqlx::Row as _;
-                let get = |i| row.try_get::<Option<String>, _>(i);
-                rows.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, get(4)?, get(5)?));
-            }
+            let mut stored: Vec<i64> = self
+                .bind_decisions(statement, range)
+                .fetch_all(&mut *conn)
+                .await
+                .context("storing events")?
+                .iter()
+                .map(|row| sqlx::Row::try_get(row, 0))
+                .collect::<Result<_, _>>()?;
+            // The sequence hands out increasing ids in insertion order, whatever order
+            // RETURNING lists them in.
+            stored.sort_unstable();
+            ids.extend(stored);
         }
-        Ok(rows)
+        Ok(ids)
     }
 
     /// Binds the decision columns of `range`: state, kind, target, rule, group part, reason and

@@ -76,6 +76,69 @@ async fn a_recomputed_call_whose_value_stays_the_same_is_not_written(pool: PgPoo
     assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold", "note": "x"}));
 }
 
+/// This run's new events are not read back from the database: their contributions are printed
+/// from memory (`apply::jsonb_text`). Printed differently from PostgreSQL's jsonb, a value that
+/// did not change would compare as changed and be written again.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_new_event_that_changes_nothing_writes_nothing(pool: PgPool) {
+    add_group(&pool, "g1", json!({})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    // The group field too: its value reaches c2 and the group from the new event alone.
+    let metadata = json!({"accountTier": {"b": 1e-7, "aa": [1.50, -0.0, 1e21], "a": "\u{e9}\"\\\n\u{1}"},
+                          "zz": 2.5e-8, "bb": 1e3, "na\u{ef}ve": null, "big": 12345678901234567890u64});
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": metadata})).await;
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.matched, 1);
+    assert_eq!(call_meta(&pool, "c1").await, metadata);
+    assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": metadata["accountTier"]}));
+
+    // The same metadata again, later: merged over the stored event, it changes nothing.
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:02:00Z", "Metadata": metadata})).await;
+    let again = job.run(&pool).await;
+    assert_eq!(again.report.summary.matched, 1);
+    assert_eq!(again.report.summary.calls_updated, 0, "c1 and c2 come out as stored");
+    assert_eq!(again.report.summary.groups_updated, 0);
+}
+
+/// `apply::jsonb_text` prints what PostgreSQL prints for the jsonb stored from the same value.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn values_print_as_postgresql_prints_them_as_jsonb(pool: PgPool) {
+    let samples = [
+        r#"{"b": 1, "aa": [1, 2.5, {"yy": null, "x": true}], "a": "q\"b\\s\n\t\u0001\u001f\u007f é / 😀"}"#,
+        "0.1",
+        "1.50",
+        "100.0",
+        "1e3",
+        "1E+3",
+        "1e21",
+        "1.5e21",
+        "1.5e-7",
+        "-2.5E-8",
+        "123.456e2",
+        "-0.0",
+        "-0",
+        "0.000001",
+        "1e16",
+        "12345678901234567890",
+        "-9223372036854775808",
+        "1.7976931348623157e308",
+        "5e-324",
+        "[]",
+        "{}",
+        r#""""#,
+        r#"[[], {}, [1, [2, [3]]], {"": 0, "ab": {"c": [{}]}}]"#,
+    ];
+    for text in samples {
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        // What the run binds when it stores an event.
+        let stored: String =
+            sqlx::query_scalar("select $1::jsonb::text").bind(value.to_string()).fetch_one(&pool).await.unwrap();
+        assert_eq!(callrecon::apply::jsonb_text(&value), stored, "{text}");
+    }
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_value(pool: PgPool) {
     Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
