@@ -41,6 +41,7 @@ pub struct Applied {
 pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
     let started = std::time::Instant::now();
     lock(conn).await?;
+    sqlx::query(NO_MEMOIZE).execute(&mut *conn).await?;
     let targets = Targets::take_changes(conn, calls, groups).await?;
     let (groups, groupless) = targets.resolve(conn).await?;
     let mut out = Outcome::default();
@@ -48,8 +49,15 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
         let batch = Batch::read(conn, groups, groupless, &HashSet::new()).await?;
         out.merge_and_write(conn, batch, &ThisRun::default()).await?;
     }
+    sqlx::query("reset enable_memoize").execute(&mut *conn).await?;
     out.finish(conn, started).await
 }
+
+/// Apply's reads probe an index once per touched call or event id, and the ids are distinct:
+/// PostgreSQL's Memoize node in front of those probes never hits, it only hashes and evicts
+/// (the nightly's read of 12k groups' calls and events: 0.61 s with it, 0.55 s without, psql).
+/// Scoped to the transaction.
+const NO_MEMOIZE: &str = "set local enable_memoize = off";
 
 /// Waits for any other run's apply to finish, then keeps others waiting until this run's
 /// transaction ends (see `db::APPLY_LOCK_KEY`).
@@ -171,6 +179,7 @@ impl Reader {
                 .execute(&mut *tx)
                 .await
                 .context("starting the apply reader's transaction")?;
+            sqlx::query(NO_MEMOIZE).execute(&mut *tx).await?;
             let (groups, groupless) = targets.resolve(&mut tx).await?;
             for (groups, groupless) in batches(&groups, &groupless) {
                 let batch = Batch::read(&mut tx, groups, groupless, &stale).await?;
