@@ -248,13 +248,8 @@ impl ThisRun {
         kind: &str,
         target: String,
     ) {
-        let metadata = Contribution::of(time, id, metadata);
-        if kind == "call" {
-            let part = (!part.is_empty()).then(|| Contribution::of(time, id, part));
-            self.calls.entry(target).or_default().push((metadata, part));
-        } else {
-            self.groups.entry(target).or_default().push(metadata);
-        }
+        let part = (!part.is_empty()).then(|| Contribution::of(time, id, part));
+        self.add(kind, target, Contribution::of(time, id, metadata), part);
     }
 
     /// Adds an event matched to `target` (`kind` `call` or `call_group`), with its metadata and
@@ -268,14 +263,19 @@ impl ThisRun {
         kind: &str,
         target: String,
     ) -> Result<()> {
-        let metadata = Contribution::parse(time, id, metadata, None)?;
+        let part = if part == "{}" { None } else { Some(Contribution::parse(time, id, part, None)?) };
+        self.add(kind, target, Contribution::parse(time, id, metadata, None)?, part);
+        Ok(())
+    }
+
+    /// Adds an event's contributions: an event matched to a call has a group part when the job's
+    /// group fields are in it; one matched to a group has none.
+    fn add(&mut self, kind: &str, target: String, metadata: Contribution, part: Option<Contribution>) {
         if kind == "call" {
-            let part = if part == "{}" { None } else { Some(Contribution::parse(time, id, part, None)?) };
             self.calls.entry(target).or_default().push((metadata, part));
         } else {
             self.groups.entry(target).or_default().push(metadata);
         }
-        Ok(())
     }
 }
 
@@ -633,21 +633,24 @@ fn print_jsonb(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|(a, _), (b, _)| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&serde_json::to_string(k).expect("a string serialises"));
-                out.push_str(": ");
-                print_jsonb(v, out);
-            }
-            out.push('}');
-        }
+        Value::Object(map) => print_object(map.iter().map(|(k, v)| (k.as_str(), v)).collect(), out, print_jsonb),
     }
+}
+
+/// Prints an object's entries as PostgreSQL prints a jsonb object: keys by length then bytes,
+/// `", "` between entries and `": "` after each key. Keys are unique.
+fn print_object<V>(mut entries: Vec<(&str, V)>, out: &mut String, print_value: impl Fn(V, &mut String)) {
+    entries.sort_unstable_by(|(a, _), (b, _)| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
+    out.push('{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&serde_json::to_string(k).expect("a string serialises"));
+        out.push_str(": ");
+        print_value(v, out);
+    }
+    out.push('}');
 }
 
 /// A JSON number's text as PostgreSQL's `numeric` prints it: an exponent (serde_json prints
@@ -674,12 +677,12 @@ fn plain_number(text: &str) -> String {
     } else {
         digits[..point as usize].to_owned()
     };
-    let mut fraction = if point < 0 {
+    let fraction = if point < 0 {
         format!("{}{digits}", "0".repeat(point.unsigned_abs() as usize))
     } else {
         digits.get(point as usize..).unwrap_or("").to_owned()
     };
-    fraction.truncate(decimals);
+    debug_assert_eq!(fraction.len(), decimals, "{text}");
     let whole = whole.trim_start_matches('0');
     let mut out = String::new();
     if negative && digits.bytes().any(|d| d != b'0') {
@@ -706,18 +709,8 @@ fn merge<'a>(parts: impl Iterator<Item = &'a Contribution>) -> String {
             merged.insert(k, v);
         }
     }
-    let mut merged: Vec<(&str, &RawValue)> = merged.into_iter().collect();
-    merged.sort_unstable_by(|(a, _), (b, _)| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
-    let mut out = String::from("{");
-    for (i, (k, v)) in merged.into_iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        out.push_str(&serde_json::to_string(k).expect("a string serialises"));
-        out.push_str(": ");
-        out.push_str(v.get());
-    }
-    out.push('}');
+    let mut out = String::new();
+    print_object(merged.into_iter().collect(), &mut out, |v: &RawValue, out| out.push_str(v.get()));
     out
 }
 
