@@ -28,3 +28,11 @@ bench_jobs() {
       -e 's|^dir = .*|dir = "reports"|' jobs/demo.toml > "$1/job.toml"
   sed -e 's/after = "10m"/after = "15m"/' "$1/job.toml" > "$1/job-changed.toml"
 }
+
+# Prints the I/O floor of the nightly that just ran on database URL $1, in seconds
+# (bench/nightly-floor.sql; rolled back).
+nightly_floor() {
+  local run
+  run=$(PSQL "$1" -tAc "select max(ingested_run) from events")
+  PSQL "$1" -v run="$run" -f bench/nightly-floor.sql
+}

@@ -57,8 +57,7 @@ case "${1:-3}" in
       sync
       read -r secs rss < <(RUST_LOG=callrecon=debug python3 bench/measure.py "$BIN" --log-format json \
         --database-url "$SERVER/$copy" run --job "$work/job.toml" 2> "$work/run.log")
-      run_id=$(PSQL "$SERVER/$copy" -tAc "select max(ingested_run) from events")
-      floor=$(PSQL "$SERVER/$copy" -v run="$run_id" -f bench/nightly-floor.sql)
+      floor=$(nightly_floor "$SERVER/$copy")
       echo "== nightly $i of $runs: $secs s, peak RSS $rss MiB; its I/O floor $floor s (bench/nightly-floor.sql) =="
       python3 bench/stages.py < "$work/run.log"
     done

@@ -48,8 +48,7 @@ for factor in $FACTORS; do
   "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
   read -r nightly_secs nightly_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
   # What the nightly had to read and write, as plain SQL on the same data (rolled back).
-  nightly_run=$(PSQL "$url" -tAc "select max(ingested_run) from events")
-  nightly_floor=$(PSQL "$url" -v run="$nightly_run" -f bench/nightly-floor.sql)
+  nightly_floor=$(nightly_floor "$url")
   nightly_ratio=$(python3 -c "print(f'{$nightly_secs / $nightly_floor:.1f}')")
   PSQL "$url" -c "vacuum analyze events, calls"
   read -r rematch_secs rematch_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" rematch --job "$work/job-changed.toml" --since "$from" --until "$until")
