@@ -16,12 +16,15 @@ pub enum Kind {
     Text,
     /// Microseconds since the Unix epoch.
     Timestamp,
+    /// A `tid` (`ctid`), decoded to its block number.
+    Block,
 }
 
 #[derive(Debug, PartialEq)]
 pub enum Column {
     Text(Vec<Option<String>>),
     Timestamp(Vec<Option<i64>>),
+    Block(Vec<Option<i64>>),
 }
 
 impl Column {
@@ -37,6 +40,13 @@ impl Column {
         match self {
             Column::Timestamp(v) => v,
             other => unreachable!("a timestamp column was decoded as {other:?}"),
+        }
+    }
+    /// The values of a column decoded as [`Kind::Block`]: block numbers.
+    pub fn into_blocks(self) -> Vec<Option<i64>> {
+        match self {
+            Column::Block(v) => v,
+            other => unreachable!("a tid column was decoded as {other:?}"),
         }
     }
 }
@@ -57,6 +67,7 @@ impl Decoder {
             .map(|k| match k {
                 Kind::Text => Column::Text(Vec::new()),
                 Kind::Timestamp => Column::Timestamp(Vec::new()),
+                Kind::Block => Column::Block(Vec::new()),
             })
             .collect();
         Decoder { kinds: kinds.to_vec(), columns, buf: Vec::new(), header_done: false, finished: false }
@@ -99,6 +110,14 @@ impl Decoder {
                         Some(b) => {
                             ensure!(b.len() == 8, "timestamptz of {} bytes", b.len());
                             Some(i64::from_be_bytes(b.try_into().expect("8 bytes")) + PG_EPOCH_MICROS)
+                        }
+                        None => None,
+                    }),
+                    (Column::Block(v), Kind::Block) => v.push(match value {
+                        Some(b) => {
+                            // A tid is the block (u32) then the line pointer (u16), big-endian.
+                            ensure!(b.len() == 6, "tid of {} bytes", b.len());
+                            Some(i64::from(u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))))
                         }
                         None => None,
                     }),
@@ -203,6 +222,20 @@ mod tests {
             assert_eq!(cols[0], Column::Text(vec![Some("c1".into()), None, Some("é".into())]), "split at {split}");
             assert_eq!(cols[1], Column::Timestamp(vec![Some(1_700_000_000_000_000), None, Some(0)]));
         }
+    }
+
+    #[test]
+    fn a_tid_decodes_to_its_block() {
+        let mut b = SIGNATURE.to_vec();
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&6i32.to_be_bytes());
+        b.extend_from_slice(&3_000_000_000u32.to_be_bytes());
+        b.extend_from_slice(&7u16.to_be_bytes());
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut d = Decoder::new(&[Kind::Block]);
+        d.feed(&b).unwrap();
+        assert_eq!(d.finish().unwrap(), vec![Column::Block(vec![Some(3_000_000_000)])]);
     }
 
     #[test]
