@@ -10,7 +10,10 @@
 //!   `group_fields`) of events matched to any call of its group;
 //! - a call group: events matched to it, and the `group_part` of events matched to its calls.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+// foldhash: these maps hash hundreds of thousands of ids per run; SipHash was 6% of a nightly's CPU.
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -43,10 +46,10 @@ pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String])
     lock(conn).await?;
     sqlx::query(NO_MEMOIZE).execute(&mut *conn).await?;
     let targets = Targets::take_changes(conn, calls, groups).await?;
-    let (groups, groupless) = targets.resolve(conn).await?;
+    let mut plan = targets.resolve(conn).await?;
     let mut out = Outcome::default();
-    for (groups, groupless) in batches(&groups, &groupless) {
-        let batch = Batch::read(conn, groups, groupless, &HashSet::new()).await?;
+    let stale = HashSet::new();
+    while let Some(batch) = plan.next(conn, &stale).await? {
         out.merge_and_write(conn, batch, &ThisRun::default()).await?;
     }
     sqlx::query("reset enable_memoize").execute(&mut *conn).await?;
@@ -74,6 +77,18 @@ pub async fn lock(conn: &mut PgConnection) -> Result<()> {
 pub struct Targets {
     direct: Vec<String>,
     groups: HashSet<String>,
+    /// Calls the change log names.
+    moved: HashSet<String>,
+    hints: HashMap<String, Hint>,
+}
+
+/// Where a touched call was when matching read it: its call group, and its heap block (calls
+/// without a group are read in block order). Only a hint: apply reads what the call belongs to
+/// now, and looks up every touched call it did not find where the hint said ([`Plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub group: Option<String>,
+    pub block: i64,
 }
 
 impl Targets {
@@ -88,68 +103,157 @@ impl Targets {
                 .fetch_all(&mut *conn)
                 .await
                 .context("reading calls whose group changed")?;
+        let mut moved = HashSet::new();
         for (call, old_group) in changed {
-            direct.insert(call);
+            direct.insert(call.clone());
+            moved.insert(call);
             touched_groups.extend(old_group);
         }
-        Ok(Targets { direct: direct.into_iter().collect(), groups: touched_groups })
+        Ok(Targets { direct: direct.into_iter().collect(), groups: touched_groups, moved, hints: HashMap::new() })
     }
 
-    /// Splits the touched calls into the groups to recompute (with all their calls) and the
-    /// calls without a group, those in heap order.
-    async fn resolve(self, conn: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)> {
+    /// Takes where matching saw the touched calls, so that only the others are looked up.
+    /// Calls the change log names have moved: they are looked up whatever their hint says.
+    pub fn with_hints(mut self, mut hints: HashMap<String, Hint>) -> Self {
+        hints.retain(|c, _| !self.moved.contains(c));
+        self.hints = hints;
+        self
+    }
+
+    /// Plans the reads: the touched groups (with all their calls) and the calls without a group.
+    /// Calls with a hint are placed by it; the others are looked up.
+    async fn resolve(self, conn: &mut PgConnection) -> Result<Plan> {
         let started = std::time::Instant::now();
-        let Targets { direct, groups: mut touched_groups } = self;
-        // Each call's heap block (from its ctid): calls without a group are read in that order.
-        // One primary-key probe per call (`lateral … offset 0`): for tens of thousands of ids the
-        // planner otherwise scans the whole table (0.36 s instead of 0.09 s for 41k of 5M calls).
-        let groups_of_direct: Vec<(String, Option<String>, i64)> = sqlx::query_as(
-            "select u.id, c.call_group_id, c.block from unnest($1::text[]) u(id)
-             cross join lateral (select call_group_id, (ctid::text::point)[0]::bigint as block
-                                 from calls c where c.id = u.id offset 0) c",
-        )
-        .bind(&direct)
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading the groups of touched calls")?;
-        let mut groupless: Vec<(i64, String)> = Vec::new();
-        for (call, group, block) in groups_of_direct {
-            match group {
+        let Targets { direct, groups: mut touched_groups, hints, .. } = self;
+        let (hinted, unhinted): (Vec<&String>, Vec<&String>) = direct.iter().partition(|c| hints.contains_key(*c));
+        let placed = hinted.len();
+        let (found_groups, mut groupless) = lookup(conn, unhinted.into_iter().cloned().collect()).await?;
+        touched_groups.extend(found_groups);
+        let mut hinted_groupless = Vec::new();
+        for call in hinted {
+            let hint = &hints[call];
+            match &hint.group {
                 Some(g) => {
-                    touched_groups.insert(g);
+                    touched_groups.insert(g.clone());
                 }
-                None => groupless.push((block, call)),
+                None => hinted_groupless.push((hint.block, call.clone())),
             }
         }
-        groupless.sort_unstable();
-        let groupless: Vec<String> = groupless.into_iter().map(|(_, call)| call).collect();
+        hinted_groupless.sort_unstable();
+        groupless.extend(hinted_groupless.into_iter().map(|(_, call)| call));
         let groups: Vec<String> = touched_groups.into_iter().collect();
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             groups = groups.len(),
+            placed,
             "touched targets found"
         );
-        Ok((groups, groupless))
+        let batch_groups = crate::run::size_from_env("CALLRECON_APPLY_BATCH_GROUPS", APPLY_BATCH_GROUPS);
+        Ok(Plan {
+            groups,
+            groupless: groupless.into(),
+            unread: direct.into_iter().collect(),
+            read_groups: HashSet::new(),
+            checked: false,
+            batch_groups,
+        })
     }
 }
 
-/// Groups and groupless calls are independent: recomputed in batches, memory stays bounded
-/// however many targets a run touches (a first run touches every matched call). Groups come
-/// first, then the calls without a group.
-fn batches<'a>(groups: &'a [String], groupless: &'a [String]) -> impl Iterator<Item = (&'a [String], &'a [String])> {
-    let batch_groups = crate::run::size_from_env("CALLRECON_APPLY_BATCH_GROUPS", APPLY_BATCH_GROUPS);
-    let none: &[String] = &[];
-    groups
-        .chunks(batch_groups)
-        .map(move |g| (g, none))
-        .chain(groupless.chunks(batch_groups * 5).map(move |c| (none, c)))
+/// The groups of `calls`, and those of them without a group in heap order. One primary-key
+/// probe per call (`lateral … offset 0`): for tens of thousands of ids the planner otherwise
+/// scans the whole table (0.36 s instead of 0.09 s for 41k of 5M calls).
+async fn lookup(conn: &mut PgConnection, calls: Vec<String>) -> Result<(HashSet<String>, Vec<String>)> {
+    if calls.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "select u.id, c.call_group_id, c.block from unnest($1::text[]) u(id)
+         cross join lateral (select call_group_id, (ctid::text::point)[0]::bigint as block
+                             from calls c where c.id = u.id offset 0) c",
+    )
+    .bind(&calls)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the groups of touched calls")?;
+    let mut groups = HashSet::new();
+    let mut groupless = Vec::new();
+    for (call, group, block) in found {
+        match group {
+            Some(g) => {
+                groups.insert(g);
+            }
+            None => groupless.push((block, call)),
+        }
+    }
+    groupless.sort_unstable();
+    Ok((groups, groupless.into_iter().map(|(_, call)| call).collect()))
+}
+
+/// The batches apply reads, in order: touched groups with every call in them, then calls without
+/// a group. Groups and groupless calls are independent, so memory stays bounded however many
+/// targets a run touches (a first run touches every matched call).
+///
+/// Every touched call must be read once where it is now. A call is not where the plan put it
+/// when its hint was out of date or it changed group between the lookup and the read: once the
+/// batches are done, those calls are looked up again and their groups (or they alone) read in
+/// one more round.
+struct Plan {
+    groups: Vec<String>,
+    groupless: std::collections::VecDeque<String>,
+    /// Touched calls not read yet.
+    unread: HashSet<String>,
+    read_groups: HashSet<String>,
+    /// Whether the calls left unread were looked up again.
+    checked: bool,
+    batch_groups: usize,
+}
+
+impl Plan {
+    /// Reads the next batch, leaving out the events in `stale`; `None` when all are read.
+    async fn next(&mut self, conn: &mut PgConnection, stale: &HashSet<i64>) -> Result<Option<Batch>> {
+        loop {
+            if !self.groups.is_empty() {
+                let groups = self.groups.split_off(self.groups.len().saturating_sub(self.batch_groups));
+                let batch = Batch::read(conn, &groups, &[], stale).await?;
+                self.read_groups.extend(groups);
+                return Ok(Some(self.mark_read(batch)));
+            }
+            if !self.groupless.is_empty() {
+                let n = self.groupless.len().min(self.batch_groups * 5);
+                let calls: Vec<String> = self.groupless.drain(..n).collect();
+                let batch = Batch::read(conn, &[], &calls, stale).await?;
+                return Ok(Some(self.mark_read(batch)));
+            }
+            if self.checked || self.unread.is_empty() {
+                return Ok(None);
+            }
+            self.checked = true;
+            let missing: Vec<String> = self.unread.drain().collect();
+            let calls = missing.len();
+            let (groups, groupless) = lookup(conn, missing).await?;
+            self.groups = groups.into_iter().filter(|g| !self.read_groups.contains(g)).collect();
+            tracing::debug!(calls, groups = self.groups.len(), "touched calls found elsewhere than planned");
+            self.groupless = groupless.into();
+        }
+    }
+
+    fn mark_read(&mut self, batch: Batch) -> Batch {
+        for call in batch.current.keys() {
+            self.unread.remove(call);
+        }
+        batch
+    }
 }
 
 /// Touched groups recomputed per batch, each with all its calls (~5 on average in the
 /// benchmark's touched case groups); five times as many calls without a group.
-/// `CALLRECON_APPLY_BATCH_GROUPS` overrides it (tests use tiny batches). With the reader, up to
-/// three batches are in memory at once: one read, one waiting, one merged.
-const APPLY_BATCH_GROUPS: usize = 20_000;
+/// `CALLRECON_APPLY_BATCH_GROUPS` overrides it (tests use tiny batches). With the reader, the
+/// run's connection writes a batch while the next ones are read and merged, so the first write
+/// starts sooner with smaller batches: the nightly's 12k groups in batches of 5,000 rather than
+/// 20,000 left its connection idle 0.2 s less. Up to five batches are in memory at once: read,
+/// waiting, merged, waiting, written.
+const APPLY_BATCH_GROUPS: usize = 5_000;
 
 /// Reads the touched targets on a second connection while the run's connection stores this
 /// run's events, so PostgreSQL does both at once: the nightly's two biggest steps. The run's
@@ -157,7 +261,7 @@ const APPLY_BATCH_GROUPS: usize = 20_000;
 ///
 /// The reader sees the database as committed when it starts: the caller holds the apply lock
 /// (no other run's decisions can commit meanwhile) and none of this run's writes. What it
-/// misses is exactly this run's decisions, given to [`Reader::finish`] as a [`ThisRun`]; the
+/// misses is exactly this run's decisions, given to [`Reader::merge`] as a [`ThisRun`]; the
 /// stored events whose decision this run rewrote (`stale`) are left out of what it reads.
 pub struct Reader {
     task: tokio::task::JoinHandle<Result<()>>,
@@ -180,9 +284,8 @@ impl Reader {
                 .await
                 .context("starting the apply reader's transaction")?;
             sqlx::query(NO_MEMOIZE).execute(&mut *tx).await?;
-            let (groups, groupless) = targets.resolve(&mut tx).await?;
-            for (groups, groupless) in batches(&groups, &groupless) {
-                let batch = Batch::read(&mut tx, groups, groupless, &stale).await?;
+            let mut plan = targets.resolve(&mut tx).await?;
+            while let Some(batch) = plan.next(&mut tx, &stale).await? {
                 if send.send(batch).await.is_err() {
                     break; // the run failed: it reports its own error
                 }
@@ -193,16 +296,61 @@ impl Reader {
         Reader { task, batches: receive, started }
     }
 
-    /// Merges what the reader read with this run's decisions, and writes the changes on the
-    /// run's connection.
-    pub async fn finish(mut self, conn: &mut PgConnection, this_run: ThisRun) -> Result<Applied> {
+    /// Starts merging what the reader reads with this run's decisions, on another thread: the
+    /// run's connection meanwhile stores this run's events, then writes each merged batch
+    /// ([`Merging::write`]) while the next is merged. `more` completes `this_run` on that
+    /// thread first (with the run's new events, from memory).
+    pub fn merge(self, this_run: ThisRun, more: impl FnOnce(&mut ThisRun) + Send + 'static) -> Merging {
+        let Reader { task, mut batches, started } = self;
+        let (send, merged) = tokio::sync::mpsc::channel::<Merged>(1);
+        let merger = tokio::spawn(async move {
+            let mut this_run = this_run;
+            let this_run = tokio::task::spawn_blocking(move || {
+                more(&mut this_run);
+                std::sync::Arc::new(this_run)
+            })
+            .await
+            .context("adding this run's events")?;
+            while let Some(batch) = batches.recv().await {
+                let this_run = this_run.clone();
+                let m = tokio::task::spawn_blocking(move || {
+                    let m = batch.merge(&this_run);
+                    drop(batch);
+                    m
+                })
+                .await
+                .context("merging a batch")?;
+                if send.send(m).await.is_err() {
+                    break; // the write failed: the run reports it
+                }
+            }
+            // Freed off the run's path.
+            std::thread::spawn(move || drop(this_run));
+            anyhow::Ok(())
+        });
+        Merging { reader: task, merger, merged, started }
+    }
+}
+
+/// Batches read and merged, waiting to be written ([`Reader::merge`]).
+pub struct Merging {
+    reader: tokio::task::JoinHandle<Result<()>>,
+    merger: tokio::task::JoinHandle<Result<()>>,
+    merged: tokio::sync::mpsc::Receiver<Merged>,
+    started: std::time::Instant,
+}
+
+impl Merging {
+    /// Writes the changes on the run's connection, batch by batch as they are merged.
+    pub async fn write(self, conn: &mut PgConnection) -> Result<Applied> {
+        let Merging { reader, merger, mut merged, started } = self;
         let mut out = Outcome::default();
-        while let Some(batch) = self.batches.recv().await {
-            out.merge_and_write(conn, batch, &this_run).await?;
+        while let Some(m) = merged.recv().await {
+            out.write(conn, m).await?;
         }
-        self.task.await.context("the apply reader")?.context("reading touched targets on a second connection")?;
-        std::thread::spawn(move || drop(this_run));
-        out.finish(conn, self.started).await
+        merger.await.context("the apply merger")??;
+        reader.await.context("the apply reader")?.context("reading touched targets on a second connection")?;
+        out.finish(conn, started).await
     }
 }
 
@@ -237,17 +385,24 @@ impl ThisRun {
         Ok(this_run)
     }
 
-    /// Adds a new event matched to `target` from memory: its metadata, and the group part it was
-    /// stored with (for an event matched to a call; empty for none).
+    /// Adds a new event matched to `target` from memory, before it is stored: its metadata, and
+    /// the group part it is stored with (for an event matched to a call; empty for none).
+    /// `position` is its place in this run's arrival order, which its id will follow.
+    ///
+    /// Merge ties go by id, and the event has none yet. It needs none: its id will be larger than
+    /// that of every event the reader sees. Those were stored by transactions that committed
+    /// before this run took the apply lock (every run holds it until it ends, and takes it before
+    /// it commits events), so they drew their ids before this run's events draw theirs.
     pub fn push_new(
         &mut self,
-        id: i64,
+        position: usize,
         time: DateTime<Utc>,
         metadata: &Map<String, Value>,
         part: &Map<String, Value>,
         kind: &str,
         target: String,
     ) {
+        let id = NEW_EVENTS_ORDER + position as i64;
         let part = (!part.is_empty()).then(|| Contribution::of(time, id, part));
         self.add(kind, target, Contribution::of(time, id, metadata), part);
     }
@@ -279,6 +434,9 @@ impl ThisRun {
     }
 }
 
+/// Where this run's new events come in the merge's tie order, above every stored event's id.
+const NEW_EVENTS_ORDER: i64 = 1 << 62;
+
 /// The SQL joining each row `c` of calls with the events matched to it (probed by index).
 macro_rules! events_of_c {
     () => {
@@ -301,8 +459,8 @@ struct Batch {
 }
 
 impl Batch {
-    /// Reads `groups` with every call in them, and `groupless` calls (given in heap order),
-    /// leaving out the events in `stale`.
+    /// Reads `groups` with every call in them, and those of the `groupless` calls (given in heap
+    /// order) that have no group, leaving out the events in `stale`.
     async fn read(
         conn: &mut PgConnection,
         groups: &[String],
@@ -341,7 +499,7 @@ impl Batch {
                     "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
                  from unnest($1::text[]) u(id)
                  cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                     from calls c where c.id = u.id offset 0) c ",
+                                     from calls c where c.id = u.id and c.call_group_id is null offset 0) c ",
                     events_of_c!()
                 ),
                 groupless,

@@ -76,9 +76,10 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
     let mut conn = pool.acquire().await?;
     let (call_fields, group_fields) = calldata::fields(job);
     let (before, after) = job.max_window();
-    let calls = calldata::load_calls(&mut conn, &call_fields, time, time, (before + LOOK_AROUND, after + LOOK_AROUND))
-        .await
-        .context("reading calls around the event")?;
+    let (calls, _) =
+        calldata::load_calls(&mut conn, &call_fields, time, time, (before + LOOK_AROUND, after + LOOK_AROUND))
+            .await
+            .context("reading calls around the event")?;
     let filters = calldata::group_filters(job, &[&metadata.0]);
     let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
     let steps = explain::explain(&job.rules, time.timestamp_micros(), &metadata.0, &calls, &groups);

@@ -4,8 +4,10 @@
 //! lock; inbox files move to the archive only after it commits, and a dry run rolls it back. The
 //! `runs` row is written outside that transaction so failed and dry runs are recorded too.
 
-use std::collections::{BTreeMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
@@ -116,11 +118,11 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
 
     let result = async {
-        let mut work = Work::new(job, run_id, started_at);
+        let mut work = Work::new(job, pool, run_id, started_at);
         if matches!(mode, Mode::Run) {
             work.ingest(&mut tx).await.context("ingesting events")?;
         }
-        let applied = work.match_and_apply(&mut tx, pool, mode).await?;
+        let applied = work.match_and_apply(&mut tx, mode).await?;
         let mut report = work.report(&mut tx, kind, dry_run, applied).await?;
         tracing::debug!("report built");
         if dry_run {
@@ -203,13 +205,14 @@ async fn notify(pool: &PgPool, job: &Job, run_id: i64, body: Value) {
     }
 }
 
-/// A pending event as read back for matching.
-struct Pending {
+/// A pending event as read back for matching, or one this run ingested.
+struct Pending<'e> {
     id: i64,
     session_id: Option<String>,
     time: DateTime<Utc>,
     received_at: DateTime<Utc>,
-    metadata: Map<String, Value>,
+    /// Of an event read back, only the keys matching and apply look at ([`kept_keys`]).
+    metadata: Cow<'e, Map<String, Value>>,
     /// The decision before this run: target (kind, id) when matched, and the rule.
     old: Option<(TargetKind, String)>,
     old_rule: Option<String>,
@@ -220,21 +223,15 @@ struct Pending {
     old_group_part: Map<String, Value>,
 }
 
-impl Pending {
+impl<'e> Pending<'e> {
     /// An event this run ingested, not stored yet: `id` stands in until it is.
-    fn fresh(id: i64, e: &NewEvent, keep: &HashSet<&str>) -> Self {
+    fn fresh(id: i64, e: &'e NewEvent) -> Self {
         Pending {
             id,
             session_id: e.event.session_id.clone(),
             time: e.event.event_time,
             received_at: e.received_at,
-            metadata: e
-                .event
-                .metadata
-                .iter()
-                .filter(|(k, _)| keep.contains(k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            metadata: Cow::Borrowed(&e.event.metadata),
             old: None,
             old_rule: None,
             old_state: "pending".into(),
@@ -259,6 +256,8 @@ fn kept_keys(job: &Job) -> HashSet<&str> {
 /// The state of a run in progress.
 struct Work<'j> {
     job: &'j Job,
+    /// For reads on other connections than the run's (matching's call groups, apply's reader).
+    pool: &'j PgPool,
     run_id: i64,
     now: DateTime<Utc>,
     ingested: u64,
@@ -276,12 +275,15 @@ struct Work<'j> {
     /// time range and hold the calls of all of it (3 GiB for 1.2M events over 60 days).
     backlog: bool,
     /// The fresh events, decided: stored just before apply, while apply's reader reads.
-    decided_fresh: Option<(DecisionRows, Vec<NewEvent>)>,
+    decided_fresh: Option<Arc<Fresh>>,
     /// Stored events whose decision this run rewrote, while at most a page of them.
     stale: Option<Vec<i64>>,
     /// Targets whose set of matched events changed: what apply recomputes.
-    touched_calls: HashSet<String>,
-    touched_groups: HashSet<String>,
+    touched_calls: foldhash::HashSet<String>,
+    touched_groups: foldhash::HashSet<String>,
+    /// Where matching saw the calls it matched, while apply may read on a second connection
+    /// (as long as `stale` is kept): that reader then looks up only the other touched calls.
+    hints: Option<foldhash::HashMap<String, apply::Hint>>,
     times: StageTimes,
 }
 
@@ -299,9 +301,10 @@ struct StageTimes {
 }
 
 impl<'j> Work<'j> {
-    fn new(job: &'j Job, run_id: i64, now: DateTime<Utc>) -> Self {
+    fn new(job: &'j Job, pool: &'j PgPool, run_id: i64, now: DateTime<Utc>) -> Self {
         Work {
             job,
+            pool,
             run_id,
             now,
             ingested: 0,
@@ -314,8 +317,9 @@ impl<'j> Work<'j> {
             backlog: false,
             decided_fresh: None,
             stale: Some(Vec::new()),
-            touched_calls: HashSet::new(),
-            touched_groups: HashSet::new(),
+            touched_calls: Default::default(),
+            touched_groups: Default::default(),
+            hints: Some(Default::default()),
             times: StageTimes::default(),
         }
     }
@@ -462,11 +466,11 @@ impl<'j> Work<'j> {
             return Ok(());
         }
         let fresh = std::mem::take(&mut self.fresh);
-        let keep = kept_keys(self.job);
         // Until they are stored they have no id: their position stands in for it.
-        let pending: Vec<Pending> = fresh.iter().enumerate().map(|(i, e)| Pending::fresh(i as i64, e, &keep)).collect();
+        let pending: Vec<Pending> = fresh.iter().enumerate().map(|(i, e)| Pending::fresh(i as i64, e)).collect();
         let t = std::time::Instant::now();
-        let outcomes = decide(conn, self.job, &pending).await?;
+        let (outcomes, hints) = decide(conn, self.pool, self.job, &pending).await?;
+        self.keep_hints(hints);
         self.times.match_ms += t.elapsed().as_millis() as u64;
         self.times.events += pending.len();
         let mut rows = DecisionRows::default();
@@ -475,27 +479,27 @@ impl<'j> Work<'j> {
             rows.push(p, outcome, expired, &self.job.group_fields, Write::Always);
         }
         tracing::debug!(events = fresh.len(), "new events decided");
-        self.decided_fresh = Some((rows, fresh));
+        self.decided_fresh = Some(Arc::new(Fresh { rows, events: fresh }));
         Ok(())
     }
 
     /// Stores the fresh events with their decisions, in arrival order (their ids follow it:
-    /// arrival order breaks merge ties); adds the matched ones to `this_run`, when given.
-    async fn store_fresh(&mut self, conn: &mut PgConnection, this_run: Option<&mut apply::ThisRun>) -> Result<()> {
-        let Some((rows, fresh)) = self.decided_fresh.take() else { return Ok(()) };
+    /// arrival order breaks merge ties).
+    async fn store_fresh(&mut self, conn: &mut PgConnection) -> Result<()> {
+        let Some(fresh) = self.decided_fresh.take() else { return Ok(()) };
         let t = std::time::Instant::now();
-        let ids = rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh).await?;
-        if let Some(this_run) = this_run {
-            // From memory: what the insert stored, printed as PostgreSQL prints jsonb.
-            for (i, (id, e)) in ids.into_iter().zip(&fresh).enumerate() {
-                if let (Some(kind), Some(target)) = (rows.kind[i], &rows.target[i]) {
-                    let part = group_part(&e.event.metadata, kind, &self.job.group_fields);
-                    this_run.push_new(id, e.event.event_time, &e.event.metadata, &part, kind, target.clone());
-                }
-            }
-        }
-        tracing::info!(events = fresh.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
+        fresh.rows.insert(conn, &self.job.name, self.run_id, &self.job.rules_fingerprint, &fresh.events).await?;
+        tracing::info!(events = fresh.events.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
+        // Hundreds of thousands of small allocations: freed off the run's path.
+        std::thread::spawn(move || drop(fresh));
         Ok(())
+    }
+
+    /// Keeps where matching saw the calls it matched, while apply may use it.
+    fn keep_hints(&mut self, hints: foldhash::HashMap<String, apply::Hint>) {
+        if let Some(kept) = &mut self.hints {
+            kept.extend(hints);
+        }
     }
 
     /// Books one decision: the targets it touches, a new match's count, a rematch's diff.
@@ -516,7 +520,12 @@ impl<'j> Work<'j> {
         }
         if let (Outcome::Matched { rule, .. }, None) = (outcome, &p.old) {
             self.matched += 1;
-            *self.by_rule.entry(rule.clone()).or_default() += 1;
+            match self.by_rule.get_mut(rule) {
+                Some(n) => *n += 1,
+                None => {
+                    self.by_rule.insert(rule.clone(), 1);
+                }
+            }
         }
         if let Mode::Rematch { .. } = mode {
             record_change(self.diff.get_or_insert_with(Diff::default), p, outcome);
@@ -531,7 +540,7 @@ impl<'j> Work<'j> {
     /// Events are read, decided and stored a page at a time in (EventTime, id) order, so
     /// memory does not grow with the number of events in scope; only the touched targets and a
     /// rematch's list of changes are kept across pages.
-    async fn match_and_apply(&mut self, conn: &mut PgConnection, pool: &PgPool, mode: Mode) -> Result<Applied> {
+    async fn match_and_apply(&mut self, conn: &mut PgConnection, mode: Mode) -> Result<Applied> {
         let page = page_events();
         let mut cursor = match mode {
             Mode::Rematch { since: Some(since), .. } => (since, i64::MIN),
@@ -546,7 +555,8 @@ impl<'j> Work<'j> {
             self.times.events += pending.len();
             self.times.read += pending.len();
             let t = std::time::Instant::now();
-            let outcomes = decide(conn, self.job, &pending).await?;
+            let (outcomes, hints) = decide(conn, self.pool, self.job, &pending).await?;
+            self.keep_hints(hints);
             self.times.match_ms += t.elapsed().as_millis() as u64;
 
             let mut rows = DecisionRows::default();
@@ -562,6 +572,7 @@ impl<'j> Work<'j> {
                 stale.extend(&rows.id);
                 if stale.len() > page {
                     self.stale = None;
+                    self.hints = None;
                 }
             }
             if pending.len() < page {
@@ -580,7 +591,7 @@ impl<'j> Work<'j> {
         let groups: Vec<String> = std::mem::take(&mut self.touched_groups).into_iter().collect();
         let pb = progress::spinner("apply", "targets");
         pb.set_message(format!("recomputing {} calls, {} groups and their group members", calls.len(), groups.len()));
-        let applied = self.apply(conn, pool, &calls, &groups).await;
+        let applied = self.apply(conn, &calls, &groups).await;
         pb.finish_and_clear();
         applied
     }
@@ -588,17 +599,11 @@ impl<'j> Work<'j> {
     /// Stores the fresh events and applies. When this run's decisions are few enough to hold
     /// (at most a page), the touched targets are read on a second connection meanwhile
     /// ([`apply::Reader`]); otherwise, or when no connection is free, one after the other.
-    async fn apply(
-        &mut self,
-        conn: &mut PgConnection,
-        pool: &PgPool,
-        calls: &[String],
-        groups: &[String],
-    ) -> Result<Applied> {
-        let fresh = self.decided_fresh.as_ref().map_or(0, |(rows, _)| rows.id.len());
+    async fn apply(&mut self, conn: &mut PgConnection, calls: &[String], groups: &[String]) -> Result<Applied> {
+        let fresh = self.decided_fresh.as_ref().map_or(0, |f| f.rows.id.len());
         let reader = match &self.stale {
             Some(stale) if stale.len() + fresh <= page_events() && apply_reader_enabled() => {
-                match tokio::time::timeout(std::time::Duration::from_secs(2), pool.acquire()).await {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), self.pool.acquire()).await {
                     Ok(Ok(reader)) => Some(reader),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "no second connection for apply's reads; reading after storing");
@@ -613,18 +618,26 @@ impl<'j> Work<'j> {
             _ => None,
         };
         let Some(reader) = reader else {
-            self.store_fresh(conn, None).await?;
+            self.store_fresh(conn).await?;
             return apply::apply(conn, calls, groups).await;
         };
         let started = std::time::Instant::now();
         apply::lock(conn).await?;
-        let targets = apply::Targets::take_changes(conn, calls, groups).await?;
+        let hints = self.hints.take().unwrap_or_default();
+        let targets = apply::Targets::take_changes(conn, calls, groups).await?.with_hints(hints);
         let stale = self.stale.take().unwrap_or_default();
         let reader = apply::Reader::start(reader, targets, stale.iter().copied().collect());
-        let mut this_run = apply::ThisRun::read(conn, &stale).await?;
-        self.store_fresh(conn, Some(&mut this_run)).await?;
+        let this_run = apply::ThisRun::read(conn, &stale).await?;
+        // The reader's batches are merged with this run's events while they are stored.
+        let (fresh, group_fields) = (self.decided_fresh.clone(), self.job.group_fields.clone());
+        let merging = reader.merge(this_run, move |this_run| {
+            if let Some(fresh) = fresh {
+                fresh.add_matches(this_run, &group_fields);
+            }
+        });
+        self.store_fresh(conn).await?;
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
-        reader.finish(conn, this_run).await
+        merging.write(conn).await
     }
 
     async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
@@ -698,7 +711,7 @@ async fn load_in_scope(
     mode: Mode,
     (after_time, after_id): (DateTime<Utc>, i64),
     limit: usize,
-) -> Result<Vec<Pending>> {
+) -> Result<Vec<Pending<'static>>> {
     type Row = (
         i64,
         Option<String>,
@@ -764,7 +777,7 @@ async fn load_in_scope(
                 session_id,
                 time,
                 received_at,
-                metadata,
+                metadata: Cow::Owned(metadata),
                 old: match (kind.as_deref(), target) {
                     (Some("call"), Some(t)) => Some((TargetKind::Call, t)),
                     (Some("call_group"), Some(t)) => Some((TargetKind::CallGroup, t)),
@@ -815,41 +828,69 @@ fn parse_keeping(json: &str, keep: &HashSet<&str>) -> Result<Map<String, Value>>
 }
 
 /// Outcomes for `events`, in their order: SessionId attaches, then the rule cascade over the
-/// sessionless ones in time-ordered chunks.
-async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Result<Vec<Outcome>> {
+/// sessionless ones in time-ordered chunks. With them, where each matched call was when read.
+async fn decide(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    job: &Job,
+    events: &[Pending<'_>],
+) -> Result<(Vec<Outcome>, foldhash::HashMap<String, apply::Hint>)> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+    let mut hints = foldhash::HashMap::default();
 
     let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
-    if !with_session.is_empty() {
+    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_none()).collect();
+    sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
+    let (call_fields, group_fields) = calldata::fields(job);
+    let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events()).collect();
+
+    // The call groups are read on a second connection while the run's connection reads the
+    // calls: committed call data either way (the run writes none before apply).
+    let groups = async {
+        if sessionless.is_empty() || group_fields.is_empty() {
+            return Ok(Default::default());
+        }
+        let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
+        let filters = calldata::group_filters(job, &metas);
+        let mut other = pool.acquire().await.context("connecting to read call groups")?;
+        calldata::load_groups(&mut other, &group_fields, filters.as_deref()).await
+    };
+    let calls = async {
         let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
-        let calls = calldata::calls_by_session(conn, &sessions).await?;
+        let by_session =
+            if sessions.is_empty() { Default::default() } else { calldata::calls_by_session(conn, &sessions).await? };
+        let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
+        anyhow::Ok((by_session, calls))
+    };
+    let (groups, (by_session, mut calls)) = tokio::try_join!(groups, calls)?;
+
+    if !with_session.is_empty() {
+        let calls = by_session;
+        let ids: HashMap<String, String> = calls.iter().map(|(s, c)| (s.clone(), c.id.clone())).collect();
         let attached =
-            matching::attach_by_session(with_session.iter().filter_map(|&i| events[i].session_id.as_deref()), &calls);
+            matching::attach_by_session(with_session.iter().filter_map(|&i| events[i].session_id.as_deref()), &ids);
         for (i, o) in with_session.into_iter().zip(attached) {
+            if let (Outcome::Matched { .. }, Some(call)) =
+                (&o, events[i].session_id.as_ref().and_then(|s| calls.get(s)))
+            {
+                hints.insert(call.id.clone(), call.hint.clone());
+            }
             outcomes[i] = Some(o);
         }
     }
 
-    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_none()).collect();
     if !sessionless.is_empty() {
-        sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
-        let (call_fields, group_fields) = calldata::fields(job);
-        let groups = if group_fields.is_empty() {
-            Default::default()
-        } else {
-            let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &events[i].metadata).collect();
-            let filters = calldata::group_filters(job, &metas);
-            calldata::load_groups(conn, &group_fields, filters.as_deref()).await?
-        };
         let pb = progress::bar("match", sessionless.len() as u64, "events");
-        let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events()).collect();
-        pb.set_message("reading calls");
-        let mut calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
         // On a multi-threaded runtime the next chunk's calls are read while this chunk is
         // matched: PostgreSQL formats and sends rows while polars joins.
         let overlap = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
         for (k, chunk) in chunks.iter().enumerate() {
-            tracing::debug!(events = chunk.len(), calls = calls.ids.len(), groups = groups.ids.len(), "matching chunk");
+            tracing::debug!(
+                events = chunk.len(),
+                calls = calls.0.ids.len(),
+                groups = groups.ids.len(),
+                "matching chunk"
+            );
             let input: Vec<EventIn> = chunk
                 .iter()
                 .map(|&i| EventIn {
@@ -858,14 +899,14 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
                     metadata: &events[i].metadata,
                 })
                 .collect();
-            pb.set_message(format!("matching against {} calls", calls.ids.len()));
+            pb.set_message(format!("matching against {} calls", calls.0.ids.len()));
             let next = chunks.get(k + 1);
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
             let (decided, next_calls) = if overlap && next.is_some() {
                 let handle = tokio::runtime::Handle::current();
                 tokio::task::block_in_place(|| {
                     std::thread::scope(|s| {
-                        let matching = s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups));
+                        let matching = s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups));
                         let next_calls =
                             handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied()));
                         (matching.join(), next_calls)
@@ -873,14 +914,17 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
                 })
             } else {
                 let decided = std::thread::scope(|s| {
-                    s.spawn(|| engine::match_events(&job.rules, &input, &calls, &groups)).join()
+                    s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups)).join()
                 });
                 (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied()).await)
             };
             let decided = decided
                 .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
                 .context("matching sessionless events")?;
-            for (&i, o) in chunk.iter().zip(decided) {
+            for (&i, (o, at)) in chunk.iter().zip(decided) {
+                if let (Outcome::Matched { kind: TargetKind::Call, target, .. }, Some(at)) = (&o, at) {
+                    hints.insert(target.clone(), calls.1.hint(at as usize));
+                }
                 outcomes[i] = Some(o);
             }
             pb.inc(chunk.len() as u64);
@@ -888,7 +932,7 @@ async fn decide(conn: &mut PgConnection, job: &Job, events: &[Pending]) -> Resul
         }
         pb.finish_and_clear();
     }
-    Ok(outcomes.into_iter().map(|o| o.expect("every event decided")).collect())
+    Ok((outcomes.into_iter().map(|o| o.expect("every event decided")).collect(), hints))
 }
 
 /// The calls a chunk of sessionless events can match; none to read without a chunk or when no
@@ -897,9 +941,9 @@ async fn calls_for(
     conn: &mut PgConnection,
     job: &Job,
     fields: &[crate::job::TargetField],
-    events: &[Pending],
+    events: &[Pending<'_>],
     chunk: Option<&[usize]>,
-) -> Result<engine::Targets> {
+) -> Result<(engine::Targets, calldata::Placement)> {
     match chunk {
         Some(c) if !fields.is_empty() => {
             let (from, to) = (events[c[0]].time, events[*c.last().expect("non-empty chunk")].time);
@@ -917,6 +961,25 @@ fn group_part(metadata: &Map<String, Value>, kind: &str, group_fields: &[String]
         return Map::new();
     }
     group_fields.iter().filter_map(|f| metadata.get(f).map(|v| (f.clone(), v.clone()))).collect()
+}
+
+/// This run's new events, decided, until they are stored.
+struct Fresh {
+    rows: DecisionRows,
+    events: Vec<NewEvent>,
+}
+
+impl Fresh {
+    /// Adds the events matched to `this_run`, from memory: what [`Work::store_fresh`] stores,
+    /// printed as PostgreSQL prints jsonb.
+    fn add_matches(&self, this_run: &mut apply::ThisRun, group_fields: &[String]) {
+        for (i, e) in self.events.iter().enumerate() {
+            if let (Some(kind), Some(target)) = (self.rows.kind[i], &self.rows.target[i]) {
+                let part = group_part(&e.event.metadata, kind, group_fields);
+                this_run.push_new(i, e.event.event_time, &e.event.metadata, &part, kind, target.clone());
+            }
+        }
+    }
 }
 
 /// Decisions as columns, written with one statement per batch.
@@ -983,7 +1046,7 @@ impl DecisionRows {
     }
 
     /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
-    /// decisions; ids are assigned in that order. Returns the ids, in that order.
+    /// decisions; ids are assigned in that order.
     async fn insert(
         &self,
         conn: &mut PgConnection,
@@ -991,9 +1054,8 @@ impl DecisionRows {
         run_id: i64,
         fingerprint: &str,
         events: &[NewEvent],
-    ) -> Result<Vec<i64>> {
+    ) -> Result<()> {
         debug_assert_eq!(self.id.len(), events.len());
-        let mut ids = Vec::with_capacity(events.len());
         for start in (0..events.len()).step_by(ingest::STORE_CHUNK) {
             let range = start..(start + ingest::STORE_CHUNK).min(events.len());
             let columns = ingest::EventColumns::of(&events[range.clone()])?;
@@ -1006,27 +1068,15 @@ impl DecisionRows {
                  from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
                              $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
                       with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
-                 order by ord
-                 returning id",
+                 order by ord",
             )
             .bind(job)
             .bind(run_id)
             .bind(fingerprint);
             let statement = columns.bind(statement);
-            let mut stored: Vec<i64> = self
-                .bind_decisions(statement, range)
-                .fetch_all(&mut *conn)
-                .await
-                .context("storing events")?
-                .iter()
-                .map(|row| sqlx::Row::try_get(row, 0))
-                .collect::<Result<_, _>>()?;
-            // The sequence hands out increasing ids in insertion order, whatever order
-            // RETURNING lists them in.
-            stored.sort_unstable();
-            ids.extend(stored);
+            self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Binds the decision columns of `range`: state, kind, target, rule, group part, reason and

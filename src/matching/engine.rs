@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::HashMapExt as _;
+
 use polars::prelude::*;
 use serde_json::{Map, Value};
 
@@ -41,7 +43,17 @@ pub fn match_events(
     calls: &Targets,
     groups: &Targets,
 ) -> PolarsResult<Vec<Outcome>> {
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+    Ok(match_events_at(rules, events, calls, groups)?.into_iter().map(|(o, _)| o).collect())
+}
+
+/// [`match_events`], with the index of each matched target in its [`Targets`].
+pub fn match_events_at(
+    rules: &[Rule],
+    events: &[EventIn],
+    calls: &Targets,
+    groups: &Targets,
+) -> PolarsResult<Vec<(Outcome, Option<u32>)>> {
+    let mut outcomes: Vec<Option<(Outcome, Option<u32>)>> = vec![None; events.len()];
     let mut some_key_present = vec![false; events.len()];
     let mut cache = NormCache::default();
 
@@ -78,7 +90,7 @@ pub fn match_events(
         let pairs = candidate_pairs(rule, events, &ev_idx, ev_keys, targets, &mut cache)?;
 
         // Group candidates by event; decide.
-        let mut by_event: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
+        let mut by_event: foldhash::HashMap<u32, Vec<(i64, u32)>> = foldhash::HashMap::new();
         for (e, c) in pairs {
             let t = events[e as usize].time;
             let dist = match rule.target {
@@ -95,16 +107,12 @@ pub fn match_events(
                 (_, Ambiguous::Report) => false,
             };
             outcomes[e as usize] = Some(if decided {
-                Outcome::Matched { rule: rule.name.clone(), kind, target: targets.ids[cands[0].1 as usize].clone() }
+                let target = targets.ids[cands[0].1 as usize].clone();
+                (Outcome::Matched { rule: rule.name.clone(), kind, target }, Some(cands[0].1))
             } else {
-                Outcome::Unmatched {
-                    reason: Reason::Ambiguous,
-                    candidates: cands
-                        .iter()
-                        .take(MAX_CANDIDATES)
-                        .map(|(_, c)| targets.ids[*c as usize].clone())
-                        .collect(),
-                }
+                let candidates =
+                    cands.iter().take(MAX_CANDIDATES).map(|(_, c)| targets.ids[*c as usize].clone()).collect();
+                (Outcome::Unmatched { reason: Reason::Ambiguous, candidates }, None)
             });
         }
     }
@@ -113,9 +121,9 @@ pub fn match_events(
         .into_iter()
         .zip(some_key_present)
         .map(|(o, present)| {
-            o.unwrap_or(Outcome::Unmatched {
-                reason: if present { Reason::NoCandidate } else { Reason::MissingKey },
-                candidates: Vec::new(),
+            o.unwrap_or_else(|| {
+                let reason = if present { Reason::NoCandidate } else { Reason::MissingKey };
+                (Outcome::Unmatched { reason, candidates: Vec::new() }, None)
             })
         })
         .collect())

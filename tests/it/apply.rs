@@ -221,6 +221,78 @@ async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool:
     assert_eq!(group_meta(&pool, "g2").await, json!({"crmAccountId": "A-2"}));
 }
 
+/// Apply reads each touched call where matching saw it (its hint) and checks: a call that
+/// changed group in between is recomputed where it is now. Here the hints are wrong both ways.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_call_found_elsewhere_than_matching_saw_it_is_recomputed_where_it_is(pool: PgPool) {
+    use callrecon::apply;
+    add_group(&pool, "g1", json!({})).await;
+    add_group(&pool, "g2", json!({})).await;
+    Call::new("grouped", "2026-11-02T10:00:00Z", None).group("g1").insert(&pool).await;
+    Call::new("sibling", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
+    Call::new("solo", "2026-11-02T12:00:00Z", None).insert(&pool).await;
+    Call::new("other", "2026-11-02T13:00:00Z", None).group("g2").insert(&pool).await;
+    // Events matched and stored, not applied yet.
+    for (call, metadata, part) in [
+        ("grouped", json!({"accountTier": "gold", "own": 1}), json!({"accountTier": "gold"})),
+        ("solo", json!({"own": 2}), json!({})),
+    ] {
+        sqlx::query(
+            "insert into events (job, source, event_time, received_at, metadata, ingested_run, state,
+                                 target_kind, target_id, rule, group_part)
+             values ('test', 'queue:0', '2026-11-02T10:01:00Z', now(), $1, 0, 'matched', 'call', $2, 'r', $3)",
+        )
+        .bind(metadata)
+        .bind(call)
+        .bind(part)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let hints = [("grouped", None), ("solo", Some("g2"))]
+        .into_iter()
+        .map(|(call, group)| (call.to_owned(), apply::Hint { group: group.map(str::to_owned), block: 0 }))
+        .collect();
+
+    let mut tx = pool.begin().await.unwrap();
+    apply::lock(&mut tx).await.unwrap();
+    let touched = ["grouped".to_owned(), "solo".to_owned()];
+    let targets = apply::Targets::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
+    let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default());
+    let applied = reader.merge(apply::ThisRun::default(), |_| {}).write(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(applied, apply::Applied { calls_updated: 3, groups_updated: 1 });
+    assert_eq!(call_meta(&pool, "grouped").await, json!({"accountTier": "gold", "own": 1}));
+    assert_eq!(call_meta(&pool, "sibling").await, json!({"accountTier": "gold"}));
+    assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
+    assert_eq!(call_meta(&pool, "solo").await, json!({"own": 2}));
+    assert_eq!(call_meta(&pool, "other").await, json!({}));
+    assert_eq!(group_meta(&pool, "g2").await, json!({}));
+}
+
+/// A run merges its new events before they are stored, so before they have ids, which break
+/// ties of EventTime: a new event tied with a stored one wins, as the later arrival, and the
+/// value stays the same once both are stored and read back.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_new_event_tied_with_a_stored_one_wins_as_the_later_arrival(pool: PgPool) {
+    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    let at =
+        |time: &str, metadata: serde_json::Value| json!({"SessionId": "s1", "EventTime": time, "Metadata": metadata});
+    enqueue(&pool, at("2026-11-02T10:01:00Z", json!({"k": "first", "a": 1}))).await;
+    job.run(&pool).await;
+    enqueue(&pool, at("2026-11-02T10:01:00Z", json!({"k": "second"}))).await;
+    enqueue(&pool, at("2026-11-02T10:01:00Z", json!({"k": "third"}))).await;
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c1").await, json!({"k": "third", "a": 1}));
+    // Recomputed from the stored events alone.
+    enqueue(&pool, at("2026-11-02T09:00:00Z", json!({"b": 2}))).await;
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.calls_updated, 1);
+    assert_eq!(call_meta(&pool, "c1").await, json!({"k": "third", "a": 1, "b": 2}));
+}
+
 /// Two calls of the same caller, 15 minutes apart, to agents a1 and a2.
 async fn two_agent_calls(pool: &PgPool) {
     Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
