@@ -470,7 +470,6 @@ impl<'j> Work<'j> {
         let pending: Vec<Pending> = fresh.iter().enumerate().map(|(i, e)| Pending::fresh(i as i64, e)).collect();
         let t = std::time::Instant::now();
         let (outcomes, hints) = decide(conn, self.pool, self.job, &pending).await?;
-        self.keep_hints(hints);
         self.times.match_ms += t.elapsed().as_millis() as u64;
         self.times.events += pending.len();
         let mut rows = DecisionRows::default();
@@ -478,6 +477,7 @@ impl<'j> Work<'j> {
             let expired = self.book(p, outcome, Mode::Run);
             rows.push(p, outcome, expired, &self.job.group_fields, Write::Always);
         }
+        self.keep_hints(hints);
         tracing::debug!(events = fresh.len(), "new events decided");
         self.decided_fresh = Some(Arc::new(Fresh { rows, events: fresh }));
         Ok(())
@@ -495,10 +495,11 @@ impl<'j> Work<'j> {
         Ok(())
     }
 
-    /// Keeps where matching saw the calls it matched, while apply may use it.
+    /// Keeps where matching saw the calls it matched that apply will recompute (a rematch
+    /// confirms most matches), while apply may use it. Call after booking the decisions.
     fn keep_hints(&mut self, hints: foldhash::HashMap<String, apply::Hint>) {
         if let Some(kept) = &mut self.hints {
-            kept.extend(hints);
+            kept.extend(hints.into_iter().filter(|(call, _)| self.touched_calls.contains(call)));
         }
     }
 
@@ -556,7 +557,6 @@ impl<'j> Work<'j> {
             self.times.read += pending.len();
             let t = std::time::Instant::now();
             let (outcomes, hints) = decide(conn, self.pool, self.job, &pending).await?;
-            self.keep_hints(hints);
             self.times.match_ms += t.elapsed().as_millis() as u64;
 
             let mut rows = DecisionRows::default();
@@ -564,6 +564,7 @@ impl<'j> Work<'j> {
                 let expired = self.book(p, outcome, mode);
                 rows.push(p, outcome, expired, &self.job.group_fields, Write::IfChanged);
             }
+            self.keep_hints(hints);
             let t = std::time::Instant::now();
             rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
             self.times.store_ms += t.elapsed().as_millis() as u64;
