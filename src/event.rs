@@ -3,7 +3,7 @@
 //! Every source (queue, inbox files, the intake API) goes through [`parse`]; nothing downstream
 //! looks at raw payloads again.
 
-use chrono::{DateTime, LocalResult, NaiveDateTime, Offset as _, TimeZone, Utc};
+use chrono::{DateTime, Datelike as _, LocalResult, NaiveDateTime, Offset as _, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
@@ -80,6 +80,15 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
     let session_id = match session_id {
         None | Some((_, Value::Null)) => None,
         Some((_, Value::String(s))) if s.trim().is_empty() => None,
+        Some((key, Value::String(s))) if s.contains('\0') => {
+            return Err(invalid(key, format!("`{key}` contains the character U+0000, which PostgreSQL cannot store")));
+        }
+        Some((key, Value::String(s))) if s.trim().len() > MAX_SESSION_ID => {
+            return Err(invalid(
+                key,
+                format!("`{key}` is {} bytes long; a session id has at most {MAX_SESSION_ID}", s.trim().len()),
+            ));
+        }
         Some((_, Value::String(s))) => Some(s.trim().to_owned()),
         Some((key, other)) => {
             return Err(invalid(key, format!("`{key}` must be a string, found {}", kind(other))));
@@ -98,7 +107,14 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
 
     let metadata = match metadata {
         None => return Err(invalid("Metadata", "missing Metadata (a JSON object)".to_owned())),
-        Some((_, Value::Object(m))) => m.clone(),
+        Some((key, Value::Object(m))) => {
+            let mut size = 0;
+            for (k, v) in m {
+                storable(v, &mut format!("{key}.{k}"), &mut size).map_err(|reason| invalid(key, reason))?;
+                storable_str(k, &format!("{key} key {k:?}"), &mut size).map_err(|reason| invalid(key, reason))?;
+            }
+            m.clone()
+        }
         Some((key, other)) => {
             return Err(invalid(key, format!("`{key}` must be a JSON object, found {}", kind(other))));
         }
@@ -106,6 +122,111 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
 
     Ok(Event { session_id, event_time, metadata })
 }
+
+/// The longest SessionId accepted, in bytes: far beyond any provider's ids, and short enough for
+/// every index and message it goes into.
+pub const MAX_SESSION_ID: usize = 1_000;
+
+/// The largest Metadata accepted, as JSON text (PostgreSQL's jsonb holds up to 255 MiB; the
+/// intake API takes bodies of 1 MiB by default).
+pub const MAX_METADATA_BYTES: usize = 16 << 20;
+
+/// Checks that PostgreSQL can store `value` as jsonb exactly as it is: no U+0000 in a string or
+/// key, numbers within `numeric`'s range, and the whole within [`MAX_METADATA_BYTES`]. `path`
+/// names the value in the reason (`Metadata.acct`); `size` adds up the text's length.
+fn storable(value: &Value, path: &mut String, size: &mut usize) -> Result<(), String> {
+    match value {
+        Value::Null | Value::Bool(_) => *size += 5,
+        Value::String(s) => storable_str(s, path, size)?,
+        Value::Number(n) => {
+            let text = n.to_string();
+            *size += text.len();
+            numeric_storable(&text).map_err(|why| format!("{path}: the number {} {why}", shorten(&text)))?;
+        }
+        Value::Array(items) => {
+            let len = path.len();
+            for (i, item) in items.iter().enumerate() {
+                path.truncate(len);
+                path.push_str(&format!("[{i}]"));
+                storable(item, path, size)?;
+            }
+            path.truncate(len);
+        }
+        Value::Object(map) => {
+            let len = path.len();
+            for (k, v) in map {
+                path.truncate(len);
+                storable_str(k, &format!("{path} key {k:?}"), size)?;
+                path.push('.');
+                path.push_str(k);
+                storable(v, path, size)?;
+            }
+            path.truncate(len);
+        }
+    }
+    if *size > MAX_METADATA_BYTES {
+        return Err(format!("Metadata is larger than {} MiB", MAX_METADATA_BYTES >> 20));
+    }
+    Ok(())
+}
+
+fn storable_str(s: &str, what: &str, size: &mut usize) -> Result<(), String> {
+    *size += s.len() + 2;
+    if s.contains('\0') {
+        return Err(format!("{what} contains the character U+0000, which PostgreSQL cannot store"));
+    }
+    Ok(())
+}
+
+/// Whether PostgreSQL's `numeric` (which jsonb numbers are) can hold the JSON number `text`
+/// exactly: at most 131,072 digits before the decimal point and 16,383 after it.
+pub fn numeric_storable(text: &str) -> Result<(), String> {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => {
+            let e = e.strip_prefix('+').unwrap_or(e);
+            match e.parse::<i64>() {
+                Ok(e) if e.abs() < 1 << 30 => (m, e),
+                _ => return Err("has an exponent outside PostgreSQL's range".to_owned()),
+            }
+        }
+        None => (unsigned, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let decimals = frac.len() as i64 - exponent;
+    if decimals > 16_383 {
+        return Err(format!("has {decimals} decimal places; PostgreSQL keeps at most 16383"));
+    }
+    let digits = int.bytes().chain(frac.bytes());
+    let leading_zeros = digits.clone().take_while(|&d| d == b'0').count() as i64;
+    if leading_zeros < (int.len() + frac.len()) as i64 {
+        let whole = int.len() as i64 + exponent - leading_zeros;
+        if whole > 131_072 {
+            return Err(format!("has {whole} digits before the decimal point; PostgreSQL keeps at most 131072"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether PostgreSQL can store `payload` as jsonb exactly as it is (for putting payloads on
+/// the queue as given: `callrecon enqueue`); the reason names the value at fault.
+pub fn storable_payload(payload: &Value) -> Result<(), String> {
+    storable(payload, &mut "payload".to_owned(), &mut 0)
+}
+
+/// At most 40 characters of `s`, for messages.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// EventTimes accepted: 1900-01-01 (inclusive) to 2200-01-01 (exclusive), UTC. Outside it a
+/// time is an unset or corrupt value (an unset .NET `DateTime` is `0001-01-01T00:00:00Z`, its
+/// maximum `9999-12-31T23:59:59Z`), not a call's time, and would only overflow the matching
+/// windows' arithmetic.
+pub const EVENT_TIME_RANGE: (i32, i32) = (1900, 2200);
 
 /// Parses an EventTime in any form the contract allows.
 ///
@@ -115,6 +236,18 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
 /// skipped when clocks spring forward it is read with the offset in force before the change, so
 /// `02:30` on a spring-forward night in New York is 07:30Z (03:30 EDT).
 pub fn parse_time(raw: &str, tz: Tz) -> Result<DateTime<Utc>, String> {
+    let t = parse_any_time(raw, tz)?;
+    let (from, until) = EVENT_TIME_RANGE;
+    if !(from..until).contains(&t.year()) {
+        return Err(format!(
+            "{} is outside the accepted range {from}-01-01 to {until}-01-01 (an unset date?)",
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        ));
+    }
+    Ok(t)
+}
+
+fn parse_any_time(raw: &str, tz: Tz) -> Result<DateTime<Utc>, String> {
     let s = raw.trim();
     let b = s.as_bytes();
     if b.len() < 19 || !b[..4].iter().all(u8::is_ascii_digit) {

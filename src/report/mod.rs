@@ -289,12 +289,32 @@ pub fn render_html(report: &Report) -> Result<String> {
             })
         })
         .collect();
-    let r = minijinja::Value::from(minijinja::value::Serde(report));
-    let rows = minijinja::Value::from(minijinja::value::Serde(&rows));
-    let ageing = minijinja::Value::from(minijinja::value::Serde(&ageing));
+    let r = jinja(&serde_json::to_value(report)?);
+    let rows = jinja(&Value::Array(rows));
+    let ageing = jinja(&Value::Array(ageing));
     let started = short_time(report.started_at);
     let took = format!("{:.2} s", (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0);
     Ok(tmpl.render(minijinja::context! { r, rows, ageing, started, took })?)
+}
+
+/// A JSON value for the template. Not through serde: with `arbitrary_precision` serde_json
+/// hands its numbers to other serializers as a private struct holding the text.
+fn jinja(value: &Value) -> minijinja::Value {
+    match value {
+        Value::Null => minijinja::Value::from(()),
+        Value::Bool(b) => minijinja::Value::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => minijinja::Value::from(i),
+            (_, Some(u), _) => minijinja::Value::from(u),
+            (_, _, Some(f)) => minijinja::Value::from(f),
+            _ => minijinja::Value::from(n.to_string()),
+        },
+        Value::String(s) => minijinja::Value::from(s.as_str()),
+        Value::Array(items) => minijinja::Value::from(items.iter().map(jinja).collect::<Vec<_>>()),
+        Value::Object(map) => {
+            minijinja::Value::from(map.iter().map(|(k, v)| (k.clone(), jinja(v))).collect::<BTreeMap<_, _>>())
+        }
+    }
 }
 
 /// `2026-11-02 10:00:00 UTC`: what a person reads in a table.

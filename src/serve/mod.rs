@@ -185,23 +185,7 @@ fn check_body(body: &[u8]) -> (String, Result<(), Invalid>) {
         Err(e) => return not_json(format!("the body is not JSON: {e}")),
     };
     let Ok(text) = std::str::from_utf8(body) else { return not_json("the body is not UTF-8".to_owned()) };
-    if let Value::Object(fields) = &value {
-        // PostgreSQL's jsonb cannot hold U+0000: refuse it here rather than fail a whole batch.
-        if let Some((key, _)) = fields.iter().find(|(k, v)| k.contains('\0') || has_nul(v)) {
-            let reason = format!("`{key}` contains the character U+0000, which cannot be stored");
-            return (String::new(), Err(Invalid { field: Some(key.clone()), reason }));
-        }
-    }
     (text.to_owned(), event::parse_naming_field(&value, chrono_tz::UTC).map(drop))
-}
-
-fn has_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(a) => a.iter().any(has_nul),
-        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

@@ -117,28 +117,52 @@ async fn write_batch(pool: &PgPool, sequence: &str, batch: Vec<Item>) {
     let n = batch.len();
     let (submissions, mut answers): (Vec<Submission>, Vec<Option<oneshot::Sender<Outcome>>>) =
         batch.into_iter().map(|(s, a)| (s, Some(a))).unzip();
-    let mut answer = |i: usize, outcome: Outcome| {
+    fn answer(answers: &mut [Option<oneshot::Sender<Outcome>>], i: usize, outcome: Outcome) {
         if let Some(a) = answers[i].take() {
             // The client may have gone away; what was stored stays stored.
             let _ = a.send(outcome);
         }
-    };
-    match store(pool, sequence, &submissions, &mut answer).await {
+    }
+    match store(pool, sequence, &submissions, &mut |i, o| answer(&mut answers, i, o)).await {
         Ok(outcomes) => {
             let stored = outcomes.iter().filter(|o| matches!(o, Outcome::Stored { replayed: false, .. })).count();
             for (i, o) in outcomes.into_iter().enumerate() {
-                answer(i, o);
+                answer(&mut answers, i, o);
             }
             tracing::debug!(n, stored, ms = started.elapsed().as_secs_f64() * 1e3, "batch committed");
         }
-        Err(e) => {
+        Err(e) if n == 1 => {
             tracing::error!(
-                n,
-                error = format!("{e:#}"),
-                "storing a batch of events failed; answering 500, nothing stored"
+                error = crate::db::error_line(&e),
+                "storing an event failed; answering 500, nothing stored"
             );
-            for i in 0..n {
-                answer(i, Outcome::Failed);
+            answer(&mut answers, 0, Outcome::Failed);
+        }
+        Err(e) => {
+            // One submission the database refuses must not fail the others: each one still
+            // waiting is stored again in a transaction of its own.
+            tracing::warn!(
+                n,
+                error = crate::db::error_line(&e),
+                "storing a batch of events failed; storing them one by one"
+            );
+            for (i, sub) in submissions.iter().enumerate() {
+                if answers[i].is_none() {
+                    continue;
+                }
+                let alone =
+                    store(pool, sequence, std::slice::from_ref(sub), &mut |_, o| answer(&mut answers, i, o)).await;
+                let outcome = match alone {
+                    Ok(mut outcomes) => outcomes.pop().unwrap_or(Outcome::Failed),
+                    Err(e) => {
+                        tracing::error!(
+                            error = crate::db::error_line(&e),
+                            "storing an event failed; answering 500, nothing stored"
+                        );
+                        Outcome::Failed
+                    }
+                };
+                answer(&mut answers, i, outcome);
             }
         }
     }

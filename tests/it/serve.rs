@@ -733,3 +733,92 @@ async fn sigterm_answers_every_accepted_request_then_exits_0(pool: PgPool) {
     assert!(accepted.len() >= 100);
     assert_eq!(on_queue, accepted, "every request answered 200 is on the queue, and nothing else");
 }
+
+/// Issue 17: a number PostgreSQL's jsonb refuses was answered 500, and so was every request
+/// committed in the same batch.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn unstorable_values_get_400_naming_the_field(pool: PgPool) {
+    let server = Server::start(&pool).await;
+    let token = server.token(&poster(&pool).await).await;
+    let cases = [
+        (r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"x": 1e-20000}}"#, "Metadata", "decimal places"),
+        (r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"x": [1, 1e131072]}}"#, "Metadata", "Metadata.x[1]"),
+        (r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"k\u0000": 1}}"#, "Metadata", "U+0000"),
+        (r#"{"SessionId": "s\u0000", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#, "SessionId", "U+0000"),
+        // An unset .NET DateTime and its maximum.
+        (r#"{"EventTime": "0001-01-01T00:00:00Z", "Metadata": {}}"#, "EventTime", "outside the accepted range"),
+        (r#"{"eventTime": "9999-12-31T23:59:59Z", "Metadata": {}}"#, "eventTime", "outside the accepted range"),
+    ];
+    for (body, field, message) in cases {
+        let (status, answer) = server.post(Some(&token), None, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert_eq!(answer["field"], field, "{body}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains(message), "{body}: {answer}");
+    }
+    assert!(queued(&pool).await.is_empty());
+    server.stop().await;
+}
+
+/// Issue 17: one client re-sending a body the database refuses failed 22% of 63 honest
+/// clients' requests (those committed in the same group-commit batch).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_row_the_database_refuses_fails_only_its_own_request(pool: PgPool) {
+    // A body the parser accepts but the database refuses (as a constraint, a full tablespace or
+    // a bug of ours might): its row alone must fail.
+    sqlx::raw_sql(
+        "create function refuse_poison() returns trigger language plpgsql as $$
+         begin if new.payload->'Metadata' ? 'poison' then raise exception 'poison row'; end if; return new; end $$;
+         create trigger refuse_poison before insert on event_queue for each row execute function refuse_poison();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = Server::start(&pool).await;
+    let token = server.token(&poster(&pool).await).await;
+    let poison = r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"poison": 1}}"#;
+    let mut requests = tokio::task::JoinSet::new();
+    for round in 0..5 {
+        for n in 0..40 {
+            let (http, base, token) = (server.http.clone(), server.base.clone(), token.clone());
+            requests.spawn(async move {
+                let body = if n == 0 { poison.to_owned() } else { event(&format!("s{round}-{n}"), n) };
+                (n == 0, post_event(&http, &base, Some(&token), None, body).await.unwrap())
+            });
+        }
+    }
+    let (mut honest, mut refused) = (0, 0);
+    while let Some(done) = requests.join_next().await {
+        let (is_poison, (status, _, body)) = done.unwrap();
+        if is_poison {
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+            refused += 1;
+        } else {
+            assert_eq!(status, StatusCode::OK, "an honest request failed: {body}");
+            honest += 1;
+        }
+    }
+    assert_eq!((honest, refused), (195, 5));
+    assert_eq!(queued(&pool).await.len(), 195);
+    server.stop().await;
+}
+
+/// Issue 17: digits were lost on the way (`12345678901234567890123` stored as
+/// `12345678901234568000000`, `1.50` as `1.5`).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn posted_numbers_reach_the_call_digit_for_digit(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let server = Server::start(&pool).await;
+    let token = server.token(&poster(&pool).await).await;
+    let body = r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z",
+                  "Metadata": {"acct": 12345678901234567890123, "price": 1.50, "rate": 0.1000, "tiny": 1.5e-7, "big": 1E+2}}"#;
+    let (status, answer) = server.post(Some(&token), None, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    server.stop().await;
+    TestJob::new(RULES).run(&pool).await;
+    let text: String =
+        sqlx::query_scalar("select async_metadata::text from calls where id = 'c1'").fetch_one(&pool).await.unwrap();
+    assert_eq!(
+        text,
+        r#"{"big": 100, "acct": 12345678901234567890123, "rate": 0.1000, "tiny": 0.00000015, "price": 1.50}"#
+    );
+}
