@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
+use crate::event;
+
 /// One record read from a file, before it is parsed as an event.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -66,60 +68,259 @@ impl Format {
     }
 }
 
-/// The records of a file's content. `Err` when the file as a whole cannot be read (invalid JSON
-/// document, a CSV without an EventTime column, not UTF-8): the reason names the file.
+/// The records of a file's content. `Err` when the file as a whole cannot be read (nothing in it
+/// is JSON, a JSON array cut short, a CSV without an EventTime column or with an unreadable
+/// header): the reason names the file. Within a readable file a bad record (not UTF-8, not
+/// JSON, trailing text) is a record of its own, rejected with its line, and the others are kept.
+///
+/// Lines are counted the way a person's editor counts them, whatever the line endings (`\n`,
+/// `\r\n`, or a lone `\r`).
 pub fn read_records(bytes: &[u8], format: Format, label: &str) -> Result<Vec<Record>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("{label}: not UTF-8 text ({e})"))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let text = Text::new(bytes);
     match format {
-        Format::Json => json_records(text, label),
-        Format::Ndjson => Ok(ndjson_records(text, label)),
-        Format::Csv => csv_records(text, label),
+        Format::Json => json_records(&text, label),
+        Format::Ndjson => Ok(ndjson_records(&text, label)),
+        Format::Csv => csv_records(&text, label),
     }
 }
 
-fn json_records(text: &str, label: &str) -> Result<Vec<Record>, String> {
-    let line_of = |sub: &str| {
-        let offset = sub.as_ptr() as usize - text.as_ptr() as usize;
-        text[..offset].matches('\n').count() + 1
+/// A file's content as text: every byte that is not part of valid UTF-8 replaced by `?` (one
+/// byte each, so offsets stay those of the file), with where they were, and where lines start.
+struct Text<'b> {
+    bytes: &'b [u8],
+    text: std::borrow::Cow<'b, str>,
+    /// Offsets of the bytes that were not UTF-8, ascending.
+    bad: Vec<usize>,
+    /// Offsets at which lines start (the first is 0).
+    lines: Vec<usize>,
+}
+
+impl<'b> Text<'b> {
+    fn new(bytes: &'b [u8]) -> Self {
+        let mut bad = Vec::new();
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => std::borrow::Cow::Borrowed(t),
+            Err(_) => {
+                let mut out = Vec::with_capacity(bytes.len());
+                for chunk in bytes.utf8_chunks() {
+                    out.extend_from_slice(chunk.valid().as_bytes());
+                    for _ in chunk.invalid() {
+                        bad.push(out.len());
+                        out.push(b'?');
+                    }
+                }
+                std::borrow::Cow::Owned(String::from_utf8(out).expect("valid parts and ASCII"))
+            }
+        };
+        let mut lines = vec![0];
+        let b = text.as_bytes();
+        for (i, &c) in b.iter().enumerate() {
+            if c == b'\n' || (c == b'\r' && b.get(i + 1) != Some(&b'\n')) {
+                lines.push(i + 1);
+            }
+        }
+        Text { bytes, text, bad, lines }
+    }
+
+    /// The 1-based line of the byte at `offset`.
+    fn line_of(&self, offset: usize) -> usize {
+        self.lines.partition_point(|&start| start <= offset)
+    }
+
+    /// The first byte in `range` that was not UTF-8, as a reason naming its line.
+    fn not_utf8(&self, range: std::ops::Range<usize>) -> Option<String> {
+        let i = self.bad.partition_point(|&b| b < range.start);
+        let at = *self.bad.get(i).filter(|&&b| b < range.end)?;
+        let line = self.line_of(at);
+        let column = at - self.lines[line - 1] + 1;
+        Some(format!("not UTF-8 text: byte 0x{:02X} at line {line}, column {column}", self.bytes[at]))
+    }
+
+    /// The record's text as read from the file (bytes that are not UTF-8 shown as U+FFFD).
+    fn raw(&self, range: std::ops::Range<usize>) -> String {
+        String::from_utf8_lossy(&self.bytes[range]).into_owned()
+    }
+}
+
+/// At most this much of an unreadable rest of a file goes into a rejected record's `raw`.
+const RAW_REST: usize = 4096;
+
+fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
+    let s: &str = &text.text;
+    let mut out = Vec::new();
+    let mut pos = skip_ws(s, 0);
+    if pos == s.len() {
+        return Err(format!("{label}: not a JSON document (the file is empty)"));
+    }
+    let in_array = s[pos..].starts_with('[');
+    if in_array {
+        pos += 1;
+    }
+    let record = |out: &mut Vec<Record>, range: std::ops::Range<usize>, payload: Result<Value, String>| {
+        let payload = match text.not_utf8(range.clone()) {
+            Some(reason) => Err(reason),
+            None => payload,
+        };
+        out.push(Record { source: format!("{label}:{}", text.line_of(range.start)), payload, raw: text.raw(range) });
     };
-    if text.trim_start().starts_with('[') {
-        let items: Vec<&serde_json::value::RawValue> =
-            serde_json::from_str(text).map_err(|e| format!("{label}: not a valid JSON array ({e})"))?;
-        Ok(items
-            .into_iter()
-            .map(|raw| Record {
-                source: format!("{label}:{}", line_of(raw.get())),
-                payload: serde_json::from_str(raw.get()).map_err(|e| format!("not valid JSON ({e})")),
-                raw: raw.get().to_owned(),
-            })
-            .collect())
-    } else {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("{label}: not valid JSON ({e})"))?;
-        let start = text.len() - text.trim_start().len();
-        Ok(vec![Record {
-            source: format!("{label}:{}", line_of(&text[start..])),
-            payload: Ok(value),
-            raw: text.trim().to_owned(),
-        }])
+    let mut closed = !in_array;
+    loop {
+        pos = skip_ws(s, pos);
+        if pos >= s.len() {
+            break;
+        }
+        if in_array && !closed && s[pos..].starts_with(']') {
+            closed = true;
+            pos += 1;
+            continue;
+        }
+        let start = pos;
+        let mut values = serde_json::Deserializer::from_str(&s[start..]).into_iter::<&serde_json::value::RawValue>();
+        match values.next() {
+            Some(Ok(raw)) => {
+                let end = start + values.byte_offset();
+                record(
+                    &mut out,
+                    start..end,
+                    serde_json::from_str(raw.get()).map_err(|e| format!("not valid JSON ({e})")),
+                );
+                pos = end;
+            }
+            Some(Err(e)) if e.is_eof() && in_array && !closed => {
+                return Err(format!(
+                    "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
+                ));
+            }
+            Some(Err(e)) => {
+                // Skip the bad value as a whole (to its closing bracket, or to the next comma)
+                // and go on with the next one.
+                let end = value_end(s, start, in_array && !closed).max(start + 1);
+                let reason = match text.not_utf8(start..end) {
+                    Some(r) => r,
+                    None if !in_array || closed => format!("not valid JSON after the end of the document ({e})"),
+                    None => format!("not valid JSON ({e})"),
+                };
+                let raw_end = end.min(start + RAW_REST);
+                let raw_end = (raw_end..=end).find(|&i| s.is_char_boundary(i)).unwrap_or(end);
+                out.push(Record {
+                    source: format!("{label}:{}", text.line_of(start)),
+                    payload: Err(reason),
+                    raw: text.raw(start..raw_end),
+                });
+                pos = end;
+            }
+            None => break,
+        }
+        if in_array && !closed {
+            pos = skip_ws(s, pos);
+            match s[pos..].chars().next() {
+                Some(',') => pos += 1,
+                Some(']') => {}
+                None => {
+                    return Err(format!(
+                        "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
+                    ));
+                }
+                Some(_) => {} // the next value is read (and rejected) from here
+            }
+        }
     }
+    if in_array && !closed {
+        return Err(format!(
+            "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
+        ));
+    }
+    if !out.iter().any(|r| r.payload.is_ok()) && !out.is_empty() {
+        let first = &out[0];
+        return Err(format!(
+            "{label}: not a JSON document ({}: {})",
+            first.source,
+            first.payload.as_ref().err().map_or("", String::as_str)
+        ));
+    }
+    Ok(out)
 }
 
-fn ndjson_records(text: &str, label: &str) -> Vec<Record> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| Record {
-            source: format!("{label}:{}", i + 1),
-            payload: serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})")),
-            raw: line.to_owned(),
-        })
-        .collect()
+fn skip_ws(s: &str, mut pos: usize) -> usize {
+    let b = s.as_bytes();
+    while pos < b.len() && matches!(b[pos], b' ' | b'\t' | b'\n' | b'\r') {
+        pos += 1;
+    }
+    pos
 }
 
-fn csv_records(text: &str, label: &str) -> Result<Vec<Record>, String> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+/// Where the JSON value starting at `start` ends, for skipping a bad one: after its closing
+/// bracket (brackets inside strings ignored) or, for anything else, at the next `,` (in an
+/// array) or line break. A bracket that never closes ends at the line's end: the lines after it
+/// are read again.
+fn value_end(s: &str, start: usize, in_array: bool) -> usize {
+    // In an array a bad value must end where the next one begins or the array ends; a bracket
+    // it leaves open would otherwise swallow the elements after it, up to the array's own `]`.
+    let fits = |end: &usize| !in_array || matches!(s[skip_ws(s, *end)..].chars().next(), Some(',' | ']'));
+    balanced_end(s, start, in_array)
+        .filter(fits)
+        .unwrap_or_else(|| s[start..].find(['\n', '\r']).map_or(s.len(), |i| start + i))
+}
+
+fn balanced_end(s: &str, start: usize, in_array: bool) -> Option<usize> {
+    let b = s.as_bytes();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &c) in b.iter().enumerate().skip(start) {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b']' if in_array => return Some(i),
+            b',' if depth == 0 && in_array => return Some(i),
+            b'\n' | b'\r' if depth == 0 => return Some(i),
+            _ => {}
+        }
+    }
+    (depth == 0 && !in_string).then_some(b.len())
+}
+
+fn ndjson_records(text: &Text, label: &str) -> Vec<Record> {
+    let s: &str = &text.text;
+    let mut out = Vec::new();
+    for (i, &start) in text.lines.iter().enumerate() {
+        let end = text.lines.get(i + 1).copied().unwrap_or(s.len());
+        let line = s[start..end].trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let range = start..start + line.len();
+        let payload = match text.not_utf8(range.clone()) {
+            Some(reason) => Err(reason),
+            None => serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})")),
+        };
+        out.push(Record { source: format!("{label}:{}", i + 1), payload, raw: text.raw(range) });
+    }
+    out
+}
+
+fn csv_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
+    let s: &str = &text.text;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(s.as_bytes());
     let headers = reader.headers().map_err(|e| format!("{label}: cannot read the CSV header ({e})"))?.clone();
+    let header_end = reader.position().byte() as usize;
+    if let Some(reason) = text.not_utf8(0..header_end) {
+        return Err(format!("{label}: the CSV header is {reason}"));
+    }
     let find = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
     let (session_col, time_col, meta_col) = (find("SessionId"), find("EventTime"), find("Metadata"));
     if time_col.is_none() {
@@ -130,21 +331,41 @@ fn csv_records(text: &str, label: &str) -> Result<Vec<Record>, String> {
     }
 
     let mut out = Vec::new();
-    for row in reader.records() {
-        let (line, payload, raw) = match row {
+    let mut rec = csv::StringRecord::new();
+    loop {
+        let read = reader.read_record(&mut rec);
+        let end = reader.position().byte() as usize;
+        let (start, payload) = match read {
+            Ok(false) => break,
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                (line, Err(format!("bad CSV row ({e})")), String::new())
+                let start = e.position().map_or(end, |p| p.byte() as usize);
+                (start, Err(format!("bad CSV row ({})", csv_error(&e))))
             }
-            Ok(rec) => {
-                let line = rec.position().map_or(0, |p| p.line());
-                let raw = rec.iter().collect::<Vec<_>>().join(",");
-                (line, csv_payload(&headers, &rec, session_col, time_col, meta_col), raw)
+            Ok(true) => {
+                let start = rec.position().map_or(end, |p| p.byte() as usize);
+                (start, csv_payload(&headers, &rec, session_col, time_col, meta_col))
             }
         };
-        out.push(Record { source: format!("{label}:{line}"), payload, raw });
+        // After a `\r\n`, csv starts the next record at the `\n`.
+        let start = start + (s[start..end].len() - s[start..end].trim_start_matches(['\n', '\r']).len());
+        let range = start..start + s[start..end].trim_end_matches(['\n', '\r']).len();
+        let payload = match text.not_utf8(range.clone()) {
+            Some(reason) => Err(reason),
+            None => payload,
+        };
+        out.push(Record { source: format!("{label}:{}", text.line_of(start)), payload, raw: text.raw(range) });
     }
     Ok(out)
+}
+
+/// A CSV error without the position the record's source already gives.
+fn csv_error(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+            format!("{len} fields where the header has {expected_len}")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// A CSV row as an event payload: SessionId and EventTime columns, a Metadata column holding a
@@ -191,7 +412,7 @@ pub fn payloads_of(files: &[PathBuf]) -> Result<(Vec<Value>, Vec<String>)> {
             .with_context(|| format!("{}: not a .json, .ndjson, .jsonl or .csv file", path.display()))?;
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         for r in read_records(&bytes, format, &path.display().to_string()).map_err(anyhow::Error::msg)? {
-            match r.payload {
+            match r.payload.and_then(|p| event::storable_payload(&p).map(|()| p)) {
                 Ok(p) => payloads.push(p),
                 Err(reason) => unreadable.push(format!("{}: {reason}", r.source)),
             }
@@ -260,7 +481,7 @@ mod tests {
     #[test]
     fn invalid_json_document_fails_the_file() {
         let err = read_records(b"[{\"a\": 1},", Format::Json, "inbox/f.json").unwrap_err();
-        assert!(err.starts_with("inbox/f.json: not a valid JSON array"), "{err}");
+        assert!(err.starts_with("inbox/f.json: the JSON array is not closed"), "{err}");
     }
 
     #[test]

@@ -135,7 +135,7 @@ async fn unparseable_file_is_archived_as_failed_and_reported(pool: PgPool) {
     assert!(failed.archived_to.as_deref().unwrap().contains("/failed/"));
     assert!(std::path::Path::new(failed.archived_to.as_deref().unwrap()).exists());
     assert_eq!(done.report.rejected[0].source, "inbox/broken.json");
-    assert!(done.report.rejected[0].reason.contains("not a valid JSON array"));
+    assert!(done.report.rejected[0].reason.contains("the JSON array is not closed"));
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
