@@ -13,6 +13,20 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", default_value = crate::db::DEFAULT_URL, global = true)]
     pub database_url: String,
 
+    /// Give up when the database cannot be reached or does not answer within this time
+    /// (connecting, logging in, waiting for a free connection).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub connect_timeout: Duration,
+
+    /// Give up on any one statement that runs longer (PostgreSQL's statement_timeout).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration, global = true)]
+    pub statement_timeout: Duration,
+
+    /// Give up waiting for a lock someone else holds (PostgreSQL's lock_timeout): rows of calls,
+    /// another job's apply.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, global = true)]
+    pub lock_timeout: Duration,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,

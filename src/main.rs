@@ -18,12 +18,17 @@ const EXIT_LOCKED: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    db::set_timeouts(db::Timeouts {
+        connect: cli.connect_timeout,
+        statement: cli.statement_timeout,
+        lock: cli.lock_timeout,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: what went wrong and, through the context chain, where.
-            eprintln!("callrecon: error: {e:#}");
+            eprintln!("callrecon: error: {}", db::error_line(&e));
             if e.downcast_ref::<JobError>().is_some() {
                 ExitCode::from(EXIT_BAD_JOB)
             } else if e.downcast_ref::<AlreadyRunning>().is_some() {
@@ -64,7 +69,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { dry_run, .. } => {
             let job = job.expect("loaded above");
             let done = run::execute(&pool, &job, Mode::Run, dry_run).await?;
-            println!("{}", report::history::summary_text(&done.report, &done.dir));
+            print_finished(&done);
         }
         Command::Rematch { since, until, dry_run, .. } => {
             let job = job.expect("loaded above");
@@ -78,7 +83,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
             let done = run::execute(&pool, &job, mode, dry_run).await?;
-            println!("{}", report::history::summary_text(&done.report, &done.dir));
+            print_finished(&done);
         }
         Command::Explain { event_id, .. } => {
             print!("{}", inspect::explain_event(&pool, &job.expect("loaded above"), event_id).await?);
@@ -127,6 +132,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A finished run's summary on stdout; what failed after it committed on stderr (the exit status
+/// stays 0: the run's changes are kept).
+fn print_finished(done: &run::Finished) {
+    println!("{}", report::history::summary_text(&done.report, &done.dir));
+    for problem in &done.problems {
+        eprintln!("callrecon: warning: the run committed (its changes are kept), but {problem}");
+    }
 }
 
 /// Enqueues every readable record of the files; records that cannot be read are listed and make

@@ -190,7 +190,7 @@ async fn connect(url: &str, options: PgConnectOptions, jobs: usize, mut stop: wa
             }
             Err(e) => {
                 tracing::error!(
-                    error = %format!("{e:#}"),
+                    error = %crate::db::error_line(&e),
                     retry_in = ?delay,
                     "cannot connect to or migrate the database; retrying"
                 );
@@ -369,7 +369,7 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
                     let delay = retry.map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
                     tracing::error!(
                         job = %name,
-                        error = %format!("{e:#}"),
+                        error = %crate::db::error_line(&e),
                         retry_in = ?delay,
                         "cannot read the job's last run; retrying"
                     );
@@ -536,15 +536,15 @@ async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Re
             Outcome::Done
         }
         Err(e) if e.downcast_ref::<AlreadyRunning>().is_some() => {
-            tracing::warn!(job = %name, error = %format!("{e:#}"), "fire time skipped: the job is already running");
+            tracing::warn!(job = %name, error = %crate::db::error_line(&e), "fire time skipped: the job is already running");
             Outcome::Done
         }
         Err(e) if database_unreachable(&e) => {
-            tracing::error!(job = %name, error = %format!("{e:#}"), "run failed: the database cannot be reached");
+            tracing::error!(job = %name, error = %crate::db::error_line(&e), "run failed: the database cannot be reached");
             Outcome::Unreachable
         }
         Err(e) => {
-            tracing::error!(job = %name, error = %format!("{e:#}"), "run failed; recorded in `report list`");
+            tracing::error!(job = %name, error = %crate::db::error_line(&e), "run failed; recorded in `report list`");
             Outcome::Done
         }
     }

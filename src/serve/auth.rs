@@ -139,7 +139,7 @@ pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: 
         }
         Ok(None) => invalid_client(used_basic, "unknown client, wrong secret, or revoked user"),
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "issuing a token failed");
+            tracing::error!(error = crate::db::error_line(&e), "issuing a token failed");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "could not issue a token; retry")
         }
     }
