@@ -64,6 +64,9 @@ pub enum Mode {
 pub struct Finished {
     pub report: Report,
     pub dir: PathBuf,
+    /// What went wrong after the run committed (the report could not be written, its end could
+    /// not be recorded): logged, and printed by the command, which still exits 0.
+    pub problems: Vec<String>,
 }
 
 /// Another run of the same job holds the lock.
@@ -82,15 +85,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         .fetch_one(&mut *tx)
         .await?;
     if !locked {
-        let since: Option<DateTime<Utc>> =
-            sqlx::query_scalar("select max(started_at) from runs where job = $1 and status = 'running'")
-                .bind(&job.name)
-                .fetch_one(pool)
-                .await?;
-        bail!(AlreadyRunning {
-            job: job.name.clone(),
-            since: since.map_or("an unknown time".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        });
+        bail!(AlreadyRunning { job: job.name.clone(), since: lock_holder_since(pool, &job.name).await });
     }
     // We hold the lock: a run still marked running was killed.
     sqlx::query(
@@ -135,7 +130,19 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
                 .bind(serde_json::to_value(&report.summary)?)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await.context("committing the run")?;
+            if let Err(e) = tx.commit().await {
+                // The connection may have dropped during COMMIT: whether the commit happened is
+                // in `runs`, which the transaction marked succeeded.
+                match committed(pool, run_id).await {
+                    Some(true) => tracing::warn!(error = %e, "the commit reported an error, but the run is committed"),
+                    Some(false) => return Err(anyhow::Error::new(e).context("committing the run")),
+                    None => {
+                        return Err(anyhow::Error::new(e).context(
+                            "committing the run (whether it was committed could not be checked: see `report list`)",
+                        ));
+                    }
+                }
+            }
             tracing::debug!("committed");
             work.archive_files();
         }
@@ -144,46 +151,73 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     }
     .await;
 
-    match result {
-        Ok(mut report) => {
-            report.finished_at = Utc::now();
-            let dir = job.report_dir.join(&report.run_id);
-            let written = report::write_all(&report, &dir);
-            tracing::debug!("report written");
-            let (status, error) = match &written {
-                Ok(()) => ("succeeded", None),
-                Err(e) => ("failed", Some(format!("the run completed but its report could not be written: {e:#}"))),
-            };
-            sqlx::query(
-                "update runs set status = $2, finished_at = $3, summary = $4, report_dir = $5, error = $6 where id = $1",
-            )
-            .bind(run_id)
-            .bind(status)
-            .bind(report.finished_at)
-            .bind(serde_json::to_value(&report.summary)?)
-            .bind(dir.to_string_lossy().as_ref())
-            .bind(&error)
-            .execute(pool)
-            .await?;
-            written.with_context(|| format!("writing the report to {}", dir.display()))?;
-            notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
-            Ok(Finished { report, dir })
-        }
+    let mut report = match result {
+        Ok(report) => report,
         Err(e) => {
+            let error = crate::db::error_line(&e);
             let _ = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
                 .bind(run_id)
-                .bind(format!("{e:#}"))
+                .bind(&error)
                 .execute(pool)
                 .await;
-            notify(
-                pool,
-                job,
-                run_id,
-                report::webhook::failure_payload(run_id, &job.name, kind, dry_run, &format!("{e:#}")),
-            )
-            .await;
-            Err(e)
+            notify(pool, job, run_id, report::webhook::failure_payload(run_id, &job.name, kind, dry_run, &error)).await;
+            return Err(e);
         }
+    };
+
+    // From here on the run has committed (or, dry, changed nothing): what fails now is reported
+    // loudly and recorded where possible, but cannot make the run a failure.
+    report.finished_at = Utc::now();
+    let dir = job.report_dir.join(&report.run_id);
+    let mut problems = Vec::new();
+    if let Err(e) = report::write_all(&report, &dir) {
+        if dry_run {
+            return Err(e).with_context(|| format!("writing the report to {}", dir.display()));
+        }
+        problems.push(format!("its report could not be written to {}: {}", dir.display(), crate::db::error_line(&e)));
+    }
+    tracing::debug!("report written");
+    let recorded = sqlx::query(
+        "update runs set status = 'succeeded', finished_at = $2, summary = $3, report_dir = $4, error = $5 where id = $1",
+    )
+    .bind(run_id)
+    .bind(report.finished_at)
+    .bind(serde_json::to_value(&report.summary)?)
+    .bind(dir.to_string_lossy().as_ref())
+    .bind(problems.first().map(|p| format!("the run completed but {p}")))
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded {
+        problems.push(format!("its end could not be recorded in `runs`: {}", crate::db::describe(&e)));
+    }
+    for problem in &problems {
+        tracing::error!(run_id, problem = %problem, "the run committed, but {problem}");
+    }
+    notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
+    Ok(Finished { report, dir, problems })
+}
+
+/// Whether run `run_id` committed, read on another connection (`None`: it cannot be told).
+async fn committed(pool: &PgPool, run_id: i64) -> Option<bool> {
+    let status: Option<String> =
+        sqlx::query_scalar("select status from runs where id = $1").bind(run_id).fetch_optional(pool).await.ok()?;
+    Some(status.as_deref() == Some("succeeded"))
+}
+
+/// When the run holding the job's lock started: its transaction's start, from the lock itself
+/// (its `runs` row may not be written yet), for the "already running" message.
+async fn lock_holder_since(pool: &PgPool, job: &str) -> String {
+    let since: Result<Option<DateTime<Utc>>, _> = sqlx::query_scalar(
+        "select min(a.xact_start) from pg_locks l join pg_stat_activity a on a.pid = l.pid
+         where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg_database where datname = current_database())
+           and (l.classid::bigint << 32 | l.objid::bigint) = hashtextextended($1, 0)",
+    )
+    .bind(crate::db::job_lock_key(job))
+    .fetch_one(pool)
+    .await;
+    match since {
+        Ok(Some(t)) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        _ => "a moment ago".to_owned(),
     }
 }
 
@@ -694,7 +728,7 @@ impl<'j> Work<'j> {
             match inbox::archive(path, &self.job.archive, how, day) {
                 Ok(dest) => entry.archived_to = Some(dest.display().to_string()),
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %format!("{e:#}"), "could not archive file; it stays in the inbox")
+                    tracing::error!(file = %path.display(), error = %crate::db::error_line(&e), "could not archive file; it stays in the inbox")
                 }
             }
         }
