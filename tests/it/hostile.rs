@@ -1,0 +1,407 @@
+//! Issue 17: no record can stop a run, no value is altered, no wait is unbounded. Records a
+//! hostile producer or a buggy one sends, a database that stops answering or drops the run's
+//! connection at each stage.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::*;
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+/// `(source, reason)` of a run's rejected records.
+fn rejected(done: &callrecon::run::Finished) -> Vec<(String, String)> {
+    done.report.rejected.iter().map(|r| (r.source.clone(), r.reason.clone())).collect()
+}
+
+fn assert_rejected(done: &callrecon::run::Finished, expected: &[(&str, &str)]) {
+    let got = rejected(done);
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    for ((source, reason), (want_source, want_reason)) in got.iter().zip(expected) {
+        assert_eq!(source, want_source, "{got:#?}");
+        assert!(reason.contains(want_reason), "{source}: {reason:?} should say {want_reason:?}");
+    }
+}
+
+/// Issue 17, 1: an EventTime of an unset .NET DateTime (or its maximum) failed every run
+/// (`reading calls: date/time field value out of range`), and so did a `\u0000` in an inbox
+/// file (`storing events: unsupported Unicode escape sequence`).
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn poison_records_are_rejected_and_every_run_goes_on(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"EventTime": "0001-01-01T00:00:00Z", "Metadata": {"customerPhone": "1"}})).await;
+    enqueue(&pool, json!({"EventTime": "9999-12-31T23:59:59Z", "Metadata": {"customerPhone": "1"}})).await;
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "0001-01-01T00:00:00", "Metadata": {}})).await;
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"q": 1}})).await;
+    let ids: Vec<i64> = sqlx::query_scalar("select id from event_queue order by id").fetch_all(&pool).await.unwrap();
+    job.drop_file(
+        "a.ndjson",
+        concat!(
+            r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:01Z", "Metadata": {"n": 1}}"#,
+            "\n",
+            r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:02Z", "Metadata": {"v": "a\u0000b"}}"#,
+            "\n",
+            r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:02Z", "Metadata": {"k\u0000": 1}}"#,
+            "\n",
+            r#"{"SessionId": "s\u0000", "EventTime": "2026-11-02T10:00:02Z", "Metadata": {}}"#,
+            "\n",
+            r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:02Z", "Metadata": {"x": 1e-20000}}"#,
+            "\n",
+            r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:03Z", "Metadata": {"n": 2}}"#,
+            "\n",
+        ),
+    );
+    job.drop_file(
+        "b.json",
+        "[\n{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T10:00:04Z\", \"Metadata\": {\"deep\": [{\"x\": \"\\u0000\"}]}},\n\
+         {\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T10:00:05Z\", \"Metadata\": {\"j\": 1}}\n]",
+    );
+    job.drop_file("c.csv", "SessionId,EventTime,note\ns1,2026-11-02T10:00:06Z,fine\ns1,2026-11-02T10:00:07Z,a\0b\n");
+
+    let done = job.run(&pool).await;
+    let q = |i: usize| format!("queue:{}", ids[i]);
+    assert_rejected(
+        &done,
+        &[
+            (&q(0), "outside the accepted range"),
+            (&q(1), "outside the accepted range"),
+            (&q(2), "outside the accepted range"),
+            ("inbox/a.ndjson:2", "Metadata.v contains the character U+0000"),
+            ("inbox/a.ndjson:3", "U+0000"),
+            ("inbox/a.ndjson:4", "`SessionId` contains the character U+0000"),
+            ("inbox/a.ndjson:5", "Metadata.x: the number 1e-20000 has 20000 decimal places"),
+            ("inbox/b.json:2", "Metadata.deep[0].x contains the character U+0000"),
+            ("inbox/c.csv:3", "Metadata.note contains the character U+0000"),
+        ],
+    );
+    assert_eq!(done.report.summary.ingested, 5);
+    assert_eq!(call_meta(&pool, "c1").await, json!({"q": 1, "n": 2, "j": 1, "note": "fine"}));
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
+    // The next run is not stopped either.
+    enqueue(&pool, json!({"EventTime": "0001-01-01T00:00:00Z", "Metadata": {}})).await;
+    assert_eq!(job.run(&pool).await.report.summary.rejected, 1);
+}
+
+/// Issue 17, 3: Metadata must come out exactly as it went in: `12345678901234567890123` was
+/// stored as `12345678901234568000000`, `1.50` as `1.5`, from the queue and from files.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn numbers_keep_their_digits_from_every_source(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s2").insert(&pool).await;
+    Call::new("c3", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s3").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    sqlx::query(
+        "insert into event_queue (payload) values ('{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T10:00:00Z\",
+         \"Metadata\": {\"acct\": 12345678901234567890123, \"price\": 1.50, \"rate\": 0.1000, \"e\": 1.5e-7}}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    job.drop_file(
+        "a.ndjson",
+        "{\"SessionId\": \"s2\", \"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"acct\": 12345678901234567890123, \"price\": 1.50, \"rate\": 0.1000, \"e\": 1.5e-7}}\n",
+    );
+    job.drop_file(
+        "b.csv",
+        "SessionId,EventTime,Metadata\ns3,2026-11-02T10:00:00Z,\"{\"\"acct\"\": 12345678901234567890123, \"\"price\"\": 1.50, \"\"rate\"\": 0.1000, \"\"e\"\": 1.5e-7}\"\n",
+    );
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.ingested, 3, "{:?}", rejected(&done));
+    let expected = r#"{"e": 0.00000015, "acct": 12345678901234567890123, "rate": 0.1000, "price": 1.50}"#;
+    for call in ["c1", "c2", "c3"] {
+        let text: String = sqlx::query_scalar("select async_metadata::text from calls where id = $1")
+            .bind(call)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(text, expected, "{call}");
+    }
+    let stored: Vec<String> =
+        sqlx::query_scalar("select metadata::text from events order by id").fetch_all(&pool).await.unwrap();
+    assert!(stored.iter().all(|m| m == expected), "{stored:?}");
+    // A second run recomputes nothing differently (no write: the printed values compare equal).
+    let before = calls_snapshot(&pool).await;
+    job.run(&pool).await;
+    assert_eq!(calls_snapshot(&pool).await, before);
+}
+
+/// Issue 17, 6: an NDJSON file with one line in Latin-1, or a JSON array followed by trailing
+/// garbage, was refused whole and its good records were not ingested.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_bad_line_rejects_that_line_only(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let mut ndjson = Vec::new();
+    for i in 1..=51 {
+        if i == 26 {
+            ndjson.extend_from_slice(
+                b"{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"city\": \"S\xE3o Paulo\"}}\n",
+            );
+        } else {
+            ndjson.extend_from_slice(
+                format!("{{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {{\"i\": {i}}}}}\n").as_bytes(),
+            );
+        }
+    }
+    std::fs::write(job.inbox().join("latin1.ndjson"), ndjson).unwrap();
+    job.drop_file(
+        "trailing.json",
+        "[\n{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"t\": 1}},\n{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"t\": 2}}\n]\n\ngarbage after the array\n",
+    );
+    job.drop_file(
+        "broken-element.json",
+        "[{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"b\": 1}},\n {\"EventTime\": oops, \"Metadata\": {}},\n {\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"b\": 3}}]",
+    );
+    let done = job.run(&pool).await;
+    assert_rejected(
+        &done,
+        &[
+            ("inbox/broken-element.json:2", "not valid JSON"),
+            ("inbox/latin1.ndjson:26", "not UTF-8 text: byte 0xE3 at line 26, column 62"),
+            ("inbox/trailing.json:6", "not valid JSON after the end of the document"),
+        ],
+    );
+    assert_eq!(done.report.summary.ingested, 50 + 2 + 2);
+    assert_eq!(
+        done.report.rejected[1].raw,
+        "{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"city\": \"S\u{FFFD}o Paulo\"}}"
+    );
+    assert_eq!(done.report.rejected[2].raw, "garbage after the array");
+    assert!(done.report.files.iter().all(|f| f.status == "ingested"), "{:?}", done.report.files);
+
+    // A file that cannot be read at all still goes to archive/failed.
+    job.drop_file("not-json.json", "hello, this is not JSON\n");
+    job.drop_file("cut-short.json", "[{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {}},\n{\"Event");
+    let done = job.run(&pool).await;
+    assert_eq!(done.report.summary.ingested, 0);
+    assert_eq!(done.report.summary.files_failed, 2, "{:?}", done.report.files);
+}
+
+/// Issue 17, 7: a rejected record's position is exact whatever the line endings and quoting,
+/// and a CSV record's `raw` is its text as read, not its fields joined again.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn positions_and_raw_text_are_exact_whatever_the_line_endings(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let good = "{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {}}";
+    job.drop_file("crlf.ndjson", &format!("{good}\r\n{good}\r\nnot json\r\n"));
+    job.drop_file("cr.ndjson", &format!("{good}\r{good}\r\rnot json\r"));
+    job.drop_file("crlf.json", &format!("[\r\n{good},\r\n\r\n{{\"EventTime\": 1, \"Metadata\": {{}}}}\r\n]"));
+    job.drop_file(
+        "quoted.csv",
+        "EventTime,note\r\n2026-11-02T10:00:00Z,\"two\r\nlines\"\r\n2026-11-02T10:00:00Z,\"a, \"\"quoted\"\" cell\"\r\nyesterday,\"x\"\r\n",
+    );
+    let done = job.run(&pool).await;
+    let raws: Vec<(&str, &str)> = done.report.rejected.iter().map(|r| (r.source.as_str(), r.raw.as_str())).collect();
+    assert_eq!(
+        raws,
+        [
+            ("inbox/cr.ndjson:4", "not json"),
+            ("inbox/crlf.json:4", "{\"EventTime\": 1, \"Metadata\": {}}"),
+            ("inbox/crlf.ndjson:3", "not json"),
+            ("inbox/quoted.csv:5", "yesterday,\"x\""),
+        ]
+    );
+    assert_eq!(done.report.summary.ingested, 7, "{:?}", rejected(&done));
+    let note: String = sqlx::query_scalar("select metadata->>'note' from events where source = 'inbox/quoted.csv:2'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(note, "two\r\nlines");
+    assert_eq!(count(&pool, "select count(*) from events where source = 'inbox/quoted.csv:4'").await, 1);
+}
+
+/// Issue 17, 8: the losing concurrent run said "already running (since an unknown time)".
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn losing_run_says_since_when_the_other_runs(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('callrecon.job:test', 0))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let since: String = sqlx::query_scalar("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI')")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("job test is already running (since {since}")), "{}", stderr(&out));
+    holder.rollback().await.unwrap();
+}
+
+/// Issue 17, 4: against a server that accepts the connection and never answers, `callrecon run`
+/// hung for as long as one waited.
+#[tokio::test]
+async fn an_unresponsive_server_ends_the_run_within_the_connect_timeout() {
+    let job = TestJob::new(RULES);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts every connection and never says a word.
+    let held = std::thread::spawn(move || listener.incoming().take(8).collect::<Vec<_>>());
+    let url = format!("postgres://postgres@127.0.0.1:{port}/callrecon");
+    let started = Instant::now();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+        .args(["--database-url", &url, "--connect-timeout", "2s", "run", "--job", job.path().to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    // The test's own limit: a hang fails it instead of hanging the suite.
+    let out = tokio::time::timeout(Duration::from_secs(30), child).await.expect("callrecon hung").unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let err = stderr(&out);
+    assert_eq!(err.lines().filter(|l| l.starts_with("callrecon: error")).count(), 1, "{err}");
+    assert!(err.contains("cannot reach PostgreSQL at postgres://postgres@127.0.0.1"), "{err}");
+    assert!(err.contains("timed out after 2s"), "{err}");
+    drop(held);
+}
+
+/// Issue 17, 5: once a run has committed, nothing after it may turn it into a failure: a report
+/// that cannot be written is a loud warning, and the exit status is 0.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_report_that_cannot_be_written_after_the_commit_exits_0(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})).await;
+    // The report folder's place is taken by a file.
+    std::fs::write(job.dir.path().join("reports"), "not a folder").unwrap();
+    let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the run committed (its changes are kept), but its report could not be written")
+    );
+    assert_eq!(call_meta(&pool, "c1").await, json!({"a": 1}));
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("select status, error from runs").fetch_one(&pool).await.unwrap();
+    assert_eq!(status, "succeeded");
+    assert!(error.unwrap().contains("report could not be written"));
+}
+
+/// Calls with sessions, queued events for them and sessionless ones: enough work that every
+/// stage of a run takes a moment.
+async fn some_work(pool: &PgPool) {
+    sqlx::raw_sql(
+        "insert into calls (id, session_id, started_at, ended_at, ani, agent_id)
+         select 'c' || i, 's' || i, timestamptz '2026-11-02 00:00Z' + i * interval '7 seconds',
+                timestamptz '2026-11-02 00:05Z' + i * interval '7 seconds', '555' || lpad(i::text, 7, '0'), 'a' || (i % 50)
+         from generate_series(1, 5000) i;
+         insert into event_queue (payload)
+         select jsonb_build_object('SessionId', 's' || i, 'EventTime', '2026-11-02T00:00:00Z', 'Metadata', jsonb_build_object('n', i))
+         from generate_series(1, 5000) i
+         union all
+         select jsonb_build_object('EventTime', to_char(timestamptz '2026-11-02 00:01Z' + i * interval '7 seconds', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                                   'Metadata', jsonb_build_object('customerPhone', '555' || lpad(i::text, 7, '0'), 'agentId', 'a' || (i % 50)))
+         from generate_series(1, 2000) i;",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Runs the binary and, when its log shows `line`, cuts it off from the database: no new
+/// connection is accepted and its sessions are terminated. Returns the exit code and stderr.
+async fn cut_off_at(pool: &PgPool, job: &TestJob, line: &str) -> (Option<i32>, String) {
+    use sqlx::Connection as _;
+    use tokio::io::AsyncBufReadExt as _;
+    let url = database_url(pool).await;
+    let db: String = sqlx::query_scalar("select current_database()").fetch_one(pool).await.unwrap();
+    // ALTER DATABASE cannot close the database one is connected to: from the server's own.
+    let mut admin = sqlx::PgConnection::connect(&std::env::var("DATABASE_URL").unwrap()).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+        .args(["--database-url", &url, "--connect-timeout", "3s", "run", "--job", job.path().to_str().unwrap()])
+        .env("RUST_LOG", "callrecon=debug")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let mut cut = false;
+    while let Some(l) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.unwrap().unwrap() {
+        log.push_str(&l);
+        log.push('\n');
+        if !cut && l.contains(line) {
+            cut = true;
+            // Stopped while it is cut off, so that it cannot run ahead of the cut.
+            let pid = child.id().unwrap().to_string();
+            std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("alter database \"{db}\" allow_connections false")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            sqlx::query(
+                "select pg_terminate_backend(pid) from pg_stat_activity
+                 where datname = $1 and application_name = 'callrecon'",
+            )
+            .bind(&db)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+            std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        }
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("alter database \"{db}\" allow_connections true")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert!(cut, "the run never logged {line:?}:\n{log}");
+    (status.code(), log)
+}
+
+/// Issue 17, 5 and the contract: a run that exits non-zero has changed nothing; a run that
+/// committed exits 0, whatever happens to its connections afterwards.
+async fn connection_lost_at(pool: PgPool, line: &str, committed: Option<bool>) {
+    some_work(&pool).await;
+    let job = TestJob::new(RULES);
+    let (code, log) = cut_off_at(&pool, &job, line).await;
+    let applied = count(&pool, "select count(*) from calls where async_metadata <> '{}'").await;
+    let (queued, stored) =
+        (count(&pool, "select count(*) from event_queue").await, count(&pool, "select count(*) from events").await);
+    match code {
+        Some(0) => assert_eq!((applied, queued, stored), (5000, 0, 7000), "exit 0 but:\n{log}"),
+        Some(1) => {
+            assert_eq!((applied, queued, stored), (0, 7000, 0), "exit 1 but something changed:\n{log}");
+            let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("callrecon: error:")).collect();
+            assert_eq!(errors.len(), 1, "{log}");
+        }
+        other => panic!("exit {other:?}:\n{log}"),
+    }
+    if let Some(committed) = committed {
+        assert_eq!(code, Some(if committed { 0 } else { 1 }), "{log}");
+    }
+    // Whatever happened, the next run completes the work.
+    let done = job.run(&pool).await;
+    assert_eq!(count(&pool, "select count(*) from events").await, 7000);
+    assert_eq!(count(&pool, "select count(*) from calls where async_metadata <> '{}'").await, 5000);
+    drop(done);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn connection_lost_when_the_run_starts(pool: PgPool) {
+    connection_lost_at(pool, "run started", Some(false)).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn connection_lost_after_the_queue_is_drained(pool: PgPool) {
+    connection_lost_at(pool, "queue drained", Some(false)).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn connection_lost_after_new_events_are_decided(pool: PgPool) {
+    connection_lost_at(pool, "new events decided", None).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn connection_lost_while_the_report_is_built(pool: PgPool) {
+    connection_lost_at(pool, "report built", None).await;
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn connection_lost_right_after_the_commit(pool: PgPool) {
+    connection_lost_at(pool, "committed", Some(true)).await;
+}
