@@ -25,6 +25,21 @@ pub struct Rejected {
     pub raw: String,
 }
 
+impl Rejected {
+    /// The longest `raw` kept, in bytes: a record's text beyond it is cut (with `…`), so that a
+    /// file of huge bad records cannot fill memory or the report.
+    pub const MAX_RAW: usize = 4096;
+
+    pub fn new(source: String, reason: String, mut raw: String) -> Self {
+        if raw.len() > Self::MAX_RAW {
+            let cut = (0..=Self::MAX_RAW).rev().find(|&i| raw.is_char_boundary(i)).unwrap_or(0);
+            raw.truncate(cut);
+            raw.push('…');
+        }
+        Rejected { source, reason, raw }
+    }
+}
+
 /// Parses one payload. The error is a reason a person can act on, naming the field at fault.
 pub fn parse(payload: &Value, tz: Tz) -> Result<Event, String> {
     parse_naming_field(payload, tz).map_err(|invalid| invalid.reason)

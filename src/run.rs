@@ -287,6 +287,23 @@ fn kept_keys(job: &Job) -> HashSet<&str> {
         .collect()
 }
 
+/// A file's events handed on at a time while it is read.
+const INBOX_BATCH: usize = 10_000;
+
+/// The SHA-256 of a file's content, read in pieces.
+fn sha256_of(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(hex::encode(hasher.finalize())),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
 /// The state of a run in progress.
 struct Work<'j> {
     job: &'j Job,
@@ -400,8 +417,10 @@ impl<'j> Work<'j> {
             pb.inc(1);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let label = format!("{label_dir}/{name}");
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
+            // Hashed first (to know a file seen before), then read record by record: memory
+            // holds one batch of a file's events, whatever its size.
+            let sha = match sha256_of(&path) {
+                Ok(sha) => sha,
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "cannot read inbox file; left in place");
                     self.rejected.push(Rejected {
@@ -412,7 +431,6 @@ impl<'j> Work<'j> {
                     continue;
                 }
             };
-            let sha = hex::encode(sha2::Sha256::digest(&bytes));
             let mut entry = FileEntry {
                 file: label.clone(),
                 sha256: sha.clone(),
@@ -438,7 +456,9 @@ impl<'j> Work<'j> {
             seen.insert(sha.clone());
 
             let format = inbox::Format::of(&path).expect("listed files have a known format");
-            let records = match inbox::read_records(&bytes, format, &label) {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            let records = match inbox::records(reader, format, &label) {
                 Ok(r) => r,
                 Err(reason) => {
                     tracing::error!(file = %label, %reason, "file cannot be parsed; archived as failed");
@@ -451,15 +471,20 @@ impl<'j> Work<'j> {
             };
             let mut events = Vec::new();
             for r in records {
+                let r = r.with_context(|| format!("reading {}", path.display()))?;
                 match r.payload.and_then(|p| event::parse(&p, self.job.timezone)) {
                     Ok(event) => events.push(NewEvent { source: r.source, event, received_at: self.now }),
                     Err(reason) => {
                         entry.rejected += 1;
-                        self.rejected.push(Rejected { source: r.source, reason, raw: r.raw });
+                        self.rejected.push(Rejected::new(r.source, reason, r.raw));
                     }
                 }
+                if events.len() >= INBOX_BATCH {
+                    entry.events += events.len() as u64;
+                    self.add_fresh(conn, std::mem::take(&mut events)).await?;
+                }
             }
-            entry.events = events.len() as u64;
+            entry.events += events.len() as u64;
             self.add_fresh(conn, events).await?;
             sqlx::query(
                 "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",

@@ -1,6 +1,7 @@
 //! Dropped files: which files are picked, how each format becomes records with positions, and
 //! where files go afterwards (the archive; never deleted).
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -76,12 +77,49 @@ impl Format {
 /// Lines are counted the way a person's editor counts them, whatever the line endings (`\n`,
 /// `\r\n`, or a lone `\r`).
 pub fn read_records(bytes: &[u8], format: Format, label: &str) -> Result<Vec<Record>, String> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let text = Text::new(bytes);
+    let records = records(bytes, format, label)?;
+    Ok(records.map(|r| r.expect("reading from memory")).collect())
+}
+
+/// The records of a file as they are read from `reader`, with [`read_records`]'s rules. NDJSON
+/// and CSV files stream: one record is held at a time, whatever the file's size. A JSON file is
+/// read whole (its records are known once its document is). `Err` when the file as a whole
+/// cannot be read; an item's `Err` is a failure to read the file itself.
+pub fn records<'r, R: BufRead + Send + 'r>(
+    mut reader: R,
+    format: Format,
+    label: &str,
+) -> Result<Box<dyn Iterator<Item = std::io::Result<Record>> + Send + 'r>, String> {
+    let cannot = |e: std::io::Error| format!("{label}: cannot read the file ({e})");
+    // A byte-order mark is not content.
+    if reader.fill_buf().map_err(cannot)?.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    }
     match format {
-        Format::Json => json_records(&text, label),
-        Format::Ndjson => Ok(ndjson_records(&text, label)),
-        Format::Csv => csv_records(&text, label),
+        Format::Json => {
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).map_err(cannot)?;
+            Ok(Box::new(json_records(&Text::new(&bytes), label)?.into_iter().map(Ok)))
+        }
+        Format::Ndjson => {
+            let label = label.to_owned();
+            let mut split = Splitter::new(reader, false);
+            Ok(Box::new(std::iter::from_fn(move || {
+                loop {
+                    let (line, bytes) = match split.next_record() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return None,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    // Blank as JSON sees it.
+                    if bytes.iter().all(|b| matches!(b, b' ' | b'\t')) {
+                        continue;
+                    }
+                    return Some(Ok(ndjson_record(&bytes, line, &label)));
+                }
+            })))
+        }
+        Format::Csv => csv_records(reader, label),
     }
 }
 
@@ -94,6 +132,8 @@ struct Text<'b> {
     bad: Vec<usize>,
     /// Offsets at which lines start (the first is 0).
     lines: Vec<usize>,
+    /// The file's line number of the text's first line.
+    first_line: usize,
 }
 
 impl<'b> Text<'b> {
@@ -120,20 +160,25 @@ impl<'b> Text<'b> {
                 lines.push(i + 1);
             }
         }
-        Text { bytes, text, bad, lines }
+        Text { bytes, text, bad, lines, first_line: 1 }
+    }
+
+    /// A part of a file that starts at line `first_line`.
+    fn at_line(bytes: &'b [u8], first_line: usize) -> Self {
+        Text { first_line, ..Text::new(bytes) }
     }
 
     /// The 1-based line of the byte at `offset`.
     fn line_of(&self, offset: usize) -> usize {
-        self.lines.partition_point(|&start| start <= offset)
+        self.lines.partition_point(|&start| start <= offset) + self.first_line - 1
     }
 
     /// The first byte in `range` that was not UTF-8, as a reason naming its line.
     fn not_utf8(&self, range: std::ops::Range<usize>) -> Option<String> {
         let i = self.bad.partition_point(|&b| b < range.start);
         let at = *self.bad.get(i).filter(|&&b| b < range.end)?;
-        let line = self.line_of(at);
-        let column = at - self.lines[line - 1] + 1;
+        let nth = self.lines.partition_point(|&start| start <= at);
+        let (line, column) = (self.line_of(at), at - self.lines[nth - 1] + 1);
         Some(format!("not UTF-8 text: byte 0x{:02X} at line {line}, column {column}", self.bytes[at]))
     }
 
@@ -294,33 +339,108 @@ fn balanced_end(s: &str, start: usize, in_array: bool) -> Option<usize> {
     (depth == 0 && !in_string).then_some(b.len())
 }
 
-fn ndjson_records(text: &Text, label: &str) -> Vec<Record> {
-    let s: &str = &text.text;
-    let mut out = Vec::new();
-    for (i, &start) in text.lines.iter().enumerate() {
-        let end = text.lines.get(i + 1).copied().unwrap_or(s.len());
-        let line = s[start..end].trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let range = start..start + line.len();
-        let payload = match text.not_utf8(range.clone()) {
-            Some(reason) => Err(reason),
-            None => serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})")),
-        };
-        out.push(Record { source: format!("{label}:{}", i + 1), payload, raw: text.raw(range) });
-    }
-    out
+fn ndjson_record(bytes: &[u8], line: usize, label: &str) -> Record {
+    let text = Text::at_line(bytes, line);
+    let payload = match text.not_utf8(0..bytes.len()) {
+        Some(reason) => Err(reason),
+        None => serde_json::from_str(&text.text).map_err(|e| format!("not valid JSON ({e})")),
+    };
+    Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }
 }
 
-fn csv_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
-    let s: &str = &text.text;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(s.as_bytes());
-    let headers = reader.headers().map_err(|e| format!("{label}: cannot read the CSV header ({e})"))?.clone();
-    let header_end = reader.position().byte() as usize;
-    if let Some(reason) = text.not_utf8(0..header_end) {
+/// Splits a file into records at line breaks (`\n`, `\r\n` or a lone `\r`), counting lines;
+/// for CSV, not at line breaks inside a quoted field (quotes as the csv crate reads them: a
+/// field is quoted when it starts with `"`).
+struct Splitter<R> {
+    reader: R,
+    csv: bool,
+    /// The line the next byte is on.
+    line: usize,
+    /// The last byte read was a `\r`: a `\n` right after it is the same line break.
+    after_cr: bool,
+    /// That `\r` ended a record: the `\n` after it is not part of the next one.
+    skip_lf: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    Start,
+    Unquoted,
+    Quoted,
+    QuoteInQuoted,
+}
+
+impl<R: BufRead> Splitter<R> {
+    fn new(reader: R, csv: bool) -> Self {
+        Splitter { reader, csv, line: 1, after_cr: false, skip_lf: false }
+    }
+
+    /// The next record: its first line and its bytes (without the line break); `None` at the end.
+    fn next_record(&mut self) -> std::io::Result<Option<(usize, Vec<u8>)>> {
+        let mut record = Vec::new();
+        let start = self.line;
+        let mut field = Field::Start;
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok((!record.is_empty()).then_some((start, record)));
+            }
+            let mut used = 0;
+            let mut ended = false;
+            for &b in buf {
+                used += 1;
+                let crlf = std::mem::take(&mut self.after_cr) && b == b'\n';
+                if std::mem::take(&mut self.skip_lf) && crlf {
+                    continue;
+                }
+                let line_break = b == b'\n' || b == b'\r';
+                if line_break && !crlf {
+                    self.line += 1;
+                }
+                self.after_cr = b == b'\r';
+                if self.csv {
+                    field = match (field, b) {
+                        (Field::Quoted, b'"') => Field::QuoteInQuoted,
+                        (Field::Quoted, _) => Field::Quoted,
+                        (Field::QuoteInQuoted, b'"') | (Field::Start, b'"') => Field::Quoted,
+                        (_, b',') => Field::Start,
+                        (f, _) if line_break => f,
+                        _ => Field::Unquoted,
+                    };
+                }
+                if line_break && field != Field::Quoted {
+                    self.skip_lf = b == b'\r';
+                    ended = true;
+                    break;
+                }
+                record.push(b);
+            }
+            self.reader.consume(used);
+            if ended {
+                return Ok(Some((start, record)));
+            }
+        }
+    }
+}
+
+fn csv_records<'r, R: BufRead + Send + 'r>(
+    reader: R,
+    label: &str,
+) -> Result<Box<dyn Iterator<Item = std::io::Result<Record>> + Send + 'r>, String> {
+    let mut split = Splitter::new(reader, true);
+    let cannot = |e: std::io::Error| format!("{label}: cannot read the file ({e})");
+    let header = loop {
+        match split.next_record().map_err(cannot)? {
+            None => return Err(format!("{label}: the CSV file is empty (no header row)")),
+            Some((_, bytes)) if bytes.is_empty() => continue,
+            Some((line, bytes)) => break (line, bytes),
+        }
+    };
+    let text = Text::at_line(&header.1, header.0);
+    if let Some(reason) = text.not_utf8(0..header.1.len()) {
         return Err(format!("{label}: the CSV header is {reason}"));
     }
+    let headers = csv_row(&text.text).map_err(|e| format!("{label}: cannot read the CSV header ({e})"))?;
     let find = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
     let (session_col, time_col, meta_col) = (find("SessionId"), find("EventTime"), find("Metadata"));
     if time_col.is_none() {
@@ -329,33 +449,45 @@ fn csv_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
             headers.iter().collect::<Vec<_>>().join(", ")
         ));
     }
+    let label = label.to_owned();
+    Ok(Box::new(std::iter::from_fn(move || {
+        loop {
+            let (line, bytes) = match split.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            if bytes.is_empty() {
+                continue;
+            }
+            let text = Text::at_line(&bytes, line);
+            let payload = match text.not_utf8(0..bytes.len()) {
+                Some(reason) => Err(reason),
+                None => match csv_row(&text.text) {
+                    Err(e) => Err(format!("bad CSV row ({e})")),
+                    Ok(rec) if rec.len() != headers.len() => {
+                        Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
+                    }
+                    Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
+                },
+            };
+            return Some(Ok(Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }));
+        }
+    })))
+}
 
-    let mut out = Vec::new();
+/// One CSV record's fields.
+fn csv_row(text: &str) -> Result<csv::StringRecord, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(text.len() + 1)
+        .from_reader(text.as_bytes());
     let mut rec = csv::StringRecord::new();
-    loop {
-        let read = reader.read_record(&mut rec);
-        let end = reader.position().byte() as usize;
-        let (start, payload) = match read {
-            Ok(false) => break,
-            Err(e) => {
-                let start = e.position().map_or(end, |p| p.byte() as usize);
-                (start, Err(format!("bad CSV row ({})", csv_error(&e))))
-            }
-            Ok(true) => {
-                let start = rec.position().map_or(end, |p| p.byte() as usize);
-                (start, csv_payload(&headers, &rec, session_col, time_col, meta_col))
-            }
-        };
-        // After a `\r\n`, csv starts the next record at the `\n`.
-        let start = start + (s[start..end].len() - s[start..end].trim_start_matches(['\n', '\r']).len());
-        let range = start..start + s[start..end].trim_end_matches(['\n', '\r']).len();
-        let payload = match text.not_utf8(range.clone()) {
-            Some(reason) => Err(reason),
-            None => payload,
-        };
-        out.push(Record { source: format!("{label}:{}", text.line_of(start)), payload, raw: text.raw(range) });
+    match reader.read_record(&mut rec) {
+        Ok(_) => Ok(rec),
+        Err(e) => Err(csv_error(&e)),
     }
-    Ok(out)
 }
 
 /// A CSV error without the position the record's source already gives.

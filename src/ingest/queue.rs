@@ -67,7 +67,7 @@ pub fn parse(rows: Rows, tz: Tz) -> Drained {
         let parsed = serde_json::from_str::<Value>(&text).map_err(|e| format!("payload is not JSON: {e}"));
         match parsed.and_then(|payload| event::parse(&payload, tz)) {
             Ok(event) => out.events.push(NewEvent { source, event, received_at }),
-            Err(reason) => out.rejected.push(Rejected { source, reason, raw: text }),
+            Err(reason) => out.rejected.push(Rejected::new(source, reason, text)),
         }
     }
     out
