@@ -405,3 +405,27 @@ async fn connection_lost_while_the_report_is_built(pool: PgPool) {
 async fn connection_lost_right_after_the_commit(pool: PgPool) {
     connection_lost_at(pool, "committed", Some(true)).await;
 }
+
+/// Issue 17, 4: a run waiting for a lock someone else holds (here a row of `calls` the platform
+/// keeps locked) gives up after `--lock-timeout`, names it, and changes nothing.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_lock_held_elsewhere_ends_the_run_within_the_lock_timeout(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})).await;
+    let mut platform = pool.begin().await.unwrap();
+    sqlx::query("select 1 from calls where id = 'c1' for update").execute(&mut *platform).await.unwrap();
+    let started = Instant::now();
+    let path = job.path();
+    let args = ["--lock-timeout", "2s", "run", "--job", path.to_str().unwrap()];
+    let out = tokio::time::timeout(Duration::from_secs(60), callrecon(&pool, &args)).await.expect("callrecon hung");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("callrecon: error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("lock timeout"), "{err}");
+    platform.rollback().await.unwrap();
+    assert_eq!(call_meta(&pool, "c1").await, json!({}));
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 1);
+}
