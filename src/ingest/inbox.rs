@@ -103,21 +103,9 @@ pub fn records<'r, R: BufRead + Send + 'r>(
         }
         Format::Ndjson => {
             let label = label.to_owned();
-            let mut split = Splitter::new(reader, false);
-            Ok(Box::new(std::iter::from_fn(move || {
-                loop {
-                    let (line, bytes) = match split.next_record() {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return None,
-                        Err(e) => return Some(Err(e)),
-                    };
-                    // Blank as JSON sees it.
-                    if bytes.iter().all(|b| matches!(b, b' ' | b'\t')) {
-                        continue;
-                    }
-                    return Some(Ok(ndjson_record(&bytes, line, &label)));
-                }
-            })))
+            // Blank as JSON sees it.
+            let blank = |bytes: &[u8]| bytes.iter().all(|b| matches!(b, b' ' | b'\t'));
+            Ok(each_record(Splitter::new(reader, false), blank, move |line, bytes| ndjson_record(bytes, line, &label)))
         }
         Format::Csv => csv_records(reader, label),
     }
@@ -450,30 +438,39 @@ fn csv_records<'r, R: BufRead + Send + 'r>(
         ));
     }
     let label = label.to_owned();
-    Ok(Box::new(std::iter::from_fn(move || {
+    Ok(each_record(split, <[u8]>::is_empty, move |line, bytes| {
+        let text = Text::at_line(bytes, line);
+        let payload = match text.not_utf8(0..bytes.len()) {
+            Some(reason) => Err(reason),
+            None => match csv_row(&text.text) {
+                Err(e) => Err(format!("bad CSV row ({e})")),
+                Ok(rec) if rec.len() != headers.len() => {
+                    Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
+                }
+                Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
+            },
+        };
+        Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }
+    }))
+}
+
+/// The records `split` cuts, but blank ones, as `record` makes them from their first line and
+/// bytes.
+fn each_record<'r, R: BufRead + Send + 'r>(
+    mut split: Splitter<R>,
+    blank: fn(&[u8]) -> bool,
+    record: impl Fn(usize, &[u8]) -> Record + Send + 'r,
+) -> Box<dyn Iterator<Item = std::io::Result<Record>> + Send + 'r> {
+    Box::new(std::iter::from_fn(move || {
         loop {
-            let (line, bytes) = match split.next_record() {
-                Ok(Some(r)) => r,
+            match split.next_record() {
+                Ok(Some((_, bytes))) if blank(&bytes) => continue,
+                Ok(Some((line, bytes))) => return Some(Ok(record(line, &bytes))),
                 Ok(None) => return None,
                 Err(e) => return Some(Err(e)),
-            };
-            if bytes.is_empty() {
-                continue;
             }
-            let text = Text::at_line(&bytes, line);
-            let payload = match text.not_utf8(0..bytes.len()) {
-                Some(reason) => Err(reason),
-                None => match csv_row(&text.text) {
-                    Err(e) => Err(format!("bad CSV row ({e})")),
-                    Ok(rec) if rec.len() != headers.len() => {
-                        Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
-                    }
-                    Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
-                },
-            };
-            return Some(Ok(Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }));
         }
-    })))
+    }))
 }
 
 /// One CSV record's fields.
