@@ -12,3 +12,4 @@ mod report;
 mod run;
 mod schedule;
 mod serve;
+mod verify;
