@@ -203,12 +203,20 @@ async fn repair_writes_only_the_rows_that_differ(pool: PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn verify_job_checks_the_rows_its_events_reach(pool: PgPool) {
     let job = matched(&pool).await;
+    // g3 is reached only through an event on its call c5 (which carries no group field).
+    add_group(&pool, "g3", json!({})).await;
+    Call::new("c5", "2026-11-03T10:00:00Z", None).session("s5").group("g3").insert(&pool).await;
+    Call::new("c6", "2026-11-03T11:00:00Z", None).group("g3").insert(&pool).await;
+    enqueue(&pool, json!({"SessionId": "s5", "EventTime": "2026-11-03T10:01:00Z", "Metadata": {"n": 5}})).await;
+    job.run(&pool).await;
     set_call(&pool, "quiet", r#"{"oldKey": 1}"#).await;
     set_call(&pool, "c3", "{}").await;
-    // Rows the job's events reach: c1, c2, solo, and every call of g1 (c3); not quiet.
+    set_call(&pool, "c6", r#"{"n": 5}"#).await;
+    // Rows the job's events reach: c1, c2, solo, c5, every call of g1 (c3) and of g3 (c6); not
+    // quiet.
     let v = check(&pool, Some("test")).await;
-    assert_eq!((v.calls_checked, v.groups_checked), (4, 1));
-    assert_eq!(ids(&v), [("calls", "c3")]);
+    assert_eq!((v.calls_checked, v.groups_checked), (6, 2));
+    assert_eq!(ids(&v), [("calls", "c3"), ("calls", "c6")]);
     let path = job.path();
     let out = callrecon(&pool, &["verify", "--job", path.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -217,7 +225,7 @@ async fn verify_job_checks_the_rows_its_events_reach(pool: PgPool) {
     let v = check(&pool, Some("other")).await;
     assert_eq!((v.calls_checked, v.groups_checked, v.calls_differing), (0, 0, 0));
     // Without --job, quiet too.
-    assert_eq!(ids(&check(&pool, None).await), [("calls", "c3"), ("calls", "quiet")]);
+    assert_eq!(ids(&check(&pool, None).await), [("calls", "c3"), ("calls", "c6"), ("calls", "quiet")]);
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
