@@ -603,18 +603,17 @@ impl Batch {
         for g in groups {
             let calls = members.get(g).map_or(&[][..], Vec::as_slice);
             // The group's contributions, with the call whose event each group part is.
-            let mut parts: Vec<(&Contribution, Option<&str>)> =
-                by_group.get(g).map_or(none, Vec::as_slice).iter().map(|p| (p, p.owner.as_deref())).collect();
+            let mut parts: Vec<Part> =
+                by_group.get(g).map_or(none, Vec::as_slice).iter().map(Contribution::as_part).collect();
             parts.extend(this_run.groups.get(g).into_iter().flatten().map(|p| (p, None)));
             for c in calls {
                 parts.extend(new_of(c).iter().filter_map(|(_, part)| part.as_ref()).map(|p| (p, Some(c.as_str()))));
             }
             for c in calls {
                 let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
-                let theirs = parts.iter().filter(|(_, owner)| *owner != Some(c.as_str())).map(|(p, _)| *p);
-                keep_if_changed(&mut m.call_changes, current, c, merge(own.chain(theirs)));
+                keep_if_changed(&mut m.call_changes, current, c, call_value(c, own, &parts));
             }
-            let value = merge(parts.iter().map(|(p, _)| *p));
+            let value = group_value(&parts);
             if value == "{}" {
                 m.not_contributing.push(g.clone())
             } else {
@@ -624,7 +623,7 @@ impl Batch {
         }
         for c in groupless {
             let own = by_call.get(c).map_or(none, Vec::as_slice).iter().chain(new_of(c).iter().map(|(m, _)| m));
-            keep_if_changed(&mut m.call_changes, current, c, merge(own));
+            keep_if_changed(&mut m.call_changes, current, c, call_value(c, own, &[]));
         }
         tracing::debug!(
             elapsed_ms = step.elapsed().as_millis() as u64,
@@ -716,7 +715,7 @@ impl Row {
 
 /// A row's physical address, `ctid`: (block, offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Tid(u32, u16);
+pub(crate) struct Tid(pub(crate) u32, pub(crate) u16);
 
 impl Tid {
     /// Parses PostgreSQL's text form, `(12,3)`.
@@ -728,14 +727,14 @@ impl Tid {
 }
 
 /// A new value for a row.
-struct Change {
-    tid: Tid,
-    id: String,
-    value: String,
+pub(crate) struct Change {
+    pub(crate) tid: Tid,
+    pub(crate) id: String,
+    pub(crate) value: String,
 }
 
 /// One event's part in a merge: its top-level keys with their JSON text, parsed once.
-struct Contribution {
+pub(crate) struct Contribution {
     /// EventTime (µs) then arrival (`events.id`): the merge order.
     order: (i64, i64),
     fields: Vec<(String, Box<RawValue>)>,
@@ -744,7 +743,7 @@ struct Contribution {
 }
 
 impl Contribution {
-    fn parse(time: DateTime<Utc>, id: i64, metadata: &str, owner: Option<String>) -> Result<Self> {
+    pub(crate) fn parse(time: DateTime<Utc>, id: i64, metadata: &str, owner: Option<String>) -> Result<Self> {
         // Values stay JSON text (`RawValue`), so numbers and strings are written back exactly
         // as stored.
         let fields: Vec<(String, Box<RawValue>)> = serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(metadata)
@@ -752,6 +751,11 @@ impl Contribution {
             .into_iter()
             .collect();
         Ok(Contribution { order: (time.timestamp_micros(), id), fields, owner })
+    }
+
+    /// This contribution as a part of its group's merge, with the call whose event it is.
+    pub(crate) fn as_part(&self) -> Part<'_> {
+        (self, self.owner.as_deref())
     }
 
     /// An event's part from its JSON values in memory, printed as [`jsonb_text`] does.
@@ -874,13 +878,31 @@ fn merge<'a>(parts: impl Iterator<Item = &'a Contribution>) -> String {
     out
 }
 
+/// A group's part in a merge, with the call whose event it is (`None` for an event matched to
+/// the group itself).
+pub(crate) type Part<'a> = (&'a Contribution, Option<&'a str>);
+
+/// The value of call `call`: its own events (`own`) and the parts of its group (`group`, empty
+/// for a call without a group) that are not its own: a call has its events' full metadata already.
+/// `verify` computes the same values with this function.
+pub(crate) fn call_value<'a>(call: &str, own: impl Iterator<Item = &'a Contribution>, group: &[Part<'a>]) -> String {
+    let theirs = group.iter().filter(|(_, owner)| *owner != Some(call)).map(|(p, _)| *p);
+    merge(own.chain(theirs))
+}
+
+/// The value of a call group: every one of its parts. It is also the value of each call of the
+/// group that has no matched event of its own (such a call owns no part).
+pub(crate) fn group_value(parts: &[Part<'_>]) -> String {
+    merge(parts.iter().map(|(p, _)| *p))
+}
+
 /// Writes the changes, in heap order, into `table.async_metadata`; returns the rows written.
 ///
 /// Each row is found by its ctid (one heap access instead of a primary-key probe and then the
 /// heap), checked against its id. A row a concurrent transaction updated since it was read has
 /// moved and is not found there: its chunk is then written again by id, skipping rows already
 /// right.
-async fn write_values(conn: &mut PgConnection, table: &str, changes: &mut [Change]) -> Result<u64> {
+pub(crate) async fn write_values(conn: &mut PgConnection, table: &str, changes: &mut [Change]) -> Result<u64> {
     changes.sort_unstable_by_key(|c| c.tid);
     let mut written = 0;
     for chunk in changes.chunks(WRITE_CHUNK) {

@@ -79,6 +79,16 @@ pub enum Command {
         job: PathBuf,
         event_id: i64,
     },
+    /// Recompute every call's and group's async_metadata from the record of matches and list
+    /// the rows that differ; exit 4 when some do (and are not repaired).
+    Verify {
+        /// Check only the rows this job's matched events reach (values still merge every job's events).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        /// Write the expected values, all or nothing, holding the apply lock.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Put the events of files (inbox formats) on event_queue.
     Enqueue {
         #[arg(required = true)]

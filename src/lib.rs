@@ -20,3 +20,4 @@ pub mod run;
 pub mod schedule;
 pub mod serve;
 pub mod users;
+pub mod verify;

@@ -8,12 +8,14 @@ use clap::Parser;
 use callrecon::cli::{Cli, Command, GenCommand, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, report, serve, users};
+use callrecon::{datagen, db, demo, event, ingest, inspect, report, serve, users, verify};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
 /// Exit status when another run of the job holds its lock.
 const EXIT_LOCKED: u8 = 3;
+/// Exit status of `verify` when rows differ from the record of matches and were not repaired.
+const EXIT_DIFFERENCES: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,6 +35,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_JOB)
             } else if e.downcast_ref::<AlreadyRunning>().is_some() {
                 ExitCode::from(EXIT_LOCKED)
+            } else if e.downcast_ref::<verify::Unrepaired>().is_some() {
+                ExitCode::from(EXIT_DIFFERENCES)
             } else {
                 ExitCode::FAILURE
             }
@@ -55,7 +59,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { job, .. }
         | Command::Rematch { job, .. }
         | Command::Explain { job, .. }
-        | Command::Demo { job, .. } => Some(job::load(job)?),
+        | Command::Demo { job, .. }
+        | Command::Verify { job: Some(job), .. } => Some(job::load(job)?),
         _ => None,
     };
     if let Command::Schedule { jobs } = &cli.command {
@@ -87,6 +92,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Explain { event_id, .. } => {
             print!("{}", inspect::explain_event(&pool, &job.expect("loaded above"), event_id).await?);
+        }
+        Command::Verify { repair, .. } => {
+            let verified = verify::verify(&pool, job.as_ref().map(|j| j.name.as_str()), repair).await?;
+            print!("{}", verify::text(&verified));
+            if verified.differs() && !repair {
+                return Err(
+                    verify::Unrepaired { calls: verified.calls_differing, groups: verified.groups_differing }.into()
+                );
+            }
         }
         Command::Enqueue { files } => enqueue(&pool, &files).await?,
         Command::Gen { command } => {

@@ -51,30 +51,23 @@ impl Column {
     }
 }
 
-/// Incremental decoder: feed it the chunks of a COPY stream in order.
-pub struct Decoder {
-    kinds: Vec<Kind>,
-    pub columns: Vec<Column>,
+/// Incremental reader of a COPY stream's rows: feed it the chunks in order, and it hands each
+/// complete row's fields (bytes in the types' binary forms, `None` for null) to a callback. For
+/// streams too big to hold (`verify` reads every call); [`Decoder`] collects columns with it.
+pub struct RowReader {
+    fields: usize,
     buf: Vec<u8>,
     header_done: bool,
     finished: bool,
 }
 
-impl Decoder {
-    pub fn new(kinds: &[Kind]) -> Self {
-        let columns = kinds
-            .iter()
-            .map(|k| match k {
-                Kind::Text => Column::Text(Vec::new()),
-                Kind::Timestamp => Column::Timestamp(Vec::new()),
-                Kind::Block => Column::Block(Vec::new()),
-            })
-            .collect();
-        Decoder { kinds: kinds.to_vec(), columns, buf: Vec::new(), header_done: false, finished: false }
+impl RowReader {
+    pub fn new(fields: usize) -> Self {
+        RowReader { fields, buf: Vec::new(), header_done: false, finished: false }
     }
 
-    /// Decodes every complete row in `chunk` (plus what was left over from earlier chunks).
-    pub fn feed(&mut self, chunk: &[u8]) -> Result<()> {
+    /// Hands every complete row in `chunk` (plus what was left over from earlier chunks) to `row`.
+    pub fn feed(&mut self, chunk: &[u8], mut row: impl FnMut(&[Option<&[u8]>]) -> Result<()>) -> Result<()> {
         self.buf.extend_from_slice(chunk);
         let mut pos = 0;
         if !self.header_done {
@@ -89,6 +82,7 @@ impl Decoder {
             pos = SIGNATURE.len() + 8 + ext;
             self.header_done = true;
         }
+        let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(self.fields);
         loop {
             let Some(row_end) = self.row_end(pos)? else { break };
             if row_end == usize::MAX {
@@ -97,35 +91,17 @@ impl Decoder {
                 break;
             }
             let mut p = pos + 2;
-            for (col, kind) in self.columns.iter_mut().zip(&self.kinds) {
+            values.clear();
+            for _ in 0..self.fields {
                 let len = i32_at(&self.buf, p);
                 p += 4;
-                let value = (len >= 0).then(|| &self.buf[p..p + len as usize]);
+                values.push((len >= 0).then(|| &self.buf[p..p + len as usize]));
                 p += len.max(0) as usize;
-                match (col, kind) {
-                    (Column::Text(v), Kind::Text) => {
-                        v.push(value.map(|b| String::from_utf8_lossy(b).into_owned()));
-                    }
-                    (Column::Timestamp(v), Kind::Timestamp) => v.push(match value {
-                        Some(b) => {
-                            ensure!(b.len() == 8, "timestamptz of {} bytes", b.len());
-                            Some(i64::from_be_bytes(b.try_into().expect("8 bytes")) + PG_EPOCH_MICROS)
-                        }
-                        None => None,
-                    }),
-                    (Column::Block(v), Kind::Block) => v.push(match value {
-                        Some(b) => {
-                            // A tid is the block (u32) then the line pointer (u16), big-endian.
-                            ensure!(b.len() == 6, "tid of {} bytes", b.len());
-                            Some(i64::from(u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))))
-                        }
-                        None => None,
-                    }),
-                    _ => unreachable!("columns are built from kinds"),
-                }
             }
+            row(&values)?;
             pos = row_end;
         }
+        drop(values);
         self.buf.drain(..pos);
         Ok(())
     }
@@ -139,8 +115,8 @@ impl Decoder {
         if fields == -1 {
             return Ok(Some(usize::MAX));
         }
-        if fields as usize != self.kinds.len() {
-            bail!("COPY row has {fields} fields, expected {}", self.kinds.len());
+        if fields as usize != self.fields {
+            bail!("COPY row has {fields} fields, expected {}", self.fields);
         }
         let mut p = pos + 2;
         for _ in 0..fields {
@@ -152,9 +128,79 @@ impl Decoder {
         Ok((p <= self.buf.len()).then_some(p))
     }
 
+    /// Checks that the whole stream has been fed.
+    pub fn finish(self) -> Result<()> {
+        ensure!(self.finished && self.buf.is_empty(), "the COPY stream ended early");
+        Ok(())
+    }
+}
+
+/// A `bigint` in binary form.
+pub fn int8(b: &[u8]) -> Result<i64> {
+    ensure!(b.len() == 8, "bigint of {} bytes", b.len());
+    Ok(i64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// A `timestamptz` in binary form, as microseconds since the Unix epoch.
+pub fn timestamp(b: &[u8]) -> Result<i64> {
+    ensure!(b.len() == 8, "timestamptz of {} bytes", b.len());
+    Ok(i64::from_be_bytes(b.try_into().expect("8 bytes")) + PG_EPOCH_MICROS)
+}
+
+/// A `tid` in binary form: the block (u32) then the line pointer (u16), big-endian.
+pub fn tid(b: &[u8]) -> Result<(u32, u16)> {
+    ensure!(b.len() == 6, "tid of {} bytes", b.len());
+    Ok((u32::from_be_bytes(b[..4].try_into().expect("4 bytes")), u16::from_be_bytes([b[4], b[5]])))
+}
+
+/// A `text` value in binary form (its UTF-8 bytes).
+pub fn text(b: &[u8]) -> Result<&str> {
+    std::str::from_utf8(b).map_err(|e| anyhow::anyhow!("text that is not UTF-8: {e}"))
+}
+
+/// Incremental decoder into columns: feed it the chunks of a COPY stream in order.
+pub struct Decoder {
+    kinds: Vec<Kind>,
+    pub columns: Vec<Column>,
+    rows: RowReader,
+}
+
+impl Decoder {
+    pub fn new(kinds: &[Kind]) -> Self {
+        let columns = kinds
+            .iter()
+            .map(|k| match k {
+                Kind::Text => Column::Text(Vec::new()),
+                Kind::Timestamp => Column::Timestamp(Vec::new()),
+                Kind::Block => Column::Block(Vec::new()),
+            })
+            .collect();
+        Decoder { kinds: kinds.to_vec(), columns, rows: RowReader::new(kinds.len()) }
+    }
+
+    /// Decodes every complete row in `chunk` (plus what was left over from earlier chunks).
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<()> {
+        let Decoder { kinds, columns, rows } = self;
+        rows.feed(chunk, |values| {
+            for ((col, kind), value) in columns.iter_mut().zip(kinds.iter()).zip(values) {
+                match (col, kind) {
+                    (Column::Text(v), Kind::Text) => {
+                        v.push(value.map(|b| String::from_utf8_lossy(b).into_owned()));
+                    }
+                    (Column::Timestamp(v), Kind::Timestamp) => v.push(value.map(timestamp).transpose()?),
+                    (Column::Block(v), Kind::Block) => {
+                        v.push(value.map(|b| tid(b).map(|t| i64::from(t.0))).transpose()?)
+                    }
+                    _ => unreachable!("columns are built from kinds"),
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The columns, once the whole stream has been fed.
     pub fn finish(self) -> Result<Vec<Column>> {
-        ensure!(self.finished && self.buf.is_empty(), "the COPY stream ended early");
+        self.rows.finish()?;
         Ok(self.columns)
     }
 }

@@ -14,3 +14,4 @@ mod report;
 mod run;
 mod schedule;
 mod serve;
+mod verify;
