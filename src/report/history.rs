@@ -56,7 +56,8 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
     );
     let rows: Vec<Row> = sqlx::query_as(
         "select id, job, kind, dry_run, started_at, finished_at, status, summary,
-                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'))
+                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'),
+                          case when report_pruned_at is not null then 'report pruned' end)
          from runs where $1::text is null or job = $1 order by id desc limit $2",
     )
     .bind(job)

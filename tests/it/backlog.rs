@@ -218,6 +218,7 @@ async fn report_keep_prunes_old_report_folders_and_keeps_the_history(pool: PgPoo
 
     let list = stdout(&callrecon(&pool, &["report", "list"]).await);
     assert_eq!(list.lines().count(), 1 + 4, "every run is still in the history:\n{list}");
+    assert_eq!(list.matches("report pruned").count(), 2, "{list}");
     let show = callrecon(&pool, &["report", "show", "1"]).await;
     assert!(!show.status.success());
     assert!(stderr(&show).contains("the report of run 1 was pruned on "), "{}", stderr(&show));
