@@ -4,7 +4,7 @@
 //! `report.html` gets a bounded sample ([`Shown`]) and counts over everything. Memory is bounded
 //! by the page size and the sample, not by the backlog.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -70,8 +70,43 @@ impl Shown {
     }
 }
 
+/// A row as read: the metadata as the JSON text PostgreSQL prints, parsed only for the CSV's
+/// key columns and the events report.html shows.
 type Row =
-    (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, Value);
+    (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, String);
+
+/// An unmatched event as written, its metadata still JSON text.
+#[derive(serde::Serialize)]
+struct Entry {
+    event_id: String,
+    source: String,
+    session_id: Option<String>,
+    event_time: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    reason: String,
+    last_reason: Option<String>,
+    candidates: Vec<String>,
+    expires_at: DateTime<Utc>,
+    #[serde(skip)]
+    metadata: String,
+}
+
+impl Entry {
+    fn into_unmatched(self) -> Unmatched {
+        Unmatched {
+            metadata: serde_json::from_str(&self.metadata).unwrap_or(Value::Null),
+            event_id: self.event_id,
+            source: self.source,
+            session_id: self.session_id,
+            event_time: self.event_time,
+            received_at: self.received_at,
+            reason: self.reason,
+            last_reason: self.last_reason,
+            candidates: self.candidates,
+            expires_at: self.expires_at,
+        }
+    }
+}
 
 /// The events of the report, as SQL: every unmatched event of the job still pending, plus those
 /// expired by run `$2`.
@@ -92,7 +127,7 @@ pub async fn stream(
     let (keys, left_out) = csv_keys(conn, job, run_id).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "declare report_unmatched no scroll cursor for
-         select id, source, session_id, event_time, received_at, state, reason, candidates, metadata
+         select id, source, session_id, event_time, received_at, state, reason, candidates, metadata::text
          from events where {UNMATCHED} order by received_at, id"
     )))
     .bind(job)
@@ -177,25 +212,25 @@ const FIXED: [&str; 10] = [
 
 pub fn write_csv_header(out: impl Write, keys: &[String]) -> Result<()> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record(FIXED.iter().copied().chain(keys.iter().map(String::as_str)).map(escape_cell))?;
+    w.write_record(FIXED.iter().copied().chain(keys.iter().map(String::as_str)).map(|c| escape_cell(c).into_owned()))?;
     w.flush()?;
     Ok(())
 }
 
 /// Guards a cell against spreadsheet formula injection (OWASP): a leading `= + - @`, tab or
 /// carriage return gets a `'` in front.
-pub fn escape_cell(s: &str) -> String {
+pub fn escape_cell(s: &str) -> std::borrow::Cow<'_, str> {
     match s.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
-        _ => s.to_owned(),
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}").into(),
+        _ => s.into(),
     }
 }
 
 /// The oldest and newest events of one reason.
 #[derive(Default)]
 struct Ends {
-    oldest: Vec<Unmatched>,
-    newest: VecDeque<Unmatched>,
+    oldest: Vec<Entry>,
+    newest: VecDeque<Entry>,
     seen: u64,
 }
 
@@ -209,6 +244,8 @@ struct Writer {
     per_end: usize,
     ends: BTreeMap<String, Ends>,
     shown: Shown,
+    /// One JSON entry, reused.
+    buf: Vec<u8>,
 }
 
 impl Writer {
@@ -233,13 +270,14 @@ impl Writer {
                 expiring_by_age: vec![0; AGE_BUCKETS.len()],
                 ..Shown::default()
             },
+            buf: Vec::with_capacity(1024),
         })
     }
 
     fn add(&mut self, row: Row) -> Result<()> {
         let (id, source, session_id, event_time, received_at, state, reason, candidates, metadata) = row;
         let expired = state == "expired";
-        let u = Unmatched {
+        let u = Entry {
             event_id: id.to_string(),
             source,
             session_id,
@@ -251,15 +289,22 @@ impl Writer {
             metadata,
             expires_at: received_at + self.pending_for,
         };
-        if self.shown.total > 0 {
-            self.json.write_all(b",\n")?;
-        }
-        self.json.write_all(b"    ")?;
-        serde_json::to_writer(&mut self.json, &u)?;
+        // The entry with its metadata spliced in as PostgreSQL printed it (valid JSON).
+        self.buf.clear();
+        self.buf.extend_from_slice(if self.shown.total > 0 { b",\n    " } else { b"    " });
+        serde_json::to_writer(&mut self.buf, &u)?;
+        self.buf.pop(); // `}`
+        self.buf.extend_from_slice(b",\"metadata\":");
+        self.buf.extend_from_slice(u.metadata.as_bytes());
+        self.buf.push(b'}');
+        self.json.write_all(&self.buf)?;
         self.write_csv_row(&u)?;
 
         self.shown.total += 1;
-        *self.shown.by_reason.entry(u.reason.clone()).or_default() += 1;
+        match self.shown.by_reason.get_mut(&u.reason) {
+            Some(n) => *n += 1,
+            None => drop(self.shown.by_reason.insert(u.reason.clone(), 1)),
+        }
         if expired {
             self.shown.expired += 1;
         } else {
@@ -270,7 +315,10 @@ impl Writer {
         }
         // Rows come oldest first: the first `per_end` of a reason are its oldest, the last ones
         // its newest.
-        let ends = self.ends.entry(u.reason.clone()).or_default();
+        if !self.ends.contains_key(&u.reason) {
+            self.ends.insert(u.reason.clone(), Ends::default());
+        }
+        let ends = self.ends.get_mut(&u.reason).expect("inserted above");
         ends.seen += 1;
         if ends.oldest.len() < self.per_end {
             ends.oldest.push(u);
@@ -283,27 +331,32 @@ impl Writer {
         Ok(())
     }
 
-    fn write_csv_row(&mut self, u: &Unmatched) -> Result<()> {
-        let mut row = vec![
-            u.event_id.clone(),
-            u.source.clone(),
-            u.session_id.clone().unwrap_or_default(),
-            u.event_time.to_rfc3339(),
-            u.received_at.to_rfc3339(),
-            u.expires_at.to_rfc3339(),
-            u.reason.clone(),
-            u.last_reason.clone().unwrap_or_default(),
-            u.candidates.join(" "),
-            u.metadata.to_string(),
-        ];
-        for k in &self.keys {
-            row.push(match u.metadata.get(k) {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
-            });
+    fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
+        let w = &mut self.csv;
+        for cell in [&u.event_id, &u.source, u.session_id.as_deref().unwrap_or_default()] {
+            w.write_field(escape_cell(cell).as_bytes())?;
         }
-        self.csv.write_record(row.iter().map(|c| escape_cell(c)))?;
+        for t in [u.event_time, u.received_at, u.expires_at] {
+            w.write_field(t.to_rfc3339())?;
+        }
+        w.write_field(escape_cell(&u.reason).as_bytes())?;
+        w.write_field(escape_cell(u.last_reason.as_deref().unwrap_or_default()).as_bytes())?;
+        w.write_field(escape_cell(&u.candidates.join(" ")).as_bytes())?;
+        w.write_field(escape_cell(&u.metadata).as_bytes())?;
+        if !self.keys.is_empty() {
+            // Values borrowed from the text: only the keys' own cells are decoded.
+            let values: HashMap<String, &serde_json::value::RawValue> =
+                serde_json::from_str(&u.metadata).unwrap_or_default();
+            for k in &self.keys {
+                let cell = match values.get(k).map(|v| v.get()) {
+                    None | Some("null") => String::new(),
+                    Some(text) if text.starts_with('"') => serde_json::from_str(text).unwrap_or_default(),
+                    Some(text) => text.to_owned(),
+                };
+                w.write_field(escape_cell(&cell).as_bytes())?;
+            }
+        }
+        w.write_record(None::<&[u8]>)?;
         Ok(())
     }
 
@@ -314,8 +367,7 @@ impl Writer {
         for (reason, ends) in self.ends {
             let kept = (ends.oldest.len() + ends.newest.len()) as u64;
             shown.omitted.insert(reason, ends.seen - kept);
-            shown.events.extend(ends.oldest);
-            shown.events.extend(ends.newest);
+            shown.events.extend(ends.oldest.into_iter().chain(ends.newest).map(Entry::into_unmatched));
         }
         shown.events.sort_by_key(|u| (u.received_at, u.event_id.parse::<i64>().unwrap_or(0)));
         tracing::trace!(path = %self.json_path.display(), "unmatched list written");
