@@ -77,22 +77,41 @@ pub fn render_html(report: &Report) -> Result<String> {
         })),
     });
     let omitted: u64 = shown.omitted.values().sum();
-    use minijinja::Value as V;
     let started = short_time(report.started_at);
     let took = format!("{:.2} s", (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0);
     Ok(tmpl.render(minijinja::context! {
-        r => V::from(minijinja::value::Serde(&head)),
-        rows => V::from(minijinja::value::Serde(&rows)),
-        ageing => V::from(minijinja::value::Serde(&ageing)),
-        rejected => V::from(minijinja::value::Serde(&rejected)),
-        changes => V::from(minijinja::value::Serde(&changes)),
-        omitted_by_reason => V::from(minijinja::value::Serde(&shown.omitted)),
+        r => jinja(&serde_json::to_value(&head)?),
+        rows => jinja(&serde_json::to_value(&rows)?),
+        ageing => jinja(&serde_json::to_value(&ageing)?),
+        rejected => jinja(&serde_json::to_value(&rejected)?),
+        changes => jinja(&serde_json::to_value(changes)?),
+        omitted_by_reason => jinja(&serde_json::to_value(&shown.omitted)?),
         omitted,
         per_end => super::unmatched::shown_per_end(),
         table_rows => TABLE_ROWS,
         started,
         took,
     })?)
+}
+
+/// A JSON value for the template. Not through `minijinja::value::Serde`: with serde_json's
+/// `arbitrary_precision` numbers reach other serializers as a private struct holding the text.
+fn jinja(value: &Value) -> minijinja::Value {
+    match value {
+        Value::Null => minijinja::Value::from(()),
+        Value::Bool(b) => minijinja::Value::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => minijinja::Value::from(i),
+            (_, Some(u), _) => minijinja::Value::from(u),
+            (_, _, Some(f)) => minijinja::Value::from(f),
+            _ => minijinja::Value::from(n.to_string()),
+        },
+        Value::String(s) => minijinja::Value::from(s.as_str()),
+        Value::Array(items) => minijinja::Value::from(items.iter().map(jinja).collect::<Vec<_>>()),
+        Value::Object(map) => minijinja::Value::from(
+            map.iter().map(|(k, v)| (k.clone(), jinja(v))).collect::<std::collections::BTreeMap<_, _>>(),
+        ),
+    }
 }
 
 /// The first [`CELL_CHARS`] characters of `s`, with `…` when cut.
