@@ -26,9 +26,23 @@ pub struct Job {
     pub report_dir: PathBuf,
     /// Where to POST each run's summary, if anywhere.
     pub webhook: Option<url::Url>,
+    /// Which report folders to keep after a successful run.
+    pub keep: Keep,
     /// Text identifying the rules, recorded with every decision so a rematch can tell which
     /// rules made it.
     pub rules_fingerprint: String,
+}
+
+/// `[report] keep`: report folders kept after a successful run (the runs themselves are
+/// always kept in the history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every report (the default).
+    All,
+    /// Those of runs started within this long.
+    Age(chrono::Duration),
+    /// The newest this many.
+    Count(u32),
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +170,14 @@ struct RawApply {
 struct RawReport {
     dir: Option<String>,
     webhook: Option<Spanned<String>>,
+    keep: Option<Spanned<RawKeep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKeep {
+    Count(i64),
+    Age(String),
 }
 
 /// Reads and validates a job file.
@@ -319,6 +341,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         },
     };
 
+    let keep = match &raw.report.keep {
+        None => Keep::All,
+        Some(k) => match k.get_ref() {
+            RawKeep::Count(n) => match u32::try_from(*n) {
+                Ok(n) if n > 0 => Keep::Count(n),
+                _ => return Err(at(k.span(), &format!("keep must be a count of reports of at least 1, not {n}"))),
+            },
+            RawKeep::Age(text) => {
+                match humantime::parse_duration(text.trim()).ok().and_then(|d| chrono::Duration::from_std(d).ok()) {
+                    Some(d) if d > chrono::Duration::zero() => Keep::Age(d),
+                    _ => {
+                        return Err(at(
+                            k.span(),
+                            &format!("keep must be an age like \"30d\" or a count like 50, not {text:?}"),
+                        ));
+                    }
+                }
+            }
+        },
+    };
+
     let rules_fingerprint = fingerprint(&rules);
     Ok(Job {
         name,
@@ -333,6 +376,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         group_fields: raw.apply.group_fields,
         report_dir: resolve(raw.report.dir.as_deref().unwrap_or("reports")),
         webhook,
+        keep,
         rules_fingerprint,
     })
 }
@@ -464,5 +508,24 @@ dir = "reports"
             "dir = \"reports\"\nwebhook = \"ftp://x\"",
             ":30:11: webhook must be an http(s) URL",
         );
+        check_err(
+            "dir = \"reports\"",
+            "dir = \"reports\"\nkeep = \"a month\"",
+            ":30:8: keep must be an age like \"30d\"",
+        );
+        check_err(
+            "dir = \"reports\"",
+            "dir = \"reports\"\nkeep = 0",
+            ":30:8: keep must be a count of reports of at least 1",
+        );
+        check_err("dir = \"reports\"", "dir = \"reports\"\nkeep = true", ":30:8:");
+    }
+
+    #[test]
+    fn report_keep_is_an_age_or_a_count() {
+        let keep = |line: &str| parse(Path::new("j.toml"), &GOOD.replace("dir = \"reports\"", line)).unwrap().keep;
+        assert_eq!(keep("dir = \"reports\""), Keep::All);
+        assert_eq!(keep("keep = \"30d\""), Keep::Age(chrono::Duration::days(30)));
+        assert_eq!(keep("keep = 50"), Keep::Count(50));
     }
 }

@@ -127,7 +127,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", report::history::list(&pool, job.as_deref(), limit).await?);
         }
         Command::Report { command: ReportCommand::Show { run, format } } => {
-            print!("{}", report::history::show(&pool, run, format).await?);
+            report::history::show(&pool, run, format, &mut std::io::stdout().lock()).await?;
         }
         Command::Demo { samples, .. } => {
             let job = job.expect("loaded above");

@@ -154,6 +154,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     let mut report = match result {
         Ok(report) => report,
         Err(e) => {
+            report::discard_partial(&job.report_dir.join(run_id.to_string()));
             let error = crate::db::error_line(&e);
             let _ = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
                 .bind(run_id)
@@ -170,12 +171,18 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     report.finished_at = Utc::now();
     let dir = job.report_dir.join(&report.run_id);
     let mut problems = Vec::new();
-    if let Err(e) = report::write_all(&report, &dir) {
-        if dry_run {
-            return Err(e).with_context(|| format!("writing the report to {}", dir.display()));
+    let written = match report::write_all(&report, &dir) {
+        Ok(()) => true,
+        Err(e) if dry_run => return Err(e).with_context(|| format!("writing the report to {}", dir.display())),
+        Err(e) => {
+            problems.push(format!(
+                "its report could not be written to {}: {}",
+                dir.display(),
+                crate::db::error_line(&e)
+            ));
+            false
         }
-        problems.push(format!("its report could not be written to {}: {}", dir.display(), crate::db::error_line(&e)));
-    }
+    };
     tracing::debug!("report written");
     let recorded = sqlx::query(
         "update runs set status = 'succeeded', finished_at = $2, summary = $3, report_dir = $4, error = $5 where id = $1",
@@ -189,6 +196,9 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     .await;
     if let Err(e) = recorded {
         problems.push(format!("its end could not be recorded in `runs`: {}", crate::db::describe(&e)));
+    }
+    if written {
+        report::retention::prune(pool, job, run_id).await;
     }
     for problem in &problems {
         tracing::error!(run_id, problem = %problem, "the run committed, but {problem}");
@@ -701,23 +711,22 @@ impl<'j> Work<'j> {
     }
 
     async fn report(&mut self, conn: &mut PgConnection, kind: &str, dry_run: bool, applied: Applied) -> Result<Report> {
-        let unmatched = report::load_unmatched(conn, &self.job.name, self.run_id, self.job.pending_for).await?;
-        tracing::debug!(events = unmatched.len(), "unmatched read");
-        let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
-        for u in &unmatched {
-            *by_reason.entry(u.reason.clone()).or_default() += 1;
-        }
-        let expired = unmatched.iter().filter(|u| u.reason == "expired").count() as u64;
+        // Streamed into the report's partial folder inside the transaction: the list is what
+        // this run commits (or, dry, would have); `report::write_all` completes it.
+        let partial = report::partial_dir(&self.job.report_dir.join(self.run_id.to_string()));
+        let unmatched =
+            report::unmatched::stream(conn, &self.job.name, self.run_id, self.job.pending_for, &partial).await?;
+        let expired = unmatched.expired;
         let count_files = |s: &str| self.files.iter().filter(|(_, f)| f.status == s).count() as u64;
         let summary = Summary {
             ingested: self.ingested,
             rejected: self.rejected.len() as u64,
             matched: self.matched,
-            unmatched: unmatched.len() as u64,
+            unmatched: unmatched.total,
             by_rule: std::mem::take(&mut self.by_rule),
-            by_reason,
+            by_reason: unmatched.by_reason.clone(),
             expired,
-            pending: unmatched.len() as u64 - expired,
+            pending: unmatched.total - expired,
             calls_updated: applied.calls_updated,
             groups_updated: applied.groups_updated,
             files_ingested: count_files("ingested"),

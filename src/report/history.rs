@@ -1,13 +1,14 @@
 //! Run history: `report list`, `report show`, and the summary a person reads after a run.
 
 use std::fmt::Write as _;
+use std::io::{BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{Report, Summary};
+use super::{Report, Summary, Unmatched};
 use crate::cli::ReportFormat;
 
 /// The few lines printed after a run.
@@ -55,7 +56,8 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
     );
     let rows: Vec<Row> = sqlx::query_as(
         "select id, job, kind, dry_run, started_at, finished_at, status, summary,
-                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'))
+                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'),
+                          case when report_pruned_at is not null then 'report pruned' end)
          from runs where $1::text is null or job = $1 order by id desc limit $2",
     )
     .bind(job)
@@ -91,48 +93,123 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
     Ok(out)
 }
 
-/// `callrecon report show RUN`: the run's report in the chosen format.
-pub async fn show(pool: &PgPool, run: i64, format: ReportFormat) -> Result<String> {
-    let row: Option<(String, Option<String>, Option<String>)> =
-        sqlx::query_as("select status, report_dir, error from runs where id = $1")
-            .bind(run)
-            .fetch_optional(pool)
-            .await?;
-    let Some((status, dir, error)) = row else { bail!("no run {run}; `callrecon report list` shows the runs") };
+/// `callrecon report show RUN`: the run's report in the chosen format, written to `out`.
+///
+/// Nothing of the size of the report is held in memory: json, csv and html are copied from the
+/// files; text reads `report.json` twice with a streaming parser, once for the summary (its
+/// `unmatched` list skipped) and once printing each unmatched event as it is parsed.
+pub async fn show(pool: &PgPool, run: i64, format: ReportFormat, out: &mut dyn Write) -> Result<()> {
+    type Row = (String, Option<String>, Option<String>, Option<DateTime<Utc>>);
+    let row: Option<Row> = sqlx::query_as("select status, report_dir, error, report_pruned_at from runs where id = $1")
+        .bind(run)
+        .fetch_optional(pool)
+        .await?;
+    let Some((status, dir, error, pruned)) = row else { bail!("no run {run}; `callrecon report list` shows the runs") };
+    if let Some(at) = pruned {
+        bail!(
+            "the report of run {run} was pruned on {} by the job's `[report] keep`; `callrecon report list` still shows its summary",
+            at.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    }
     let Some(dir) = dir.map(PathBuf::from) else {
         bail!("run {run} has no report ({status}{})", error.map(|e| format!(": {e}")).unwrap_or_default())
     };
-    let read = |name: &str| {
+    let open = |name: &str| {
         let path = dir.join(name);
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        std::fs::File::open(&path).map(BufReader::new).with_context(|| format!("reading {}", path.display()))
     };
-    Ok(match format {
-        ReportFormat::Json => read("report.json")?,
-        ReportFormat::Csv => read("unmatched.csv")?,
-        ReportFormat::Html => read("report.html")?,
-        ReportFormat::Text => {
-            let report: Report = serde_json::from_str(&read("report.json")?).context("parsing report.json")?;
-            let mut out = summary_text(&report, &dir);
-            out.push_str("\n\n");
-            for u in &report.unmatched {
-                let _ = writeln!(
-                    out,
-                    "  event {:>6}  {:<16} {}  {}{}",
-                    u.event_id,
-                    u.reason,
-                    u.event_time.format("%Y-%m-%d %H:%M:%S"),
-                    u.source,
-                    if u.candidates.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  candidates: {}", u.candidates.join(", "))
-                    }
-                );
-            }
-            for r in &report.rejected {
-                let _ = writeln!(out, "  rejected  {}: {}", r.source, r.reason);
-            }
-            out
+    let mut out = std::io::BufWriter::new(out);
+    let file = match format {
+        ReportFormat::Json => Some("report.json"),
+        ReportFormat::Csv => Some("unmatched.csv"),
+        ReportFormat::Html => Some("report.html"),
+        ReportFormat::Text => None,
+    };
+    match file {
+        Some(name) => {
+            std::io::copy(&mut open(name)?, &mut out)?;
         }
-    })
+        None => {
+            // `unmatched` is not a field of `Report`: the parser skips it without keeping it.
+            let report: Report = serde_json::from_reader(open("report.json")?).context("parsing report.json")?;
+            writeln!(out, "{}\n", summary_text(&report, &dir))?;
+            let mut de = serde_json::Deserializer::from_reader(open("report.json")?);
+            serde::de::DeserializeSeed::deserialize(UnmatchedLines(&mut out), &mut de)
+                .context("parsing report.json")?;
+            for r in &report.rejected {
+                writeln!(out, "  rejected  {}: {}", r.source, r.reason)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Prints one line per entry of `report.json`'s `unmatched` list as it is parsed, skipping
+/// every other field.
+struct UnmatchedLines<'w, W: Write>(&'w mut W);
+
+impl<'de, W: Write> serde::de::DeserializeSeed<'de> for UnmatchedLines<'_, W> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de, W: Write> serde::de::Visitor<'de> for UnmatchedLines<'_, W> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a report")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "unmatched" {
+                map.next_value_seed(EachUnmatched(&mut *self.0))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct EachUnmatched<'w, W: Write>(&'w mut W);
+
+impl<'de, W: Write> serde::de::DeserializeSeed<'de> for EachUnmatched<'_, W> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+impl<'de, W: Write> serde::de::Visitor<'de> for EachUnmatched<'_, W> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of unmatched events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(u) = seq.next_element::<Unmatched>()? {
+            let candidates = if u.candidates.is_empty() {
+                String::new()
+            } else {
+                format!("  candidates: {}", u.candidates.join(", "))
+            };
+            writeln!(
+                self.0,
+                "  event {:>6}  {:<16} {}  {}{candidates}",
+                u.event_id,
+                u.reason,
+                u.event_time.format("%Y-%m-%d %H:%M:%S"),
+                u.source,
+            )
+            .map_err(serde::de::Error::custom)?;
+        }
+        Ok(())
+    }
 }

@@ -2,16 +2,22 @@
 //! `<report dir>/<run id>/`, and the run history.
 
 pub mod history;
+mod html;
+pub mod retention;
+pub mod unmatched;
 pub mod webhook;
 
+pub use html::render_html;
+pub use unmatched::{Shown, escape_cell};
+
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
 
 use crate::event::Rejected;
 
@@ -25,7 +31,11 @@ pub struct Report {
     pub finished_at: DateTime<Utc>,
     pub dry_run: bool,
     pub summary: Summary,
-    pub unmatched: Vec<Unmatched>,
+    /// What `report.html` shows of the unmatched events (all of them up to a cap per reason).
+    /// `report.json` and `unmatched.csv` list every one: they are streamed from the database
+    /// into the report's folder while the run's transaction is open ([`unmatched::stream`]).
+    #[serde(skip)]
+    pub unmatched: Shown,
     pub rejected: Vec<Rejected>,
     /// Inbox files this run picked and what became of them.
     pub files: Vec<FileEntry>,
@@ -127,197 +137,105 @@ pub struct FileEntry {
     pub reason: Option<String>,
 }
 
-/// Every unmatched event of the job still pending, plus those expired by `run_id`.
-pub async fn load_unmatched(
-    conn: &mut PgConnection,
-    job: &str,
-    run_id: i64,
-    pending_for: chrono::Duration,
-) -> Result<Vec<Unmatched>> {
-    type Row =
-        (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, Value);
-    let rows: Vec<Row> = sqlx::query_as(
-        "select id, source, session_id, event_time, received_at, state, reason, candidates, metadata
-         from events
-         where job = $1 and (state = 'pending' or (state = 'expired' and decided_run = $2))
-         order by received_at, id",
-    )
-    .bind(job)
-    .bind(run_id)
-    .fetch_all(conn)
-    .await
-    .context("reading unmatched events")?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, source, session_id, event_time, received_at, state, reason, candidates, metadata)| {
-            let expired = state == "expired";
-            Unmatched {
-                event_id: id.to_string(),
-                source,
-                session_id,
-                event_time,
-                received_at,
-                reason: if expired { "expired".into() } else { reason.clone().unwrap_or_default() },
-                last_reason: if expired { reason } else { None },
-                candidates: candidates.unwrap_or_default(),
-                metadata,
-                expires_at: received_at + pending_for,
-            }
-        })
-        .collect())
+/// Where a run's report is written before it is complete: `<report dir>/.<run id>.partial`,
+/// renamed to `dir` once every file is in place, so a report folder is either whole or absent.
+pub fn partial_dir(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.with_file_name(format!(".{name}.partial"))
 }
 
-/// Writes `report.json`, `unmatched.csv` and `report.html` into `dir`.
+/// Removes what a run that failed left of its report.
+pub fn discard_partial(dir: &Path) {
+    let partial = partial_dir(dir);
+    if partial.exists()
+        && let Err(e) = std::fs::remove_dir_all(&partial)
+    {
+        tracing::warn!(dir = %partial.display(), error = %e, "could not remove a partial report");
+    }
+}
+
+/// Completes the report in `dir`: `unmatched.csv` and the unmatched list are already in its
+/// partial folder ([`unmatched::stream`]); this writes `report.json` around that list and
+/// `report.html`, then renames the folder into place.
 pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = serde_json::to_vec_pretty(report)?;
-    std::fs::write(dir.join("report.json"), json).context("writing report.json")?;
-    let mut csv = Vec::new();
-    write_unmatched_csv(report, &mut csv)?;
-    std::fs::write(dir.join("unmatched.csv"), csv).context("writing unmatched.csv")?;
-    std::fs::write(dir.join("report.html"), render_html(report)?).context("writing report.html")?;
-    Ok(())
+    let partial = partial_dir(dir);
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    write_json(report, &partial).context("writing report.json")?;
+    let csv = partial.join(unmatched::CSV);
+    if !csv.exists() {
+        // A report built without its stream (no unmatched events were read): a header only.
+        unmatched::write_csv_header(&mut std::fs::File::create(&csv)?, &[])?;
+    }
+    std::fs::write(partial.join("report.html"), render_html(report)?).context("writing report.html")?;
+    if dir.exists() {
+        // A folder of the same run id from another database: the report of this run replaces it.
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&partial, dir).with_context(|| format!("renaming {} to {}", partial.display(), dir.display()))
 }
 
-/// One row per unmatched event; Metadata as JSON in one column plus its top-level keys as
-/// columns, in alphabetical order. Cells that a spreadsheet would run as a formula are prefixed with `'`.
-pub fn write_unmatched_csv(report: &Report, out: impl std::io::Write) -> Result<()> {
-    let mut keys: Vec<&str> = Vec::new();
-    for u in &report.unmatched {
-        if let Value::Object(m) = &u.metadata {
-            for k in m.keys() {
-                if !keys.contains(&k.as_str()) {
-                    keys.push(k);
-                }
-            }
+/// `report.json`, written a field at a time: one top-level field a line, one entry of
+/// `unmatched` and `rejected` a line, the unmatched entries copied from the list streamed
+/// earlier. Nothing of the size of the list is held in memory.
+fn write_json(report: &Report, partial: &Path) -> Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, std::fs::File::create(partial.join("report.json"))?);
+    let field = |w: &mut std::io::BufWriter<std::fs::File>, name: &str, v: &dyn erased::Json| -> Result<()> {
+        write!(w, "  {}: ", serde_json::to_string(name)?)?;
+        v.write(w)?;
+        w.write_all(b",\n")?;
+        Ok(())
+    };
+    w.write_all(b"{\n")?;
+    field(&mut w, "run_id", &report.run_id)?;
+    field(&mut w, "job", &report.job)?;
+    field(&mut w, "kind", &report.kind)?;
+    field(&mut w, "started_at", &report.started_at)?;
+    field(&mut w, "finished_at", &report.finished_at)?;
+    field(&mut w, "dry_run", &report.dry_run)?;
+    field(&mut w, "summary", &report.summary)?;
+    w.write_all(b"  \"unmatched\": [")?;
+    let list = partial.join(unmatched::JSON_LIST);
+    if let Ok(mut part) = std::fs::File::open(&list) {
+        if part.metadata()?.len() > 0 {
+            w.write_all(b"\n")?;
+            std::io::copy(&mut part, &mut w)?;
+            w.write_all(b"\n  ")?;
+        }
+        drop(part);
+        std::fs::remove_file(&list)?;
+    }
+    w.write_all(b"],\n  \"rejected\": [")?;
+    for (i, r) in report.rejected.iter().enumerate() {
+        w.write_all(if i == 0 { b"\n    " } else { b",\n    " })?;
+        serde_json::to_writer(&mut w, r)?;
+    }
+    w.write_all(if report.rejected.is_empty() { b"],\n" } else { b"\n  ],\n" })?;
+    match &report.diff {
+        Some(diff) => {
+            field(&mut w, "files", &report.files)?;
+            write!(w, "  \"diff\": ")?;
+            serde_json::to_writer(&mut w, diff)?;
+            w.write_all(b"\n")?;
+        }
+        None => {
+            write!(w, "  \"files\": ")?;
+            serde_json::to_writer(&mut w, &report.files)?;
+            w.write_all(b"\n")?;
         }
     }
-    keys.sort_unstable();
-    let mut w = csv::Writer::from_writer(out);
-    let fixed = [
-        "event_id",
-        "source",
-        "session_id",
-        "event_time",
-        "received_at",
-        "expires_at",
-        "reason",
-        "last_reason",
-        "candidates",
-        "metadata",
-    ];
-    w.write_record(fixed.iter().copied().chain(keys.iter().copied()).map(escape_cell))?;
-    for u in &report.unmatched {
-        let mut row = vec![
-            u.event_id.clone(),
-            u.source.clone(),
-            u.session_id.clone().unwrap_or_default(),
-            u.event_time.to_rfc3339(),
-            u.received_at.to_rfc3339(),
-            u.expires_at.to_rfc3339(),
-            u.reason.clone(),
-            u.last_reason.clone().unwrap_or_default(),
-            u.candidates.join(" "),
-            u.metadata.to_string(),
-        ];
-        for k in &keys {
-            row.push(match u.metadata.get(*k) {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
-            });
-        }
-        w.write_record(row.iter().map(|c| escape_cell(c)))?;
-    }
+    w.write_all(b"}\n")?;
     w.flush()?;
     Ok(())
 }
 
-/// Guards a cell against spreadsheet formula injection (OWASP): a leading `= + - @`, tab or
-/// carriage return gets a `'` in front.
-pub fn escape_cell(s: &str) -> String {
-    match s.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}"),
-        _ => s.to_owned(),
+/// A value written as compact JSON, for [`write_json`]'s fields of different types.
+mod erased {
+    pub trait Json {
+        fn write(&self, w: &mut dyn std::io::Write) -> serde_json::Result<()>;
     }
-}
-
-const HTML: &str = include_str!("templates/report.html");
-
-/// Buckets of the ageing chart: (label, lower bound in days).
-const AGE_BUCKETS: &[(&str, f64)] =
-    &[("< 1 day", 0.0), ("1–2 days", 1.0), ("2–3 days", 2.0), ("3–7 days", 3.0), ("≥ 7 days", 7.0)];
-
-/// The self-contained HTML page (no network needed) for analysts.
-pub fn render_html(report: &Report) -> Result<String> {
-    let mut env = minijinja::Environment::new();
-    env.add_template("report.html", HTML)?;
-    let tmpl = env.get_template("report.html")?;
-    let now = report.finished_at;
-    let days = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_minutes() as f64 / 1440.0;
-    let rows: Vec<Value> = report
-        .unmatched
-        .iter()
-        .map(|u| {
-            serde_json::json!({
-                "u": u,
-                "days_pending": format!("{:.1}", days(u.received_at, now)),
-                "days_left": format!("{:.1}", days(now, u.expires_at).max(0.0)),
-                "metadata": u.metadata.to_string(),
-                "event_time": short_time(u.event_time),
-                "received_at": short_time(u.received_at),
-                "expires_at": short_time(u.expires_at),
-            })
-        })
-        .collect();
-    // Ageing: how long unmatched events have been pending, and how soon they expire.
-    let bucket = |d: f64| AGE_BUCKETS.iter().rposition(|(_, lo)| d >= *lo).unwrap_or(0);
-    let mut pending = vec![0u64; AGE_BUCKETS.len()];
-    let mut expiring = vec![0u64; AGE_BUCKETS.len()];
-    for u in report.unmatched.iter().filter(|u| u.reason != "expired") {
-        pending[bucket(days(u.received_at, now))] += 1;
-        expiring[bucket(days(now, u.expires_at).max(0.0))] += 1;
-    }
-    let max = pending.iter().chain(&expiring).copied().max().unwrap_or(0).max(1);
-    let ageing: Vec<Value> = AGE_BUCKETS
-        .iter()
-        .enumerate()
-        .map(|(i, (label, _))| {
-            serde_json::json!({
-                "label": label, "pending": pending[i], "expiring": expiring[i],
-                "pending_w": pending[i] * 260 / max, "expiring_w": expiring[i] * 260 / max,
-            })
-        })
-        .collect();
-    let r = jinja(&serde_json::to_value(report)?);
-    let rows = jinja(&Value::Array(rows));
-    let ageing = jinja(&Value::Array(ageing));
-    let started = short_time(report.started_at);
-    let took = format!("{:.2} s", (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0);
-    Ok(tmpl.render(minijinja::context! { r, rows, ageing, started, took })?)
-}
-
-/// A JSON value for the template. Not through serde: with `arbitrary_precision` serde_json
-/// hands its numbers to other serializers as a private struct holding the text.
-fn jinja(value: &Value) -> minijinja::Value {
-    match value {
-        Value::Null => minijinja::Value::from(()),
-        Value::Bool(b) => minijinja::Value::from(*b),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => minijinja::Value::from(i),
-            (_, Some(u), _) => minijinja::Value::from(u),
-            (_, _, Some(f)) => minijinja::Value::from(f),
-            _ => minijinja::Value::from(n.to_string()),
-        },
-        Value::String(s) => minijinja::Value::from(s.as_str()),
-        Value::Array(items) => minijinja::Value::from(items.iter().map(jinja).collect::<Vec<_>>()),
-        Value::Object(map) => {
-            minijinja::Value::from(map.iter().map(|(k, v)| (k.clone(), jinja(v))).collect::<BTreeMap<_, _>>())
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, w: &mut dyn std::io::Write) -> serde_json::Result<()> {
+            serde_json::to_writer(w, self)
         }
     }
-}
-
-/// `2026-11-02 10:00:00 UTC`: what a person reads in a table.
-fn short_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }

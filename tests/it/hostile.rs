@@ -266,8 +266,10 @@ async fn a_report_that_cannot_be_written_after_the_commit_exits_0(pool: PgPool) 
     Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
     let job = TestJob::new(RULES);
     enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})).await;
-    // The report folder's place is taken by a file.
-    std::fs::write(job.dir.path().join("reports"), "not a folder").unwrap();
+    // The run's report folder's place is taken by a file: the report is streamed into a
+    // partial folder before the commit, and cannot be put in place after it.
+    std::fs::create_dir(job.dir.path().join("reports")).unwrap();
+    std::fs::write(job.dir.path().join("reports/1"), "not a folder").unwrap();
     let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
@@ -428,4 +430,19 @@ async fn a_lock_held_elsewhere_ends_the_run_within_the_lock_timeout(pool: PgPool
     platform.rollback().await.unwrap();
     assert_eq!(call_meta(&pool, "c1").await, json!({}));
     assert_eq!(count(&pool, "select count(*) from event_queue").await, 1);
+}
+
+/// The other side of the contract: when the report cannot be written at all (its folder is not
+/// usable), the run fails before its commit, exits 1, and nothing is changed or consumed.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_report_folder_that_cannot_be_used_fails_the_run_before_its_commit(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})).await;
+    std::fs::write(job.dir.path().join("reports"), "not a folder").unwrap();
+    let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(call_meta(&pool, "c1").await, json!({}));
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 1);
+    assert_eq!(count(&pool, "select count(*) from runs where status = 'failed'").await, 1);
 }

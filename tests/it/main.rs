@@ -2,6 +2,7 @@
 //! `#[sqlx::test]`, so they run in parallel against the PostgreSQL in `DATABASE_URL`.
 
 mod apply;
+mod backlog;
 mod browser;
 mod crash;
 mod demo;

@@ -277,7 +277,7 @@ async fn mixed_session_and_sessionless_events_in_one_run(pool: PgPool) {
     let s = &done.report.summary;
     assert_eq!((s.matched, s.unmatched), (3, 1));
     assert_eq!(s.by_rule, [("crm-case".into(), 1), ("phone-and-agent".into(), 1), ("session_id".into(), 1)].into());
-    assert_eq!(done.report.unmatched[0].reason, "no_candidate");
+    assert_eq!(done.report.unmatched.events[0].reason, "no_candidate");
     assert_eq!(call_meta(&pool, "c1").await, json!({"viaSession": true, "crmCaseId": "C-1", "case": "open"}));
     assert_eq!(
         call_meta(&pool, "c2").await,
@@ -303,7 +303,7 @@ async fn sessionless_event_matches_after_its_call_lands(pool: PgPool) {
     let job = TestJob::new(RULES);
     enqueue(&pool, json!({"EventTime": "2026-11-02T15:01:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "x": 1}})).await;
     let first = job.run(&pool).await;
-    assert_eq!(first.report.unmatched[0].reason, "no_candidate");
+    assert_eq!(first.report.unmatched.events[0].reason, "no_candidate");
     Call::new("c1", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z")).phone("5551234567", "a1").insert(&pool).await;
     let second = job.run(&pool).await;
     assert_eq!(second.report.summary.by_rule["phone-and-agent"], 1);
@@ -373,7 +373,7 @@ async fn naive_event_time_on_a_dst_change_day_matches_in_the_job_time_zone(pool:
         "EventTime,customerPhone,agentId\n2026-03-08 03:30:00,5551234567,a1\n2026-03-08 01:30:00,5551234567,a2\n",
     );
     let done = job.run(&pool).await;
-    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched);
+    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched.events);
     assert_eq!(call_meta(&pool, "after").await["agentId"], "a1");
     assert_eq!(call_meta(&pool, "before").await["agentId"], "a2");
 }
@@ -467,6 +467,6 @@ async fn a_call_of_three_days_matches_an_event_on_its_second_day(pool: PgPool) {
     )
     .await;
     let done = job.run(&pool).await;
-    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched);
+    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched.events);
     assert_eq!(call_meta(&pool, "marathon").await["customerPhone"], "5551234567");
 }

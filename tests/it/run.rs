@@ -52,14 +52,14 @@ async fn late_call_attaches_pending_event(pool: PgPool) {
     enqueue(&pool, json!({"SessionId": "late", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"x": 1}})).await;
     let first = job.run(&pool).await;
     assert_eq!(first.report.summary.matched, 0);
-    assert_eq!(first.report.unmatched.len(), 1);
-    assert_eq!(first.report.unmatched[0].reason, "unknown_session");
+    assert_eq!(first.report.unmatched.events.len(), 1);
+    assert_eq!(first.report.unmatched.events[0].reason, "unknown_session");
 
     Call::new("c1", "2026-11-02T09:59:00Z", None).session("late").insert(&pool).await;
     let second = job.run(&pool).await;
     assert_eq!(second.report.summary.ingested, 0);
     assert_eq!(second.report.summary.matched, 1);
-    assert!(second.report.unmatched.is_empty());
+    assert!(second.report.unmatched.events.is_empty());
     assert_eq!(call_meta(&pool, "c1").await, json!({"x": 1}));
 }
 
@@ -76,6 +76,7 @@ async fn unmatched_event_expires_after_pending_for(pool: PgPool) {
     let reasons: Vec<(&str, &str, Option<&str>)> = done
         .report
         .unmatched
+        .events
         .iter()
         .map(|u| (u.session_id.as_deref().unwrap(), u.reason.as_str(), u.last_reason.as_deref()))
         .collect();
@@ -88,7 +89,7 @@ async fn unmatched_event_expires_after_pending_for(pool: PgPool) {
     Call::new("c-young", "2026-11-02T10:00:00Z", None).session("young").insert(&pool).await;
     let next = job.run(&pool).await;
     assert_eq!(next.report.summary.matched, 1);
-    assert!(next.report.unmatched.is_empty(), "expired events are reported only by the run that expired them");
+    assert!(next.report.unmatched.events.is_empty(), "expired events are reported only by the run that expired them");
     assert_eq!(count(&pool, "select count(*) from events where state = 'expired'").await, 1);
 }
 

@@ -1,0 +1,376 @@
+//! The run's unmatched events, streamed from the database a page at a time into
+//! `unmatched.csv` and the `unmatched` list of `report.json`, while the run's transaction is
+//! open (so the report shows what the run committed, and a dry run's report what it would have).
+//! `report.html` gets a bounded sample ([`Shown`]) and counts over everything. Memory is bounded
+//! by the page size and the sample, not by the backlog.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use super::Unmatched;
+
+/// File names in the report's partial folder.
+pub const CSV: &str = "unmatched.csv";
+pub const JSON_LIST: &str = "unmatched.json.part";
+
+/// Events fetched from the cursor at a time.
+pub const PAGE: usize = 5_000;
+/// Events `report.html` shows per reason: this many of the oldest and of the newest.
+pub const SHOWN_PER_END: usize = 200;
+/// Top-level metadata keys given a column of their own in `unmatched.csv` (the most frequent
+/// ones); every key stays in the `metadata` column.
+pub const CSV_KEY_COLUMNS: usize = 100;
+
+fn page() -> usize {
+    crate::run::size_from_env("CALLRECON_REPORT_PAGE", PAGE)
+}
+
+/// [`SHOWN_PER_END`], or `CALLRECON_REPORT_SHOWN` (tests cross the cap with small backlogs).
+pub fn shown_per_end() -> usize {
+    crate::run::size_from_env("CALLRECON_REPORT_SHOWN", SHOWN_PER_END)
+}
+
+fn csv_key_columns() -> usize {
+    crate::run::size_from_env("CALLRECON_REPORT_CSV_KEYS", CSV_KEY_COLUMNS)
+}
+
+/// Buckets of the ageing chart: (label, lower bound in days).
+pub const AGE_BUCKETS: &[(&str, f64)] =
+    &[("< 1 day", 0.0), ("1–2 days", 1.0), ("2–3 days", 2.0), ("3–7 days", 3.0), ("≥ 7 days", 7.0)];
+
+/// What the report knows of the unmatched events without holding them: counts over every one,
+/// and the ones `report.html` shows.
+#[derive(Debug, Clone, Default)]
+pub struct Shown {
+    /// Every unmatched event when a reason has at most twice [`shown_per_end`] of them; else
+    /// the oldest and the newest that many of that reason. In `received_at`, id order.
+    pub events: Vec<Unmatched>,
+    /// Per reason, the events not in `events`.
+    pub omitted: BTreeMap<String, u64>,
+    /// Per reason, every event.
+    pub by_reason: BTreeMap<String, u64>,
+    pub total: u64,
+    pub expired: u64,
+    /// Pending events per [`AGE_BUCKETS`] bucket: by days pending, and by days until they expire.
+    pub pending_by_age: Vec<u64>,
+    pub expiring_by_age: Vec<u64>,
+    /// Top-level metadata keys left without a column of their own in `unmatched.csv`.
+    pub csv_keys_left_out: u64,
+}
+
+impl Shown {
+    pub fn capped(&self) -> bool {
+        self.omitted.values().any(|&n| n > 0)
+    }
+}
+
+/// A row as read: the metadata as the JSON text PostgreSQL prints, parsed only for the CSV's
+/// key columns and the events report.html shows.
+type Row =
+    (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, String);
+
+/// An unmatched event as written, its metadata still JSON text.
+#[derive(serde::Serialize)]
+struct Entry {
+    event_id: String,
+    source: String,
+    session_id: Option<String>,
+    event_time: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    reason: String,
+    last_reason: Option<String>,
+    candidates: Vec<String>,
+    expires_at: DateTime<Utc>,
+    #[serde(skip)]
+    metadata: String,
+}
+
+impl Entry {
+    fn into_unmatched(self) -> Unmatched {
+        Unmatched {
+            metadata: serde_json::from_str(&self.metadata).unwrap_or(Value::Null),
+            event_id: self.event_id,
+            source: self.source,
+            session_id: self.session_id,
+            event_time: self.event_time,
+            received_at: self.received_at,
+            reason: self.reason,
+            last_reason: self.last_reason,
+            candidates: self.candidates,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// The events of the report, as SQL: every unmatched event of the job still pending, plus those
+/// expired by run `$2`.
+const UNMATCHED: &str = "job = $1 and (state = 'pending' or (state = 'expired' and decided_run = $2))";
+
+/// Streams every unmatched event of `job` (still pending, or expired by `run_id`) into `partial`
+/// ([`CSV`] and [`JSON_LIST`]), in `received_at`, id order, through a cursor on the run's
+/// connection; returns the counts and the sample for `report.html`.
+#[tracing::instrument(skip_all)]
+pub async fn stream(
+    conn: &mut PgConnection,
+    job: &str,
+    run_id: i64,
+    pending_for: chrono::Duration,
+    partial: &Path,
+) -> Result<Shown> {
+    std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
+    let (keys, left_out) = csv_keys(conn, job, run_id).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "declare report_unmatched no scroll cursor for
+         select id, source, session_id, event_time, received_at, state, reason, candidates, metadata::text
+         from events where {UNMATCHED} order by received_at, id"
+    )))
+    .bind(job)
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await
+    .context("opening the unmatched events")?;
+
+    // Pages are formatted and written on a blocking thread while the next one is fetched.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1);
+    let mut writer = Writer::new(partial, keys, pending_for, Utc::now())?;
+    writer.shown.csv_keys_left_out = left_out;
+    let writing = tokio::task::spawn_blocking(move || -> Result<Shown> {
+        while let Some(rows) = rx.blocking_recv() {
+            for row in rows {
+                writer.add(row)?;
+            }
+        }
+        writer.finish()
+    });
+    let fetch = format!("fetch forward {} from report_unmatched", page());
+    loop {
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(fetch.clone()))
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading unmatched events")?;
+        let last = rows.len() < page();
+        if tx.send(rows).await.is_err() {
+            break; // The writer failed: its error is returned below.
+        }
+        if last {
+            break;
+        }
+    }
+    drop(tx);
+    let shown = writing.await.context("writing the unmatched events")??;
+    sqlx::query("close report_unmatched").execute(&mut *conn).await?;
+    tracing::debug!(events = shown.total, "unmatched events written");
+    Ok(shown)
+}
+
+/// The top-level metadata keys that get a column in `unmatched.csv`, alphabetical: all of them,
+/// or the [`CSV_KEY_COLUMNS`] most frequent; and how many were left out.
+async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64) -> Result<(Vec<String>, u64)> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select k, count(*) over () from (
+             select k, count(*) n
+             from events e
+             cross join lateral jsonb_object_keys(case jsonb_typeof(e.metadata) when 'object' then e.metadata else '{{}}' end) k
+             where {UNMATCHED}
+             group by k
+         ) s
+         order by n desc, k
+         limit $3"
+    )))
+    .bind(job)
+    .bind(run_id)
+    .bind(csv_key_columns() as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the metadata keys of unmatched events")?;
+    let all = rows.first().map_or(0, |r| r.1) as u64;
+    let mut keys: Vec<String> = rows.into_iter().map(|r| r.0).collect();
+    keys.sort_unstable();
+    Ok((keys.clone(), all - keys.len() as u64))
+}
+
+/// The CSV's fixed columns, before one per metadata key.
+const FIXED: [&str; 10] = [
+    "event_id",
+    "source",
+    "session_id",
+    "event_time",
+    "received_at",
+    "expires_at",
+    "reason",
+    "last_reason",
+    "candidates",
+    "metadata",
+];
+
+pub fn write_csv_header(out: impl Write, keys: &[String]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(FIXED.iter().copied().chain(keys.iter().map(String::as_str)).map(|c| escape_cell(c).into_owned()))?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Guards a cell against spreadsheet formula injection (OWASP): a leading `= + - @`, tab or
+/// carriage return gets a `'` in front.
+pub fn escape_cell(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{s}").into(),
+        _ => s.into(),
+    }
+}
+
+/// The oldest and newest events of one reason.
+#[derive(Default)]
+struct Ends {
+    oldest: Vec<Entry>,
+    newest: VecDeque<Entry>,
+    seen: u64,
+}
+
+struct Writer {
+    csv: csv::Writer<std::io::BufWriter<std::fs::File>>,
+    json: std::io::BufWriter<std::fs::File>,
+    json_path: PathBuf,
+    keys: Vec<String>,
+    pending_for: chrono::Duration,
+    now: DateTime<Utc>,
+    per_end: usize,
+    ends: BTreeMap<String, Ends>,
+    shown: Shown,
+    /// One JSON entry, reused.
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn new(partial: &Path, keys: Vec<String>, pending_for: chrono::Duration, now: DateTime<Utc>) -> Result<Writer> {
+        let file = |name: &str| -> Result<std::fs::File> {
+            let path = partial.join(name);
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+        };
+        let mut csv = std::io::BufWriter::with_capacity(1 << 16, file(CSV)?);
+        write_csv_header(&mut csv, &keys)?;
+        Ok(Writer {
+            csv: csv::Writer::from_writer(csv),
+            json: std::io::BufWriter::with_capacity(1 << 16, file(JSON_LIST)?),
+            json_path: partial.join(JSON_LIST),
+            keys,
+            pending_for,
+            now,
+            per_end: shown_per_end(),
+            ends: BTreeMap::new(),
+            shown: Shown {
+                pending_by_age: vec![0; AGE_BUCKETS.len()],
+                expiring_by_age: vec![0; AGE_BUCKETS.len()],
+                ..Shown::default()
+            },
+            buf: Vec::with_capacity(1024),
+        })
+    }
+
+    fn add(&mut self, row: Row) -> Result<()> {
+        let (id, source, session_id, event_time, received_at, state, reason, candidates, metadata) = row;
+        let expired = state == "expired";
+        let u = Entry {
+            event_id: id.to_string(),
+            source,
+            session_id,
+            event_time,
+            received_at,
+            reason: if expired { "expired".into() } else { reason.clone().unwrap_or_default() },
+            last_reason: if expired { reason } else { None },
+            candidates: candidates.unwrap_or_default(),
+            metadata,
+            expires_at: received_at + self.pending_for,
+        };
+        // The entry with its metadata spliced in as PostgreSQL printed it (valid JSON).
+        self.buf.clear();
+        self.buf.extend_from_slice(if self.shown.total > 0 { b",\n    " } else { b"    " });
+        serde_json::to_writer(&mut self.buf, &u)?;
+        self.buf.pop(); // `}`
+        self.buf.extend_from_slice(b",\"metadata\":");
+        self.buf.extend_from_slice(u.metadata.as_bytes());
+        self.buf.push(b'}');
+        self.json.write_all(&self.buf)?;
+        self.write_csv_row(&u)?;
+
+        self.shown.total += 1;
+        match self.shown.by_reason.get_mut(&u.reason) {
+            Some(n) => *n += 1,
+            None => drop(self.shown.by_reason.insert(u.reason.clone(), 1)),
+        }
+        if expired {
+            self.shown.expired += 1;
+        } else {
+            let days = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_minutes() as f64 / 1440.0;
+            let bucket = |d: f64| AGE_BUCKETS.iter().rposition(|(_, lo)| d >= *lo).unwrap_or(0);
+            self.shown.pending_by_age[bucket(days(u.received_at, self.now))] += 1;
+            self.shown.expiring_by_age[bucket(days(self.now, u.expires_at).max(0.0))] += 1;
+        }
+        // Rows come oldest first: the first `per_end` of a reason are its oldest, the last ones
+        // its newest.
+        if !self.ends.contains_key(&u.reason) {
+            self.ends.insert(u.reason.clone(), Ends::default());
+        }
+        let ends = self.ends.get_mut(&u.reason).expect("inserted above");
+        ends.seen += 1;
+        if ends.oldest.len() < self.per_end {
+            ends.oldest.push(u);
+        } else {
+            if ends.newest.len() == self.per_end {
+                ends.newest.pop_front();
+            }
+            ends.newest.push_back(u);
+        }
+        Ok(())
+    }
+
+    fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
+        let w = &mut self.csv;
+        for cell in [&u.event_id, &u.source, u.session_id.as_deref().unwrap_or_default()] {
+            w.write_field(escape_cell(cell).as_bytes())?;
+        }
+        for t in [u.event_time, u.received_at, u.expires_at] {
+            w.write_field(t.to_rfc3339())?;
+        }
+        w.write_field(escape_cell(&u.reason).as_bytes())?;
+        w.write_field(escape_cell(u.last_reason.as_deref().unwrap_or_default()).as_bytes())?;
+        w.write_field(escape_cell(&u.candidates.join(" ")).as_bytes())?;
+        w.write_field(escape_cell(&u.metadata).as_bytes())?;
+        if !self.keys.is_empty() {
+            // Values borrowed from the text: only the keys' own cells are decoded.
+            let values: HashMap<String, &serde_json::value::RawValue> =
+                serde_json::from_str(&u.metadata).unwrap_or_default();
+            for k in &self.keys {
+                let cell = match values.get(k).map(|v| v.get()) {
+                    None | Some("null") => String::new(),
+                    Some(text) if text.starts_with('"') => serde_json::from_str(text).unwrap_or_default(),
+                    Some(text) => text.to_owned(),
+                };
+                w.write_field(escape_cell(&cell).as_bytes())?;
+            }
+        }
+        w.write_record(None::<&[u8]>)?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Shown> {
+        self.csv.flush()?;
+        self.json.flush()?;
+        let mut shown = self.shown;
+        for (reason, ends) in self.ends {
+            let kept = (ends.oldest.len() + ends.newest.len()) as u64;
+            shown.omitted.insert(reason, ends.seen - kept);
+            shown.events.extend(ends.oldest.into_iter().chain(ends.newest).map(Entry::into_unmatched));
+        }
+        shown.events.sort_by_key(|u| (u.received_at, u.event_id.parse::<i64>().unwrap_or(0)));
+        tracing::trace!(path = %self.json_path.display(), "unmatched list written");
+        Ok(shown)
+    }
+}
