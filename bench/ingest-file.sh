@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 25's operator case, for two binaries side by side: a customer feed of N sessionless
+# events that match nothing, dropped as one NDJSON file (~230 bytes a line), then a run with
+# nothing new while they are pending, then `report show` of the first run. Wall time and peak
+# RSS of each step.
+#
+#   bench/ingest-file.sh BEFORE_BINARY AFTER_BINARY [N]
+#
+# BEFORE_BINARY `none` measures the after binary alone (a binary that holds the backlog in
+# memory would need ~10 KB an event: 40 GB for a 1 GB file).
+# Each binary gets its own database (callrecon_ingest_before / _after) and job folder; the same
+# file is generated once. Prints a markdown table.
+set -euo pipefail
+before=$1; [ "$before" = none ] || before=$(realpath "$1")
+after=$(realpath "$2")
+n=${3:-1000000}
+base=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+work=$(mktemp -d /tmp/callrecon-ingest.XXXXXX)
+
+python3 - "$n" > "$work/feed.ndjson" <<'PY'
+import sys
+n = int(sys.argv[1])
+out = sys.stdout
+for g in range(1, n + 1):
+    s = g % 86400
+    out.write('{"EventTime": "2026-11-02T%02d:%02d:%02dZ", "Metadata": {"customerPhone": "555%07d", '
+              '"agentId": "a%d", "crmCaseId": "C-%d", "disposition": "callback", "note": "customer asked for a callback"}}\n'
+              % (s // 3600, s % 3600 // 60, s % 60, g % 10000000, g % 500, g))
+PY
+echo "feed: $(du -h "$work/feed.ndjson" | cut -f1), $n events" >&2
+
+url() { echo "${base%/*}/$1"; }
+measure() { # label, then the command: prints "| label | wall | rss |"
+    local label=$1; shift
+    /usr/bin/time -f "%e %M" -o "$work/time" "$@" > /dev/null 2> "$work/err" || { cat "$work/err" >&2; exit 1; }
+    read -r wall kib < "$work/time"
+    echo "| $label | $wall | $((kib / 1024)) |"
+}
+
+echo "| binary · step | wall (s) | peak RSS (MiB) |"
+echo "| --- | --- | --- |"
+for side in before after; do
+    [ "$side" = before ] && [ "$before" = none ] && continue
+    bin=$before; [ "$side" = after ] && bin=$after
+    db=callrecon_ingest_$side
+    psql -q "$base" -c "drop database if exists $db" -c "create database $db"
+    "$bin" --database-url "$(url $db)" migrate > /dev/null
+    mkdir -p "$work/$side/inbox"
+    cat > "$work/$side/job.toml" <<'TOML'
+name = "feed"
+pending_for = "72h"
+
+[sources]
+inbox = "inbox"
+archive = "archive"
+
+[[rules]]
+name = "phone-and-agent"
+target = "call"
+keys = [ { event = "customerPhone", call = "ani", normalize = "phone" },
+         { event = "agentId", call = "agent_id" } ]
+window = { before = "10m", after = "10m" }
+
+[report]
+dir = "reports"
+TOML
+    cp "$work/feed.ndjson" "$work/$side/inbox/"
+    measure "$side · first run (ingest the file)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
+    measure "$side · next run (nothing new)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
+    measure "$side · report show 2 --format text" "$bin" --database-url "$(url $db)" report show 2 --format text
+    echo "| $side · report files of run 2 | $(du -sh "$work/$side/reports/2" | cut -f1) | |"
+done
+rm -rf "$work"
