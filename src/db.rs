@@ -167,15 +167,20 @@ pub fn describe(e: &sqlx::Error) -> String {
 pub fn error_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let message = match cause.downcast_ref::<sqlx::Error>() {
+        let database = cause.downcast_ref::<sqlx::Error>();
+        let message = match database {
             Some(db) => describe(db),
             None => cause.to_string(),
         };
         let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
-        if message.is_empty() || parts.last().is_some_and(|last| last.ends_with(&message)) {
-            continue;
+        if !message.is_empty() && !parts.last().is_some_and(|last| last.ends_with(&message)) {
+            parts.push(message);
         }
-        parts.push(message);
+        if database.is_some() {
+            // Its sources are sqlx's and PostgreSQL's own ("… at line 869" of PostgreSQL's C
+            // source): `describe` said what a person needs.
+            break;
+        }
     }
     parts.join(": ")
 }

@@ -446,3 +446,220 @@ async fn a_report_folder_that_cannot_be_used_fails_the_run_before_its_commit(poo
     assert_eq!(count(&pool, "select count(*) from event_queue").await, 1);
     assert_eq!(count(&pool, "select count(*) from runs where status = 'failed'").await, 1);
 }
+
+/// Issue 17, 8: error lines repeated their cause ("X: X") and one said only "error returned from
+/// database". A database error reads as PostgreSQL's message, once.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn database_errors_read_as_one_line_without_repeats(pool: PgPool) {
+    use anyhow::Context as _;
+    let failed = sqlx::query("select 1 / 0").execute(&pool).await;
+    let e = anyhow::Error::from(failed.unwrap_err()).context("checking the division");
+    assert_eq!(callrecon::db::error_line(&e), "checking the division: division by zero");
+    // A context that says what its cause says is not printed twice.
+    let repeated = Err::<(), _>(anyhow::anyhow!("cannot read the file")).context("cannot read the file").unwrap_err();
+    assert_eq!(callrecon::db::error_line(&repeated), "cannot read the file");
+    let failed =
+        sqlx::query("insert into calls (id, started_at) values ('c1', now()), ('c1', now())").execute(&pool).await;
+    let line = callrecon::db::error_line(&anyhow::Error::from(failed.unwrap_err()));
+    assert!(
+        line.starts_with(
+            "duplicate key value violates unique constraint \"calls_pkey\" (Key (id)=(c1) already exists.)"
+        ),
+        "{line}"
+    );
+    assert!(!line.contains("error returned from database") && !line.contains('\n'), "{line}");
+}
+
+/// The parser's idea of which numbers PostgreSQL's jsonb holds is PostgreSQL's own, at and
+/// around every limit.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn numbers_accepted_are_exactly_those_postgresql_stores(pool: PgPool) {
+    let mut texts: Vec<String> = Vec::new();
+    for e in [16_382i64, 16_383, 16_384, 20_000] {
+        texts.extend([format!("1e-{e}"), format!("0e-{e}"), format!("1.5e-{}", e - 1), format!("0.1e-{e}")]);
+    }
+    for e in [131_070i64, 131_071, 131_072, 200_000, 1_073_741_822, 1_073_741_824] {
+        texts.extend([
+            format!("1e{e}"),
+            format!("-1e{e}"),
+            format!("0e{e}"),
+            format!("10e{}", e - 1),
+            format!("0.001e{}", e + 2),
+        ]);
+    }
+    texts.extend(["1e99999999999999999999".into(), "0.0".into(), "-0".into(), "123.4500e-2".into()]);
+    for text in texts {
+        let ours = callrecon::event::numeric_storable(&text).is_ok();
+        let theirs =
+            sqlx::query(sqlx::AssertSqlSafe(format!("select '{{\"x\": {text}}}'::jsonb"))).execute(&pool).await.is_ok();
+        assert_eq!(ours, theirs, "{text}: ours {ours}, PostgreSQL {theirs}");
+    }
+}
+
+/// A tiny deterministic generator (xorshift), so the mix is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A bad record as JSON text (for the queue: only what jsonb itself holds).
+fn hostile_json(rng: &mut Rng, for_queue: bool) -> String {
+    let t = "\"EventTime\": \"2026-11-02T10:00:00Z\"";
+    let kinds = if for_queue { 11 } else { 15 };
+    match rng.below(kinds) {
+        0 => r#"{"EventTime": 1541152800, "Metadata": {}}"#.to_owned(),
+        1 => format!("{{{t}, \"Metadata\": \"flat\"}}"),
+        2 => format!("{{\"SessionId\": 42, {t}, \"Metadata\": {{}}}}"),
+        3 => format!("{{{t}}}"),
+        4 => r#"{"EventTime": "0001-01-01T00:00:00Z", "Metadata": {"x": 1}}"#.to_owned(),
+        5 => r#"{"EventTime": "9999-12-31T23:59:59Z", "Metadata": {"x": 1}}"#.to_owned(),
+        6 => format!("{{{t}, \"eventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {{}}}}"),
+        7 => format!("{{{t}, \"Metadata\": {{}}, \"CustomerId\": 7}}"),
+        8 => format!("{{{t}, \"Metadata\": {{\"deep\": {}1{}}}}}", "[".repeat(200), "]".repeat(200)),
+        9 => r#"["an", "array"]"#.to_owned(),
+        10 => format!("{{\"SessionId\": \"{}\", {t}, \"Metadata\": {{}}}}", "s".repeat(5000)),
+        11 => format!("{{{t}, \"Metadata\": {{\"v\": \"a\\u0000b\"}}}}"),
+        12 => format!("{{{t}, \"Metadata\": {{\"n\": 1e-20000}}}}"),
+        13 => format!("{{\"SessionId\": \"\\u0000\", {t}, \"Metadata\": {{}}}}"),
+        _ => format!("{{{t}, \"Metadata\": {{\"broken\": }}"),
+    }
+}
+
+fn good_json(i: usize) -> String {
+    format!(
+        "{{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {{\"good\": {i}, \"sql\": \"'); drop table calls; --\", \"big\": 1234567890123456789012345678901234567890, \"u\": \"\\u00e9\\ud83d\\ude00\"}}}}"
+    )
+}
+
+/// Issue 17: thousands of hostile records (wrong types, deep and huge values, NULs, invalid
+/// UTF-8, extreme dates and numbers, duplicate keys, SQL-looking strings) mixed with good ones
+/// across the queue and every file format: the run succeeds, every good record is ingested
+/// exactly once, every bad one is rejected at its exact position.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn thousands_of_hostile_records_beside_good_ones(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut good = 0usize;
+    let mut bad_sources: Vec<String> = Vec::new();
+
+    // The queue.
+    let mut payloads = Vec::new();
+    for _ in 0..800 {
+        if rng.below(2) == 0 {
+            payloads.push((true, good_json(good)));
+            good += 1;
+        } else {
+            payloads.push((false, hostile_json(&mut rng, true)));
+        }
+    }
+    for (is_good, text) in &payloads {
+        let id: i64 = sqlx::query_scalar("insert into event_queue (payload) values ($1::jsonb) returning id")
+            .bind(text)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if !is_good {
+            bad_sources.push(format!("queue:{id}"));
+        }
+    }
+
+    // NDJSON and JSON arrays, with every kind of line ending and bytes that are not UTF-8.
+    for (name, array) in [("mix.ndjson", false), ("mix.json", true)] {
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut line = 1;
+        if array {
+            bytes.extend_from_slice(b"[\r\n");
+            line += 1;
+        }
+        for n in 0..800 {
+            if array && n > 0 {
+                bytes.push(b',');
+            }
+            let ending: &[u8] = match rng.below(3) {
+                0 => b"\n",
+                1 => b"\r\n",
+                _ => b"\r",
+            };
+            if array && n > 0 {
+                bytes.extend_from_slice(ending);
+                line += 1;
+            }
+            if rng.below(2) == 0 {
+                bytes.extend_from_slice(good_json(good).as_bytes());
+                good += 1;
+            } else if rng.below(8) == 0 {
+                bytes.extend_from_slice(
+                    b"{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"city\": \"S\xE3o\"}}",
+                );
+                bad_sources.push(format!("inbox/{name}:{line}"));
+            } else {
+                bytes.extend_from_slice(hostile_json(&mut rng, false).as_bytes());
+                bad_sources.push(format!("inbox/{name}:{line}"));
+            }
+            if !array {
+                bytes.extend_from_slice(ending);
+                line += 1;
+            }
+        }
+        if array {
+            bytes.extend_from_slice(b"\n]\n");
+        }
+        std::fs::write(job.inbox().join(name), bytes).unwrap();
+    }
+
+    // CSV.
+    let mut csv: Vec<u8> = b"SessionId,EventTime,Metadata,note\r\n".to_vec();
+    for n in 0..800 {
+        let line = n + 2;
+        let row: Vec<u8> = match rng.below(12) {
+            0 => b",2026-11-02T10:00:00Z,,a\0b".to_vec(),
+            1 => b",0001-01-01T00:00:00Z,,x".to_vec(),
+            2 => b",2026-11-02T10:00:00Z,,S\xE3o".to_vec(),
+            3 => b",2026-11-02T10:00:00Z,{not json},x".to_vec(),
+            4 => b",2026-11-02T10:00:00Z,\"{\"\"n\"\": 1e200000}\",x".to_vec(),
+            5 => b",2026-11-02T10:00:00Z,,x,one too many".to_vec(),
+            _ => {
+                good += 1;
+                format!(",2026-11-02T10:00:00Z,\"{{\"\"good\"\": {}}}\",\"'); drop table calls; --\"", good - 1)
+                    .into_bytes()
+            }
+        };
+        if !row.starts_with(b",2026-11-02T10:00:00Z,\"{\"\"good") {
+            bad_sources.push(format!("inbox/mix.csv:{line}"));
+        }
+        csv.extend_from_slice(&row);
+        csv.extend_from_slice(b"\r\n");
+    }
+    std::fs::write(job.inbox().join("mix.csv"), csv).unwrap();
+
+    let done = job.run(&pool).await;
+    let whole: Vec<&str> =
+        done.report.rejected.iter().filter(|r| !r.source.contains(':')).map(|r| r.reason.as_str()).collect();
+    assert!(whole.is_empty(), "files refused whole: {whole:?}");
+    let mut got: Vec<String> = done.report.rejected.iter().map(|r| r.source.clone()).collect();
+    got.sort();
+    bad_sources.sort();
+    let missing: Vec<_> = bad_sources.iter().filter(|s| !got.contains(s)).take(5).collect();
+    let extra: Vec<_> = got.iter().filter(|s| !bad_sources.contains(s)).take(5).collect();
+    assert_eq!((got.len(), &missing, &extra), (bad_sources.len(), &vec![], &vec![]));
+    assert_eq!(done.report.summary.ingested as usize, good);
+    let (events, distinct): (i64, i64) =
+        sqlx::query_as("select count(*), count(distinct metadata->>'good') from events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((events as usize, distinct as usize), (good, good));
+    let big =
+        count(&pool, "select count(*) from events where metadata->>'big' = '1234567890123456789012345678901234567890'")
+            .await;
+    let from_csv = count(&pool, "select count(*) from events where source like 'inbox/mix.csv:%'").await;
+    assert_eq!(big as usize, good - from_csv as usize);
+    assert!(done.report.files.iter().all(|f| f.status == "ingested"), "{:?}", done.report.files);
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
+}
