@@ -179,25 +179,15 @@ async fn a_run_applies_after_another_jobs_run_has_committed_and_keeps_its_events
     enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:05:00Z", "Metadata": {"mine": 1}})).await;
     // Another job's run is applying: it holds the apply lock and has matched an event to c1,
     // not committed yet.
-    let mut other = pool.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(callrecon::db::APPLY_LOCK_KEY)
-        .execute(&mut *other)
-        .await
-        .unwrap();
-    sqlx::query(
-        "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
-                             state, target_kind, target_id, rule)
-         values ('other', 'queue:0', 's1', '2026-11-02T10:01:00Z', now(), '{\"theirs\": 2, \"mine\": 0}', 0,
-                 'matched', 'call', 'c1', 'session_id')",
+    let other = other_jobs_apply(
+        &pool,
+        "s1",
+        "2026-11-02T10:01:00Z",
+        "c1",
+        r#"{"theirs": 2, "mine": 0}"#,
+        r#"{"theirs": 2, "mine": 0}"#,
     )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    sqlx::query(r#"update calls set async_metadata = '{"theirs": 2, "mine": 0}' where id = 'c1'"#)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    .await;
     let run = spawn_run(&pool, job);
     wait_for_lock_wait(&pool, Some("advisory"), "the other apply").await;
     other.commit().await.unwrap();

@@ -230,3 +230,41 @@ pub async fn wait_for_lock_wait(pool: &PgPool, wait_event: Option<&str>, what: &
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Another job's run in the middle of its apply: it holds the apply lock, has matched an event
+/// (`metadata`, JSON text) of session `session` at `time` to `call`, and written `value` to the
+/// call; not committed. Commit or roll back the returned transaction.
+pub async fn other_jobs_apply(
+    pool: &PgPool,
+    session: &str,
+    time: &str,
+    call: &str,
+    metadata: &str,
+    value: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(callrecon::db::APPLY_LOCK_KEY)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
+                             state, target_kind, target_id, rule)
+         values ('other', 'queue:0', $1, $2::timestamptz, now(), $3::jsonb, 0, 'matched', 'call', $4, 'session_id')",
+    )
+    .bind(session)
+    .bind(time)
+    .bind(metadata)
+    .bind(call)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    sqlx::query("update calls set async_metadata = $2::jsonb where id = $1")
+        .bind(call)
+        .bind(value)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    other
+}

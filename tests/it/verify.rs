@@ -235,26 +235,16 @@ async fn verify_job_checks_the_rows_its_events_reach(pool: PgPool) {
 async fn repair_waits_for_a_running_apply(pool: PgPool) {
     matched(&pool).await;
     set_call(&pool, "solo", "{}").await;
-    let mut other = pool.begin().await.unwrap();
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(callrecon::db::APPLY_LOCK_KEY)
-        .execute(&mut *other)
-        .await
-        .unwrap();
     // The other run (holding the apply lock) matches a new event to solo and writes its value.
-    sqlx::query(
-        "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
-                             state, target_kind, target_id, rule)
-         values ('other', 'queue:0', 's4', '2026-11-02T13:05:00Z', now(), '{\"theirs\": 2}', 0,
-                 'matched', 'call', 'solo', 'session_id')",
+    let other = other_jobs_apply(
+        &pool,
+        "s4",
+        "2026-11-02T13:05:00Z",
+        "solo",
+        r#"{"theirs": 2}"#,
+        r#"{"solo": 1, "theirs": 2}"#,
     )
-    .execute(&mut *other)
-    .await
-    .unwrap();
-    sqlx::query(r#"update calls set async_metadata = '{"solo": 1, "theirs": 2}' where id = 'solo'"#)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    .await;
     let repair = tokio::spawn({
         let pool = pool.clone();
         async move { verify::verify(&pool, None, true).await.unwrap() }
