@@ -123,11 +123,7 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
     let metadata = match metadata {
         None => return Err(invalid("Metadata", "missing Metadata (a JSON object)".to_owned())),
         Some((key, Value::Object(m))) => {
-            let mut size = 0;
-            for (k, v) in m {
-                storable(v, &mut format!("{key}.{k}"), &mut size).map_err(|reason| invalid(key, reason))?;
-                storable_str(k, &format!("{key} key {k:?}"), &mut size).map_err(|reason| invalid(key, reason))?;
-            }
+            storable_object(m, &mut key.clone(), &mut 0).map_err(|reason| invalid(key, reason))?;
             m.clone()
         }
         Some((key, other)) => {
@@ -167,21 +163,25 @@ fn storable(value: &Value, path: &mut String, size: &mut usize) -> Result<(), St
             }
             path.truncate(len);
         }
-        Value::Object(map) => {
-            let len = path.len();
-            for (k, v) in map {
-                path.truncate(len);
-                storable_str(k, &format!("{path} key {k:?}"), size)?;
-                path.push('.');
-                path.push_str(k);
-                storable(v, path, size)?;
-            }
-            path.truncate(len);
-        }
+        Value::Object(map) => storable_object(map, path, size)?,
     }
     if *size > MAX_METADATA_BYTES {
         return Err(format!("Metadata is larger than {} MiB", MAX_METADATA_BYTES >> 20));
     }
+    Ok(())
+}
+
+/// [`storable`] of an object: its keys and values, each value named `path.key`.
+fn storable_object(map: &Map<String, Value>, path: &mut String, size: &mut usize) -> Result<(), String> {
+    let len = path.len();
+    for (k, v) in map {
+        path.truncate(len);
+        storable_str(k, &format!("{path} key {k:?}"), size)?;
+        path.push('.');
+        path.push_str(k);
+        storable(v, path, size)?;
+    }
+    path.truncate(len);
     Ok(())
 }
 

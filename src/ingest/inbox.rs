@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
-use crate::event;
+use crate::event::{self, Rejected};
 
 /// One record read from a file, before it is parsed as an event.
 #[derive(Debug, Clone)]
@@ -105,7 +105,9 @@ pub fn records<'r, R: BufRead + Send + 'r>(
             let label = label.to_owned();
             // Blank as JSON sees it.
             let blank = |bytes: &[u8]| bytes.iter().all(|b| matches!(b, b' ' | b'\t'));
-            Ok(each_record(Splitter::new(reader, false), blank, move |line, bytes| ndjson_record(bytes, line, &label)))
+            Ok(each_record(Splitter::new(reader, false), blank, move |line, bytes| {
+                Text::at_line(bytes, line).record(&label, 0..bytes.len(), json_payload)
+            }))
         }
         Format::Csv => csv_records(reader, label),
     }
@@ -170,14 +172,33 @@ impl<'b> Text<'b> {
         Some(format!("not UTF-8 text: byte 0x{:02X} at line {line}, column {column}", self.bytes[at]))
     }
 
-    /// The record's text as read from the file (bytes that are not UTF-8 shown as U+FFFD).
+    /// The record's text as read from the file (bytes that are not UTF-8 shown as U+FFFD), as
+    /// much of it as a rejected record keeps (one byte more, so that it shows it was cut).
     fn raw(&self, range: std::ops::Range<usize>) -> String {
-        String::from_utf8_lossy(&self.bytes[range]).into_owned()
+        let end = range.end.min(range.start + Rejected::MAX_RAW + 1);
+        String::from_utf8_lossy(&self.bytes[range.start..end]).into_owned()
+    }
+
+    /// The record of the bytes in `range`: rejected when they are not UTF-8, else what
+    /// `payload` makes of their text.
+    fn record(
+        &self,
+        label: &str,
+        range: std::ops::Range<usize>,
+        payload: impl FnOnce(&str) -> Result<Value, String>,
+    ) -> Record {
+        let payload = match self.not_utf8(range.clone()) {
+            Some(reason) => Err(reason),
+            None => payload(&self.text[range.clone()]),
+        };
+        Record { source: format!("{label}:{}", self.line_of(range.start)), payload, raw: self.raw(range) }
     }
 }
 
-/// At most this much of an unreadable rest of a file goes into a rejected record's `raw`.
-const RAW_REST: usize = 4096;
+/// A record's payload from its JSON text.
+fn json_payload(text: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))
+}
 
 fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
     let s: &str = &text.text;
@@ -190,13 +211,8 @@ fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
     if in_array {
         pos += 1;
     }
-    let record = |out: &mut Vec<Record>, range: std::ops::Range<usize>, payload: Result<Value, String>| {
-        let payload = match text.not_utf8(range.clone()) {
-            Some(reason) => Err(reason),
-            None => payload,
-        };
-        out.push(Record { source: format!("{label}:{}", text.line_of(range.start)), payload, raw: text.raw(range) });
-    };
+    let not_closed =
+        || format!("{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it");
     let mut closed = !in_array;
     loop {
         pos = skip_ws(s, pos);
@@ -211,36 +227,24 @@ fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
         let start = pos;
         let mut values = serde_json::Deserializer::from_str(&s[start..]).into_iter::<&serde_json::value::RawValue>();
         match values.next() {
-            Some(Ok(raw)) => {
+            Some(Ok(_)) => {
                 let end = start + values.byte_offset();
-                record(
-                    &mut out,
-                    start..end,
-                    serde_json::from_str(raw.get()).map_err(|e| format!("not valid JSON ({e})")),
-                );
+                out.push(text.record(label, start..end, json_payload));
                 pos = end;
             }
-            Some(Err(e)) if e.is_eof() && in_array && !closed => {
-                return Err(format!(
-                    "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
-                ));
-            }
+            Some(Err(e)) if e.is_eof() && in_array && !closed => return Err(not_closed()),
             Some(Err(e)) => {
                 // Skip the bad value as a whole (to its closing bracket, or to the next comma)
                 // and go on with the next one.
                 let end = value_end(s, start, in_array && !closed).max(start + 1);
-                let reason = match text.not_utf8(start..end) {
-                    Some(r) => r,
-                    None if !in_array || closed => format!("not valid JSON after the end of the document ({e})"),
-                    None => format!("not valid JSON ({e})"),
-                };
-                let raw_end = end.min(start + RAW_REST);
-                let raw_end = (raw_end..=end).find(|&i| s.is_char_boundary(i)).unwrap_or(end);
-                out.push(Record {
-                    source: format!("{label}:{}", text.line_of(start)),
-                    payload: Err(reason),
-                    raw: text.raw(start..raw_end),
-                });
+                let after_document = !in_array || closed;
+                out.push(text.record(label, start..end, |_| {
+                    Err(if after_document {
+                        format!("not valid JSON after the end of the document ({e})")
+                    } else {
+                        format!("not valid JSON ({e})")
+                    })
+                }));
                 pos = end;
             }
             None => break,
@@ -250,19 +254,13 @@ fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
             match s[pos..].chars().next() {
                 Some(',') => pos += 1,
                 Some(']') => {}
-                None => {
-                    return Err(format!(
-                        "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
-                    ));
-                }
+                None => return Err(not_closed()),
                 Some(_) => {} // the next value is read (and rejected) from here
             }
         }
     }
     if in_array && !closed {
-        return Err(format!(
-            "{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it"
-        ));
+        return Err(not_closed());
     }
     if !out.iter().any(|r| r.payload.is_ok()) && !out.is_empty() {
         let first = &out[0];
@@ -325,15 +323,6 @@ fn balanced_end(s: &str, start: usize, in_array: bool) -> Option<usize> {
         }
     }
     (depth == 0 && !in_string).then_some(b.len())
-}
-
-fn ndjson_record(bytes: &[u8], line: usize, label: &str) -> Record {
-    let text = Text::at_line(bytes, line);
-    let payload = match text.not_utf8(0..bytes.len()) {
-        Some(reason) => Err(reason),
-        None => serde_json::from_str(&text.text).map_err(|e| format!("not valid JSON ({e})")),
-    };
-    Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }
 }
 
 /// Splits a file into records at line breaks (`\n`, `\r\n` or a lone `\r`), counting lines;
@@ -439,18 +428,13 @@ fn csv_records<'r, R: BufRead + Send + 'r>(
     }
     let label = label.to_owned();
     Ok(each_record(split, <[u8]>::is_empty, move |line, bytes| {
-        let text = Text::at_line(bytes, line);
-        let payload = match text.not_utf8(0..bytes.len()) {
-            Some(reason) => Err(reason),
-            None => match csv_row(&text.text) {
-                Err(e) => Err(format!("bad CSV row ({e})")),
-                Ok(rec) if rec.len() != headers.len() => {
-                    Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
-                }
-                Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
-            },
-        };
-        Record { source: format!("{label}:{line}"), payload, raw: text.raw(0..bytes.len()) }
+        Text::at_line(bytes, line).record(&label, 0..bytes.len(), |row| match csv_row(row) {
+            Err(e) => Err(format!("bad CSV row ({e})")),
+            Ok(rec) if rec.len() != headers.len() => {
+                Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
+            }
+            Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
+        })
     }))
 }
 
@@ -481,20 +465,8 @@ fn csv_row(text: &str) -> Result<csv::StringRecord, String> {
         .buffer_capacity(text.len() + 1)
         .from_reader(text.as_bytes());
     let mut rec = csv::StringRecord::new();
-    match reader.read_record(&mut rec) {
-        Ok(_) => Ok(rec),
-        Err(e) => Err(csv_error(&e)),
-    }
-}
-
-/// A CSV error without the position the record's source already gives.
-fn csv_error(e: &csv::Error) -> String {
-    match e.kind() {
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
-            format!("{len} fields where the header has {expected_len}")
-        }
-        _ => e.to_string(),
-    }
+    // Flexible: a row's field count is checked against the header by the caller.
+    reader.read_record(&mut rec).map(|_| rec).map_err(|e| e.to_string())
 }
 
 /// A CSV row as an event payload: SessionId and EventTime columns, a Metadata column holding a
