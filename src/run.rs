@@ -300,18 +300,20 @@ fn kept_keys(job: &Job) -> HashSet<&str> {
 /// A file's events handed on at a time while it is read.
 const INBOX_BATCH: usize = 10_000;
 
-/// The SHA-256 of a file's content, read in pieces.
-fn sha256_of(path: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Read as _;
+/// A file opened, with the SHA-256 of its content (read in pieces), rewound to its start.
+fn open_hashed(path: &std::path::Path) -> std::io::Result<(std::fs::File, String)> {
+    use std::io::{Read as _, Seek as _};
     let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0; 1 << 20];
     loop {
         match file.read(&mut buf)? {
-            0 => return Ok(hex::encode(hasher.finalize())),
+            0 => break,
             n => hasher.update(&buf[..n]),
         }
     }
+    file.rewind()?;
+    Ok((file, hex::encode(hasher.finalize())))
 }
 
 /// The state of a run in progress.
@@ -429,8 +431,8 @@ impl<'j> Work<'j> {
             let label = format!("{label_dir}/{name}");
             // Hashed first (to know a file seen before), then read record by record: memory
             // holds one batch of a file's events, whatever its size.
-            let sha = match sha256_of(&path) {
-                Ok(sha) => sha,
+            let (file, sha) = match open_hashed(&path) {
+                Ok(opened) => opened,
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "cannot read inbox file; left in place");
                     self.rejected.push(Rejected {
@@ -466,7 +468,6 @@ impl<'j> Work<'j> {
             seen.insert(sha.clone());
 
             let format = inbox::Format::of(&path).expect("listed files have a known format");
-            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
             let records = match inbox::records(reader, format, &label) {
                 Ok(r) => r,

@@ -15,7 +15,7 @@ use crate::job::{Job, Keep};
 /// Never fails the run: a folder that cannot be removed is logged and tried again next time.
 pub async fn prune(pool: &PgPool, job: &Job, run_id: i64) {
     if let Err(e) = prune_inner(pool, job, run_id).await {
-        tracing::warn!(error = %format!("{e:#}"), job = %job.name, "could not prune old reports; they are kept until the next run");
+        tracing::warn!(error = %crate::db::error_line(&e), job = %job.name, "could not prune old reports; they are kept until the next run");
     }
 }
 
