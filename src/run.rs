@@ -481,8 +481,17 @@ impl<'j> Work<'j> {
                 }
             };
             let mut events = Vec::new();
+            let rejected_before = self.rejected.len();
+            let (mut readable, mut first_unreadable) = (false, None);
             for r in records {
                 let r = r.with_context(|| format!("reading {}", path.display()))?;
+                match &r.payload {
+                    Ok(_) => readable = true,
+                    Err(reason) if first_unreadable.is_none() => {
+                        first_unreadable = Some((r.source.clone(), reason.clone()))
+                    }
+                    Err(_) => {}
+                }
                 match r.payload.and_then(|p| event::parse(&p, self.job.timezone)) {
                     Ok(event) => events.push(NewEvent { source: r.source, event, received_at: self.now }),
                     Err(reason) => {
@@ -494,6 +503,17 @@ impl<'j> Work<'j> {
                     entry.events += events.len() as u64;
                     self.add_fresh(conn, std::mem::take(&mut events)).await?;
                 }
+            }
+            if let Some(reason) = inbox::nothing_readable(&label, first_unreadable.as_ref(), readable) {
+                // Nothing was taken from it (no record read, so no event): refused whole.
+                tracing::error!(file = %label, %reason, "nothing in the file can be read; archived as failed");
+                self.rejected.truncate(rejected_before);
+                self.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
+                entry.status = "failed".into();
+                entry.rejected = 0;
+                entry.reason = Some(reason);
+                self.files.push((path, entry));
+                continue;
             }
             entry.events += events.len() as u64;
             self.add_fresh(conn, events).await?;

@@ -19,6 +19,13 @@ pub struct Record {
     pub raw: String,
 }
 
+/// Why a file is refused whole when none of its records could be read (the contract's "not
+/// UTF-8, not JSON"): the first one's source and reason. `None` when some record was read.
+pub fn nothing_readable(label: &str, first_unreadable: Option<&(String, String)>, readable: bool) -> Option<String> {
+    let (source, reason) = first_unreadable.filter(|_| !readable)?;
+    Some(format!("{label}: nothing in the file can be read ({source}: {reason})"))
+}
+
 /// Files of the inbox a run picks, sorted by name: `*.json`, `*.ndjson`, `*.jsonl`, `*.csv`;
 /// hidden, `*.tmp` and `*.part` files are still being written and are left alone, as are other
 /// names (logged).
@@ -69,9 +76,10 @@ impl Format {
     }
 }
 
-/// The records of a file's content. `Err` when the file as a whole cannot be read (nothing in it
-/// is JSON, a JSON array cut short, a CSV without an EventTime column or with an unreadable
-/// header): the reason names the file. Within a readable file a bad record (not UTF-8, not
+/// The records of a file's content. `Err` when the file as a whole cannot be read (an empty JSON
+/// file, a JSON array cut short, a CSV without an EventTime column or with an unreadable
+/// header): the reason names the file. (A file none of whose records can be read is refused
+/// whole too, by the run: see [`nothing_readable`].) Within a readable file a bad record (not UTF-8, not
 /// JSON, trailing text) is a record of its own, rejected with its line, and the others are kept.
 ///
 /// Lines are counted the way a person's editor counts them, whatever the line endings (`\n`,
@@ -261,14 +269,6 @@ fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
     }
     if in_array && !closed {
         return Err(not_closed());
-    }
-    if !out.iter().any(|r| r.payload.is_ok()) && !out.is_empty() {
-        let first = &out[0];
-        return Err(format!(
-            "{label}: not a JSON document ({}: {})",
-            first.source,
-            first.payload.as_ref().err().map_or("", String::as_str)
-        ));
     }
     Ok(out)
 }

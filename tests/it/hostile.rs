@@ -174,9 +174,23 @@ async fn a_bad_line_rejects_that_line_only(pool: PgPool) {
     // A file that cannot be read at all still goes to archive/failed.
     job.drop_file("not-json.json", "hello, this is not JSON\n");
     job.drop_file("cut-short.json", "[{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {}},\n{\"Event");
+    // A file in Latin-1 throughout is "not UTF-8" as the contract means it: refused whole.
+    let latin1 = b"{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"city\": \"S\xE3o Paulo\"}}\n";
+    std::fs::write(job.inbox().join("all-latin1.ndjson"), latin1.repeat(3)).unwrap();
+    std::fs::write(job.inbox().join("all-latin1.csv"), b"EventTime,city\n2026-11-02T10:00:00Z,S\xE3o Paulo\n").unwrap();
     let done = job.run(&pool).await;
     assert_eq!(done.report.summary.ingested, 0);
-    assert_eq!(done.report.summary.files_failed, 2, "{:?}", done.report.files);
+    assert_eq!(done.report.summary.files_failed, 4, "{:?}", done.report.files);
+    let sources: Vec<&str> = done.report.rejected.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        ["inbox/all-latin1.csv", "inbox/all-latin1.ndjson", "inbox/cut-short.json", "inbox/not-json.json"]
+    );
+    let reason = &done.report.rejected[1].reason;
+    assert!(reason.contains("nothing in the file can be read (inbox/all-latin1.ndjson:1: not UTF-8 text"), "{reason}");
+    for f in &done.report.files {
+        assert!(f.archived_to.as_deref().unwrap().contains("/failed/"), "{f:?}");
+    }
 }
 
 /// Issue 17, 7: a rejected record's position is exact whatever the line endings and quoting,
