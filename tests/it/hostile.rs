@@ -677,3 +677,40 @@ async fn thousands_of_hostile_records_beside_good_ones(pool: PgPool) {
     assert!(done.report.files.iter().all(|f| f.status == "ingested"), "{:?}", done.report.files);
     assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
 }
+
+/// Issue 17, 4: a statement that runs longer than `--statement-timeout` (here the events' insert,
+/// slowed by a trigger) ends the run with exit 1, naming the timeout, and changes nothing.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_statement_over_the_statement_timeout_ends_the_run(pool: PgPool) {
+    Call::new("c1", "2026-11-02T09:00:00Z", Some("2026-11-02T11:00:00Z")).session("s1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}})).await;
+    sqlx::raw_sql(
+        "create function slow() returns trigger language plpgsql as $$ begin perform pg_sleep(30); return null; end $$;
+         create trigger slow before insert on events for each statement execute function slow();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let path = job.path();
+    let args = ["--statement-timeout", "2s", "run", "--job", path.to_str().unwrap()];
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), callrecon(&pool, &args)).await.expect("callrecon hung");
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("canceling statement due to statement timeout"), "{}", stderr(&out));
+    assert_eq!(call_meta(&pool, "c1").await, json!({}));
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 1);
+}
+
+/// A rejected record's `raw` keeps at most 4 KiB of a huge bad line, marked as cut.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_huge_bad_record_keeps_4_kib_of_its_text(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let huge = format!("{{\"EventTime\": \"yesterday\", \"Metadata\": {{\"note\": \"{}\"}}}}", "é".repeat(50_000));
+    job.drop_file("big.ndjson", &format!("{huge}\n"));
+    let done = job.run(&pool).await;
+    let raw = &done.report.rejected[0].raw;
+    assert!(raw.len() <= callrecon::event::Rejected::MAX_RAW + '…'.len_utf8(), "{}", raw.len());
+    assert!(raw.ends_with('…') && huge.starts_with(raw.trim_end_matches('…')), "{}", &raw[..80]);
+}
