@@ -8,11 +8,7 @@ use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, Row as _};
 
-use serde_json::{Map, Value};
-
-use crate::apply;
 use crate::job::{Job, Normalizer, Target, TargetField};
-use crate::matching::engine::{self, Targets};
 use crate::pgcopy;
 
 /// Calls up to this long are found by the batch's `started_at` range; longer ones through the
@@ -37,19 +33,42 @@ pub fn fields(job: &Job) -> (Vec<TargetField>, Vec<TargetField>) {
 }
 
 /// SQL text of a field. Column names come from the job loader's allow-list; metadata paths are
-/// the job file's text, quoted as literals (COPY, which reads calls, takes no bind parameters).
+/// the job file's text, as [`pgcopy::Literal`]s (COPY, which reads calls, takes no bind
+/// parameters).
 fn field_sql(field: &TargetField) -> String {
     match field {
         TargetField::Column(c) => format!("{c}::text"),
         TargetField::Metadata(path) => {
-            let parts: Vec<String> = path.iter().map(|p| pgcopy::literal(p)).collect();
+            let parts: Vec<String> = path.iter().map(|p| pgcopy::Literal::new(p).to_string()).collect();
             format!("metadata #>> array[{}]::text[]", parts.join(", "))
         }
     }
 }
 
+/// Calls or call groups a batch may match, column-wise, as matching takes them. For groups
+/// `start`/`end` are empty.
+#[derive(Default)]
+pub struct Candidates {
+    pub ids: Vec<String>,
+    pub start: Vec<i64>,
+    /// `coalesce(ended_at, started_at)`.
+    pub end: Vec<i64>,
+    /// Raw values of every field the rules compare with.
+    pub fields: HashMap<TargetField, Vec<Option<String>>>,
+}
+
+/// Where a call was when matching read it: its call group, and its heap block (calls without a
+/// group are read in block order). Apply starts from it for the calls a run matches; only a
+/// hint: apply reads what the call belongs to now, and looks up every touched call it did not
+/// find where the hint said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub group: Option<String>,
+    pub block: i64,
+}
+
 /// Where each call read for matching is: its call group and heap block, in the order of the
-/// calls' [`Targets::ids`]. Apply starts from it for the calls this run matches ([`apply::Hint`]).
+/// calls' [`Candidates::ids`]. Apply starts from it for the calls this run matches ([`Hint`]).
 #[derive(Default)]
 pub struct Placement {
     pub group: Vec<Option<String>>,
@@ -57,9 +76,9 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Where the call at index `call` of [`Targets::ids`] is.
-    pub fn hint(&self, call: usize) -> apply::Hint {
-        apply::Hint { group: self.group[call].clone(), block: self.block[call] }
+    /// Where the call at index `call` of [`Candidates::ids`] is.
+    pub fn hint(&self, call: usize) -> Hint {
+        Hint { group: self.group[call].clone(), block: self.block[call] }
     }
 }
 
@@ -75,9 +94,9 @@ pub async fn load_calls(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     (before, after): (chrono::Duration, chrono::Duration),
-) -> Result<(Targets, Placement)> {
+) -> Result<(Candidates, Placement)> {
     let exprs: Vec<String> = fields.iter().map(field_sql).collect();
-    let ts = |t: DateTime<Utc>| pgcopy::literal(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let ts = |t: DateTime<Utc>| pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     // The group and the ctid cost the COPY little (55 → 59 ms for the nightly's 166k calls).
     let columns = format!(
         "id, started_at, coalesce(ended_at, started_at), call_group_id, ctid{}{}",
@@ -109,7 +128,7 @@ pub async fn load_calls(
     let group = next().into_text();
     let block = next().into_blocks().into_iter().map(|b| b.expect("ctid is not null")).collect();
     let fields = fields.iter().cloned().zip(columns.map(pgcopy::Column::into_text)).collect();
-    Ok((Targets { ids, start, end, fields }, Placement { group, block }))
+    Ok((Candidates { ids, start, end, fields }, Placement { group, block }))
 }
 
 /// Restricts the call groups read to those whose value of `field`, normalised, is one of
@@ -120,34 +139,13 @@ pub struct GroupFilter {
     pub values: Vec<String>,
 }
 
-/// The filters that let a batch read only the call groups it can match: one per group rule, on
-/// its first key. `None` when some group rule cannot be filtered in SQL exactly as the engine
-/// normalises (`lower` and `trim` follow Unicode rules in Rust, locale rules in PostgreSQL):
-/// then every group is read.
-pub fn group_filters(job: &Job, events: &[&Map<String, Value>]) -> Option<Vec<GroupFilter>> {
-    let mut filters = Vec::new();
-    for rule in job.rules.iter().filter(|r| r.target == Target::CallGroup) {
-        let key = &rule.keys[0];
-        if matches!(key.normalize, Some(Normalizer::Lower | Normalizer::Trim)) {
-            return None;
-        }
-        let values: HashSet<String> = events.iter().filter_map(|m| engine::event_key(m, key)).collect();
-        filters.push(GroupFilter {
-            field: key.field.clone(),
-            normalize: key.normalize,
-            values: values.into_iter().collect(),
-        });
-    }
-    Some(filters)
-}
-
 /// Call groups with the fields the group rules compare with; all of them, or those passing any
 /// of `filters`.
 pub async fn load_groups(
     conn: &mut PgConnection,
     fields: &[TargetField],
     filters: Option<&[GroupFilter]>,
-) -> Result<Targets> {
+) -> Result<Candidates> {
     let exprs: Vec<String> = fields.iter().map(field_sql).collect();
     // Each filter's values are bound as `$n`, in filter order.
     let mut conditions = Vec::new();
@@ -177,7 +175,7 @@ pub async fn load_groups(
     for f in filters.unwrap_or_default() {
         q = q.bind(&f.values);
     }
-    let mut t = Targets::default();
+    let mut t = Candidates::default();
     let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
     let mut rows = q.fetch(&mut *conn);
     while let Some(row) = rows.try_next().await.context("reading call_groups")? {
@@ -193,7 +191,7 @@ pub async fn load_groups(
 /// A call found by its `session_id`: its id and where it is.
 pub struct SessionCall {
     pub id: String,
-    pub hint: apply::Hint,
+    pub hint: Hint,
 }
 
 /// `session_id -> call` for the given session ids that have a call.
@@ -211,6 +209,6 @@ pub async fn calls_by_session(
     .context("reading calls by session_id")?;
     Ok(rows
         .into_iter()
-        .map(|(session, id, group, block)| (session, SessionCall { id, hint: apply::Hint { group, block } }))
+        .map(|(session, id, group, block)| (session, SessionCall { id, hint: Hint { group, block } }))
         .collect())
 }

@@ -16,6 +16,14 @@ pub struct Event {
     pub metadata: Map<String, Value>,
 }
 
+/// A valid event as ingested, about to be stored: where it came from, and when it arrived.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: String,
+    pub event: Event,
+    pub received_at: DateTime<Utc>,
+}
+
 /// A record that could not become an event: where it came from, why, and what it was.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rejected {

@@ -1,4 +1,5 @@
-//! `callrecon explain`: reads one event and the call data around it, and explains the decision.
+//! `callrecon explain`: reads one event and the call data around it (through `calldata`), and
+//! explains the decision.
 
 use std::fmt::Write as _;
 
@@ -55,11 +56,10 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
             writeln!(out, "note: the event belongs to job {ev_job}; explained here with the rules of {}\n", job.name);
     }
 
+    let mut conn = pool.acquire().await?;
     if let Some(session) = session {
-        let call: Option<String> = sqlx::query_scalar("select id from calls where session_id = $1")
-            .bind(&session)
-            .fetch_optional(pool)
-            .await?;
+        let sessions = std::collections::HashSet::from([session.as_str()]);
+        let call = calldata::calls_by_session(&mut conn, &sessions).await?.remove(&session).map(|c| c.id);
         let _ = match call {
             Some(c) => writeln!(
                 out,
@@ -73,14 +73,13 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
         return Ok(out);
     }
 
-    let mut conn = pool.acquire().await?;
     let (call_fields, group_fields) = calldata::fields(job);
     let (before, after) = job.max_window();
     let (calls, _) =
         calldata::load_calls(&mut conn, &call_fields, time, time, (before + LOOK_AROUND, after + LOOK_AROUND))
             .await
             .context("reading calls around the event")?;
-    let filters = calldata::group_filters(job, &[&metadata.0]);
+    let filters = crate::matching::decide::group_filters(job, &[&metadata.0]);
     let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
     let steps = explain::explain(&job.rules, time.timestamp_micros(), &metadata.0, &calls, &groups);
     let _ = writeln!(out, "calls sharing keys are counted within 7 days of the event\n");

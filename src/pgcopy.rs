@@ -221,10 +221,23 @@ pub async fn read(conn: &mut sqlx::PgConnection, sql: &str, kinds: &[Kind]) -> R
     decoder.finish()
 }
 
-/// A SQL string literal (for COPY, which takes no bind parameters). With
-/// `standard_conforming_strings` (on since PostgreSQL 9.1) only quotes need doubling.
-pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// A SQL string literal, for COPY, which takes no bind parameters: the one way text from a job
+/// file or the command line goes into SQL text. It can only be built by [`Literal::new`], which
+/// writes the escape-string form (`E'…'`, quotes and backslashes doubled): it reads as the same
+/// text whatever `standard_conforming_strings` is, so no text can end it early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Literal(String);
+
+impl Literal {
+    pub fn new(text: &str) -> Self {
+        Literal(format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''")))
+    }
+}
+
+impl std::fmt::Display for Literal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[cfg(test)]
@@ -294,6 +307,7 @@ mod tests {
 
     #[test]
     fn literals_double_quotes() {
-        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(Literal::new("it's").to_string(), "E'it''s'");
+        assert_eq!(Literal::new(r"a\'; drop table calls; --").to_string(), r"E'a\\''; drop table calls; --'");
     }
 }

@@ -326,7 +326,7 @@ impl Scheduled {
 
 /// Why a job runs now.
 #[derive(Debug, Clone, Copy)]
-enum Reason {
+enum Trigger {
     /// Its fire time came.
     Scheduled(DateTime<Utc>),
     /// Its last successful run is older than this fire time, missed while no scheduler ran.
@@ -336,7 +336,7 @@ enum Reason {
 }
 
 /// What happened to one attempt.
-enum Outcome {
+enum Attempt {
     Done,
     /// The database could not be reached: try again after a delay.
     Unreachable,
@@ -385,10 +385,10 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
         }
         let now = Utc::now();
         let next = s.next_fire(handled_until);
-        let (due, reason) = match (catch_up, retry, next) {
-            (Some(missed), _, _) => (now, Reason::CatchUp(missed)),
-            (None, Some((at, _)), next) if next.is_none_or(|n| at < n) => (at, Reason::Retry),
-            (None, _, Some(n)) => (n, Reason::Scheduled(n)),
+        let (due, trigger) = match (catch_up, retry, next) {
+            (Some(missed), _, _) => (now, Trigger::CatchUp(missed)),
+            (None, Some((at, _)), next) if next.is_none_or(|n| at < n) => (at, Trigger::Retry),
+            (None, _, Some(n)) => (n, Trigger::Scheduled(n)),
             (None, _, None) => {
                 tracing::warn!(job = %name, schedule = %s.cron(), "the schedule never fires again; job idle");
                 signalled(&mut stop, 1).await;
@@ -399,8 +399,8 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
             if announced != Some(due) {
                 announced = Some(due);
                 let local = due.with_timezone(&s.job.timezone);
-                match reason {
-                    Reason::Retry => {
+                match trigger {
+                    Trigger::Retry => {
                         tracing::info!(job = %name, at = %local.format("%Y-%m-%d %H:%M:%S %Z"), "retrying")
                     }
                     _ => tracing::info!(
@@ -420,11 +420,11 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
         }
 
         let before = handled_until;
-        let outcome = fire(&pool, &s, reason, &mut stop).await;
+        let outcome = fire(&pool, &s, trigger, &mut stop).await;
         catch_up = None;
         let end = Utc::now();
         // Fire times that came while this attempt ran found the job running: skipped, not queued.
-        let served = matches!(reason, Reason::Scheduled(_)) as usize;
+        let served = matches!(trigger, Trigger::Scheduled(_)) as usize;
         let skipped: Vec<DateTime<Utc>> =
             fire_times(s.cron(), s.job.timezone, before).take_while(|t| *t <= end).skip(served).take(10_000).collect();
         if let (Some(first), Some(last)) = (skipped.first(), skipped.last()) {
@@ -438,12 +438,12 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
         }
         handled_until = end;
         match outcome {
-            Outcome::Done => retry = None,
-            Outcome::Unreachable => {
+            Attempt::Done => retry = None,
+            Attempt::Unreachable => {
                 let delay = retry.map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
                 retry = Some((Utc::now() + delay, delay));
             }
-            Outcome::RolledBack => break,
+            Attempt::RolledBack => break,
         }
     }
     tracing::info!(job = %name, "job stopped");
@@ -464,7 +464,7 @@ async fn missed_fire(pool: &PgPool, s: &Scheduled, now: DateTime<Utc>) -> Result
 }
 
 /// One attempt to run the job: logs and classifies what happened.
-async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Receiver<u32>) -> Outcome {
+async fn fire(pool: &PgPool, s: &Scheduled, trigger: Trigger, stop: &mut watch::Receiver<u32>) -> Attempt {
     let name = &s.job.name;
     if let Some(e) = &s.refused {
         tracing::error!(
@@ -474,8 +474,8 @@ async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Re
             "job file refused: running its last good version"
         );
     }
-    match reason {
-        Reason::Scheduled(at) => {
+    match trigger {
+        Trigger::Scheduled(at) => {
             // Another scheduler (a second replica) or a manual run may have served this fire time.
             let other: Option<(i64, String)> = sqlx::query_as(
                 "select id, status from runs
@@ -493,15 +493,15 @@ async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Re
                 } else {
                     tracing::info!(job = %name, run_id = id, status, "fire time already served by another process");
                 }
-                return Outcome::Done;
+                return Attempt::Done;
             }
         }
-        Reason::CatchUp(missed) => tracing::info!(
+        Trigger::CatchUp(missed) => tracing::info!(
             job = %name,
             missed = %missed.with_timezone(&s.job.timezone).format("%Y-%m-%d %H:%M:%S %Z"),
             "catching up: the last successful run is older than this fire time"
         ),
-        Reason::Retry => {}
+        Trigger::Retry => {}
     }
 
     // Dropping the run drops its transaction: nothing it did is kept.
@@ -509,7 +509,7 @@ async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Re
         r = run::execute(pool, &s.job, Mode::Run, false) => r,
         _ = signalled(stop, 2) => {
             tracing::warn!(job = %name, "run rolled back: stopped twice");
-            return Outcome::RolledBack;
+            return Attempt::RolledBack;
         }
     };
     match result {
@@ -524,28 +524,28 @@ async fn fire(pool: &PgPool, s: &Scheduled, reason: Reason, stop: &mut watch::Re
                 report = %done.dir.join("report.html").display(),
                 "run succeeded"
             );
-            if let (Some(e), Ok(id)) = (&s.refused, done.report.run_id.parse::<i64>()) {
+            if let Some(e) = &s.refused {
                 // Shown by `report list` beside the run.
                 let note = format!(
                     "ran the version of {} read at {}: the file on disk is refused: {e}",
                     s.path.display(),
                     s.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
-                let _ = sqlx::query("update runs set error = $2 where id = $1").bind(id).bind(note).execute(pool).await;
+                run::record::note(pool, done.report.run_id, &note).await;
             }
-            Outcome::Done
+            Attempt::Done
         }
         Err(e) if e.downcast_ref::<AlreadyRunning>().is_some() => {
             tracing::warn!(job = %name, error = %crate::db::error_line(&e), "fire time skipped: the job is already running");
-            Outcome::Done
+            Attempt::Done
         }
         Err(e) if database_unreachable(&e) => {
             tracing::error!(job = %name, error = %crate::db::error_line(&e), "run failed: the database cannot be reached");
-            Outcome::Unreachable
+            Attempt::Unreachable
         }
         Err(e) => {
             tracing::error!(job = %name, error = %crate::db::error_line(&e), "run failed; recorded in `report list`");
-            Outcome::Done
+            Attempt::Done
         }
     }
 }

@@ -19,7 +19,7 @@ use foldhash::{HashMap, HashMapExt as _, HashSet};
 use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, PgPool};
 
-use crate::apply::{self, Applied, Change, Contribution, Tid};
+use crate::apply::{self, Applied, Contribution, NewValue, Tid};
 use crate::pgcopy;
 
 /// Differences kept as examples, per table.
@@ -183,7 +183,7 @@ impl Record {
     /// of the call it is matched to when it has a group part (or is `job`'s).
     async fn read(conn: &mut PgConnection, job: Option<&str>) -> Result<Self> {
         let step = std::time::Instant::now();
-        let of_job = job.map_or(String::new(), |j| format!(" or e.job = {}", pgcopy::literal(j)));
+        let of_job = job.map_or(String::new(), |j| format!(" or e.job = {}", pgcopy::Literal::new(j)));
         // One primary-key probe per event that needs its call's group.
         let sql = format!(
             "copy (select e.id, e.event_time, e.metadata::text, e.group_part::text, e.target_kind, e.target_id,
@@ -302,7 +302,7 @@ impl Check<'_> {
         };
         let (mut checked, mut differing, mut written, mut seen) = (0u64, 0u64, 0u64, 0u64);
         let mut examples = 0;
-        let mut pending: Vec<Change> = Vec::new();
+        let mut pending: Vec<NewValue> = Vec::new();
         let repair = self.writer.is_some();
         let record = self.record;
         let mut rows = pgcopy::RowReader::new(fields);
@@ -350,7 +350,7 @@ impl Check<'_> {
                 }
                 if repair {
                     let (block, offset) = pgcopy::tid(tid)?;
-                    pending.push(Change { tid: Tid(block, offset), id: id.to_owned(), value: expected.into_owned() });
+                    pending.push(NewValue { tid: Tid(block, offset), id: id.to_owned(), value: expected.into_owned() });
                 }
                 Ok(())
             })?;
@@ -383,7 +383,7 @@ impl Check<'_> {
 }
 
 /// Writes the differences through apply's writer and forgets them.
-async fn write(conn: &mut PgConnection, table: &str, pending: &mut Vec<Change>) -> Result<u64> {
+async fn write(conn: &mut PgConnection, table: &str, pending: &mut Vec<NewValue>) -> Result<u64> {
     let n =
         apply::write_values(conn, table, pending).await.with_context(|| format!("repairing {table}.async_metadata"))?;
     pending.clear();

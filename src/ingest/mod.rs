@@ -1,73 +1,267 @@
-//! Ingestion: sources -> events for the run to decide and store, inside its transaction.
+//! The ingest stage: the job's sources (`event_queue`, inbox files) → valid events handed to the
+//! ledger's [`Arrivals`], inside the run's transaction; bad records set aside with their
+//! position.
 //!
 //! Architecture invariant: every record goes through [`crate::event::parse`]; a bad record is
-//! rejected with its position and never stops the good ones beside it.
+//! rejected with its position and never stops the good ones beside it. Files are moved
+//! ([`archive`]) only after the run commits, never deleted.
 
 pub mod inbox;
 pub mod queue;
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use sqlx::PgConnection;
 
-use crate::event::Event;
+use crate::event::{self, NewEvent, Rejected};
+use crate::job::Job;
+use crate::ledger::Arrivals;
+use crate::progress;
 
-/// A valid event about to be stored.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub source: String,
-    pub event: Event,
-    pub received_at: DateTime<Utc>,
+/// What ingestion took in, besides the events it handed on.
+#[derive(Default)]
+pub struct Ingested {
+    /// Valid events handed on.
+    pub events: u64,
+    pub rejected: Vec<Rejected>,
+    /// Inbox files with what became of them; archived after the commit.
+    pub files: Vec<(PathBuf, FileEntry)>,
 }
 
-/// Events stored per statement.
-pub const STORE_CHUNK: usize = 10_000;
-
-/// The columns of new events as `events` stores them, bound in this order by every statement
-/// that inserts them: source, session id, EventTime, received at, metadata (JSON text).
-pub struct EventColumns<'e> {
-    source: Vec<&'e str>,
-    session: Vec<Option<&'e str>>,
-    time: Vec<DateTime<Utc>>,
-    received: Vec<DateTime<Utc>>,
-    metadata: Vec<String>,
+/// An inbox file and what became of it, as the report lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub file: String,
+    pub sha256: String,
+    pub status: FileStatus,
+    pub events: u64,
+    pub rejected: u64,
+    pub archived_to: Option<String>,
+    pub reason: Option<String>,
 }
 
-impl<'e> EventColumns<'e> {
-    pub fn of(events: &'e [NewEvent]) -> Result<Self> {
-        Ok(EventColumns {
-            source: events.iter().map(|e| e.source.as_str()).collect(),
-            session: events.iter().map(|e| e.event.session_id.as_deref()).collect(),
-            time: events.iter().map(|e| e.event.event_time).collect(),
-            received: events.iter().map(|e| e.received_at).collect(),
-            metadata: events.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?,
-        })
-    }
-
-    /// Binds the five columns, in the order above.
-    pub fn bind<'q>(
-        &'q self,
-        statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        statement.bind(&self.source).bind(&self.session).bind(&self.time).bind(&self.received).bind(&self.metadata)
-    }
+/// What became of an inbox file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    Ingested,
+    /// Its content was ingested before (by its SHA-256): skipped.
+    Duplicate,
+    /// Refused whole: nothing in it could be read.
+    Failed,
 }
 
-/// Stores events pending, undecided, in the given order (their ids follow it: arrival order
-/// breaks merge ties). For a backlog: the run then decides them from the table in EventTime order.
-pub async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: &[NewEvent]) -> Result<()> {
-    for chunk in events.chunks(STORE_CHUNK) {
-        let columns = EventColumns::of(chunk)?;
-        let statement = sqlx::query(
-            "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run)
-             select $1, s, sid, t, r, m::jsonb, $2
-             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[])
-                  with ordinality as u(s, sid, t, r, m, ord)
-             order by ord",
-        )
-        .bind(job)
-        .bind(run_id);
-        columns.bind(statement).execute(&mut *conn).await.context("storing events")?;
+/// Drains the queue, then reads the inbox, handing every valid event to `arrivals`.
+#[tracing::instrument(skip_all)]
+pub async fn ingest(
+    conn: &mut PgConnection,
+    job: &Job,
+    run_id: i64,
+    now: DateTime<Utc>,
+    arrivals: &mut Arrivals,
+) -> Result<Ingested> {
+    let mut out = Ingested::default();
+    if job.queue {
+        drain_queue(conn, job, arrivals, &mut out).await?;
     }
+    if let Some(dir) = &job.inbox {
+        read_inbox(conn, job, run_id, now, dir, arrivals, &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// Takes the queue's rows off it a batch at a time; each batch is parsed on another thread
+/// while the next is taken.
+async fn drain_queue(conn: &mut PgConnection, job: &Job, arrivals: &mut Arrivals, out: &mut Ingested) -> Result<()> {
+    let pb = progress::spinner("queue", "events");
+    let (mut valid, mut rejected) = (0, 0);
+    if let Some(max_id) = queue::last_id(conn).await? {
+        let tz = job.timezone;
+        let mut rows = queue::take(conn, max_id).await?;
+        while !rows.is_empty() {
+            let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, tz));
+            let next = queue::take(conn, max_id).await;
+            let batch = parsing.await.context("parsing queued events")?;
+            // A failed take aborts the transaction: report it, not the next statement's
+            // "transaction is aborted".
+            rows = next?;
+            pb.inc(batch.taken() as u64);
+            (valid, rejected) = (valid + batch.events.len(), rejected + batch.rejected.len());
+            out.rejected.extend(batch.rejected);
+            arrivals.add(conn, batch.events).await?;
+        }
+    }
+    pb.finish_and_clear();
+    tracing::info!(valid, rejected, "queue drained");
+    out.events += valid as u64;
     Ok(())
+}
+
+/// A file's events handed on at a time while it is read.
+const INBOX_BATCH: usize = 10_000;
+
+/// A file opened, with the SHA-256 of its content (read in pieces), rewound to its start.
+fn open_hashed(path: &Path) -> std::io::Result<(std::fs::File, String)> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => break,
+            n => hasher.update(&buf[..n]),
+        }
+    }
+    file.rewind()?;
+    Ok((file, hex::encode(hasher.finalize())))
+}
+
+/// Reads the inbox's files into events, recording each file's fate (`inbox_files` remembers
+/// the content of every file ingested, so a file seen before is skipped).
+async fn read_inbox(
+    conn: &mut PgConnection,
+    job: &Job,
+    run_id: i64,
+    now: DateTime<Utc>,
+    dir: &Path,
+    arrivals: &mut Arrivals,
+    out: &mut Ingested,
+) -> Result<()> {
+    let label_dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
+    let mut seen: HashSet<String> = HashSet::new();
+    let files = inbox::list(dir)?;
+    let pb = progress::bar("inbox", files.len() as u64, "files");
+    for path in files {
+        pb.inc(1);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let label = format!("{label_dir}/{name}");
+        // Hashed first (to know a file seen before), then read record by record: memory
+        // holds one batch of a file's events, whatever its size.
+        let (file, sha) = match open_hashed(&path) {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read inbox file; left in place");
+                out.rejected.push(Rejected {
+                    source: label,
+                    reason: format!("cannot read the file: {e}"),
+                    raw: String::new(),
+                });
+                continue;
+            }
+        };
+        let mut entry = FileEntry {
+            file: label.clone(),
+            sha256: sha.clone(),
+            status: FileStatus::Ingested,
+            events: 0,
+            rejected: 0,
+            archived_to: None,
+            reason: None,
+        };
+
+        let known: Option<(i64, String)> = sqlx::query_as("select run_id, name from inbox_files where sha256 = $1")
+            .bind(&sha)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some((run, first_name)) = known.or_else(|| seen.contains(&sha).then(|| (run_id, name.clone()))) {
+            tracing::warn!(file = %label, first_name, run, "same content already ingested; skipped");
+            entry.status = FileStatus::Duplicate;
+            entry.reason = Some(format!("same content as {first_name}, ingested by run {run}"));
+            out.files.push((path, entry));
+            continue;
+        }
+        seen.insert(sha.clone());
+
+        let format = inbox::Format::of(&path).expect("listed files have a known format");
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let records = match inbox::records(reader, format, &label) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::error!(file = %label, %reason, "file cannot be parsed; archived as failed");
+                out.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
+                entry.status = FileStatus::Failed;
+                entry.reason = Some(reason);
+                out.files.push((path, entry));
+                continue;
+            }
+        };
+        let mut events = Vec::new();
+        let rejected_before = out.rejected.len();
+        let (mut readable, mut first_unreadable) = (false, None);
+        for r in records {
+            let r = r.with_context(|| format!("reading {}", path.display()))?;
+            match &r.payload {
+                Ok(_) => readable = true,
+                Err(reason) if first_unreadable.is_none() => {
+                    first_unreadable = Some((r.source.clone(), reason.clone()))
+                }
+                Err(_) => {}
+            }
+            match r.payload.and_then(|p| event::parse(&p, job.timezone)) {
+                Ok(event) => events.push(NewEvent { source: r.source, event, received_at: now }),
+                Err(reason) => {
+                    entry.rejected += 1;
+                    out.rejected.push(Rejected::new(r.source, reason, r.raw));
+                }
+            }
+            if events.len() >= INBOX_BATCH {
+                entry.events += events.len() as u64;
+                arrivals.add(conn, std::mem::take(&mut events)).await?;
+            }
+        }
+        if let Some(reason) = inbox::nothing_readable(&label, first_unreadable.as_ref(), readable) {
+            // Nothing was taken from it (no record read, so no event): refused whole.
+            tracing::error!(file = %label, %reason, "nothing in the file can be read; archived as failed");
+            out.rejected.truncate(rejected_before);
+            out.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
+            entry.status = FileStatus::Failed;
+            entry.rejected = 0;
+            entry.reason = Some(reason);
+            out.files.push((path, entry));
+            continue;
+        }
+        entry.events += events.len() as u64;
+        arrivals.add(conn, events).await?;
+        sqlx::query(
+            "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&sha)
+        .bind(&job.name)
+        .bind(&name)
+        .bind(run_id)
+        .bind(entry.events as i32)
+        .bind(entry.rejected as i32)
+        .execute(&mut *conn)
+        .await?;
+        tracing::info!(file = %label, events = entry.events, rejected = entry.rejected, "file ingested");
+        out.events += entry.events;
+        out.files.push((path, entry));
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// Moves a committed run's inbox files to the archive (after commit: a crash before leaves them
+/// in the inbox, and their content is then recognised as already ingested). A file that cannot
+/// be moved stays in the inbox, logged.
+pub fn archive(files: &mut [(PathBuf, FileEntry)], job: &Job, now: DateTime<Utc>) {
+    let day = now.with_timezone(&job.timezone).date_naive();
+    for (path, entry) in files {
+        let how = match entry.status {
+            FileStatus::Duplicate => inbox::Disposition::Duplicate,
+            FileStatus::Failed => inbox::Disposition::Failed,
+            FileStatus::Ingested => inbox::Disposition::Ingested,
+        };
+        match inbox::archive(path, &job.archive, how, day) {
+            Ok(dest) => entry.archived_to = Some(dest.display().to_string()),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %crate::db::error_line(&e), "could not archive file; it stays in the inbox")
+            }
+        }
+    }
 }

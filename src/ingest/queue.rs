@@ -7,7 +7,7 @@ use chrono_tz::Tz;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::NewEvent;
+use crate::event::NewEvent;
 use crate::event::{self, Rejected};
 
 /// Queued rows taken off the queue per statement.

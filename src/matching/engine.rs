@@ -2,7 +2,7 @@
 //!
 //! Architecture invariant: the engine never touches the database. It takes events and the
 //! targets they may match (already read for the batch's time range) and returns one
-//! [`Outcome`] per event. Decisions do not depend on input order.
+//! [`Decision`] per event. Decisions do not depend on input order.
 
 use std::collections::HashMap;
 
@@ -12,7 +12,8 @@ use polars::prelude::*;
 use serde_json::{Map, Value};
 
 use super::rules::{event_value, normalize};
-use super::{Outcome, Reason, TargetKind};
+use super::{Decision, Reason, TargetKind};
+pub use crate::calldata::Candidates;
 use crate::job::{Ambiguous, Key, Normalizer, Rule, Target, TargetField};
 
 /// A sessionless event to match; times are microseconds since the epoch (UTC).
@@ -22,43 +23,32 @@ pub struct EventIn<'a> {
     pub metadata: &'a Map<String, Value>,
 }
 
-/// Calls or call groups a batch may match, column-wise. For groups `start`/`end` are empty.
-#[derive(Default)]
-pub struct Targets {
-    pub ids: Vec<String>,
-    pub start: Vec<i64>,
-    /// `coalesce(ended_at, started_at)`.
-    pub end: Vec<i64>,
-    /// Raw values of every field the rules compare with.
-    pub fields: HashMap<TargetField, Vec<Option<String>>>,
-}
-
-/// Most candidates kept with an ambiguous outcome (nearest first).
+/// Most candidates kept with an ambiguous decision (nearest first).
 pub const MAX_CANDIDATES: usize = 20;
 
 /// Runs the rule cascade: the first rule that yields a match or an ambiguity decides.
 pub fn match_events(
     rules: &[Rule],
     events: &[EventIn],
-    calls: &Targets,
-    groups: &Targets,
-) -> PolarsResult<Vec<Outcome>> {
+    calls: &Candidates,
+    groups: &Candidates,
+) -> PolarsResult<Vec<Decision>> {
     Ok(match_events_at(rules, events, calls, groups)?.into_iter().map(|(o, _)| o).collect())
 }
 
-/// [`match_events`], with the index of each matched target in its [`Targets`].
+/// [`match_events`], with the index of each matched target in its [`Candidates`].
 pub fn match_events_at(
     rules: &[Rule],
     events: &[EventIn],
-    calls: &Targets,
-    groups: &Targets,
-) -> PolarsResult<Vec<(Outcome, Option<u32>)>> {
-    let mut outcomes: Vec<Option<(Outcome, Option<u32>)>> = vec![None; events.len()];
+    calls: &Candidates,
+    groups: &Candidates,
+) -> PolarsResult<Vec<(Decision, Option<u32>)>> {
+    let mut decisions: Vec<Option<(Decision, Option<u32>)>> = vec![None; events.len()];
     let mut some_key_present = vec![false; events.len()];
     let mut cache = NormCache::default();
 
     for rule in rules {
-        let undecided: Vec<usize> = (0..events.len()).filter(|&i| outcomes[i].is_none()).collect();
+        let undecided: Vec<usize> = (0..events.len()).filter(|&i| decisions[i].is_none()).collect();
         if undecided.is_empty() {
             break;
         }
@@ -106,24 +96,24 @@ pub fn match_events_at(
                 (_, Ambiguous::Nearest) => matches!(rule.target, Target::Call { .. }) && cands[0].0 < cands[1].0,
                 (_, Ambiguous::Report) => false,
             };
-            outcomes[e as usize] = Some(if decided {
+            decisions[e as usize] = Some(if decided {
                 let target = targets.ids[cands[0].1 as usize].clone();
-                (Outcome::Matched { rule: rule.name.clone(), kind, target }, Some(cands[0].1))
+                (Decision::Matched { rule: rule.name.clone(), kind, target }, Some(cands[0].1))
             } else {
                 let candidates =
                     cands.iter().take(MAX_CANDIDATES).map(|(_, c)| targets.ids[*c as usize].clone()).collect();
-                (Outcome::Unmatched { reason: Reason::Ambiguous, candidates }, None)
+                (Decision::Unmatched { reason: Reason::Ambiguous, candidates }, None)
             });
         }
     }
 
-    Ok(outcomes
+    Ok(decisions
         .into_iter()
         .zip(some_key_present)
         .map(|(o, present)| {
             o.unwrap_or_else(|| {
                 let reason = if present { Reason::NoCandidate } else { Reason::MissingKey };
-                (Outcome::Unmatched { reason, candidates: Vec::new() }, None)
+                (Decision::Unmatched { reason, candidates: Vec::new() }, None)
             })
         })
         .collect())
@@ -140,7 +130,7 @@ struct NormCache(HashMap<(TargetField, Option<Normalizer>), Vec<Option<String>>>
 
 impl NormCache {
     /// Normalises the target column `key` compares with, unless already done for this batch.
-    fn fill(&mut self, targets: &Targets, key: &Key) {
+    fn fill(&mut self, targets: &Candidates, key: &Key) {
         self.0.entry((key.field.clone(), key.normalize)).or_insert_with(|| {
             let raw = targets.fields.get(&key.field).map(Vec::as_slice).unwrap_or(&[]);
             let mut out: Vec<Option<String>> =
@@ -162,7 +152,7 @@ fn candidate_pairs(
     events: &[EventIn],
     ev_idx: &[u32],
     ev_keys: Vec<Vec<String>>,
-    targets: &Targets,
+    targets: &Candidates,
     cache: &mut NormCache,
 ) -> PolarsResult<Vec<(u32, u32)>> {
     let names: Vec<PlSmallStr> = (0..rule.keys.len()).map(|k| format!("k{k}").into()).collect();

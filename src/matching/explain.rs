@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
-use super::engine::{self, EventIn, Targets, event_key, micros};
+use super::engine::{self, Candidates, EventIn, event_key, micros};
 use super::rules::normalize;
-use super::{Outcome, Reason};
+use super::{Decision, Reason};
 use crate::job::{Rule, Target};
 
 /// One rule's part of an explanation.
@@ -21,7 +21,7 @@ pub struct RuleStep {
     /// Of those, the ones whose window holds the event, with their distance in seconds.
     pub in_window: Vec<(String, f64)>,
     /// What this rule decided, or `None` when it passed the event on.
-    pub decision: Option<Outcome>,
+    pub decision: Option<Decision>,
     /// Whether the rule has a time window (call targets).
     pub windowed: bool,
 }
@@ -31,8 +31,8 @@ pub fn explain(
     rules: &[Rule],
     time: i64,
     metadata: &Map<String, Value>,
-    calls: &Targets,
-    groups: &Targets,
+    calls: &Candidates,
+    groups: &Candidates,
 ) -> Vec<RuleStep> {
     let mut steps = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
@@ -73,10 +73,10 @@ pub fn explain(
             }
             // The decision comes from the engine itself, evaluating this rule alone.
             let one = EventIn { id: 0, time, metadata };
-            let outcome = engine::match_events(&rules[i..=i], &[one], calls, groups).ok().and_then(|mut o| o.pop());
-            step.decision = match outcome {
-                Some(o @ Outcome::Matched { .. }) => Some(o),
-                Some(o @ Outcome::Unmatched { reason: Reason::Ambiguous, .. }) => Some(o),
+            let decision = engine::match_events(&rules[i..=i], &[one], calls, groups).ok().and_then(|mut o| o.pop());
+            step.decision = match decision {
+                Some(o @ Decision::Matched { .. }) => Some(o),
+                Some(o @ Decision::Unmatched { reason: Reason::Ambiguous, .. }) => Some(o),
                 _ => None,
             };
         }
@@ -109,8 +109,8 @@ pub fn render(steps: &[RuleStep]) -> String {
             let _ = writeln!(out, "  {} in the time window{}", s.in_window.len(), list(&win));
         }
         let _ = match &s.decision {
-            Some(Outcome::Matched { target, .. }) => writeln!(out, "  -> matched {target}"),
-            Some(Outcome::Unmatched { candidates, .. }) => {
+            Some(Decision::Matched { target, .. }) => writeln!(out, "  -> matched {target}"),
+            Some(Decision::Unmatched { candidates, .. }) => {
                 writeln!(out, "  -> ambiguous between {}; the cascade stops here", candidates.join(", "))
             }
             None => writeln!(out, "  -> no candidate; next rule"),

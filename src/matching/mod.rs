@@ -1,17 +1,39 @@
 //! Matching: which call or call group each pending event belongs to.
 //!
 //! Events with a SessionId attach by `session_id` ([`attach_by_session`]); sessionless events go
-//! through the job's rules ([`engine::match_events`]). Architecture invariant: nothing here
-//! touches the database; callers read the candidates and store the outcomes.
+//! through the job's rules ([`engine::match_events`]). [`decide`] is the stage: it reads the
+//! candidates of a page of events through [`crate::calldata`] and runs the two.
+//!
+//! Architecture invariant: only `decide.rs` reads the database, and only through `calldata`;
+//! `engine`, `rules` and `explain` are pure, and decisions do not depend on input order.
 
+pub mod decide;
 pub mod engine;
 pub mod explain;
 pub mod rules;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+pub use decide::decide;
+
+/// An event as matching sees it.
+#[derive(Debug, Clone)]
+pub struct Subject<'e> {
+    /// `events.id`, or for an event not stored yet its position in the run's arrivals.
+    pub id: i64,
+    pub session_id: Option<String>,
+    pub time: DateTime<Utc>,
+    /// Of an event read back, only the keys matching and apply look at.
+    pub metadata: Cow<'e, Map<String, Value>>,
+}
+
 /// What a call or call group an event is attached to is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TargetKind {
     Call,
     CallGroup,
@@ -23,6 +45,10 @@ impl TargetKind {
             TargetKind::Call => "call",
             TargetKind::CallGroup => "call_group",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<TargetKind> {
+        [TargetKind::Call, TargetKind::CallGroup].into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -54,7 +80,7 @@ impl Reason {
 
 /// The decision for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Decision {
     Matched { rule: String, kind: TargetKind, target: String },
     Unmatched { reason: Reason, candidates: Vec<String> },
 }
@@ -67,14 +93,14 @@ pub const SESSION_RULE: &str = "session_id";
 pub fn attach_by_session<'a>(
     session_ids: impl IntoIterator<Item = &'a str>,
     calls: &HashMap<String, String>,
-) -> Vec<Outcome> {
+) -> Vec<Decision> {
     session_ids
         .into_iter()
         .map(|s| match calls.get(s) {
             Some(call) => {
-                Outcome::Matched { rule: SESSION_RULE.to_owned(), kind: TargetKind::Call, target: call.clone() }
+                Decision::Matched { rule: SESSION_RULE.to_owned(), kind: TargetKind::Call, target: call.clone() }
             }
-            None => Outcome::Unmatched { reason: Reason::UnknownSession, candidates: Vec::new() },
+            None => Decision::Unmatched { reason: Reason::UnknownSession, candidates: Vec::new() },
         })
         .collect()
 }

@@ -68,7 +68,7 @@ pub fn render_html(report: &Report) -> Result<String> {
     let changes = &changes[..changes.len().min(TABLE_ROWS)];
     // The page is given the report's small parts only, never a list of the backlog's size.
     let head = serde_json::json!({
-        "run_id": report.run_id, "job": report.job, "kind": report.kind, "dry_run": report.dry_run,
+        "run_id": report.run_id.to_string(), "job": report.job, "kind": report.kind, "dry_run": report.dry_run,
         "summary": report.summary, "files": report.files,
         "diff": report.diff.as_ref().map(|d| serde_json::json!({
             "evaluated": d.evaluated, "newly_matched": d.newly_matched, "moved": d.moved,
@@ -87,7 +87,7 @@ pub fn render_html(report: &Report) -> Result<String> {
         changes => jinja(&serde_json::to_value(changes)?),
         omitted_by_reason => jinja(&serde_json::to_value(&shown.omitted)?),
         omitted,
-        per_end => super::unmatched::shown_per_end(),
+        per_end => shown.per_end,
         table_rows => TABLE_ROWS,
         started,
         took,

@@ -19,11 +19,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::ingest::{FileEntry, FileStatus};
+
 use crate::event::Rejected;
+use crate::matching::TargetKind;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    pub run_id: String,
+    #[serde(with = "id_text")]
+    pub run_id: i64,
     pub job: String,
     /// `run` or `rematch`.
     pub kind: String,
@@ -69,9 +73,9 @@ pub struct RuleDiff {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Change {
-    pub event_id: String,
-    /// `newly_matched`, `moved`, `newly_unmatched` or `rule_changed`.
-    pub change: String,
+    #[serde(with = "id_text")]
+    pub event_id: i64,
+    pub change: ChangeKind,
     pub from: Option<TargetRef>,
     pub to: Option<TargetRef>,
     pub rule_before: Option<String>,
@@ -80,10 +84,19 @@ pub struct Change {
     pub reason: Option<String>,
 }
 
+/// How a rematch changed an event's decision.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    NewlyMatched,
+    Moved,
+    NewlyUnmatched,
+    RuleChanged,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TargetRef {
-    /// `call` or `call_group`.
-    pub kind: String,
+    pub kind: TargetKind,
     pub id: String,
 }
 
@@ -110,7 +123,8 @@ pub struct Summary {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Unmatched {
-    pub event_id: String,
+    #[serde(with = "id_text")]
+    pub event_id: i64,
     pub source: String,
     pub session_id: Option<String>,
     pub event_time: DateTime<Utc>,
@@ -125,16 +139,17 @@ pub struct Unmatched {
     pub expires_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FileEntry {
-    pub file: String,
-    pub sha256: String,
-    /// `ingested`, `duplicate` or `failed`.
-    pub status: String,
-    pub events: u64,
-    pub rejected: u64,
-    pub archived_to: Option<String>,
-    pub reason: Option<String>,
+/// Ids that are numbers here and strings in the report's JSON (the contract's form).
+pub(crate) mod id_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Where a run's report is written before it is complete: `<report dir>/.<run id>.partial`,
@@ -186,7 +201,7 @@ fn write_json(report: &Report, partial: &Path) -> Result<()> {
         Ok(())
     };
     w.write_all(b"{\n")?;
-    field(&mut w, "run_id", &report.run_id)?;
+    field(&mut w, "run_id", &report.run_id.to_string())?;
     field(&mut w, "job", &report.job)?;
     field(&mut w, "kind", &report.kind)?;
     field(&mut w, "started_at", &report.started_at)?;

@@ -14,31 +14,11 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::Unmatched;
+use crate::tuning::ReportTuning;
 
 /// File names in the report's partial folder.
 pub const CSV: &str = "unmatched.csv";
 pub const JSON_LIST: &str = "unmatched.json.part";
-
-/// Events fetched from the cursor at a time.
-pub const PAGE: usize = 5_000;
-/// Events `report.html` shows per reason: this many of the oldest and of the newest.
-pub const SHOWN_PER_END: usize = 200;
-/// Top-level metadata keys given a column of their own in `unmatched.csv` (the most frequent
-/// ones); every key stays in the `metadata` column.
-pub const CSV_KEY_COLUMNS: usize = 100;
-
-fn page() -> usize {
-    crate::run::size_from_env("CALLRECON_REPORT_PAGE", PAGE)
-}
-
-/// [`SHOWN_PER_END`], or `CALLRECON_REPORT_SHOWN` (tests cross the cap with small backlogs).
-pub fn shown_per_end() -> usize {
-    crate::run::size_from_env("CALLRECON_REPORT_SHOWN", SHOWN_PER_END)
-}
-
-fn csv_key_columns() -> usize {
-    crate::run::size_from_env("CALLRECON_REPORT_CSV_KEYS", CSV_KEY_COLUMNS)
-}
 
 /// Buckets of the ageing chart: (label, lower bound in days).
 pub const AGE_BUCKETS: &[(&str, f64)] =
@@ -48,8 +28,8 @@ pub const AGE_BUCKETS: &[(&str, f64)] =
 /// and the ones `report.html` shows.
 #[derive(Debug, Clone, Default)]
 pub struct Shown {
-    /// Every unmatched event when a reason has at most twice [`shown_per_end`] of them; else
-    /// the oldest and the newest that many of that reason. In `received_at`, id order.
+    /// Every unmatched event when a reason has at most twice `per_end` of them; else the
+    /// oldest and the newest `per_end` of that reason. In `received_at`, id order.
     pub events: Vec<Unmatched>,
     /// Per reason, the events not in `events`.
     pub omitted: BTreeMap<String, u64>,
@@ -62,6 +42,8 @@ pub struct Shown {
     pub expiring_by_age: Vec<u64>,
     /// Top-level metadata keys left without a column of their own in `unmatched.csv`.
     pub csv_keys_left_out: u64,
+    /// How many of the oldest and of the newest of a reason `events` holds at most.
+    pub per_end: usize,
 }
 
 impl Shown {
@@ -78,7 +60,8 @@ type Row =
 /// An unmatched event as written, its metadata still JSON text.
 #[derive(serde::Serialize)]
 struct Entry {
-    event_id: String,
+    #[serde(serialize_with = "super::id_text::serialize")]
+    event_id: i64,
     source: String,
     session_id: Option<String>,
     event_time: DateTime<Utc>,
@@ -122,9 +105,10 @@ pub async fn stream(
     run_id: i64,
     pending_for: chrono::Duration,
     partial: &Path,
+    tuning: ReportTuning,
 ) -> Result<Shown> {
     std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
-    let (keys, left_out) = csv_keys(conn, job, run_id).await?;
+    let (keys, left_out) = csv_keys(conn, job, run_id, tuning.csv_key_columns).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "declare report_unmatched no scroll cursor for
          select id, source, session_id, event_time, received_at, state, reason, candidates, metadata::text
@@ -138,7 +122,7 @@ pub async fn stream(
 
     // Pages are formatted and written on a blocking thread while the next one is fetched.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1);
-    let mut writer = Writer::new(partial, keys, pending_for, Utc::now())?;
+    let mut writer = Writer::new(partial, keys, pending_for, Utc::now(), tuning.shown_per_end)?;
     writer.shown.csv_keys_left_out = left_out;
     let writing = tokio::task::spawn_blocking(move || -> Result<Shown> {
         while let Some(rows) = rx.blocking_recv() {
@@ -148,14 +132,14 @@ pub async fn stream(
         }
         writer.finish()
     });
-    let fetch = format!("fetch forward {} from report_unmatched", page());
+    let fetch = format!("fetch forward {} from report_unmatched", tuning.page);
     loop {
         let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(fetch.clone()))
             .persistent(false)
             .fetch_all(&mut *conn)
             .await
             .context("reading unmatched events")?;
-        let last = rows.len() < page();
+        let last = rows.len() < tuning.page;
         if tx.send(rows).await.is_err() {
             break; // The writer failed: its error is returned below.
         }
@@ -172,7 +156,7 @@ pub async fn stream(
 
 /// The top-level metadata keys that get a column in `unmatched.csv`, alphabetical: all of them,
 /// or the [`CSV_KEY_COLUMNS`] most frequent; and how many were left out.
-async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64) -> Result<(Vec<String>, u64)> {
+async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64, columns: usize) -> Result<(Vec<String>, u64)> {
     let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select k, count(*) over () from (
              select k, count(*) n
@@ -186,7 +170,7 @@ async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64) -> Result<(Ve
     )))
     .bind(job)
     .bind(run_id)
-    .bind(csv_key_columns() as i64)
+    .bind(columns as i64)
     .fetch_all(&mut *conn)
     .await
     .context("reading the metadata keys of unmatched events")?;
@@ -249,7 +233,13 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(partial: &Path, keys: Vec<String>, pending_for: chrono::Duration, now: DateTime<Utc>) -> Result<Writer> {
+    fn new(
+        partial: &Path,
+        keys: Vec<String>,
+        pending_for: chrono::Duration,
+        now: DateTime<Utc>,
+        per_end: usize,
+    ) -> Result<Writer> {
         let file = |name: &str| -> Result<std::fs::File> {
             let path = partial.join(name);
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
@@ -263,9 +253,10 @@ impl Writer {
             keys,
             pending_for,
             now,
-            per_end: shown_per_end(),
+            per_end,
             ends: BTreeMap::new(),
             shown: Shown {
+                per_end,
                 pending_by_age: vec![0; AGE_BUCKETS.len()],
                 expiring_by_age: vec![0; AGE_BUCKETS.len()],
                 ..Shown::default()
@@ -278,7 +269,7 @@ impl Writer {
         let (id, source, session_id, event_time, received_at, state, reason, candidates, metadata) = row;
         let expired = state == "expired";
         let u = Entry {
-            event_id: id.to_string(),
+            event_id: id,
             source,
             session_id,
             event_time,
@@ -333,7 +324,7 @@ impl Writer {
 
     fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
         let w = &mut self.csv;
-        for cell in [&u.event_id, &u.source, u.session_id.as_deref().unwrap_or_default()] {
+        for cell in [&u.event_id.to_string(), &u.source, u.session_id.as_deref().unwrap_or_default()] {
             w.write_field(escape_cell(cell).as_bytes())?;
         }
         for t in [u.event_time, u.received_at, u.expires_at] {
@@ -369,7 +360,7 @@ impl Writer {
             shown.omitted.insert(reason, ends.seen - kept);
             shown.events.extend(ends.oldest.into_iter().chain(ends.newest).map(Entry::into_unmatched));
         }
-        shown.events.sort_by_key(|u| (u.received_at, u.event_id.parse::<i64>().unwrap_or(0)));
+        shown.events.sort_by_key(|u| (u.received_at, u.event_id));
         tracing::trace!(path = %self.json_path.display(), "unmatched list written");
         Ok(shown)
     }

@@ -14,7 +14,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// The JSON body of a notification.
 pub fn payload(report: &Report, report_dir: &std::path::Path) -> serde_json::Value {
     json!({
-        "run_id": report.run_id,
+        "run_id": report.run_id.to_string(),
         "job": report.job,
         "kind": report.kind,
         "dry_run": report.dry_run,

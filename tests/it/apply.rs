@@ -254,14 +254,14 @@ async fn a_call_found_elsewhere_than_matching_saw_it_is_recomputed_where_it_is(p
     }
     let hints = [("grouped", None), ("solo", Some("g2"))]
         .into_iter()
-        .map(|(call, group)| (call.to_owned(), apply::Hint { group: group.map(str::to_owned), block: 0 }))
+        .map(|(call, group)| (call.to_owned(), callrecon::calldata::Hint { group: group.map(str::to_owned), block: 0 }))
         .collect();
 
     let mut tx = pool.begin().await.unwrap();
     apply::lock(&mut tx).await.unwrap();
     let touched = ["grouped".to_owned(), "solo".to_owned()];
-    let targets = apply::Targets::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
-    let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default());
+    let targets = apply::Touched::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
+    let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default(), 5_000);
     let applied = reader.merge(apply::ThisRun::default(), |_| {}).write(&mut tx).await.unwrap();
     tx.commit().await.unwrap();
 
@@ -341,7 +341,7 @@ async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) 
             .unwrap();
     let diff = done.report.diff.as_ref().unwrap();
     assert_eq!((diff.evaluated, diff.moved, diff.newly_matched, diff.newly_unmatched, diff.unchanged), (2, 1, 1, 0, 0));
-    let moved = diff.changes.iter().find(|c| c.change == "moved").unwrap();
+    let moved = diff.changes.iter().find(|c| c.change == callrecon::report::ChangeKind::Moved).unwrap();
     assert_eq!((moved.from.as_ref().unwrap().id.as_str(), moved.to.as_ref().unwrap().id.as_str()), ("c-a1", "c-a2"));
     // 10:14 is 6 minutes from c-a2 and 9 from c-a1: nearest wins now that agent is not a key.
     assert_eq!(call_meta(&pool, "c-a1").await, json!({"customerPhone": "5551234567", "agentId": "a1", "early": true}));

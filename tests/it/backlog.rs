@@ -137,7 +137,7 @@ async fn large_backlog_report_lists_every_event_in_csv_and_json_and_caps_the_htm
     assert!(html.len() < 1_500_000, "report.html is {} bytes", html.len());
     assert!(html.contains("This table is capped"), "the page says the table is capped");
     assert!(html.contains("<code>unmatched.csv</code> and <code>report.json</code>"), "and where the full list is");
-    let shown = callrecon::report::unmatched::SHOWN_PER_END as i64;
+    let shown = callrecon::tuning::REPORT_SHOWN_PER_END as i64;
     let omitted = per_reason - 2 * shown;
     for reason in ["missing_key", "no_candidate", "unknown_session"] {
         assert!(html.contains(&format!("data-reason=\"{reason}\">{reason} {omitted}</span>")), "{reason} omitted");

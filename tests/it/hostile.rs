@@ -169,7 +169,11 @@ async fn a_bad_line_rejects_that_line_only(pool: PgPool) {
         "{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {\"city\": \"S\u{FFFD}o Paulo\"}}"
     );
     assert_eq!(done.report.rejected[2].raw, "garbage after the array");
-    assert!(done.report.files.iter().all(|f| f.status == "ingested"), "{:?}", done.report.files);
+    assert!(
+        done.report.files.iter().all(|f| f.status == callrecon::report::FileStatus::Ingested),
+        "{:?}",
+        done.report.files
+    );
 
     // A file that cannot be read at all still goes to archive/failed.
     job.drop_file("not-json.json", "hello, this is not JSON\n");
@@ -674,7 +678,11 @@ async fn thousands_of_hostile_records_beside_good_ones(pool: PgPool) {
             .await;
     let from_csv = count(&pool, "select count(*) from events where source like 'inbox/mix.csv:%'").await;
     assert_eq!(big as usize, good - from_csv as usize);
-    assert!(done.report.files.iter().all(|f| f.status == "ingested"), "{:?}", done.report.files);
+    assert!(
+        done.report.files.iter().all(|f| f.status == callrecon::report::FileStatus::Ingested),
+        "{:?}",
+        done.report.files
+    );
     assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
 }
 

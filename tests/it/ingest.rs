@@ -114,7 +114,7 @@ async fn same_file_dropped_twice_is_ingested_once(pool: PgPool) {
     assert_eq!(done.report.summary.files_duplicate, 2);
     assert_eq!(count(&pool, "select count(*) from events").await, 1);
     for f in &done.report.files {
-        assert_eq!(f.status, "duplicate");
+        assert_eq!(f.status, callrecon::report::FileStatus::Duplicate);
         let to = f.archived_to.as_deref().unwrap();
         assert!(to.contains("/duplicate/") && std::path::Path::new(to).exists(), "{to}");
         assert!(f.reason.as_deref().unwrap().contains("same content as a.ndjson"));
@@ -131,7 +131,7 @@ async fn unparseable_file_is_archived_as_failed_and_reported(pool: PgPool) {
     let done = job.run(&pool).await;
     assert_eq!(done.report.summary.ingested, 1);
     assert_eq!(done.report.summary.files_failed, 1);
-    let failed = done.report.files.iter().find(|f| f.status == "failed").unwrap();
+    let failed = done.report.files.iter().find(|f| f.status == callrecon::report::FileStatus::Failed).unwrap();
     assert!(failed.archived_to.as_deref().unwrap().contains("/failed/"));
     assert!(std::path::Path::new(failed.archived_to.as_deref().unwrap()).exists());
     assert_eq!(done.report.rejected[0].source, "inbox/broken.json");

@@ -15,4 +15,5 @@ mod report;
 mod run;
 mod schedule;
 mod serve;
+mod tidy;
 mod verify;

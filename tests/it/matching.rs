@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use callrecon::job::{self, TargetField};
-use callrecon::matching::engine::{EventIn, Targets, match_events};
-use callrecon::matching::{Outcome, Reason, TargetKind};
+use callrecon::matching::engine::{Candidates, EventIn, match_events};
+use callrecon::matching::{Decision, Reason, TargetKind};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -28,8 +28,8 @@ const CALLS: &[(&str, &str, Option<&str>, &str, &str)] = &[
 /// Call groups: (id, caseNumber).
 const GROUPS: &[(&str, &str)] = &[("g1", "C-1"), ("g2", "C-2"), ("g2b", "C-2")];
 
-fn targets() -> (Targets, Targets) {
-    let mut calls = Targets::default();
+fn targets() -> (Candidates, Candidates) {
+    let mut calls = Candidates::default();
     let (mut ani, mut agent) = (Vec::new(), Vec::new());
     for (id, start, end, a, g) in CALLS {
         calls.ids.push(id.to_string());
@@ -39,13 +39,13 @@ fn targets() -> (Targets, Targets) {
         agent.push(Some(g.to_string()));
     }
     calls.fields = HashMap::from([(TargetField::Column("ani"), ani), (TargetField::Column("agent_id"), agent)]);
-    let groups = Targets {
+    let groups = Candidates {
         ids: GROUPS.iter().map(|g| g.0.to_string()).collect(),
         fields: HashMap::from([(
             TargetField::Metadata(vec!["caseNumber".into()]),
             GROUPS.iter().map(|g| Some(g.1.to_string())).collect(),
         )]),
-        ..Targets::default()
+        ..Candidates::default()
     };
     (calls, groups)
 }
@@ -58,7 +58,7 @@ fn rules(extra: &str) -> Vec<job::Rule> {
     job::parse(Path::new("t.toml"), &text).unwrap().rules
 }
 
-fn decide(rule_text: &str, events: &[(&str, Value)]) -> Vec<Outcome> {
+fn decide(rule_text: &str, events: &[(&str, Value)]) -> Vec<Decision> {
     let rules = rules(rule_text);
     let (calls, groups) = targets();
     let metas: Vec<serde_json::Map<String, Value>> = events.iter().map(|e| e.1.as_object().unwrap().clone()).collect();
@@ -71,21 +71,21 @@ fn decide(rule_text: &str, events: &[(&str, Value)]) -> Vec<Outcome> {
     match_events(&rules, &input, &calls, &groups).unwrap()
 }
 
-fn matched(rule: &str, target: &str) -> Outcome {
+fn matched(rule: &str, target: &str) -> Decision {
     let kind = if target.starts_with('g') { TargetKind::CallGroup } else { TargetKind::Call };
-    Outcome::Matched { rule: rule.into(), kind, target: target.into() }
+    Decision::Matched { rule: rule.into(), kind, target: target.into() }
 }
 
-fn unmatched(reason: Reason, candidates: &[&str]) -> Outcome {
-    Outcome::Unmatched { reason, candidates: candidates.iter().map(|c| c.to_string()).collect() }
+fn unmatched(reason: Reason, candidates: &[&str]) -> Decision {
+    Decision::Unmatched { reason, candidates: candidates.iter().map(|c| c.to_string()).collect() }
 }
 
 fn phone(p: &str, agent: &str) -> Value {
     json!({"customerPhone": p, "agentId": agent})
 }
 
-/// One row of the table: event time, metadata, expected outcome.
-fn check(rule_text: &str, cases: Vec<(&str, Value, Outcome)>) {
+/// One row of the table: event time, metadata, expected decision.
+fn check(rule_text: &str, cases: Vec<(&str, Value, Decision)>) {
     let events: Vec<(&str, Value)> = cases.iter().map(|c| (c.0, c.1.clone())).collect();
     let got = decide(rule_text, &events);
     for ((time, meta, expected), got) in cases.iter().zip(got) {
@@ -437,6 +437,39 @@ async fn call_rule_on_a_metadata_path_with_a_quote(pool: PgPool) {
 name = "by-ref"
 target = "call"
 keys = [ { event = "ref", call = "metadata.crm.o'brien" } ]
+window = { before = "1m", after = "1m" }
+"#;
+    let job = TestJob::new(rules);
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:02:00Z", "Metadata": {"ref": "REF-c2"}})).await;
+    assert_eq!(job.run(&pool).await.report.summary.matched, 1);
+    assert_eq!(call_meta(&pool, "c2").await, json!({"ref": "REF-c2"}));
+}
+
+/// Metadata paths reach the COPY that reads calls as SQL text (COPY takes no parameters): a
+/// quote or a backslash in one must read as itself, whatever `standard_conforming_strings` the
+/// database sets.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_metadata_path_with_quotes_and_backslashes_reads_as_itself_whatever_the_string_settings(pool: PgPool) {
+    let db: String = sqlx::query_scalar("select current_database()").fetch_one(&pool).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("alter database \"{db}\" set standard_conforming_strings = off")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().connect_with((*pool.connect_options()).clone()).await.unwrap();
+    let off: String = sqlx::query_scalar("show standard_conforming_strings").fetch_one(&pool).await.unwrap();
+    assert_eq!(off, "off");
+    Call::new("c1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).insert(&pool).await;
+    Call::new("c2", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).insert(&pool).await;
+    sqlx::query("update calls set metadata = jsonb_build_object('crm', jsonb_build_object($1::text, 'REF-' || id))")
+        .bind(r"o'b\x41'; --")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rules = r#"
+[[rules]]
+name = "by-ref"
+target = "call"
+keys = [ { event = "ref", call = "metadata.crm.o'b\\x41'; --" } ]
 window = { before = "1m", after = "1m" }
 "#;
     let job = TestJob::new(rules);

@@ -182,7 +182,7 @@ async fn webhook_receives_the_run_summary(pool: PgPool) {
     let got = bodies.lock().unwrap().clone();
     assert_eq!(got.len(), 1);
     let body: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
-    assert_eq!(body["run_id"], done.report.run_id.as_str());
+    assert_eq!(body["run_id"], done.report.run_id.to_string().as_str());
     assert_eq!(body["status"], "succeeded");
     assert_eq!(body["summary"]["matched"], 1);
     let note: Option<String> = sqlx::query_scalar("select notification from runs").fetch_one(&pool).await.unwrap();

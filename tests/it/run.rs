@@ -155,7 +155,7 @@ async fn dry_run_changes_no_call_data_and_consumes_nothing(pool: PgPool) {
     assert_eq!(count(&pool, "select count(*) from events").await, 0);
     assert!(job.inbox().join("f.ndjson").exists());
     let recorded: bool = sqlx::query_scalar("select dry_run from runs where id = $1")
-        .bind(dry.report.run_id.parse::<i64>().unwrap())
+        .bind(dry.report.run_id)
         .fetch_one(&pool)
         .await
         .unwrap();

@@ -1,0 +1,518 @@
+//! The record of matches, `events`: every valid event, with its current decision.
+//!
+//! Architecture invariant: every statement that writes `events` is here (storing new events,
+//! pending or with their decision; writing decisions that changed), and so is the read of the
+//! events a run decides. Other modules read `events` (apply, the report, `explain`, `verify`),
+//! none writes it.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::PgConnection;
+
+use crate::event::NewEvent;
+use crate::job::Job;
+use crate::matching::{Decision, Reason, Subject, TargetKind};
+
+/// Events stored per statement.
+pub const STORE_CHUNK: usize = 10_000;
+
+/// An event's state in `events.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not matched yet, retried by every run until it expires.
+    Pending,
+    Matched,
+    /// Unmatched past the job's `pending_for`: retried only by a rematch.
+    Expired,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Matched => "matched",
+            State::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        [State::Pending, State::Matched, State::Expired].into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A stored event's decision before this run, to write only decisions that change.
+#[derive(Debug, Clone)]
+pub struct Previous {
+    /// Target (kind, id) when matched.
+    pub target: Option<(TargetKind, String)>,
+    pub rule: Option<String>,
+    pub state: State,
+    pub reason: Option<Reason>,
+    pub candidates: Vec<String>,
+    pub group_part: Map<String, Value>,
+}
+
+impl Previous {
+    /// What an event this run ingested has: no decision yet.
+    fn none() -> Self {
+        Previous {
+            target: None,
+            rule: None,
+            state: State::Pending,
+            reason: None,
+            candidates: Vec::new(),
+            group_part: Map::new(),
+        }
+    }
+}
+
+/// An event to decide: a stored one read back, or one this run ingested.
+pub struct ToDecide<'e> {
+    pub subject: Subject<'e>,
+    pub received_at: DateTime<Utc>,
+    pub previous: Previous,
+}
+
+impl<'e> ToDecide<'e> {
+    /// An event this run ingested, not stored yet: `id` stands in until it is.
+    pub fn fresh(id: i64, e: &'e NewEvent) -> Self {
+        ToDecide {
+            subject: Subject {
+                id,
+                session_id: e.event.session_id.clone(),
+                time: e.event.event_time,
+                metadata: Cow::Borrowed(&e.event.metadata),
+            },
+            received_at: e.received_at,
+            previous: Previous::none(),
+        }
+    }
+}
+
+impl<'e> std::borrow::Borrow<Subject<'e>> for ToDecide<'e> {
+    fn borrow(&self) -> &Subject<'e> {
+        &self.subject
+    }
+}
+
+/// Which stored events a run decides.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope {
+    /// Every pending event of the job but those this run decided already.
+    Pending { run_id: i64 },
+    /// Every rule-decided or undecided event (SessionId attaches are final) with EventTime in
+    /// `[since, until)`.
+    Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
+}
+
+/// The top-level metadata keys matching and apply look at: the first segment of every rule
+/// key, and the job's group fields. Most of an event's metadata is never looked at here.
+fn kept_keys(job: &Job) -> HashSet<&str> {
+    job.rules
+        .iter()
+        .flat_map(|r| r.keys.iter().filter_map(|k| k.event.first()))
+        .chain(&job.group_fields)
+        .map(String::as_str)
+        .collect()
+}
+
+/// The stored events in `scope`, the next `limit` after `(after_time, after_id)` in
+/// (EventTime, id) order, with only the metadata keys matching and apply look at.
+pub async fn read_in_scope(
+    conn: &mut PgConnection,
+    job: &Job,
+    scope: Scope,
+    (after_time, after_id): (DateTime<Utc>, i64),
+    limit: usize,
+) -> Result<Vec<ToDecide<'static>>> {
+    type Row = (
+        i64,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+        Option<String>,
+        Vec<String>,
+        sqlx::types::Json<Map<String, Value>>,
+    );
+    let rows: Vec<Row> = match scope {
+        Scope::Pending { run_id } => {
+            sqlx::query_as(
+                "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
+                        state, reason, coalesce(candidates, '{}'), group_part
+                 from events
+                 where job = $1 and state = 'pending' and decided_run is distinct from $5
+                   and event_time >= $2 and (event_time, id) > ($2, $3)
+                 order by event_time, id limit $4",
+            )
+            .bind(&job.name)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(limit as i64)
+            .bind(run_id)
+            .fetch_all(&mut *conn)
+            .await
+        }
+        Scope::Rematch { since, until } => {
+            sqlx::query_as(
+                "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
+                        state, reason, coalesce(candidates, '{}'), group_part
+                 from events
+                 where job = $1 and session_id is null
+                   and ($2::timestamptz is null or event_time >= $2)
+                   and ($3::timestamptz is null or event_time < $3)
+                   and event_time >= $4 and (event_time, id) > ($4, $5)
+                 order by event_time, id limit $6",
+            )
+            .bind(&job.name)
+            .bind(since)
+            .bind(until)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(limit as i64)
+            .fetch_all(&mut *conn)
+            .await
+        }
+    }
+    .context("reading events to match")?;
+    // Only the keys matching and apply look at are parsed: parsing the whole metadata was most
+    // of this stage's time.
+    let keep = kept_keys(job);
+    rows.into_iter()
+        .map(|(id, session_id, time, received_at, metadata, kind, target, rule, state, reason, cands, part)| {
+            let metadata = parse_keeping(&metadata, &keep).with_context(|| format!("metadata of event {id}"))?;
+            Ok(ToDecide {
+                subject: Subject { id, session_id, time, metadata: Cow::Owned(metadata) },
+                received_at,
+                previous: Previous {
+                    target: kind.as_deref().and_then(TargetKind::parse).zip(target),
+                    rule,
+                    state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
+                    reason: reason.as_deref().and_then(Reason::parse),
+                    candidates: cands,
+                    group_part: part.0,
+                },
+            })
+        })
+        .collect()
+}
+
+/// The top-level entries of a JSON object whose keys are in `keep`; the others are skipped
+/// without being built.
+fn parse_keeping(json: &str, keep: &HashSet<&str>) -> Result<Map<String, Value>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keep<'k>(&'k HashSet<&'k str>);
+    impl<'de> DeserializeSeed<'de> for Keep<'_> {
+        type Value = Map<String, Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Keep<'_> {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if self.0.contains(key.as_str()) {
+                    out.insert(key, map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let out = Keep(keep).deserialize(&mut de)?;
+    de.end()?;
+    Ok(out)
+}
+
+/// The group part of an event matched to a target of `kind`: its values of the job's
+/// `group_fields`, given to the call's group and its other calls. None for an event matched to
+/// a group, which gets all of the event.
+pub fn group_part(metadata: &Map<String, Value>, kind: TargetKind, group_fields: &[String]) -> Map<String, Value> {
+    if kind != TargetKind::Call {
+        return Map::new();
+    }
+    group_fields.iter().filter_map(|f| metadata.get(f).map(|v| (f.clone(), v.clone()))).collect()
+}
+
+/// Ingested events on their way into the ledger. Up to a page of them wait in memory, to be
+/// decided first and stored once, with their decision (storing them pending and updating them
+/// in the same run wrote every new event twice). Once they fill a page the run has a backlog:
+/// they, and every event ingested after them, are stored pending right away and decided from
+/// the table in EventTime order (pages in arrival order would each span the whole backlog's
+/// time range and hold the calls of all of it: 3 GiB for 1.2M events over 60 days).
+pub struct Arrivals {
+    job: String,
+    run_id: i64,
+    page: usize,
+    waiting: Vec<NewEvent>,
+    backlog: bool,
+    /// Time spent storing a backlog.
+    pub store_ms: u64,
+}
+
+impl Arrivals {
+    pub fn new(job: &str, run_id: i64, page: usize) -> Self {
+        Arrivals { job: job.to_owned(), run_id, page, waiting: Vec::new(), backlog: false, store_ms: 0 }
+    }
+
+    /// Takes ingested events (see [`Arrivals`]).
+    pub async fn add(&mut self, conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<()> {
+        self.waiting.extend(events);
+        if self.backlog || self.waiting.len() >= self.page {
+            self.backlog = true;
+            let t = std::time::Instant::now();
+            store_pending(conn, &self.job, self.run_id, &self.waiting).await?;
+            self.store_ms += t.elapsed().as_millis() as u64;
+            self.waiting.clear();
+        }
+        Ok(())
+    }
+
+    /// The events waiting (less than a page), to be decided then stored with [`Fresh::store`].
+    pub fn into_waiting(self) -> Vec<NewEvent> {
+        self.waiting
+    }
+}
+
+/// The columns of new events as `events` stores them, bound in this order by every statement
+/// that inserts them: source, session id, EventTime, received at, metadata (JSON text).
+struct EventColumns<'e> {
+    source: Vec<&'e str>,
+    session: Vec<Option<&'e str>>,
+    time: Vec<DateTime<Utc>>,
+    received: Vec<DateTime<Utc>>,
+    metadata: Vec<String>,
+}
+
+impl<'e> EventColumns<'e> {
+    fn of(events: &'e [NewEvent]) -> Result<Self> {
+        Ok(EventColumns {
+            source: events.iter().map(|e| e.source.as_str()).collect(),
+            session: events.iter().map(|e| e.event.session_id.as_deref()).collect(),
+            time: events.iter().map(|e| e.event.event_time).collect(),
+            received: events.iter().map(|e| e.received_at).collect(),
+            metadata: events.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Binds the five columns, in the order above.
+    fn bind<'q>(
+        &'q self,
+        statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        statement.bind(&self.source).bind(&self.session).bind(&self.time).bind(&self.received).bind(&self.metadata)
+    }
+}
+
+/// Stores events pending, undecided, in the given order (their ids follow it: arrival order
+/// breaks merge ties). For a backlog: the run then decides them from the table in EventTime order.
+async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: &[NewEvent]) -> Result<()> {
+    for chunk in events.chunks(STORE_CHUNK) {
+        let columns = EventColumns::of(chunk)?;
+        let statement = sqlx::query(
+            "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run)
+             select $1, s, sid, t, r, m::jsonb, $2
+             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[])
+                  with ordinality as u(s, sid, t, r, m, ord)
+             order by ord",
+        )
+        .bind(job)
+        .bind(run_id);
+        columns.bind(statement).execute(&mut *conn).await.context("storing events")?;
+    }
+    Ok(())
+}
+
+/// This run's new events, decided, until they are stored.
+pub struct Fresh {
+    pub rows: DecisionRows,
+    pub events: Vec<NewEvent>,
+}
+
+impl Fresh {
+    /// Each new event matched, with its position (its id will follow it), target kind and id:
+    /// what [`Fresh::store`] stores.
+    pub fn matched(&self) -> impl Iterator<Item = (usize, &NewEvent, TargetKind, &str)> {
+        self.events.iter().enumerate().filter_map(|(i, e)| match (self.rows.kind[i], &self.rows.target[i]) {
+            (Some(kind), Some(target)) => Some((i, e, kind, target.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Stores the events with their decisions, in arrival order (their ids follow it: arrival
+    /// order breaks merge ties).
+    pub async fn store(&self, conn: &mut PgConnection, job: &Job, run_id: i64) -> Result<()> {
+        self.rows.insert(conn, &job.name, run_id, &job.rules_fingerprint, &self.events).await
+    }
+}
+
+/// Decisions as columns, written with one statement per batch.
+#[derive(Default)]
+pub struct DecisionRows {
+    pub id: Vec<i64>,
+    state: Vec<&'static str>,
+    kind: Vec<Option<TargetKind>>,
+    target: Vec<Option<String>>,
+    rule: Vec<Option<String>>,
+    group_part: Vec<String>,
+    reason: Vec<Option<&'static str>>,
+    candidates: Vec<String>,
+}
+
+/// Whether [`DecisionRows::push`] keeps a decision that is the one already stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// A stored event: skip it (a rematch that confirms most decisions then writes few rows).
+    IfChanged,
+    /// A fresh event, stored with its decision whatever it is.
+    Always,
+}
+
+impl DecisionRows {
+    /// Adds the event's new decision (see [`Write`]); `expired` for an unmatched event past
+    /// its job's `pending_for`.
+    pub fn push(&mut self, e: &ToDecide, decision: &Decision, expired: bool, group_fields: &[String], write: Write) {
+        let (state, kind, target, rule, part, reason, candidates): (_, _, _, _, Map<String, Value>, _, &[String]) =
+            match decision {
+                Decision::Matched { rule, kind, target } => {
+                    let part = group_part(&e.subject.metadata, *kind, group_fields);
+                    (State::Matched, Some(*kind), Some(target), Some(rule), part, None, &[])
+                }
+                Decision::Unmatched { reason, candidates } => (
+                    if expired { State::Expired } else { State::Pending },
+                    None,
+                    None,
+                    None,
+                    Map::new(),
+                    Some(*reason),
+                    candidates,
+                ),
+            };
+        let p = &e.previous;
+        let unchanged = state == p.state
+            && kind.zip(target).map(|(k, t)| (k, t.clone())) == p.target
+            && rule == p.rule.as_ref()
+            && reason == p.reason
+            && candidates == p.candidates.as_slice()
+            && part == p.group_part;
+        if unchanged && write == Write::IfChanged {
+            return;
+        }
+        self.id.push(e.subject.id);
+        self.state.push(state.as_str());
+        self.kind.push(kind);
+        self.target.push(target.cloned());
+        self.rule.push(rule.cloned());
+        self.group_part.push(Value::Object(part).to_string());
+        self.reason.push(reason.map(Reason::as_str));
+        // A Postgres array literal, bound as a parameter; ids are quoted.
+        let quoted: Vec<String> =
+            candidates.iter().map(|c| format!("\"{}\"", c.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+        self.candidates.push(format!("{{{}}}", quoted.join(",")));
+    }
+
+    /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
+    /// decisions; ids are assigned in that order.
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        job: &str,
+        run_id: i64,
+        fingerprint: &str,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        debug_assert_eq!(self.id.len(), events.len());
+        for start in (0..events.len()).step_by(STORE_CHUNK) {
+            let range = start..(start + STORE_CHUNK).min(events.len());
+            let columns = EventColumns::of(&events[range.clone()])?;
+            let statement = sqlx::query(
+                "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
+                                     state, target_kind, target_id, rule, group_part, reason, candidates,
+                                     decided_run, rules_fingerprint)
+                 select $1, s, sid, t, r, m::jsonb, $2, st, k, tg, ru, gp::jsonb, re,
+                        case when re is null then null else c::text[] end, $2, $3
+                 from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
+                             $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+                      with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
+                 order by ord",
+            )
+            .bind(job)
+            .bind(run_id)
+            .bind(fingerprint);
+            let statement = columns.bind(statement);
+            self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
+        }
+        Ok(())
+    }
+
+    /// Binds the decision columns of `range`: state, kind, target, rule, group part, reason and
+    /// candidates, the order both statements take them in.
+    fn bind_decisions<'q>(
+        &'q self,
+        statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        range: std::ops::Range<usize>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let kinds: Vec<Option<&'static str>> =
+            self.kind[range.clone()].iter().map(|k| k.map(TargetKind::as_str)).collect();
+        statement
+            .bind(&self.state[range.clone()])
+            .bind(kinds)
+            .bind(&self.target[range.clone()])
+            .bind(&self.rule[range.clone()])
+            .bind(&self.group_part[range.clone()])
+            .bind(&self.reason[range.clone()])
+            .bind(&self.candidates[range])
+    }
+
+    /// Updates stored events with their new decisions.
+    pub async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
+        for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
+            // One primary-key probe per decision, not a scan of every event per batch.
+            let statement = sqlx::query(
+                "update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
+                        group_part = u.part::jsonb, reason = u.reason,
+                        candidates = case when u.reason is null then null else u.cands::text[] end,
+                        decided_run = $1, rules_fingerprint = $2
+                 from unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                      as u(id, state, kind, target, rule, part, reason, cands)
+                 where e.id = u.id",
+            )
+            .bind(run_id)
+            .bind(fingerprint)
+            .bind(&self.id[range.clone()]);
+            let statement = self.bind_decisions(statement, range);
+            crate::db::with_index_probes(conn, statement).await.context("storing match decisions")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeping_keeps_only_the_named_top_level_keys() {
+        let keep: HashSet<&str> = ["phone", "tier", "k\"q"].into_iter().collect();
+        let json = r#"{"phone": "+1 555", "notes": {"deep": [1, 2, {"phone": "x"}]}, "tier": 7, "k\"q": null, "big": "\u00e9"}"#;
+        let m = parse_keeping(json, &keep).unwrap();
+        assert_eq!(Value::Object(m), serde_json::json!({"phone": "+1 555", "tier": 7, "k\"q": null}));
+        assert!(parse_keeping("[1]", &keep).is_err());
+        assert!(parse_keeping(r#"{"phone": "x"} trailing"#, &keep).is_err());
+    }
+}

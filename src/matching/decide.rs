@@ -1,0 +1,167 @@
+//! The match stage for a page of events: their candidates read through `calldata`, then
+//! SessionId attaches and the rule cascade in polars.
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgPool};
+
+use super::engine::{self, EventIn};
+use super::{Decision, Subject, TargetKind};
+use crate::calldata::{self, GroupFilter, Hint};
+use crate::job::Job;
+use crate::job::{Normalizer, Target};
+use crate::progress;
+
+/// Decisions for `events`, in their order: SessionId attaches, then the rule cascade over the
+/// sessionless ones in time-ordered chunks of `chunk_events`. With them, where each matched call
+/// was when read.
+pub async fn decide<'e, E: Borrow<Subject<'e>>>(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    job: &Job,
+    chunk_events: usize,
+    events: &[E],
+) -> Result<(Vec<Decision>, foldhash::HashMap<String, Hint>)> {
+    let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
+    let events = events.as_slice();
+    let mut decisions: Vec<Option<Decision>> = vec![None; events.len()];
+    let mut hints = foldhash::HashMap::default();
+
+    let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
+    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_none()).collect();
+    sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
+    let (call_fields, group_fields) = calldata::fields(job);
+    let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
+
+    // The call groups are read on a second connection while the run's connection reads the
+    // calls: committed call data either way (the run writes none before apply).
+    let groups = async {
+        if sessionless.is_empty() || group_fields.is_empty() {
+            return Ok(Default::default());
+        }
+        let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
+        let filters = group_filters(job, &metas);
+        let mut other = pool.acquire().await.context("connecting to read call groups")?;
+        calldata::load_groups(&mut other, &group_fields, filters.as_deref()).await
+    };
+    let calls = async {
+        let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
+        let by_session =
+            if sessions.is_empty() { Default::default() } else { calldata::calls_by_session(conn, &sessions).await? };
+        let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
+        anyhow::Ok((by_session, calls))
+    };
+    let (groups, (by_session, mut calls)) = tokio::try_join!(groups, calls)?;
+
+    if !with_session.is_empty() {
+        let calls = by_session;
+        let ids: HashMap<String, String> = calls.iter().map(|(s, c)| (s.clone(), c.id.clone())).collect();
+        let attached =
+            super::attach_by_session(with_session.iter().filter_map(|&i| events[i].session_id.as_deref()), &ids);
+        for (i, o) in with_session.into_iter().zip(attached) {
+            if let (Decision::Matched { .. }, Some(call)) =
+                (&o, events[i].session_id.as_ref().and_then(|s| calls.get(s)))
+            {
+                hints.insert(call.id.clone(), call.hint.clone());
+            }
+            decisions[i] = Some(o);
+        }
+    }
+
+    if !sessionless.is_empty() {
+        let pb = progress::bar("match", sessionless.len() as u64, "events");
+        // On a multi-threaded runtime the next chunk's calls are read while this chunk is
+        // matched: PostgreSQL formats and sends rows while polars joins.
+        let overlap = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        for (k, chunk) in chunks.iter().enumerate() {
+            tracing::debug!(
+                events = chunk.len(),
+                calls = calls.0.ids.len(),
+                groups = groups.ids.len(),
+                "matching chunk"
+            );
+            let input: Vec<EventIn> = chunk
+                .iter()
+                .map(|&i| EventIn {
+                    id: events[i].id,
+                    time: events[i].time.timestamp_micros(),
+                    metadata: &events[i].metadata,
+                })
+                .collect();
+            pb.set_message(format!("matching against {} calls", calls.0.ids.len()));
+            let next = chunks.get(k + 1);
+            // CPU-bound, and polars may block on its own runtime: run it off the async worker.
+            let (decided, next_calls) = if overlap && next.is_some() {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::block_in_place(|| {
+                    std::thread::scope(|s| {
+                        let matching = s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups));
+                        let next_calls =
+                            handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied()));
+                        (matching.join(), next_calls)
+                    })
+                })
+            } else {
+                let decided = std::thread::scope(|s| {
+                    s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups)).join()
+                });
+                (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied()).await)
+            };
+            let decided = decided
+                .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
+                .context("matching sessionless events")?;
+            for (&i, (o, at)) in chunk.iter().zip(decided) {
+                if let (Decision::Matched { kind: TargetKind::Call, target, .. }, Some(at)) = (&o, at) {
+                    hints.insert(target.clone(), calls.1.hint(at as usize));
+                }
+                decisions[i] = Some(o);
+            }
+            pb.inc(chunk.len() as u64);
+            calls = next_calls?;
+        }
+        pb.finish_and_clear();
+    }
+    Ok((decisions.into_iter().map(|o| o.expect("every event decided")).collect(), hints))
+}
+
+/// The calls a chunk of sessionless events can match; none to read without a chunk or when no
+/// rule targets calls.
+async fn calls_for(
+    conn: &mut PgConnection,
+    job: &Job,
+    fields: &[crate::job::TargetField],
+    events: &[&Subject<'_>],
+    chunk: Option<&[usize]>,
+) -> Result<(calldata::Candidates, calldata::Placement)> {
+    match chunk {
+        Some(c) if !fields.is_empty() => {
+            let (from, to) = (events[c[0]].time, events[*c.last().expect("non-empty chunk")].time);
+            calldata::load_calls(conn, fields, from, to, job.max_window()).await
+        }
+        _ => Ok(Default::default()),
+    }
+}
+
+/// The filters that let a batch read only the call groups it can match: one per group rule, on
+/// its first key. `None` when some group rule cannot be filtered in SQL exactly as the engine
+/// normalises (`lower` and `trim` follow Unicode rules in Rust, locale rules in PostgreSQL):
+/// then every group is read.
+pub fn group_filters(job: &Job, events: &[&Map<String, Value>]) -> Option<Vec<GroupFilter>> {
+    let mut filters = Vec::new();
+    for rule in job.rules.iter().filter(|r| r.target == Target::CallGroup) {
+        let key = &rule.keys[0];
+        if matches!(key.normalize, Some(Normalizer::Lower | Normalizer::Trim)) {
+            return None;
+        }
+        let values: HashSet<String> = events.iter().filter_map(|m| engine::event_key(m, key)).collect();
+        filters.push(GroupFilter {
+            field: key.field.clone(),
+            normalize: key.normalize,
+            values: values.into_iter().collect(),
+        });
+    }
+    Some(filters)
+}

@@ -1,0 +1,407 @@
+//! One reconciliation run: `ingest → match → apply → report`, all or nothing.
+//!
+//! Everything that changes the database happens in one transaction holding the job's advisory
+//! lock; inbox files move to the archive only after it commits, and a dry run rolls it back. The
+//! `runs` row ([`record`]) is written outside that transaction so failed and dry runs are
+//! recorded too.
+//!
+//! Architecture invariant: this module conducts; it holds no SQL of its own. Each stage is a
+//! call into its module, and what flows between them is plain data.
+
+pub mod record;
+mod tally;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use crate::apply::{self, Applied};
+use crate::ingest::{self, Ingested};
+use crate::job::Job;
+use crate::ledger::{self, Arrivals, DecisionRows, Fresh, Scope, ToDecide, Write};
+use crate::matching;
+use crate::progress;
+use crate::report::{self, FileEntry, FileStatus, Report, Summary};
+use crate::tuning::Tuning;
+use tally::Tally;
+
+/// What kind of run, and over which events.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Ingest new events, then match every pending one.
+    Run,
+    /// Re-evaluate rule-based decisions of events with EventTime in `[since, until)`.
+    Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
+}
+
+impl Mode {
+    fn kind(self) -> &'static str {
+        match self {
+            Mode::Run => "run",
+            Mode::Rematch { .. } => "rematch",
+        }
+    }
+}
+
+/// A finished run: its report, and where the report files are.
+pub struct Finished {
+    pub report: Report,
+    pub dir: PathBuf,
+    /// What went wrong after the run committed (the report could not be written, its end could
+    /// not be recorded): logged, and printed by the command, which still exits 0.
+    pub problems: Vec<String>,
+}
+
+/// Another run of the same job holds the lock.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job} is already running (since {since})")]
+pub struct AlreadyRunning {
+    pub job: String,
+    pub since: String,
+}
+
+/// Runs the job once. On error nothing is changed and the run is recorded as failed.
+pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
+    let tuning = Tuning::from_env();
+    let kind = mode.kind();
+    let mut tx = pool.begin().await.context("starting the run's transaction")?;
+    let (run_id, now) = record::start(pool, &mut tx, job, kind, dry_run).await?;
+    tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
+    let run = Run { pool, job, tuning, run_id, now };
+
+    let result = async {
+        let (mut report, mut files) = run.stages(&mut tx, mode, dry_run).await?;
+        if dry_run {
+            tx.rollback().await?;
+        } else {
+            record::succeeded_in(&mut tx, run_id, &report.summary).await?;
+            if let Err(e) = tx.commit().await {
+                // The connection may have dropped during COMMIT: whether the commit happened is
+                // in `runs`, which the transaction marked succeeded.
+                match record::committed(pool, run_id).await {
+                    Some(true) => tracing::warn!(error = %e, "the commit reported an error, but the run is committed"),
+                    Some(false) => return Err(anyhow::Error::new(e).context("committing the run")),
+                    None => {
+                        return Err(anyhow::Error::new(e).context(
+                            "committing the run (whether it was committed could not be checked: see `report list`)",
+                        ));
+                    }
+                }
+            }
+            tracing::debug!("committed");
+            ingest::archive(&mut files, job, now);
+        }
+        report.files = files.into_iter().map(|(_, f)| f).collect();
+        anyhow::Ok(report)
+    }
+    .await;
+
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            report::discard_partial(&job.report_dir.join(run_id.to_string()));
+            let error = crate::db::error_line(&e);
+            record::failed(pool, run_id, &error).await;
+            notify(pool, job, run_id, report::webhook::failure_payload(run_id, &job.name, kind, dry_run, &error)).await;
+            return Err(e);
+        }
+    };
+    run.after_commit(report, dry_run).await
+}
+
+/// A run under way: what every stage needs.
+struct Run<'a> {
+    /// For reads on other connections than the run's (matching's call groups, apply's reader)
+    /// and for the `runs` row.
+    pool: &'a PgPool,
+    job: &'a Job,
+    tuning: Tuning,
+    run_id: i64,
+    now: DateTime<Utc>,
+}
+
+impl Run<'_> {
+    /// The stages, on the run's connection inside its transaction.
+    async fn stages(
+        &self,
+        conn: &mut PgConnection,
+        mode: Mode,
+        dry_run: bool,
+    ) -> Result<(Report, Vec<(PathBuf, FileEntry)>)> {
+        let rematch = matches!(mode, Mode::Rematch { .. });
+        let mut tally = Tally::new(self.now - self.job.pending_for, rematch, self.tuning.page_events());
+        let mut times = StageTimes::default();
+        let (ingested, fresh) = match mode {
+            Mode::Run => self.ingest(conn, &mut tally, &mut times).await.context("ingesting events")?,
+            Mode::Rematch { .. } => (Ingested::default(), None),
+        };
+        let scope = match mode {
+            Mode::Run => Scope::Pending { run_id: self.run_id },
+            Mode::Rematch { since, until } => Scope::Rematch { since, until },
+        };
+        self.decide_stored(conn, scope, &mut tally, &mut times).await?;
+        times.log();
+        let (matched, by_rule) = (tally.matched, std::mem::take(&mut tally.by_rule));
+        let (inputs, diff) = tally.into_parts();
+        let applied = self.apply(conn, inputs, fresh).await?;
+        let Ingested { events, rejected, files } = ingested;
+        let mut report = self.report(conn, mode, dry_run, events, rejected, matched, by_rule, diff, applied).await?;
+        count_files(&mut report.summary, files.iter().map(|(_, f)| f));
+        tracing::debug!("report built");
+        Ok((report, files))
+    }
+
+    /// Ingests new events; those that fit in a page are decided here and stored just before
+    /// apply, with their decision (a backlog beyond a page is stored pending and decided from the
+    /// table with the events left pending by earlier runs).
+    async fn ingest(
+        &self,
+        conn: &mut PgConnection,
+        tally: &mut Tally,
+        times: &mut StageTimes,
+    ) -> Result<(Ingested, Option<Fresh>)> {
+        let mut arrivals = Arrivals::new(&self.job.name, self.run_id, self.tuning.page_events());
+        let ingested = ingest::ingest(conn, self.job, self.run_id, self.now, &mut arrivals).await?;
+        times.store_ms += arrivals.store_ms;
+        let events = arrivals.into_waiting();
+        if events.is_empty() {
+            return Ok((ingested, None));
+        }
+        // Until they are stored they have no id: their position stands in for it.
+        let to_decide: Vec<ToDecide> = events.iter().enumerate().map(|(i, e)| ToDecide::fresh(i as i64, e)).collect();
+        let t = std::time::Instant::now();
+        let (decisions, hints) =
+            matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide).await?;
+        times.match_ms += t.elapsed().as_millis() as u64;
+        times.events += to_decide.len();
+        let mut rows = DecisionRows::default();
+        for (e, decision) in to_decide.iter().zip(&decisions) {
+            let expired = tally.book(e, decision);
+            rows.push(e, decision, expired, &self.job.group_fields, Write::Always);
+        }
+        tally.keep_hints(hints);
+        drop(to_decide);
+        tracing::debug!(events = events.len(), "new events decided");
+        Ok((ingested, Some(Fresh { rows, events })))
+    }
+
+    /// Decides every stored event in scope (for a run, those pending from earlier runs and a
+    /// backlog this run stored pending; events it decided as it ingested them are left out) and
+    /// stores the decisions that changed.
+    ///
+    /// Events are read, decided and stored a page at a time in (EventTime, id) order, so memory
+    /// does not grow with the number of events in scope; only the tally is kept across pages.
+    async fn decide_stored(
+        &self,
+        conn: &mut PgConnection,
+        scope: Scope,
+        tally: &mut Tally,
+        times: &mut StageTimes,
+    ) -> Result<()> {
+        let page = self.tuning.page_events();
+        let mut cursor = match scope {
+            Scope::Rematch { since: Some(since), .. } => (since, i64::MIN),
+            _ => (DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("0001-01-01"), i64::MIN),
+        };
+        loop {
+            let t = std::time::Instant::now();
+            let to_decide = ledger::read_in_scope(conn, self.job, scope, cursor, page).await?;
+            times.read_ms += t.elapsed().as_millis() as u64;
+            let Some(last) = to_decide.last() else { break };
+            cursor = (last.subject.time, last.subject.id);
+            times.events += to_decide.len();
+            times.read += to_decide.len();
+            let t = std::time::Instant::now();
+            let (decisions, hints) =
+                matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide).await?;
+            times.match_ms += t.elapsed().as_millis() as u64;
+
+            let mut rows = DecisionRows::default();
+            for (e, decision) in to_decide.iter().zip(&decisions) {
+                let expired = tally.book(e, decision);
+                rows.push(e, decision, expired, &self.job.group_fields, Write::IfChanged);
+            }
+            tally.keep_hints(hints);
+            let t = std::time::Instant::now();
+            rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
+            times.store_ms += t.elapsed().as_millis() as u64;
+            times.stored += rows.id.len();
+            tally.rewrote(&rows.id);
+            if to_decide.len() < page {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores this run's new events and applies (reading the touched targets on a second
+    /// connection meanwhile when it can: [`apply::start`]).
+    async fn apply(&self, conn: &mut PgConnection, inputs: apply::Inputs, fresh: Option<Fresh>) -> Result<Applied> {
+        let pb = progress::spinner("apply", "targets");
+        pb.set_message(format!(
+            "recomputing {} calls, {} groups and their group members",
+            inputs.calls.len(),
+            inputs.groups.len()
+        ));
+        let fresh = fresh.map(Arc::new);
+        let new_events = fresh.as_ref().map_or(0, |f| f.events.len());
+        let (adding, group_fields) = (fresh.clone(), self.job.group_fields.clone());
+        // Apply's reader cannot see the new events: they are merged from memory.
+        let add_new = move |this_run: &mut apply::ThisRun| {
+            for (position, e, kind, target) in adding.iter().flat_map(|f| f.matched()) {
+                let part = ledger::group_part(&e.event.metadata, kind, &group_fields);
+                this_run.push_new(position, e.event.event_time, &e.event.metadata, &part, kind, target.to_owned());
+            }
+        };
+        let started = std::time::Instant::now();
+        let applying = apply::start(conn, self.pool, &self.tuning, inputs, new_events, add_new).await?;
+        if let Some(fresh) = fresh {
+            let t = std::time::Instant::now();
+            fresh.store(conn, self.job, self.run_id).await?;
+            tracing::info!(
+                events = fresh.events.len(),
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "new events stored"
+            );
+            // Hundreds of thousands of small allocations: freed off the run's path.
+            std::thread::spawn(move || drop(fresh));
+        }
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
+        let applied = applying.finish(conn).await;
+        pb.finish_and_clear();
+        applied
+    }
+
+    /// The report: the unmatched events streamed from the database into the report's partial
+    /// folder inside the transaction (the list is what this run commits, or, dry, would have;
+    /// [`report::write_all`] completes it), with the summary.
+    #[allow(clippy::too_many_arguments)]
+    async fn report(
+        &self,
+        conn: &mut PgConnection,
+        mode: Mode,
+        dry_run: bool,
+        ingested: u64,
+        rejected: Vec<crate::event::Rejected>,
+        matched: u64,
+        by_rule: std::collections::BTreeMap<String, u64>,
+        diff: Option<report::Diff>,
+        applied: Applied,
+    ) -> Result<Report> {
+        let job = self.job;
+        let partial = report::partial_dir(&job.report_dir.join(self.run_id.to_string()));
+        let unmatched =
+            report::unmatched::stream(conn, &job.name, self.run_id, job.pending_for, &partial, self.tuning.report)
+                .await?;
+        let summary = Summary {
+            ingested,
+            rejected: rejected.len() as u64,
+            matched,
+            unmatched: unmatched.total,
+            by_rule,
+            by_reason: unmatched.by_reason.clone(),
+            expired: unmatched.expired,
+            pending: unmatched.total - unmatched.expired,
+            calls_updated: applied.calls_updated,
+            groups_updated: applied.groups_updated,
+            // Counted once the files are known: see `count_files`.
+            files_ingested: 0,
+            files_duplicate: 0,
+            files_failed: 0,
+        };
+        Ok(Report {
+            run_id: self.run_id,
+            job: job.name.clone(),
+            kind: mode.kind().to_owned(),
+            started_at: self.now,
+            finished_at: Utc::now(),
+            dry_run,
+            summary,
+            unmatched,
+            rejected,
+            // Filled in once the files are archived.
+            files: Vec::new(),
+            diff,
+        })
+    }
+
+    /// Writes the report of a committed (or dry) run, records its end, prunes old reports and
+    /// notifies. What fails now is reported loudly and recorded where possible, but cannot
+    /// make the run a failure.
+    async fn after_commit(&self, mut report: Report, dry_run: bool) -> Result<Finished> {
+        let (pool, job, run_id) = (self.pool, self.job, self.run_id);
+        report.finished_at = Utc::now();
+        let dir = job.report_dir.join(report.run_id.to_string());
+        let mut problems = Vec::new();
+        let written = match report::write_all(&report, &dir) {
+            Ok(()) => true,
+            Err(e) if dry_run => return Err(e).with_context(|| format!("writing the report to {}", dir.display())),
+            Err(e) => {
+                problems.push(format!(
+                    "its report could not be written to {}: {}",
+                    dir.display(),
+                    crate::db::error_line(&e)
+                ));
+                false
+            }
+        };
+        tracing::debug!("report written");
+        let problem = problems.first().map(|p| format!("the run completed but {p}"));
+        let dir_text = dir.to_string_lossy();
+        if let Err(e) = record::finished(pool, run_id, report.finished_at, &report.summary, &dir_text, problem).await {
+            problems.push(format!("its end could not be recorded in `runs`: {}", crate::db::describe(&e)));
+        }
+        if written {
+            report::retention::prune(pool, job, run_id).await;
+        }
+        for problem in &problems {
+            tracing::error!(run_id, problem = %problem, "the run committed, but {problem}");
+        }
+        notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
+        Ok(Finished { report, dir, problems })
+    }
+}
+
+/// Sends the job's webhook, if any, and records the outcome on the run. Never fails: a lost
+/// notification is logged and recorded, the run stands.
+async fn notify(pool: &PgPool, job: &Job, run_id: i64, body: serde_json::Value) {
+    let Some(url) = &job.webhook else { return };
+    let outcome = report::webhook::notify(url, &body).await;
+    if let Err(error) = &outcome {
+        tracing::error!(%error, run_id, "webhook notification failed; the run's outcome stands");
+    }
+    record::notification(pool, run_id, outcome.as_ref().err().map_or("delivered", String::as_str)).await;
+}
+
+/// Time spent per stage across pages, logged once at the end of matching.
+#[derive(Default, Clone, Copy)]
+struct StageTimes {
+    /// Events decided (this run's new ones and those read back).
+    events: usize,
+    /// Events read back from the table.
+    read: usize,
+    read_ms: u64,
+    match_ms: u64,
+    store_ms: u64,
+    stored: usize,
+}
+
+impl StageTimes {
+    fn log(self) {
+        let StageTimes { events, read, read_ms, match_ms, store_ms, stored } = self;
+        tracing::info!(events = read, elapsed_ms = read_ms, "stored events to match read");
+        tracing::info!(events, elapsed_ms = match_ms, "matched");
+        tracing::info!(stored, elapsed_ms = store_ms, "decisions stored");
+    }
+}
+
+/// The summary's file counts.
+fn count_files<'f>(summary: &mut Summary, files: impl Iterator<Item = &'f FileEntry> + Clone) {
+    let count = |s: FileStatus| files.clone().filter(|f| f.status == s).count() as u64;
+    summary.files_ingested = count(FileStatus::Ingested);
+    summary.files_duplicate = count(FileStatus::Duplicate);
+    summary.files_failed = count(FileStatus::Failed);
+}

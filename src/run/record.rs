@@ -1,0 +1,131 @@
+//! The `runs` table: one row per run, written outside the run's transaction (so failed and dry
+//! runs are recorded too), except the mark of success, written inside it.
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+use super::AlreadyRunning;
+use crate::job::Job;
+use crate::report::Summary;
+
+/// Takes the job's advisory lock in the run's transaction (or says who holds it), marks a run
+/// of the job still recorded as running abandoned (we hold the lock: it was killed), and
+/// records the new run. Returns its id and start.
+pub async fn start(
+    pool: &PgPool,
+    tx: &mut PgConnection,
+    job: &Job,
+    kind: &str,
+    dry_run: bool,
+) -> Result<(i64, DateTime<Utc>)> {
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(crate::db::job_lock_key(&job.name))
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        bail!(AlreadyRunning { job: job.name.clone(), since: lock_holder_since(pool, &job.name).await });
+    }
+    sqlx::query(
+        "update runs set status = 'abandoned', finished_at = now(),
+                error = 'the process ended before the run finished; nothing it did was kept'
+         where job = $1 and status = 'running'",
+    )
+    .bind(&job.name)
+    .execute(pool)
+    .await?;
+    sqlx::query_as(
+        "insert into runs (job, kind, dry_run, rules_fingerprint) values ($1, $2, $3, $4) returning id, started_at",
+    )
+    .bind(&job.name)
+    .bind(kind)
+    .bind(dry_run)
+    .bind(&job.rules_fingerprint)
+    .fetch_one(pool)
+    .await
+    .context("recording the run")
+}
+
+/// Marks the run succeeded in its own transaction, just before the commit: a run killed after
+/// its commit is never taken for one that changed nothing, and whether a commit that reported
+/// an error happened can be read back ([`committed`]).
+pub async fn succeeded_in(tx: &mut PgConnection, run_id: i64, summary: &Summary) -> Result<()> {
+    sqlx::query("update runs set status = 'succeeded', finished_at = now(), summary = $2 where id = $1")
+        .bind(run_id)
+        .bind(serde_json::to_value(summary)?)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Whether run `run_id` committed, read on another connection (`None`: it cannot be told).
+pub async fn committed(pool: &PgPool, run_id: i64) -> Option<bool> {
+    let status: Option<String> =
+        sqlx::query_scalar("select status from runs where id = $1").bind(run_id).fetch_optional(pool).await.ok()?;
+    Some(status.as_deref() == Some("succeeded"))
+}
+
+/// Records a committed (or dry) run's end: when, its summary, where its report is, and the
+/// first problem after the commit, if any.
+pub async fn finished(
+    pool: &PgPool,
+    run_id: i64,
+    at: DateTime<Utc>,
+    summary: &Summary,
+    report_dir: &str,
+    problem: Option<String>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update runs set status = 'succeeded', finished_at = $2, summary = $3, report_dir = $4, error = $5 where id = $1",
+    )
+    .bind(run_id)
+    .bind(at)
+    .bind(serde_json::to_value(summary).unwrap_or(Value::Null))
+    .bind(report_dir)
+    .bind(problem)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Records a failed run (best effort: the error itself is what the caller reports).
+pub async fn failed(pool: &PgPool, run_id: i64, error: &str) {
+    let _ = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
+        .bind(run_id)
+        .bind(error)
+        .execute(pool)
+        .await;
+}
+
+/// Notes something about a run on its `error` column, shown by `report list` (the scheduler
+/// notes that it ran the last good version of a job file now refused). Best effort.
+pub async fn note(pool: &PgPool, run_id: i64, note: &str) {
+    let _ = sqlx::query("update runs set error = $2 where id = $1").bind(run_id).bind(note).execute(pool).await;
+}
+
+/// Records the outcome of the webhook notification.
+pub async fn notification(pool: &PgPool, run_id: i64, outcome: &str) {
+    let recorded =
+        sqlx::query("update runs set notification = $2 where id = $1").bind(run_id).bind(outcome).execute(pool).await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, run_id, "could not record the webhook outcome");
+    }
+}
+
+/// When the run holding the job's lock started: its transaction's start, from the lock itself
+/// (its `runs` row may not be written yet), for the "already running" message.
+async fn lock_holder_since(pool: &PgPool, job: &str) -> String {
+    let since: Result<Option<DateTime<Utc>>, _> = sqlx::query_scalar(
+        "select min(a.xact_start) from pg_locks l join pg_stat_activity a on a.pid = l.pid
+         where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg_database where datname = current_database())
+           and (l.classid::bigint << 32 | l.objid::bigint) = hashtextextended($1, 0)",
+    )
+    .bind(crate::db::job_lock_key(job))
+    .fetch_one(pool)
+    .await;
+    match since {
+        Ok(Some(t)) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        _ => "a moment ago".to_owned(),
+    }
+}

@@ -1,0 +1,158 @@
+//! What a run's decisions add up to, as they are made: the targets apply must recompute, the
+//! counts of the summary, a rematch's diff. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::calldata::Hint;
+use crate::ledger::{Previous, ToDecide};
+use crate::matching::{Decision, TargetKind};
+use crate::report::{Change, ChangeKind, Diff, TargetRef};
+
+/// The tally of a run's decisions.
+pub struct Tally {
+    /// Unmatched events received before this are expired.
+    expired_before: DateTime<Utc>,
+    /// A rematch keeps the diff of every decision.
+    diff: Option<Diff>,
+    pub matched: u64,
+    pub by_rule: BTreeMap<String, u64>,
+    /// Targets whose set of matched events changed: what apply recomputes.
+    touched_calls: foldhash::HashSet<String>,
+    touched_groups: foldhash::HashSet<String>,
+    /// Stored events whose decision this run rewrote, while at most `page` of them: then apply
+    /// may read on a second connection, leaving them out.
+    rewritten: Option<Vec<i64>>,
+    /// Where matching saw the calls it matched, kept as long as `rewritten` is.
+    hints: Option<foldhash::HashMap<String, Hint>>,
+    page: usize,
+}
+
+impl Tally {
+    pub fn new(expired_before: DateTime<Utc>, rematch: bool, page: usize) -> Self {
+        Tally {
+            expired_before,
+            diff: rematch.then(Diff::default),
+            matched: 0,
+            by_rule: BTreeMap::new(),
+            touched_calls: Default::default(),
+            touched_groups: Default::default(),
+            rewritten: Some(Vec::new()),
+            hints: Some(Default::default()),
+            page,
+        }
+    }
+
+    /// Books one decision: the targets it touches, a new match's count, a rematch's diff.
+    /// Returns whether the event is expired: unmatched past `pending_for` since it was
+    /// received, retried only by rematch.
+    pub fn book(&mut self, e: &ToDecide, decision: &Decision) -> bool {
+        let new_target = match decision {
+            Decision::Matched { kind, target, .. } => Some((*kind, target.clone())),
+            Decision::Unmatched { .. } => None,
+        };
+        let p = &e.previous;
+        if new_target != p.target {
+            for (kind, id) in p.target.iter().chain(&new_target) {
+                match kind {
+                    TargetKind::Call => self.touched_calls.insert(id.clone()),
+                    TargetKind::CallGroup => self.touched_groups.insert(id.clone()),
+                };
+            }
+        }
+        if let (Decision::Matched { rule, .. }, None) = (decision, &p.target) {
+            self.matched += 1;
+            match self.by_rule.get_mut(rule) {
+                Some(n) => *n += 1,
+                None => {
+                    self.by_rule.insert(rule.clone(), 1);
+                }
+            }
+        }
+        if let Some(diff) = &mut self.diff {
+            record_change(diff, e.subject.id, p, decision);
+        }
+        new_target.is_none() && e.received_at <= self.expired_before
+    }
+
+    /// Keeps where matching saw the calls it matched that apply will recompute (a rematch
+    /// confirms most matches), while apply may use it. Call after booking the decisions.
+    pub fn keep_hints(&mut self, hints: foldhash::HashMap<String, Hint>) {
+        if let Some(kept) = &mut self.hints {
+            kept.extend(hints.into_iter().filter(|(call, _)| self.touched_calls.contains(call)));
+        }
+    }
+
+    /// Notes stored events whose decision was rewritten; past a page of them they are
+    /// forgotten (and apply reads after storing).
+    pub fn rewrote(&mut self, ids: &[i64]) {
+        if let Some(rewritten) = &mut self.rewritten {
+            rewritten.extend(ids);
+            if rewritten.len() > self.page {
+                self.rewritten = None;
+                self.hints = None;
+            }
+        }
+    }
+
+    /// What apply needs, and the rematch's diff (its changes in event order).
+    pub fn into_parts(self) -> (crate::apply::Inputs, Option<Diff>) {
+        let mut diff = self.diff;
+        if let Some(diff) = &mut diff {
+            diff.changes.sort_by_key(|c| c.event_id);
+        }
+        let inputs = crate::apply::Inputs {
+            calls: self.touched_calls.into_iter().collect(),
+            groups: self.touched_groups.into_iter().collect(),
+            hints: self.hints.unwrap_or_default(),
+            rewritten: self.rewritten,
+        };
+        (inputs, diff)
+    }
+}
+
+/// Adds one re-decided event to a rematch's diff.
+fn record_change(diff: &mut Diff, event_id: i64, p: &Previous, decision: &Decision) {
+    diff.evaluated += 1;
+    let target_ref = |(kind, id): &(TargetKind, String)| TargetRef { kind: *kind, id: id.clone() };
+    let (new, new_rule, reason) = match decision {
+        Decision::Matched { rule, kind, target } => (Some((*kind, target.clone())), Some(rule.clone()), None),
+        Decision::Unmatched { reason, .. } => (None, None, Some(reason.as_str().to_owned())),
+    };
+    let change = match (&p.target, &new) {
+        (None, None) => None,
+        (None, Some(_)) => Some(ChangeKind::NewlyMatched),
+        (Some(_), None) => Some(ChangeKind::NewlyUnmatched),
+        (Some(a), Some(b)) if a != b => Some(ChangeKind::Moved),
+        (Some(_), Some(_)) if p.rule != new_rule => Some(ChangeKind::RuleChanged),
+        (Some(_), Some(_)) => None,
+    };
+    let Some(change) = change else {
+        diff.unchanged += 1;
+        return;
+    };
+    match change {
+        ChangeKind::NewlyMatched => diff.newly_matched += 1,
+        ChangeKind::NewlyUnmatched => diff.newly_unmatched += 1,
+        ChangeKind::Moved => diff.moved += 1,
+        ChangeKind::RuleChanged => diff.rule_changed += 1,
+    }
+    if p.rule != new_rule {
+        if let Some(r) = &p.rule {
+            diff.by_rule.entry(r.clone()).or_default().lost += 1;
+        }
+        if let Some(r) = &new_rule {
+            diff.by_rule.entry(r.clone()).or_default().gained += 1;
+        }
+    }
+    diff.changes.push(Change {
+        event_id,
+        change,
+        from: p.target.as_ref().map(target_ref),
+        to: new.as_ref().map(target_ref),
+        rule_before: p.rule.clone(),
+        rule_after: new_rule,
+        reason,
+    });
+}

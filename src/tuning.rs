@@ -1,0 +1,92 @@
+//! Batch sizes and switches: the defaults, and the `CALLRECON_*` environment variables that
+//! override them (tests use tiny batches to cross every boundary; operators never need them).
+//!
+//! Architecture invariant: the environment is read here only, once per run
+//! ([`Tuning::from_env`]); stages get the values passed down.
+
+/// Sessionless events matched per polars batch; bounds memory whatever the total. Two batches'
+/// calls are held at once (the next is read while one is matched). Events are read, decided
+/// and stored three batches at a time ([`Tuning::page_events`]).
+pub const CHUNK_EVENTS: usize = 100_000;
+
+/// Touched groups recomputed per batch, each with all its calls (~5 on average in the
+/// benchmark's touched case groups); five times as many calls without a group. With apply's
+/// reader, the run's connection writes a batch while the next ones are read and merged, so the
+/// first write starts sooner with smaller batches: the nightly's 12k groups in batches of 5,000
+/// rather than 20,000 left its connection idle 0.2 s less. Up to five batches are in memory at
+/// once: read, waiting, merged, waiting, written.
+pub const APPLY_BATCH_GROUPS: usize = 5_000;
+
+/// Unmatched events fetched from the report's cursor at a time.
+pub const REPORT_PAGE: usize = 5_000;
+/// Events `report.html` shows per reason: this many of the oldest and of the newest.
+pub const REPORT_SHOWN_PER_END: usize = 200;
+/// Top-level metadata keys given a column of their own in `unmatched.csv` (the most frequent
+/// ones); every key stays in the `metadata` column.
+pub const REPORT_CSV_KEY_COLUMNS: usize = 100;
+
+/// The values a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// [`CHUNK_EVENTS`], or `CALLRECON_CHUNK_EVENTS`.
+    pub chunk_events: usize,
+    /// Whether apply may read on a second connection while the run stores its events:
+    /// `CALLRECON_APPLY_READER=off` turns it off (tests compare both ways).
+    pub apply_reader: bool,
+    /// [`APPLY_BATCH_GROUPS`], or `CALLRECON_APPLY_BATCH_GROUPS`.
+    pub apply_batch_groups: usize,
+    pub report: ReportTuning,
+}
+
+/// The report's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportTuning {
+    /// [`REPORT_PAGE`], or `CALLRECON_REPORT_PAGE`.
+    pub page: usize,
+    /// [`REPORT_SHOWN_PER_END`], or `CALLRECON_REPORT_SHOWN`.
+    pub shown_per_end: usize,
+    /// [`REPORT_CSV_KEY_COLUMNS`], or `CALLRECON_REPORT_CSV_KEYS`.
+    pub csv_key_columns: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            chunk_events: CHUNK_EVENTS,
+            apply_reader: true,
+            apply_batch_groups: APPLY_BATCH_GROUPS,
+            report: ReportTuning {
+                page: REPORT_PAGE,
+                shown_per_end: REPORT_SHOWN_PER_END,
+                csv_key_columns: REPORT_CSV_KEY_COLUMNS,
+            },
+        }
+    }
+}
+
+impl Tuning {
+    /// The defaults, with what the environment overrides.
+    pub fn from_env() -> Self {
+        let d = Tuning::default();
+        Tuning {
+            chunk_events: size("CALLRECON_CHUNK_EVENTS", d.chunk_events),
+            apply_reader: std::env::var("CALLRECON_APPLY_READER").map_or(true, |v| v != "off"),
+            apply_batch_groups: size("CALLRECON_APPLY_BATCH_GROUPS", d.apply_batch_groups),
+            report: ReportTuning {
+                page: size("CALLRECON_REPORT_PAGE", d.report.page),
+                shown_per_end: size("CALLRECON_REPORT_SHOWN", d.report.shown_per_end),
+                csv_key_columns: size("CALLRECON_REPORT_CSV_KEYS", d.report.csv_key_columns),
+            },
+        }
+    }
+
+    /// Events read (or ingested), decided and stored at a time: three matching batches.
+    pub fn page_events(&self) -> usize {
+        3 * self.chunk_events
+    }
+}
+
+/// A batch size: the positive integer in the environment variable `var`, else `default`.
+fn size(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
+}
