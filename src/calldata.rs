@@ -57,6 +57,25 @@ pub struct Candidates {
     pub fields: HashMap<TargetField, Vec<Option<String>>>,
 }
 
+/// Which of `calls` and `groups` exist (an analyst attaching an event to one).
+pub async fn existing(
+    conn: &mut PgConnection,
+    calls: &[&str],
+    groups: &[&str],
+) -> Result<(HashSet<String>, HashSet<String>)> {
+    let calls: Vec<String> = sqlx::query_scalar("select id from calls where id = any($1)")
+        .bind(calls)
+        .fetch_all(&mut *conn)
+        .await
+        .context("looking up calls")?;
+    let groups: Vec<String> = sqlx::query_scalar("select id from call_groups where id = any($1)")
+        .bind(groups)
+        .fetch_all(&mut *conn)
+        .await
+        .context("looking up call groups")?;
+    Ok((calls.into_iter().collect(), groups.into_iter().collect()))
+}
+
 /// Where a call was when matching read it: its call group, and its heap block (calls without a
 /// group are read in block order). Apply starts from it for the calls a run matches; only a
 /// hint: apply reads what the call belongs to now, and looks up every touched call it did not

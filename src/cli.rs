@@ -79,6 +79,56 @@ pub enum Command {
         job: PathBuf,
         event_id: i64,
     },
+    /// Decide an unmatched event by hand (attach it to a call or group, or dismiss it), or apply
+    /// the filled-in `resolve_to` column of a report's unmatched.csv; all or nothing.
+    Resolve {
+        #[arg(long)]
+        job: PathBuf,
+        /// The event (without --file).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        event_id: Option<i64>,
+        /// call:ID, group:ID or dismiss (without --file).
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        to: Option<String>,
+        /// An unmatched.csv with resolve_to (and note) filled in where decided.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Why (needed to dismiss).
+        #[arg(long, conflicts_with = "file")]
+        note: Option<String>,
+        /// Who decides (recorded with the decision).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        /// Check and show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Undo a manual decision: the event is pending again, decided by the rules at the next run.
+    Reopen {
+        #[arg(long)]
+        job: PathBuf,
+        event_id: i64,
+        #[arg(long)]
+        note: Option<String>,
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+    },
+    /// Every change of an event's decision, oldest first.
+    History {
+        event_id: i64,
+        #[arg(long, value_enum, default_value_t = HistoryFormat::Text)]
+        format: HistoryFormat,
+    },
+    /// Revert the decisions run RUN made that are still as it left them; a recorded run with a
+    /// report.
+    Undo {
+        run: i64,
+        /// The job file (default: the one RUN was started with).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Recompute every call's and group's async_metadata from the record of matches and list
     /// the rows that differ; exit 4 when some do (and are not repaired).
     Verify {
@@ -136,6 +186,12 @@ pub enum ReportCommand {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum HistoryFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

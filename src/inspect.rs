@@ -28,22 +28,29 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
         Option<String>,
         Option<Vec<String>>,
         Option<i64>,
+        Option<String>,
+        Option<String>,
     );
     let row: Option<Row> = sqlx::query_as(
-        "select job, source, session_id, event_time, metadata, state, target_id, rule, reason, candidates, decided_run
+        "select job, source, session_id, event_time, metadata, state, target_id, rule, reason, candidates, decided_run,
+                decided_by, note
          from events where id = $1",
     )
     .bind(event_id)
     .fetch_optional(pool)
     .await?;
-    let Some((ev_job, source, session, time, metadata, state, target, rule, reason, candidates, run)) = row else {
+    let Some((ev_job, source, session, time, metadata, state, target, rule, reason, candidates, run, by, note)) = row
+    else {
         bail!("no event {event_id}; event ids are in the report's unmatched list and in `report show`")
     };
     let mut out = String::new();
     let _ = writeln!(out, "event {event_id} from {source} (job {ev_job}), EventTime {}", time.to_rfc3339());
     let _ = writeln!(out, "metadata: {}", Value::Object(metadata.0.clone()));
-    let stored = match (state.as_str(), target, rule) {
-        ("matched", Some(t), Some(r)) => format!("matched {t} by {r}"),
+    let note = note.map(|n| format!(": {n}")).unwrap_or_default();
+    let stored = match (state.as_str(), target, rule, by) {
+        ("matched", Some(t), _, Some(by)) => format!("matched {t} by hand, by {by}{note} (runs and rematches keep it)"),
+        ("dismissed", _, _, Some(by)) => format!("dismissed by {by}{note} (runs and rematches keep it)"),
+        ("matched", Some(t), Some(r), None) => format!("matched {t} by {r}"),
         _ => format!(
             "{state} ({}){}",
             reason.unwrap_or_default(),

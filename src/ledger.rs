@@ -28,6 +28,8 @@ pub enum State {
     Matched,
     /// Unmatched past the job's `pending_for`: retried only by a rematch.
     Expired,
+    /// Closed out by an analyst (`callrecon resolve … --to dismiss`): final, never expires.
+    Dismissed,
 }
 
 impl State {
@@ -36,11 +38,12 @@ impl State {
             State::Pending => "pending",
             State::Matched => "matched",
             State::Expired => "expired",
+            State::Dismissed => "dismissed",
         }
     }
 
     pub fn parse(s: &str) -> Option<State> {
-        [State::Pending, State::Matched, State::Expired].into_iter().find(|x| x.as_str() == s)
+        [State::Pending, State::Matched, State::Expired, State::Dismissed].into_iter().find(|x| x.as_str() == s)
     }
 }
 
@@ -104,8 +107,8 @@ impl<'e> std::borrow::Borrow<Subject<'e>> for ToDecide<'e> {
 pub enum Scope {
     /// Every pending event of the job but those this run decided already.
     Pending { run_id: i64 },
-    /// Every rule-decided or undecided event (SessionId attaches are final) with EventTime in
-    /// `[since, until)`.
+    /// Every rule-decided or undecided event (SessionId attaches and manual decisions are
+    /// final) with EventTime in `[since, until)`.
     Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
 }
 
@@ -166,7 +169,7 @@ pub async fn read_in_scope(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
                         state, reason, coalesce(candidates, '{}'), group_part
                  from events
-                 where job = $1 and session_id is null
+                 where job = $1 and session_id is null and decided_by is null
                    and ($2::timestamptz is null or event_time >= $2)
                    and ($3::timestamptz is null or event_time < $3)
                    and event_time >= $4 and (event_time, id) > ($4, $5)
@@ -440,16 +443,21 @@ impl DecisionRows {
         for start in (0..events.len()).step_by(STORE_CHUNK) {
             let range = start..(start + STORE_CHUNK).min(events.len());
             let columns = EventColumns::of(&events[range.clone()])?;
+            // With each event's first decision in its history, in the same statement.
             let statement = sqlx::query(
-                "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
-                                     state, target_kind, target_id, rule, group_part, reason, candidates,
-                                     decided_run, rules_fingerprint)
-                 select $1, s, sid, t, r, m::jsonb, $2, st, k, tg, ru, gp::jsonb, re,
-                        case when re is null then null else c::text[] end, $2, $3
-                 from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
-                             $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
-                      with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
-                 order by ord",
+                "with stored as (
+                     insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
+                                         state, target_kind, target_id, rule, group_part, reason, candidates,
+                                         decided_run, rules_fingerprint)
+                     select $1, s, sid, t, r, m::jsonb, $2, st, k, tg, ru, gp::jsonb, re,
+                            case when re is null then null else c::text[] end, $2, $3
+                     from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
+                                 $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+                          with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
+                     order by ord
+                     returning id, state, target_kind, target_id, rule, reason)
+                 insert into event_history (event_id, run_id, state, target_kind, target_id, rule, reason)
+                 select id, $2, state, target_kind, target_id, rule, reason from stored",
             )
             .bind(job)
             .bind(run_id)
@@ -483,14 +491,19 @@ impl DecisionRows {
     pub async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
             // One primary-key probe per decision, not a scan of every event per batch.
+            // With each change in the events' history, in the same statement.
             let statement = sqlx::query(
-                "update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
-                        group_part = u.part::jsonb, reason = u.reason,
-                        candidates = case when u.reason is null then null else u.cands::text[] end,
-                        decided_run = $1, rules_fingerprint = $2
-                 from unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
-                      as u(id, state, kind, target, rule, part, reason, cands)
-                 where e.id = u.id",
+                "with changed as (
+                     update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
+                            group_part = u.part::jsonb, reason = u.reason,
+                            candidates = case when u.reason is null then null else u.cands::text[] end,
+                            decided_run = $1, rules_fingerprint = $2, decided_by = null, note = null
+                     from unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                          as u(id, state, kind, target, rule, part, reason, cands)
+                     where e.id = u.id
+                     returning e.id, e.state, e.target_kind, e.target_id, e.rule, e.reason)
+                 insert into event_history (event_id, run_id, state, target_kind, target_id, rule, reason)
+                 select id, $1, state, target_kind, target_id, rule, reason from changed",
             )
             .bind(run_id)
             .bind(fingerprint)
@@ -500,6 +513,315 @@ impl DecisionRows {
         }
         Ok(())
     }
+}
+
+/// A decision as the history records it (and an undo restores it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decided {
+    pub state: State,
+    pub target: Option<(TargetKind, String)>,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    /// Who made it by hand (none: the rules did), and their note.
+    pub person: Option<String>,
+    pub note: Option<String>,
+}
+
+impl Decided {
+    /// A new event's, before any decision, and a reopened event's.
+    pub fn undecided() -> Self {
+        Decided { state: State::Pending, target: None, rule: None, reason: None, person: None, note: None }
+    }
+
+    /// One line a person reads: `matched call c1 by rule phone`, `pending (no_candidate)`.
+    pub fn describe(&self) -> String {
+        let by = match (&self.person, &self.note) {
+            (Some(p), Some(n)) => format!(" by {p} ({n})"),
+            (Some(p), None) => format!(" by {p}"),
+            _ => String::new(),
+        };
+        match (&self.target, self.state) {
+            (Some((kind, id)), _) => {
+                let how = if self.person.is_some() {
+                    String::new()
+                } else {
+                    format!(" by rule {}", self.rule.as_deref().unwrap_or("?"))
+                };
+                format!("matched {} {id}{how}{by}", kind.as_str())
+            }
+            (None, State::Dismissed) => format!("dismissed{by}"),
+            (None, state) => match &self.reason {
+                Some(r) => format!("{} ({r}){by}", state.as_str()),
+                None => format!("{} (undecided){by}", state.as_str()),
+            },
+        }
+    }
+}
+
+/// The rule recorded for a manual attach.
+pub const MANUAL_RULE: &str = "manual";
+
+/// A stored event as a manual decision needs it, with its current decision.
+pub struct Stored {
+    pub id: i64,
+    pub job: String,
+    pub session_id: Option<String>,
+    pub decided: Decided,
+    /// The run that last decided it by rule.
+    pub decided_run: Option<i64>,
+}
+
+/// Reads events by id and locks them until the transaction ends (a run, an undo or another
+/// analyst changing one of them meanwhile waits, then sees the change).
+pub async fn lock_events(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Stored>> {
+    type Row = (
+        i64,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "select id, job, session_id, state, target_kind, target_id, rule, reason, decided_by, note, decided_run
+         from events where id = any($1) order by id for update",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the events")?;
+    rows.into_iter()
+        .map(|(id, job, session_id, state, kind, target, rule, reason, person, note, decided_run)| {
+            Ok(Stored {
+                id,
+                job,
+                session_id,
+                decided: Decided {
+                    state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
+                    target: kind.as_deref().and_then(TargetKind::parse).zip(target),
+                    rule,
+                    reason,
+                    person,
+                    note,
+                },
+                decided_run,
+            })
+        })
+        .collect()
+}
+
+/// Who changes decisions: a run (run, rematch or undo) or a person.
+#[derive(Debug, Clone, Copy)]
+pub enum By<'a> {
+    Run(i64),
+    Person(&'a str),
+}
+
+/// Writes decisions made by hand or restored by an undo, with their history rows, in one
+/// statement. The group part of an event attached to a call is taken from its metadata (the
+/// job's `group_fields`), as a run stores it.
+pub async fn write_decisions(
+    conn: &mut PgConnection,
+    rows: &[(i64, Decided)],
+    by: By<'_>,
+    group_fields: &[String],
+) -> Result<u64> {
+    let mut written = 0;
+    for chunk in rows.chunks(STORE_CHUNK) {
+        let ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
+        let col = |f: fn(&Decided) -> Option<String>| chunk.iter().map(|(_, d)| f(d)).collect::<Vec<_>>();
+        let states: Vec<&str> = chunk.iter().map(|(_, d)| d.state.as_str()).collect();
+        let (run_id, person) = match by {
+            By::Run(id) => (Some(id), None),
+            By::Person(p) => (None, Some(p)),
+        };
+        let done = sqlx::query(
+            "with changed as (
+                 update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
+                        reason = u.reason, candidates = null, decided_by = u.person, note = u.note,
+                        decided_run = coalesce($9, e.decided_run),
+                        group_part = case when u.kind = 'call' then
+                            (select coalesce(jsonb_object_agg(f, e.metadata -> f), '{}') from unnest($11::text[]) f
+                             where jsonb_typeof(e.metadata) = 'object' and e.metadata ? f)
+                            else '{}' end
+                 from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+                      as u(id, state, kind, target, rule, reason, person, note)
+                 where e.id = u.id
+                 returning e.id, e.state, e.target_kind, e.target_id, e.rule, e.reason, e.note)
+             insert into event_history (event_id, run_id, person, state, target_kind, target_id, rule, reason, note)
+             select id, $9, $10, state, target_kind, target_id, rule, reason, note from changed",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(col(|d| d.target.as_ref().map(|(k, _)| k.as_str().to_owned())))
+        .bind(col(|d| d.target.as_ref().map(|(_, t)| t.clone())))
+        .bind(col(|d| d.rule.clone()))
+        .bind(col(|d| d.reason.clone()))
+        .bind(col(|d| d.person.clone()))
+        .bind(col(|d| d.note.clone()))
+        .bind(run_id)
+        .bind(person)
+        .bind(group_fields)
+        .execute(&mut *conn)
+        .await
+        .context("storing decisions")?;
+        written += done.rows_affected();
+    }
+    Ok(written)
+}
+
+/// One change in an event's history.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub run_id: Option<i64>,
+    /// The run's kind (`run`, `rematch`, `undo`) when a run made it.
+    pub run_kind: Option<String>,
+    pub decided: Decided,
+}
+
+/// Every change of event `id`'s decision, oldest first.
+pub async fn history(conn: &mut PgConnection, id: i64) -> Result<Vec<HistoryEntry>> {
+    type Row = (
+        DateTime<Utc>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "select h.at, h.run_id, r.kind, h.person, h.state, h.target_kind, h.target_id, h.rule, h.reason, h.note
+         from event_history h left join runs r on r.id = h.run_id
+         where h.event_id = $1 order by h.id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the event's history")?;
+    rows.into_iter()
+        .map(|(at, run_id, run_kind, person, state, kind, target, rule, reason, note)| {
+            Ok(HistoryEntry {
+                at,
+                run_id,
+                run_kind,
+                decided: Decided {
+                    state: State::parse(&state).with_context(|| format!("history of event {id}: state {state:?}"))?,
+                    target: kind.as_deref().and_then(TargetKind::parse).zip(target),
+                    rule,
+                    reason,
+                    person,
+                    note,
+                },
+            })
+        })
+        .collect()
+}
+
+/// What an undo of run `run` finds for one event the run changed.
+pub enum Undoable {
+    /// The event's decision is still the one the run gave it: this is what it was before.
+    Revert { event_id: i64, now: Box<Decided>, before: Box<Decided> },
+    /// Changed since, by a later run or a person.
+    Skipped { event_id: i64, by_run: Option<i64>, by_person: Option<String> },
+}
+
+/// The decisions run `run` made, each with what it replaced, or who changed it since.
+pub async fn changes_of_run(conn: &mut PgConnection, run: i64) -> Result<Vec<Undoable>> {
+    use sqlx::Row as _;
+    let rows = sqlx::query(
+        "select h.event_id, latest.id = h.id, latest.run_id, latest.person,
+                h.state, h.target_kind, h.target_id, h.rule, h.reason, h.note,
+                prev.state, prev.target_kind, prev.target_id, prev.rule, prev.reason, prev.person, prev.note
+         from event_history h
+         cross join lateral (select id, run_id, person from event_history l
+                             where l.event_id = h.event_id order by l.id desc limit 1) latest
+         left join lateral (select * from event_history p
+                            where p.event_id = h.event_id and p.id < h.id order by p.id desc limit 1) prev on true
+         where h.run_id = $1
+         order by h.event_id",
+    )
+    .bind(run)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the run's decisions")?;
+    let text = |r: &sqlx::postgres::PgRow, i: usize| -> Result<Option<String>> { Ok(r.try_get(i)?) };
+    rows.iter()
+        .map(|r| {
+            let event_id: i64 = r.try_get(0)?;
+            if !r.try_get::<bool, _>(1)? {
+                return Ok(Undoable::Skipped { event_id, by_run: r.try_get(2)?, by_person: text(r, 3)? });
+            }
+            let state: String = r.try_get(4)?;
+            let now = Decided {
+                state: State::parse(&state).context("bad state in history")?,
+                target: text(r, 5)?.as_deref().and_then(TargetKind::parse).zip(text(r, 6)?),
+                rule: text(r, 7)?,
+                reason: text(r, 8)?,
+                person: None,
+                note: text(r, 9)?,
+            };
+            let before = match text(r, 10)? {
+                None => Decided::undecided(),
+                Some(state) => {
+                    let state = State::parse(&state).context("bad state in history")?;
+                    let rule = text(r, 13)?;
+                    // Only a manual decision is restored as someone's: a person who reopened
+                    // an event left it to the rules.
+                    let manual = state == State::Dismissed || rule.as_deref() == Some(MANUAL_RULE);
+                    Decided {
+                        state,
+                        target: text(r, 11)?.as_deref().and_then(TargetKind::parse).zip(text(r, 12)?),
+                        rule,
+                        reason: text(r, 14)?,
+                        person: if manual { text(r, 15)? } else { None },
+                        note: if manual { text(r, 16)? } else { None },
+                    }
+                }
+            };
+            Ok(Undoable::Revert { event_id, now: Box::new(now), before: Box::new(before) })
+        })
+        .collect()
+}
+
+/// How many of the job's events analysts dismissed.
+pub async fn count_dismissed(conn: &mut PgConnection, job: &str) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar("select count(*) from events where job = $1 and state = 'dismissed'")
+        .bind(job)
+        .fetch_one(&mut *conn)
+        .await
+        .context("counting dismissed events")?;
+    Ok(n as u64)
+}
+
+/// How many events of a rematch's scope hold a manual decision (kept as they are).
+pub async fn count_manual_in(
+    conn: &mut PgConnection,
+    job: &str,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar(
+        "select count(*) from events
+         where job = $1 and session_id is null and decided_by is not null
+           and ($2::timestamptz is null or event_time >= $2) and ($3::timestamptz is null or event_time < $3)",
+    )
+    .bind(job)
+    .bind(since)
+    .bind(until)
+    .fetch_one(&mut *conn)
+    .await
+    .context("counting manual decisions")?;
+    Ok(n as u64)
 }
 
 #[cfg(test)]

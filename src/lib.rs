@@ -17,6 +17,7 @@ pub mod matching;
 pub mod pgcopy;
 pub mod progress;
 pub mod report;
+pub mod resolve;
 pub mod run;
 pub mod schedule;
 pub mod serve;

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use callrecon::cli::{Cli, Command, GenCommand, LogFormat, ReportCommand, UsersCommand};
+use callrecon::cli::{Cli, Command, GenCommand, HistoryFormat, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, report, serve, users, verify};
+use callrecon::{datagen, db, demo, event, ingest, inspect, report, resolve, serve, users, verify};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
@@ -59,6 +59,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { job, .. }
         | Command::Rematch { job, .. }
         | Command::Explain { job, .. }
+        | Command::Resolve { job, .. }
+        | Command::Reopen { job, .. }
+        | Command::Undo { job: Some(job), .. }
         | Command::Demo { job, .. }
         | Command::Verify { job: Some(job), .. } => Some(job::load(job)?),
         _ => None,
@@ -88,6 +91,53 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
             let done = run::execute(&pool, &job, mode, dry_run).await?;
+            print_finished(&done);
+        }
+        Command::Resolve { event_id, to, file, note, by, dry_run, .. } => {
+            let job = job.expect("loaded above");
+            let by = who(by)?;
+            let requests = match (file, event_id, to) {
+                (Some(file), _, _) => resolve::read_file(&file)?,
+                (None, Some(event_id), Some(to)) => {
+                    let to = to.parse().map_err(|e| anyhow::anyhow!("--to {e}"))?;
+                    vec![resolve::Request { line: None, event_id, to, note, reported_reason: None }]
+                }
+                _ => anyhow::bail!("give EVENT_ID and --to, or --file"),
+            };
+            let resolved = resolve::resolve(&pool, &job, &requests, &by, dry_run).await?;
+            print!("{}", resolve::text(&resolved, dry_run));
+        }
+        Command::Reopen { event_id, note, by, .. } => {
+            let job = job.expect("loaded above");
+            let by = who(by)?;
+            let requests =
+                [resolve::Request { line: None, event_id, to: resolve::To::Reopen, note, reported_reason: None }];
+            print!("{}", resolve::text(&resolve::resolve(&pool, &job, &requests, &by, false).await?, false));
+        }
+        Command::History { event_id, format } => {
+            print!("{}", resolve::history(&pool, event_id, matches!(format, HistoryFormat::Json)).await?);
+        }
+        Command::Undo { run, dry_run, .. } => {
+            let past = run::record::past(&pool, run)
+                .await?
+                .with_context(|| format!("no run {run}; `callrecon report list` shows the runs"))?;
+            let job = match job {
+                Some(job) => job,
+                None => {
+                    let file = past.job_file.as_deref().with_context(|| {
+                        format!("run {run} does not say which job file it ran with; give it with --job FILE")
+                    })?;
+                    job::load(std::path::Path::new(file))
+                        .with_context(|| format!("the job file of run {run} ({file}); give another with --job FILE"))?
+                }
+            };
+            if past.job != job.name {
+                anyhow::bail!("run {run} is a run of job {}, not {}", past.job, job.name);
+            }
+            if !past.committed {
+                anyhow::bail!("run {run} changed nothing (it failed, was dry or is still running): nothing to undo");
+            }
+            let done = run::execute(&pool, &job, Mode::Undo { run }, dry_run).await?;
             print_finished(&done);
         }
         Command::Explain { event_id, .. } => {
@@ -146,6 +196,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Who decides: `--by`, or the operating-system user.
+fn who(by: Option<String>) -> Result<String> {
+    by.map(|b| b.trim().to_owned())
+        .filter(|b| !b.is_empty())
+        .context("say who decides with --by NAME (no operating-system user is known here)")
 }
 
 /// A finished run's summary on stdout; what failed after it committed on stderr (the exit status

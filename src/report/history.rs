@@ -25,12 +25,29 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
     );
     let _ = writeln!(out, "  matched   {:>6}          {}", s.matched, counts(&s.by_rule));
     let _ = writeln!(out, "  unmatched {:>6}          {}", s.unmatched, counts(&s.by_reason));
+    if s.dismissed > 0 || s.manual > 0 {
+        let _ = writeln!(
+            out,
+            "  by hand   {:>6} decisions since the previous run; {} events of the job dismissed",
+            s.manual, s.dismissed
+        );
+    }
     if let Some(d) = &report.diff {
         let _ = writeln!(
             out,
-            "  rematch   {:>6} events   {} newly matched · {} moved · {} newly unmatched · {} rule changed · {} unchanged",
-            d.evaluated, d.newly_matched, d.moved, d.newly_unmatched, d.rule_changed, d.unchanged
+            "  rematch   {:>6} events   {} newly matched · {} moved · {} newly unmatched · {} rule changed · {} unchanged · {} kept (manual)",
+            d.evaluated, d.newly_matched, d.moved, d.newly_unmatched, d.rule_changed, d.unchanged, d.kept_manual
         );
+    }
+    if let Some(u) = &report.undo {
+        let _ = writeln!(
+            out,
+            "  undo      {:>6} decisions of run {} reverted; {} skipped (changed since)",
+            u.reverted, u.run, u.skipped_total
+        );
+        for s in u.skipped.iter().take(20) {
+            let _ = writeln!(out, "            event {} skipped: changed since by {}", s.event_id, s.changed_by);
+        }
     }
     let _ = writeln!(out, "  applied   {:>6} calls, {} call groups changed", s.calls_updated, s.groups_updated);
     let _ = write!(out, "report: {}", dir.join("report.html").display());
@@ -68,8 +85,18 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6}  {:<14} {:<8} {:<20} {:>8}  {:<4} {:>8} {:>8} {:>8} {:>9}  status",
-        "run", "job", "kind", "started (UTC)", "duration", "dry", "ingested", "rejected", "matched", "unmatched"
+        "{:>6}  {:<14} {:<8} {:<20} {:>8}  {:<4} {:>8} {:>8} {:>8} {:>9} {:>9}  status",
+        "run",
+        "job",
+        "kind",
+        "started (UTC)",
+        "duration",
+        "dry",
+        "ingested",
+        "rejected",
+        "matched",
+        "unmatched",
+        "dismissed"
     );
     for (id, job, kind, dry, started, finished, status, summary, error) in rows {
         let dur = finished.map_or("-".into(), |f| format!("{:.1}s", (f - started).num_milliseconds() as f64 / 1000.0));
@@ -77,13 +104,14 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
         let n = |f: fn(&Summary) -> u64| s.as_ref().map_or("-".into(), |s| f(s).to_string());
         let _ = write!(
             out,
-            "{id:>6}  {job:<14} {kind:<8} {:<20} {dur:>8}  {:<4} {:>8} {:>8} {:>8} {:>9}  {status}",
+            "{id:>6}  {job:<14} {kind:<8} {:<20} {dur:>8}  {:<4} {:>8} {:>8} {:>8} {:>9} {:>9}  {status}",
             started.format("%Y-%m-%d %H:%M:%S"),
             if dry { "yes" } else { "" },
             n(|s| s.ingested),
             n(|s| s.rejected),
             n(|s| s.matched),
             n(|s| s.unmatched),
+            n(|s| s.dismissed),
         );
         if let Some(e) = error.filter(|e| !e.is_empty()) {
             let _ = write!(out, ": {e}");

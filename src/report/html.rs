@@ -73,8 +73,9 @@ pub fn render_html(report: &Report) -> Result<String> {
         "diff": report.diff.as_ref().map(|d| serde_json::json!({
             "evaluated": d.evaluated, "newly_matched": d.newly_matched, "moved": d.moved,
             "newly_unmatched": d.newly_unmatched, "rule_changed": d.rule_changed, "unchanged": d.unchanged,
-            "by_rule": d.by_rule, "n_changes": d.changes.len(),
+            "by_rule": d.by_rule, "n_changes": d.changes.len(), "kept_manual": d.kept_manual,
         })),
+        "undo": report.undo, "manual": report.manual,
     });
     let omitted: u64 = shown.omitted.values().sum();
     let started = short_time(report.started_at);

@@ -3,6 +3,7 @@
 
 pub mod history;
 mod html;
+pub mod manual;
 pub mod retention;
 pub mod unmatched;
 pub mod webhook;
@@ -29,7 +30,7 @@ pub struct Report {
     #[serde(with = "id_text")]
     pub run_id: i64,
     pub job: String,
-    /// `run` or `rematch`.
+    /// `run`, `rematch` or `undo`.
     pub kind: String,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -46,6 +47,35 @@ pub struct Report {
     /// For a rematch: what changed against the previous decisions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff: Option<Diff>,
+    /// For an undo: what it reverted and what it left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<UndoReport>,
+    /// Decisions analysts made by hand since the job's previous run (the newest
+    /// [`manual::LISTED`]; `summary.manual` counts them all).
+    #[serde(default)]
+    pub manual: Vec<manual::ManualDecision>,
+}
+
+/// Skipped events an undo's report lists (it counts them all).
+pub const UNDO_SKIPPED_LISTED: usize = 1_000;
+
+/// What an undo did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UndoReport {
+    /// The run undone.
+    pub run: i64,
+    /// Decisions reverted to what they were before it.
+    pub reverted: u64,
+    /// Decisions changed since by a later run or a person, left as they are.
+    pub skipped_total: u64,
+    pub skipped: Vec<UndoSkipped>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UndoSkipped {
+    pub event_id: i64,
+    /// `run N` or the person's name.
+    pub changed_by: String,
 }
 
 /// What a rematch changed.
@@ -59,6 +89,9 @@ pub struct Diff {
     /// Same target, now by another rule.
     pub rule_changed: u64,
     pub unchanged: u64,
+    /// Events in range decided by hand: a rematch keeps them as they are.
+    #[serde(default)]
+    pub kept_manual: u64,
     /// Per rule: events it now decides that it did not (`gained`) and the reverse (`lost`).
     pub by_rule: BTreeMap<String, RuleDiff>,
     /// Every event whose target or rule changed.
@@ -119,6 +152,13 @@ pub struct Summary {
     pub files_ingested: u64,
     pub files_duplicate: u64,
     pub files_failed: u64,
+    /// The job's events analysts dismissed (all of them, not only this run's): no longer
+    /// pending, never in `unmatched`.
+    #[serde(default)]
+    pub dismissed: u64,
+    /// Decisions analysts made by hand since the job's previous run.
+    #[serde(default)]
+    pub manual: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -225,6 +265,10 @@ fn write_json(report: &Report, partial: &Path) -> Result<()> {
         serde_json::to_writer(&mut w, r)?;
     }
     w.write_all(if report.rejected.is_empty() { b"],\n" } else { b"\n  ],\n" })?;
+    field(&mut w, "manual", &report.manual)?;
+    if let Some(undo) = &report.undo {
+        field(&mut w, "undo", undo)?;
+    }
     match &report.diff {
         Some(diff) => {
             field(&mut w, "files", &report.files)?;

@@ -180,9 +180,12 @@ async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64, columns: usiz
     Ok((keys.clone(), all - keys.len() as u64))
 }
 
-/// The CSV's fixed columns, before one per metadata key.
-const FIXED: [&str; 10] = [
+/// The CSV's fixed columns, before one per metadata key. `resolve_to` and `note` are left
+/// empty for an analyst to fill in and hand back (`callrecon resolve --file`).
+const FIXED: [&str; 12] = [
     "event_id",
+    "resolve_to",
+    "note",
     "source",
     "session_id",
     "event_time",
@@ -324,7 +327,7 @@ impl Writer {
 
     fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
         let w = &mut self.csv;
-        for cell in [&u.event_id.to_string(), &u.source, u.session_id.as_deref().unwrap_or_default()] {
+        for cell in [&u.event_id.to_string(), "", "", &u.source, u.session_id.as_deref().unwrap_or_default()] {
             w.write_field(escape_cell(cell).as_bytes())?;
         }
         for t in [u.event_time, u.received_at, u.expires_at] {

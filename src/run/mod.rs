@@ -35,6 +35,8 @@ pub enum Mode {
     Run,
     /// Re-evaluate rule-based decisions of events with EventTime in `[since, until)`.
     Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
+    /// Revert the decisions run `run` made that are still as it left them.
+    Undo { run: i64 },
 }
 
 impl Mode {
@@ -42,6 +44,7 @@ impl Mode {
         match self {
             Mode::Run => "run",
             Mode::Rematch { .. } => "rematch",
+            Mode::Undo { .. } => "undo",
         }
     }
 }
@@ -68,7 +71,11 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     let tuning = Tuning::from_env();
     let kind = mode.kind();
     let mut tx = pool.begin().await.context("starting the run's transaction")?;
-    let (run_id, now) = record::start(pool, &mut tx, job, kind, dry_run).await?;
+    let undoes = match mode {
+        Mode::Undo { run } => Some(run),
+        _ => None,
+    };
+    let (run_id, now) = record::start(pool, &mut tx, job, kind, dry_run, undoes).await?;
     tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
     let run = Run { pool, job, tuning, run_id, now };
 
@@ -136,13 +143,20 @@ impl Run<'_> {
         let mut times = StageTimes::default();
         let (ingested, fresh) = match mode {
             Mode::Run => self.ingest(conn, &mut tally, &mut times).await.context("ingesting events")?,
-            Mode::Rematch { .. } => (Ingested::default(), None),
+            Mode::Rematch { .. } | Mode::Undo { .. } => (Ingested::default(), None),
         };
-        let scope = match mode {
-            Mode::Run => Scope::Pending { run_id: self.run_id },
-            Mode::Rematch { since, until } => Scope::Rematch { since, until },
-        };
-        self.decide_stored(conn, scope, &mut tally, &mut times).await?;
+        let mut undo = None;
+        match mode {
+            Mode::Run => {
+                self.decide_stored(conn, Scope::Pending { run_id: self.run_id }, &mut tally, &mut times).await?
+            }
+            Mode::Rematch { since, until } => {
+                self.decide_stored(conn, Scope::Rematch { since, until }, &mut tally, &mut times).await?;
+                let kept = ledger::count_manual_in(conn, &self.job.name, since, until).await?;
+                tally.kept_manual(kept);
+            }
+            Mode::Undo { run } => undo = Some(self.undo(conn, run, &mut tally).await?),
+        }
         times.log();
         let (matched, by_rule) = (tally.matched, std::mem::take(&mut tally.by_rule));
         let (inputs, diff) = tally.into_parts();
@@ -150,6 +164,7 @@ impl Run<'_> {
         let Ingested { events, rejected, files } = ingested;
         let mut report = self.report(conn, mode, dry_run, events, rejected, matched, by_rule, diff, applied).await?;
         count_files(&mut report.summary, files.iter().map(|(_, f)| f));
+        report.undo = undo;
         tracing::debug!("report built");
         Ok((report, files))
     }
@@ -237,6 +252,38 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Reverts the decisions run `run` made that are still as it left them, each to what it
+    /// was before; the others are listed as skipped, with who changed them since.
+    async fn undo(&self, conn: &mut PgConnection, run: i64, tally: &mut Tally) -> Result<report::UndoReport> {
+        let mut rows = Vec::new();
+        let mut skipped = Vec::new();
+        let mut skipped_total = 0;
+        for change in ledger::changes_of_run(conn, run).await? {
+            match change {
+                ledger::Undoable::Revert { event_id, now, before } => {
+                    tally.touch(&now.target, &before.target);
+                    rows.push((event_id, *before));
+                }
+                ledger::Undoable::Skipped { event_id, by_run, by_person } => {
+                    skipped_total += 1;
+                    if skipped.len() < report::UNDO_SKIPPED_LISTED {
+                        let by = match (by_run, by_person) {
+                            (Some(r), _) => format!("run {r}"),
+                            (None, Some(p)) => p,
+                            (None, None) => "?".to_owned(),
+                        };
+                        skipped.push(report::UndoSkipped { event_id, changed_by: by });
+                    }
+                }
+            }
+        }
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        ledger::write_decisions(conn, &rows, ledger::By::Run(self.run_id), &self.job.group_fields).await?;
+        tally.rewrote(&ids);
+        tracing::info!(run, reverted = rows.len(), skipped = skipped_total, "decisions reverted");
+        Ok(report::UndoReport { run, reverted: rows.len() as u64, skipped_total, skipped })
+    }
+
     /// Stores this run's new events and applies (reading the touched targets on a second
     /// connection meanwhile when it can: [`apply::start`]).
     async fn apply(&self, conn: &mut PgConnection, inputs: apply::Inputs, fresh: Option<Fresh>) -> Result<Applied> {
@@ -296,7 +343,12 @@ impl Run<'_> {
         let unmatched =
             report::unmatched::stream(conn, &job.name, self.run_id, job.pending_for, &partial, self.tuning.report)
                 .await?;
+        let dismissed = ledger::count_dismissed(conn, &job.name).await?;
+        let since = record::previous_start(conn, &job.name, self.run_id).await?;
+        let (manual_total, manual) = report::manual::since(conn, &job.name, since).await?;
         let summary = Summary {
+            dismissed,
+            manual: manual_total,
             ingested,
             rejected: rejected.len() as u64,
             matched,
@@ -325,6 +377,8 @@ impl Run<'_> {
             // Filled in once the files are archived.
             files: Vec::new(),
             diff,
+            undo: None,
+            manual,
         })
     }
 

@@ -19,14 +19,9 @@ pub async fn start(
     job: &Job,
     kind: &str,
     dry_run: bool,
+    undoes: Option<i64>,
 ) -> Result<(i64, DateTime<Utc>)> {
-    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(crate::db::job_lock_key(&job.name))
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        bail!(AlreadyRunning { job: job.name.clone(), since: lock_holder_since(pool, &job.name).await });
-    }
+    lock_job(pool, tx, job).await?;
     sqlx::query(
         "update runs set status = 'abandoned', finished_at = now(),
                 error = 'the process ended before the run finished; nothing it did was kept'
@@ -36,15 +31,62 @@ pub async fn start(
     .execute(pool)
     .await?;
     sqlx::query_as(
-        "insert into runs (job, kind, dry_run, rules_fingerprint) values ($1, $2, $3, $4) returning id, started_at",
+        "insert into runs (job, kind, dry_run, rules_fingerprint, job_file, undoes)
+         values ($1, $2, $3, $4, $5, $6) returning id, started_at",
     )
     .bind(&job.name)
     .bind(kind)
     .bind(dry_run)
     .bind(&job.rules_fingerprint)
+    .bind(job.path.to_string_lossy().as_ref())
+    .bind(undoes)
     .fetch_one(pool)
     .await
     .context("recording the run")
+}
+
+/// Takes the job's advisory lock in the transaction `tx`, until it ends, or says who holds it:
+/// runs, rematches, undos and analysts' decisions of one job exclude each other.
+pub async fn lock_job(pool: &PgPool, tx: &mut PgConnection, job: &Job) -> Result<()> {
+    let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(crate::db::job_lock_key(&job.name))
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        bail!(AlreadyRunning { job: job.name.clone(), since: lock_holder_since(pool, &job.name).await });
+    }
+    Ok(())
+}
+
+/// A past run as an undo needs it: its job, kind, the job file it ran with, and whether it
+/// committed changes (succeeded and not dry).
+pub struct Past {
+    pub job: String,
+    pub kind: String,
+    pub job_file: Option<String>,
+    pub committed: bool,
+}
+
+pub async fn past(pool: &PgPool, run_id: i64) -> Result<Option<Past>> {
+    let row: Option<(String, String, Option<String>, bool)> =
+        sqlx::query_as("select job, kind, job_file, status = 'succeeded' and not dry_run from runs where id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await
+            .context("reading runs")?;
+    Ok(row.map(|(job, kind, job_file, committed)| Past { job, kind, job_file, committed }))
+}
+
+/// When the job's run before `run_id` started (the report lists manual decisions since).
+pub async fn previous_start(conn: &mut PgConnection, job: &str, run_id: i64) -> Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "select max(started_at) from runs where job = $1 and id < $2 and status = 'succeeded' and not dry_run",
+    )
+    .bind(job)
+    .bind(run_id)
+    .fetch_one(&mut *conn)
+    .await
+    .context("reading runs")
 }
 
 /// Marks the run succeeded in its own transaction, just before the commit: a run killed after

@@ -76,6 +76,25 @@ impl Tally {
         new_target.is_none() && e.received_at <= self.expired_before
     }
 
+    /// Notes a decision changed by other means than matching (an undo): its old and new target.
+    pub fn touch(&mut self, old: &Option<(TargetKind, String)>, new: &Option<(TargetKind, String)>) {
+        if old != new {
+            for (kind, id) in old.iter().chain(new) {
+                match kind {
+                    TargetKind::Call => self.touched_calls.insert(id.clone()),
+                    TargetKind::CallGroup => self.touched_groups.insert(id.clone()),
+                };
+            }
+        }
+    }
+
+    /// A rematch's count of events in its scope kept as they are: decided by hand.
+    pub fn kept_manual(&mut self, n: u64) {
+        if let Some(diff) = &mut self.diff {
+            diff.kept_manual = n;
+        }
+    }
+
     /// Keeps where matching saw the calls it matched that apply will recompute (a rematch
     /// confirms most matches), while apply may use it. Call after booking the decisions.
     pub fn keep_hints(&mut self, hints: foldhash::HashMap<String, Hint>) {
