@@ -12,6 +12,7 @@ mod hostile;
 mod ingest;
 mod matching;
 mod report;
+mod resolve;
 mod run;
 mod schedule;
 mod serve;
