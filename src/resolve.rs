@@ -128,7 +128,7 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         if let Some(reported) = &r.reported_reason {
             let still = match now.state {
                 State::Expired => reported == "expired",
-                State::Pending => now.reason.as_deref() == Some(reported.as_str()),
+                State::Pending => now.reason.as_deref().unwrap_or("undecided") == reported,
                 _ => false,
             };
             if !still {

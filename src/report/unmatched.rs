@@ -277,7 +277,8 @@ impl Writer {
             session_id,
             event_time,
             received_at,
-            reason: if expired { "expired".into() } else { reason.clone().unwrap_or_default() },
+            // Undecided: reverted by an undo (or reopened) and not decided by a run since.
+            reason: if expired { "expired".into() } else { reason.clone().unwrap_or_else(|| "undecided".into()) },
             last_reason: if expired { reason } else { None },
             candidates: candidates.unwrap_or_default(),
             metadata,
