@@ -316,7 +316,10 @@ impl Run<'_> {
             // Hundreds of thousands of small allocations: freed off the run's path.
             std::thread::spawn(move || drop(fresh));
         }
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
+        if let apply::Applying::Beside(_) = applying {
+            // The reader has been reading meanwhile.
+            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
+        }
         let applied = applying.finish(conn).await;
         pb.finish_and_clear();
         applied

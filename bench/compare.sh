@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Times builds side by side, interleaved, on fresh copies of the database bench/nightly.sh
+# prepares: for a change that must leave the nightly and the rematch as fast as they were.
+#
+#   bench/nightly.sh prepare              # once (with the oldest binary: later ones migrate up)
+#   bench/compare.sh ROUNDS BIN [BIN...]  # e.g. 3 /tmp/callrecon-before target/release/callrecon
+#
+# Each round runs every binary in turn on its own fresh copy: `migrate` (untimed: a binary with a
+# new migration applies it first), then the nightly (timed); then, on another fresh copy, the
+# rematch of the 30 days under the changed rules bench/run.sh uses (timed). Prints every time and,
+# per binary, the median of each, as a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+[ $# -ge 2 ] || { echo "usage: bench/compare.sh ROUNDS BIN [BIN...]" >&2; exit 2; }
+rounds="$1"; shift
+tpl=callrecon_bench_nightly_$GEN_GROUPS
+copy=callrecon_bench_compare_copy
+work="${TMPDIR:-/tmp}/callrecon-compare"
+mkdir -p "$work"
+bench_jobs "$work"
+exists=$(PSQL "$SERVER/postgres" -tAc "select count(*) from pg_database where datname = '$tpl'")
+[ "$exists" = 1 ] || { echo "bench/compare.sh: no prepared database; run bench/nightly.sh prepare" >&2; exit 1; }
+
+fresh() {
+  PSQL "$SERVER/postgres" -c "drop database if exists $copy" -c "create database $copy template $tpl strategy file_copy"
+  "$1" --database-url "$SERVER/$copy" migrate >/dev/null
+  PSQL "$SERVER/$copy" -c "checkpoint"
+  sync
+}
+
+results="$work/results.txt"
+: > "$results"
+for round in $(seq "$rounds"); do
+  for i in $(seq 0 $(($# - 1))); do
+    bins=("$@")
+    bin="${bins[$i]}"
+    fresh "$bin"
+    read -r nightly _ < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" run --job "$work/job.toml")
+    fresh "$bin"
+    read -r rematch _ < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" rematch \
+      --job "$work/job-changed.toml" --since 2026-10-01T00:00:00Z --until 2026-10-31T00:00:00Z)
+    echo "round $round  binary $i ($bin)  nightly $nightly s  rematch $rematch s" | tee -a "$results" >&2
+  done
+done
+PSQL "$SERVER/postgres" -c "drop database if exists $copy"
+
+python3 - "$results" "$@" <<'EOF'
+import re, statistics, sys
+lines = open(sys.argv[1]).read().splitlines()
+print("| binary | nightly (each round) | nightly median | rematch (each round) | rematch median |")
+print("| --- | --- | --- | --- | --- |")
+for i, b in enumerate(sys.argv[2:]):
+    rows = [l for l in lines if f" binary {i} (" in l]
+    n = [float(re.search(r"nightly ([0-9.]+)", l).group(1)) for l in rows]
+    r = [float(re.search(r"rematch ([0-9.]+)", l).group(1)) for l in rows]
+    print(f"| `{b}` | {', '.join(f'{x:.2f}' for x in n)} | **{statistics.median(n):.2f} s** | "
+          f"{', '.join(f'{x:.2f}' for x in r)} | **{statistics.median(r):.2f} s** |")
+EOF
