@@ -241,6 +241,8 @@ pub fn read_file(path: &Path) -> Result<Vec<Request>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!("{}: not UTF-8 text (byte {}); save it as \"CSV UTF-8\"", path.display(), e.valid_up_to())
     })?;
+    // Line ends as `\n`: the csv reader numbers lines one short after a CRLF header.
+    let text = text.replace("\r\n", "\n");
     let header = text.lines().next().unwrap_or_default();
     let delimiter =
         [b',', b';', b'\t'].into_iter().max_by_key(|d| header.bytes().filter(|b| b == d).count()).unwrap_or(b',');
@@ -390,5 +392,22 @@ mod tests {
         assert_eq!(unguard("'quoted'"), "'quoted'");
         assert_eq!(parse_id("12.0"), Some(12));
         assert_eq!(parse_id("1e3"), None);
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    #[test]
+    fn bad_rows_are_named_by_the_line_a_spreadsheet_shows() {
+        for eol in ["\n", "\r\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("u.csv");
+            let text =
+                ["event_id,resolve_to,note", "1,,", "2,teleport,", "3,call:c1,\"two\nlines\"", "4,nowhere,"].join(eol);
+            std::fs::write(&path, text).unwrap();
+            let err = super::read_file(&path).unwrap_err().to_string();
+            assert!(err.contains("line 3: resolve_to \"teleport\""), "{eol:?}: {err}");
+            assert!(err.contains("line 6: resolve_to \"nowhere\""), "{eol:?}: {err}");
+        }
     }
 }

@@ -300,7 +300,11 @@ async fn a_file_with_a_bad_row_is_refused_whole_listing_every_bad_row(pool: PgPo
             .await;
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("line 6: resolve_to \"teleport\" is not call:ID, group:ID or dismiss"), "{err}");
+    assert!(
+        err.contains("line 6: resolve_to \"teleport\" is not call:ID, group:ID or dismiss"),
+        "{err}\n{}",
+        std::fs::read_to_string(&edited).unwrap()
+    );
     std::fs::write(&edited, std::fs::read_to_string(&edited).unwrap().replace("x;;pending;teleport;1;queue:9\r\n", ""))
         .unwrap();
     let out =
