@@ -67,6 +67,8 @@ pub struct Finished {
     /// What went wrong after the run committed (the report could not be written, its end could
     /// not be recorded): logged, and printed by the command, which still exits 0.
     pub problems: Vec<String>,
+    /// Time spent per stage: "ingest", "match", "apply", "report" (for the metrics).
+    pub stages: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// Another run of the same job holds the lock.
@@ -112,13 +114,21 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     .context("recording the run")?;
     tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
 
+    let mut stages = Vec::new();
     let result = async {
         let mut work = Work::new(job, pool, run_id, started_at);
+        let t = std::time::Instant::now();
         if matches!(mode, Mode::Run) {
             work.ingest(&mut tx).await.context("ingesting events")?;
         }
+        stages.push(("ingest", t.elapsed()));
+        let t = std::time::Instant::now();
         let applied = work.match_and_apply(&mut tx, mode).await?;
+        let apply_started = work.apply_started.unwrap_or(t);
+        stages.extend([("match", apply_started - t), ("apply", apply_started.elapsed())]);
+        let t = std::time::Instant::now();
         let mut report = work.report(&mut tx, kind, dry_run, applied).await?;
+        stages.push(("report", t.elapsed()));
         tracing::debug!("report built");
         if dry_run {
             tx.rollback().await?;
@@ -171,6 +181,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     report.finished_at = Utc::now();
     let dir = job.report_dir.join(&report.run_id);
     let mut problems = Vec::new();
+    let t = std::time::Instant::now();
     let written = match report::write_all(&report, &dir) {
         Ok(()) => true,
         Err(e) if dry_run => return Err(e).with_context(|| format!("writing the report to {}", dir.display())),
@@ -184,6 +195,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         }
     };
     tracing::debug!("report written");
+    stages.last_mut().expect("the report stage").1 += t.elapsed();
     let recorded = sqlx::query(
         "update runs set status = 'succeeded', finished_at = $2, summary = $3, report_dir = $4, error = $5 where id = $1",
     )
@@ -204,7 +216,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         tracing::error!(run_id, problem = %problem, "the run committed, but {problem}");
     }
     notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
-    Ok(Finished { report, dir, problems })
+    Ok(Finished { report, dir, problems, stages })
 }
 
 /// Whether run `run_id` committed, read on another connection (`None`: it cannot be told).
@@ -348,6 +360,8 @@ struct Work<'j> {
     /// (as long as `stale` is kept): that reader then looks up only the other touched calls.
     hints: Option<foldhash::HashMap<String, apply::Hint>>,
     times: StageTimes,
+    /// When apply started (the end of the match stage).
+    apply_started: Option<std::time::Instant>,
 }
 
 /// Time spent per stage across pages, logged once at the end of matching.
@@ -384,6 +398,7 @@ impl<'j> Work<'j> {
             touched_groups: Default::default(),
             hints: Some(Default::default()),
             times: StageTimes::default(),
+            apply_started: None,
         }
     }
 
@@ -680,6 +695,7 @@ impl<'j> Work<'j> {
 
         let calls: Vec<String> = std::mem::take(&mut self.touched_calls).into_iter().collect();
         let groups: Vec<String> = std::mem::take(&mut self.touched_groups).into_iter().collect();
+        self.apply_started = Some(std::time::Instant::now());
         let pb = progress::spinner("apply", "targets");
         pb.set_message(format!("recomputing {} calls, {} groups and their group members", calls.len(), groups.len()));
         let applied = self.apply(conn, &calls, &groups).await;
