@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod job;
 pub mod matching;
+pub mod metrics;
 pub mod pgcopy;
 pub mod progress;
 pub mod report;
