@@ -10,5 +10,11 @@ if [ ! -x /usr/bin/chromium ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >&2
 fi
+# The alert rules in docs/ are checked with promtool, which Debian's prometheus package ships.
+if ! command -v promtool >/dev/null; then
+  echo "test.sh: installing Debian's prometheus for promtool (alert rules, metrics lint)" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >&2
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo test --all-targets "$@"

@@ -52,6 +52,11 @@ pub enum Command {
         /// Compute and report everything, change no call data, consume no event.
         #[arg(long)]
         dry_run: bool,
+        /// After the run (succeeded or failed), write its metrics and the job's backlog to this
+        /// file in the Prometheus text format, for node_exporter's textfile collector (a
+        /// `*.prom` file in its directory). Replaced atomically.
+        #[arg(long, value_name = "PATH", conflicts_with = "dry_run")]
+        metrics_file: Option<PathBuf>,
     },
     /// Re-evaluate rule-based matches of events with EventTime in [--since, --until) under the
     /// job's current rules and apply the differences.
@@ -72,6 +77,10 @@ pub enum Command {
         /// A job file with a `schedule`; repeat for several jobs.
         #[arg(long = "job", required = true)]
         jobs: Vec<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz
+        /// (port 0: a free port; the address is printed on stdout).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Why an event did or did not match: each rule, its keys, candidates and decision.
     Explain {
@@ -161,7 +170,8 @@ pub enum Command {
         #[arg(long, default_value = "jobs/demo.toml")]
         job: PathBuf,
     },
-    /// The intake API: POST /token, POST /callevent/v1/outofband/event, GET /healthz.
+    /// The intake API: POST /token, POST /callevent/v1/outofband/event, GET /healthz, /metrics,
+    /// /openapi.json.
     Serve(ServeArgs),
     /// Users of the intake API.
     Users {

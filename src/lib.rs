@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod job;
 pub mod ledger;
 pub mod matching;
+pub mod metrics;
 pub mod pgcopy;
 pub mod progress;
 pub mod report;

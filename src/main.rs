@@ -8,7 +8,7 @@ use clap::Parser;
 use callrecon::cli::{Cli, Command, GenCommand, HistoryFormat, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, report, resolve, serve, users, verify};
+use callrecon::{datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, users, verify};
 
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
@@ -66,18 +66,30 @@ async fn dispatch(cli: Cli) -> Result<()> {
         | Command::Verify { job: Some(job), .. } => Some(job::load(job)?),
         _ => None,
     };
-    if let Command::Schedule { jobs } = &cli.command {
+    if let Command::Schedule { jobs, metrics_listen } = &cli.command {
         // Long-running: connects (and reconnects) to the database itself.
-        return callrecon::schedule::daemon(&cli.database_url, jobs).await;
+        return callrecon::schedule::daemon(&cli.database_url, jobs, *metrics_listen).await;
     }
-    let pool = db::connect(&cli.database_url).await?;
+    let pool = match db::connect(&cli.database_url).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            if let (Command::Run { metrics_file: Some(path), .. }, Some(job)) = (&cli.command, &job) {
+                // The textfile still tells the collector that this run failed.
+                write_metrics_file(path, &job.name, &metrics::Ended::Failed(&e), None).await;
+            }
+            return Err(e);
+        }
+    };
     match cli.command {
         Command::Schedule { .. } => unreachable!("handled above"),
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
-        Command::Run { dry_run, .. } => {
+        Command::Run { dry_run, metrics_file, .. } => {
             let job = job.expect("loaded above");
-            let done = run::execute(&pool, &job, Mode::Run, dry_run).await?;
-            print_finished(&done);
+            let result = run_logged(&pool, &job, Mode::Run, dry_run).await;
+            if let Some(path) = &metrics_file {
+                write_metrics_file(path, &job.name, &metrics::Ended::of(&result), Some(&pool)).await;
+            }
+            print_finished(&result?);
         }
         Command::Rematch { since, until, dry_run, .. } => {
             let job = job.expect("loaded above");
@@ -90,8 +102,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 .transpose()
             };
             let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
-            let done = run::execute(&pool, &job, mode, dry_run).await?;
-            print_finished(&done);
+            print_finished(&run_logged(&pool, &job, mode, dry_run).await?);
         }
         Command::Resolve { event_id, to, file, note, by, dry_run, .. } => {
             let job = job.expect("loaded above");
@@ -137,7 +148,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             if !past.committed {
                 anyhow::bail!("run {run} changed nothing (it failed, was dry or is still running): nothing to undo");
             }
-            let done = run::execute(&pool, &job, Mode::Undo { run }, dry_run).await?;
+            let done = run_logged(&pool, &job, Mode::Undo { run }, dry_run).await?;
             print_finished(&done);
         }
         Command::Explain { event_id, .. } => {
@@ -203,6 +214,32 @@ fn who(by: Option<String>) -> Result<String> {
     by.map(|b| b.trim().to_owned())
         .filter(|b| !b.is_empty())
         .context("say who decides with --by NAME (no operating-system user is known here)")
+}
+
+/// Runs the job and logs its summary as one structured line.
+async fn run_logged(pool: &sqlx::PgPool, job: &job::Job, mode: Mode, dry_run: bool) -> Result<run::Finished> {
+    let kind = match mode {
+        Mode::Run => "run",
+        Mode::Rematch { .. } => "rematch",
+        Mode::Undo { .. } => "undo",
+    };
+    let started = std::time::Instant::now();
+    let result = run::execute(pool, job, mode, dry_run).await;
+    metrics::log_summary(&job.name, kind, dry_run, &metrics::Ended::of(&result), started.elapsed());
+    result
+}
+
+/// `run --metrics-file`: a file that cannot be written is a warning; the run's outcome stands.
+async fn write_metrics_file(
+    path: &std::path::Path,
+    job: &str,
+    ended: &metrics::Ended<'_>,
+    pool: Option<&sqlx::PgPool>,
+) {
+    if let Err(e) = metrics::write_textfile(path, job, ended, pool).await {
+        tracing::error!(error = %db::error_line(&e), "the metrics file could not be written");
+        eprintln!("callrecon: warning: the metrics file could not be written: {}", db::error_line(&e));
+    }
 }
 
 /// A finished run's summary on stdout; what failed after it committed on stderr (the exit status

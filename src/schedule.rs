@@ -17,6 +17,7 @@
 //! both changes (skipped local times do not exist, repeated ones fire twice). This is the rule of
 //! Vixie cron, which operators know.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::db;
 use crate::job::{self, Job, JobError};
+use crate::metrics::{self, RunMetrics};
 use crate::run::{self, AlreadyRunning, Mode};
 
 /// The largest jump of a clock at a DST (or time-zone) change that [`next_fire`] allows for.
@@ -98,7 +100,7 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 ///
 /// The job files are checked first (an error is a [`JobError`]); the database is then connected
 /// to with retries, so a scheduler started before its database waits for it.
-pub async fn daemon(database_url: &str, paths: &[PathBuf]) -> Result<()> {
+pub async fn daemon(database_url: &str, paths: &[PathBuf], metrics_listen: Option<SocketAddr>) -> Result<()> {
     let mut jobs: Vec<Scheduled> = Vec::new();
     for path in paths {
         let s = Scheduled::load(path)?;
@@ -116,16 +118,31 @@ pub async fn daemon(database_url: &str, paths: &[PathBuf]) -> Result<()> {
     let options: PgConnectOptions = db::session(
         database_url.parse().with_context(|| format!("invalid database URL {}", db::redact(database_url)))?,
     );
+    let endpoint = match metrics_listen {
+        Some(addr) => {
+            let endpoint = metrics::Endpoint::new(jobs.iter().map(|s| s.job.name.clone()).collect());
+            let bound = endpoint.clone().listen(addr).await?;
+            println!("callrecon schedule: metrics on http://{bound}/metrics");
+            std::io::Write::flush(&mut std::io::stdout())?;
+            tracing::info!(addr = %bound, "serving /metrics and /healthz");
+            Some(endpoint)
+        }
+        None => None,
+    };
     let stop = watch_signals()?;
 
     let Some(pool) = connect(database_url, options, jobs.len(), stop.clone()).await else {
         tracing::info!("stopped before the database was reached");
         return Ok(());
     };
+    if let Some(endpoint) = &endpoint {
+        let _ = endpoint.pool.set(pool.clone());
+    }
+    let run_metrics = endpoint.map(|e| e.runs);
     tracing::info!(jobs = jobs.len(), "scheduler started");
     let mut tasks = tokio::task::JoinSet::new();
     for s in jobs {
-        tasks.spawn(job_loop(pool.clone(), s, stop.clone()));
+        tasks.spawn(job_loop(pool.clone(), s, stop.clone(), run_metrics.clone()));
     }
     let mut panicked = false;
     while let Some(done) = tasks.join_next().await {
@@ -345,7 +362,7 @@ enum Attempt {
 }
 
 /// One job: sleep until its next fire time, re-read its file, run, repeat.
-async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>) {
+async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>, metrics: Option<RunMetrics>) {
     let name = s.job.name.clone();
     // Every fire time up to here has been run or skipped.
     let mut handled_until = Utc::now();
@@ -420,7 +437,7 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
         }
 
         let before = handled_until;
-        let outcome = fire(&pool, &s, trigger, &mut stop).await;
+        let outcome = fire(&pool, &s, trigger, &mut stop, metrics.as_ref()).await;
         catch_up = None;
         let end = Utc::now();
         // Fire times that came while this attempt ran found the job running: skipped, not queued.
@@ -464,7 +481,13 @@ async fn missed_fire(pool: &PgPool, s: &Scheduled, now: DateTime<Utc>) -> Result
 }
 
 /// One attempt to run the job: logs and classifies what happened.
-async fn fire(pool: &PgPool, s: &Scheduled, trigger: Trigger, stop: &mut watch::Receiver<u32>) -> Attempt {
+async fn fire(
+    pool: &PgPool,
+    s: &Scheduled,
+    trigger: Trigger,
+    stop: &mut watch::Receiver<u32>,
+    metrics: Option<&RunMetrics>,
+) -> Attempt {
     let name = &s.job.name;
     if let Some(e) = &s.refused {
         tracing::error!(
@@ -505,6 +528,7 @@ async fn fire(pool: &PgPool, s: &Scheduled, trigger: Trigger, stop: &mut watch::
     }
 
     // Dropping the run drops its transaction: nothing it did is kept.
+    let started = std::time::Instant::now();
     let result = tokio::select! {
         r = run::execute(pool, &s.job, Mode::Run, false) => r,
         _ = signalled(stop, 2) => {
@@ -512,18 +536,13 @@ async fn fire(pool: &PgPool, s: &Scheduled, trigger: Trigger, stop: &mut watch::
             return Attempt::RolledBack;
         }
     };
+    let ended = metrics::Ended::of(&result);
+    metrics::log_summary(name, "run", false, &ended, started.elapsed());
+    if let Some(m) = metrics {
+        m.record(name, "run", &ended);
+    }
     match result {
         Ok(done) => {
-            let summary = &done.report.summary;
-            tracing::info!(
-                job = %name,
-                run_id = %done.report.run_id,
-                ingested = summary.ingested,
-                matched = summary.matched,
-                unmatched = summary.unmatched,
-                report = %done.dir.join("report.html").display(),
-                "run succeeded"
-            );
             if let Some(e) = &s.refused {
                 // Shown by `report list` beside the run.
                 let note = format!(

@@ -56,6 +56,8 @@ pub struct Finished {
     /// What went wrong after the run committed (the report could not be written, its end could
     /// not be recorded): logged, and printed by the command, which still exits 0.
     pub problems: Vec<String>,
+    /// Time spent per stage: "ingest", "match", "apply", "report" (for the metrics).
+    pub stages: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// Another run of the same job holds the lock.
@@ -80,7 +82,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     let run = Run { pool, job, tuning, run_id, now };
 
     let result = async {
-        let (mut report, mut files) = run.stages(&mut tx, mode, dry_run).await?;
+        let (mut report, mut files, stages) = run.stages(&mut tx, mode, dry_run).await?;
         if dry_run {
             tx.rollback().await?;
         } else {
@@ -102,12 +104,12 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
             ingest::archive(&mut files, job, now);
         }
         report.files = files.into_iter().map(|(_, f)| f).collect();
-        anyhow::Ok(report)
+        anyhow::Ok((report, stages))
     }
     .await;
 
-    let report = match result {
-        Ok(report) => report,
+    let (report, stages) = match result {
+        Ok(done) => done,
         Err(e) => {
             report::discard_partial(&job.report_dir.join(run_id.to_string()));
             let error = crate::db::error_line(&e);
@@ -116,7 +118,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
             return Err(e);
         }
     };
-    run.after_commit(report, dry_run).await
+    run.after_commit(report, dry_run, stages).await
 }
 
 /// A run under way: what every stage needs.
@@ -137,7 +139,9 @@ impl Run<'_> {
         conn: &mut PgConnection,
         mode: Mode,
         dry_run: bool,
-    ) -> Result<(Report, Vec<(PathBuf, FileEntry)>)> {
+    ) -> Result<(Report, Vec<(PathBuf, FileEntry)>, Stages)> {
+        let mut stages = Vec::new();
+        let t = std::time::Instant::now();
         let rematch = matches!(mode, Mode::Rematch { .. });
         let mut tally = Tally::new(self.now - self.job.pending_for, rematch, self.tuning.page_events());
         let mut times = StageTimes::default();
@@ -145,6 +149,8 @@ impl Run<'_> {
             Mode::Run => self.ingest(conn, &mut tally, &mut times).await.context("ingesting events")?,
             Mode::Rematch { .. } | Mode::Undo { .. } => (Ingested::default(), None),
         };
+        stages.push(("ingest", t.elapsed()));
+        let t = std::time::Instant::now();
         let mut undo = None;
         match mode {
             Mode::Run => {
@@ -160,13 +166,18 @@ impl Run<'_> {
         times.log();
         let (matched, by_rule) = (tally.matched, std::mem::take(&mut tally.by_rule));
         let (inputs, diff) = tally.into_parts();
+        stages.push(("match", t.elapsed()));
+        let t = std::time::Instant::now();
         let applied = self.apply(conn, inputs, fresh).await?;
+        stages.push(("apply", t.elapsed()));
+        let t = std::time::Instant::now();
         let Ingested { events, rejected, files } = ingested;
         let mut report = self.report(conn, mode, dry_run, events, rejected, matched, by_rule, diff, applied).await?;
         count_files(&mut report.summary, files.iter().map(|(_, f)| f));
         report.undo = undo;
         tracing::debug!("report built");
-        Ok((report, files))
+        stages.push(("report", t.elapsed()));
+        Ok((report, files, stages))
     }
 
     /// Ingests new events; those that fit in a page are decided here and stored just before
@@ -388,11 +399,12 @@ impl Run<'_> {
     /// Writes the report of a committed (or dry) run, records its end, prunes old reports and
     /// notifies. What fails now is reported loudly and recorded where possible, but cannot
     /// make the run a failure.
-    async fn after_commit(&self, mut report: Report, dry_run: bool) -> Result<Finished> {
+    async fn after_commit(&self, mut report: Report, dry_run: bool, mut stages: Stages) -> Result<Finished> {
         let (pool, job, run_id) = (self.pool, self.job, self.run_id);
         report.finished_at = Utc::now();
         let dir = job.report_dir.join(report.run_id.to_string());
         let mut problems = Vec::new();
+        let t = std::time::Instant::now();
         let written = match report::write_all(&report, &dir) {
             Ok(()) => true,
             Err(e) if dry_run => return Err(e).with_context(|| format!("writing the report to {}", dir.display())),
@@ -406,6 +418,9 @@ impl Run<'_> {
             }
         };
         tracing::debug!("report written");
+        if let Some(report_stage) = stages.last_mut() {
+            report_stage.1 += t.elapsed();
+        }
         let problem = problems.first().map(|p| format!("the run completed but {p}"));
         let dir_text = dir.to_string_lossy();
         if let Err(e) = record::finished(pool, run_id, report.finished_at, &report.summary, &dir_text, problem).await {
@@ -418,7 +433,7 @@ impl Run<'_> {
             tracing::error!(run_id, problem = %problem, "the run committed, but {problem}");
         }
         notify(pool, job, run_id, report::webhook::payload(&report, &dir)).await;
-        Ok(Finished { report, dir, problems })
+        Ok(Finished { report, dir, problems, stages })
     }
 }
 
@@ -432,6 +447,9 @@ async fn notify(pool: &PgPool, job: &Job, run_id: i64, body: serde_json::Value) 
     }
     record::notification(pool, run_id, outcome.as_ref().err().map_or("delivered", String::as_str)).await;
 }
+
+/// The time of each stage, in order.
+type Stages = Vec<(&'static str, std::time::Duration)>;
 
 /// Time spent per stage across pages, logged once at the end of matching.
 #[derive(Default, Clone, Copy)]

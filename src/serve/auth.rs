@@ -32,6 +32,8 @@ pub struct TokenIssuer {
     /// Bounds the argon2 verifications running at once (each takes tens of ms and ~19 MiB), so
     /// a flood of token requests cannot starve event intake.
     pub verifications: Arc<Semaphore>,
+    /// `callrecon_intake_tokens_issued_total`.
+    pub issued: prometheus_client::metrics::counter::Counter,
 }
 
 /// Why a request carries no usable bearer token.
@@ -130,6 +132,7 @@ pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: 
 
     match issue(&issuer, &client_id, &secret).await {
         Ok(Some(token)) => {
+            issuer.issued.inc();
             let expires_in = issuer.ttl.as_secs().saturating_sub(1);
             let mut resp = axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": expires_in}))
                 .into_response();

@@ -6,11 +6,14 @@
 //!   UTC: the API does not know the job's time zone, so the body is stored as posted and the run
 //!   parses it again in the job's zone), stored by the group-commit writer ([`queue_writer`]).
 //! - `GET /healthz`: 200 while the database answers.
+//! - `GET /metrics`: Prometheus metrics ([`metrics`]); `GET /openapi.json`: this API described
+//!   in OpenAPI 3.1 (`docs/openapi.json`, compiled in).
 //!
 //! **Architecture invariant:** the API never writes anything but `event_queue` and its own
 //! `api_*` tables, and a 200 means the event's transaction has committed.
 
 pub mod auth;
+pub mod metrics;
 pub mod queue_writer;
 
 use std::future::Future;
@@ -70,9 +73,11 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (writer, writer_task) = queue_writer::start(pool.clone(), args.max_batch, args.writers).await?;
+    let metrics = metrics::IntakeMetrics::new();
+    let (writer, writer_task) =
+        queue_writer::start(pool.clone(), args.max_batch, args.writers, metrics.batch_events.clone()).await?;
     let housekeeping = tokio::spawn(housekeeping(pool.clone()));
-    let app = router(pool, writer, args);
+    let app = router(pool, writer, args, metrics);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
     // Every connection is closed, so every handler (and its writer handle) is gone: wait for
     // the writer to answer the last batches.
@@ -86,21 +91,30 @@ struct App {
     pool: PgPool,
     writer: Writer,
     max_body: usize,
+    metrics: metrics::IntakeMetrics,
 }
 
-fn router(pool: PgPool, writer: Writer, args: &ServeArgs) -> Router {
+/// The OpenAPI 3.1 description of this API, served at `/openapi.json` (a test replays its
+/// examples against the server).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+fn router(pool: PgPool, writer: Writer, args: &ServeArgs, metrics: metrics::IntakeMetrics) -> Router {
     let issuer = auth::TokenIssuer {
         pool: pool.clone(),
         ttl: args.token_ttl,
         verifications: Arc::new(tokio::sync::Semaphore::new(2)),
+        issued: metrics.tokens_issued.clone(),
     };
-    let app = App { pool, writer, max_body: args.max_body };
+    let app = App { pool, writer, max_body: args.max_body, metrics: metrics.clone() };
     Router::new()
         .route(EVENT_PATH, post(post_event))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(|State(app): State<App>| async move { app.metrics.scrape(&app.pool).await }))
+        .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .with_state(app)
         .merge(Router::new().route("/token", post(auth::token)).with_state(issuer))
         .layer(DefaultBodyLimit::max(args.max_body))
+        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
 }
 
 async fn post_event(State(app): State<App>, request: Request) -> Response {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -76,7 +77,12 @@ impl Writer {
 
 /// Starts the writer. The returned task ends once every [`Writer`] is dropped and every
 /// submission received has been answered.
-pub async fn start(pool: PgPool, max_batch: usize, writers: u32) -> Result<(Writer, tokio::task::JoinHandle<()>)> {
+pub async fn start(
+    pool: PgPool,
+    max_batch: usize,
+    writers: u32,
+    batch_sizes: Histogram,
+) -> Result<(Writer, tokio::task::JoinHandle<()>)> {
     let sequence: Option<String> = sqlx::query_scalar("select pg_get_serial_sequence('event_queue', 'id')")
         .fetch_one(&pool)
         .await
@@ -84,11 +90,18 @@ pub async fn start(pool: PgPool, max_batch: usize, writers: u32) -> Result<(Writ
     let sequence = sequence.context("event_queue.id has no sequence (expected bigserial)")?;
     let max_batch = max_batch.max(1);
     let (tx, rx) = mpsc::channel(max_batch * writers as usize * 2);
-    let task = tokio::spawn(dispatch(pool, Arc::new(sequence), rx, max_batch, writers as usize));
+    let task = tokio::spawn(dispatch(pool, Arc::new(sequence), rx, max_batch, writers as usize, batch_sizes));
     Ok((Writer { tx }, task))
 }
 
-async fn dispatch(pool: PgPool, sequence: Arc<String>, mut rx: mpsc::Receiver<Item>, max_batch: usize, writers: usize) {
+async fn dispatch(
+    pool: PgPool,
+    sequence: Arc<String>,
+    mut rx: mpsc::Receiver<Item>,
+    max_batch: usize,
+    writers: usize,
+    batch_sizes: Histogram,
+) {
     let slots = Arc::new(Semaphore::new(writers));
     let mut in_flight = JoinSet::new();
     loop {
@@ -101,6 +114,7 @@ async fn dispatch(pool: PgPool, sequence: Arc<String>, mut rx: mpsc::Receiver<It
                 Err(_) => break,
             }
         }
+        batch_sizes.observe(batch.len() as f64);
         let pool = pool.clone();
         let sequence = sequence.clone();
         in_flight.spawn(async move {

@@ -11,6 +11,8 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod matching;
+mod metrics;
+mod openapi;
 mod report;
 mod resolve;
 mod run;

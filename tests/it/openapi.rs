@@ -1,0 +1,235 @@
+//! docs/openapi.json cannot drift from the server: it is what `/openapi.json` serves, and every
+//! response example in it is replayed against the real server (as its `x-replay` says), checking
+//! the status, the body's shape and literal values, and the schema.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::metrics::{client, start_server};
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+/// The kind of a JSON value, as JSON Schema's `type` names it (an integer is also a number).
+fn kinds(v: &Value) -> &'static [&'static str] {
+    match v {
+        Value::Null => &["null"],
+        Value::Bool(_) => &["boolean"],
+        Value::Number(n) if n.is_i64() || n.is_u64() => &["integer", "number"],
+        Value::Number(_) => &["number"],
+        Value::String(_) => &["string"],
+        Value::Array(_) => &["array"],
+        Value::Object(_) => &["object"],
+    }
+}
+
+/// The subset of JSON Schema the document uses: `$ref`, `type`, `const`, `enum`, `properties`,
+/// `required`, `additionalProperties: false`.
+fn validate(v: &Value, schema: &Value, doc: &Value, at: &str) {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{at}: $ref {r}"));
+        let target = &doc["components"]["schemas"][name];
+        assert!(target.is_object(), "{at}: no schema {name}");
+        return validate(v, target, doc, at);
+    }
+    if let Some(c) = schema.get("const") {
+        assert_eq!(v, c, "{at}: const");
+    }
+    if let Some(e) = schema.get("enum") {
+        assert!(e.as_array().unwrap().contains(v), "{at}: {v} is not one of {e}");
+    }
+    if let Some(t) = schema.get("type") {
+        let allowed: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap()).collect(),
+            _ => panic!("{at}: type {t}"),
+        };
+        assert!(kinds(v).iter().any(|k| allowed.contains(k)), "{at}: {v} is not of type {t}");
+    }
+    if let Some(obj) = v.as_object() {
+        let props = schema.get("properties").and_then(Value::as_object);
+        for r in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            assert!(obj.contains_key(r.as_str().unwrap()), "{at}: required {r} missing in {v}");
+        }
+        for (k, x) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => validate(x, s, doc, &format!("{at}.{k}")),
+                None => assert!(schema.get("additionalProperties") != Some(&json!(false)), "{at}: unexpected key {k}"),
+            }
+        }
+    }
+}
+
+/// The real body has the example's shape: the same keys, values of the same kind, and the same
+/// strings, except those in which the example writes `…` (free text, tokens).
+fn same_shape(example: &Value, real: &Value, at: &str) {
+    match (example, real) {
+        (Value::Object(e), Value::Object(r)) => {
+            let (ek, rk): (BTreeSet<&String>, BTreeSet<&String>) = (e.keys().collect(), r.keys().collect());
+            assert_eq!(ek, rk, "{at}: keys of {real}");
+            for (k, x) in e {
+                same_shape(x, &r[k], &format!("{at}.{k}"));
+            }
+        }
+        (Value::String(e), Value::String(r)) if !e.contains('…') => assert_eq!(e, r, "{at}"),
+        (e, r) => assert_eq!(kinds(e)[0], kinds(r)[0], "{at}: {r} where the example has {e}"),
+    }
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn openapi_examples_replay_against_the_real_server(pool: PgPool) {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap();
+    assert_eq!(callrecon::serve::OPENAPI, committed);
+    let doc: Value = serde_json::from_str(&committed).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    let (base, stop, task) = start_server(&pool).await;
+    let max_body = 4096; // start_server's --max-body
+    let http = client();
+    let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let poster = callrecon::users::add(&pool, "acme-crm", &roles(&["AsyncMetaData"])).await.unwrap();
+    let viewer = callrecon::users::add(&pool, "viewer", &roles(&[])).await.unwrap();
+    let token = |u: &callrecon::users::Created| {
+        let req = http
+            .post(format!("{base}/token"))
+            .basic_auth(&u.client_id, Some(&u.client_secret))
+            .form(&[("grant_type", "client_credentials")]);
+        async move {
+            let body: Value = req.send().await.unwrap().json().await.unwrap();
+            body["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let (poster_token, viewer_token) = (token(&poster).await, token(&viewer).await);
+
+    let mut request_examples: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut used: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut replayed = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let request = op["requestBody"]["content"].as_object().and_then(|c| c.iter().next());
+            if let Some((_, media)) = request {
+                for name in media["examples"].as_object().unwrap().keys() {
+                    request_examples.insert((path.clone(), name.clone()));
+                }
+            }
+            for (status, response) in op["responses"].as_object().unwrap() {
+                let Some(content) = response["content"].as_object() else { continue };
+                for (content_type, media) in content {
+                    for (name, example) in media["examples"].as_object().into_iter().flatten() {
+                        let at = format!("{method} {path} {status} {name}");
+                        let replay = &example["x-replay"];
+                        assert!(replay.is_object(), "{at}: no x-replay");
+                        let mut req = http.request(method.to_uppercase().parse().unwrap(), format!("{base}{path}"));
+                        let wrong = "wrong-secret".to_owned();
+                        let form_credentials = match replay["auth"].as_str().unwrap() {
+                            "none" => None,
+                            "basic" => {
+                                req = req.basic_auth(&poster.client_id, Some(&poster.client_secret));
+                                None
+                            }
+                            "basic-wrong-secret" => {
+                                req = req.basic_auth(&poster.client_id, Some(&wrong));
+                                None
+                            }
+                            "form" => Some((&poster.client_id, &poster.client_secret)),
+                            "bearer" => {
+                                req = req.bearer_auth(&poster_token);
+                                None
+                            }
+                            "bearer-no-role" => {
+                                req = req.bearer_auth(&viewer_token);
+                                None
+                            }
+                            "bearer-unknown" => {
+                                req = req.bearer_auth("kQ8vNoSuchToken");
+                                None
+                            }
+                            other => panic!("{at}: auth {other}"),
+                        };
+                        for (h, v) in replay["headers"].as_object().into_iter().flatten() {
+                            req = req.header(h, v.as_str().unwrap());
+                        }
+                        if let Some(request_name) = replay["request"].as_str() {
+                            used.insert((path.clone(), request_name.to_owned()));
+                            let (request_type, request_media) =
+                                request.unwrap_or_else(|| panic!("{at}: no request body"));
+                            let value = &request_media["examples"][request_name]["value"];
+                            assert!(!value.is_null(), "{at}: no request example {request_name}");
+                            if request_type == "application/x-www-form-urlencoded" {
+                                let mut fields: Vec<(String, String)> = value
+                                    .as_object()
+                                    .unwrap()
+                                    .iter()
+                                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                                    .collect();
+                                if let Some((id, secret)) = form_credentials {
+                                    for (k, v) in &mut fields {
+                                        match k.as_str() {
+                                            "client_id" => *v = id.clone(),
+                                            "client_secret" => *v = secret.clone(),
+                                            _ => {}
+                                        }
+                                    }
+                                }
+                                req = req.form(&fields);
+                            } else {
+                                req = req.header("content-type", request_type.as_str()).body(value.to_string());
+                            }
+                        }
+                        if replay["oversized"] == true {
+                            req = req.header("content-type", "application/json").body("x".repeat(max_body + 1));
+                        }
+                        let refuse = replay["database"] == "refuses-inserts";
+                        if refuse {
+                            sqlx::raw_sql(
+                                "create function refuse() returns trigger language plpgsql as $$
+                                 begin raise exception 'event_queue is read-only for this example'; end $$;
+                                 create trigger refuse before insert on event_queue for each row execute function refuse();",
+                            )
+                            .execute(&pool)
+                            .await
+                            .unwrap();
+                        } else if let Some(other) = replay.get("database") {
+                            panic!("{at}: database {other}");
+                        }
+
+                        let resp = req.send().await.unwrap();
+                        let real_status = resp.status().as_u16().to_string();
+                        let text = resp.text().await.unwrap();
+                        if refuse {
+                            sqlx::raw_sql("drop trigger refuse on event_queue; drop function refuse();")
+                                .execute(&pool)
+                                .await
+                                .unwrap();
+                        }
+                        assert_eq!(&real_status, status, "{at}: {text}");
+                        let expected = &example["value"];
+                        if content_type == "application/json" {
+                            let real: Value =
+                                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{at}: {e}: {text}"));
+                            if replay["whole-document"] == true {
+                                assert_eq!(real, doc, "{at}");
+                            } else {
+                                same_shape(expected, &real, &at);
+                            }
+                            validate(expected, &media["schema"], &doc, &format!("{at} (example)"));
+                            validate(&real, &media["schema"], &doc, &at);
+                        } else {
+                            for line in expected.as_str().unwrap().lines().filter(|l| l.starts_with("# TYPE ")) {
+                                assert!(text.contains(line), "{at}: {line:?} not in\n{text}");
+                            }
+                        }
+                        replayed.push(at);
+                    }
+                }
+            }
+        }
+    }
+    let unused: Vec<_> = request_examples.difference(&used).collect();
+    assert!(unused.is_empty(), "request examples no response example replays: {unused:?}");
+    // Every path and operation has examples: a document without them would replay nothing.
+    assert!(replayed.len() >= 19, "{replayed:#?}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
