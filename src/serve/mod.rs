@@ -314,4 +314,15 @@ mod tests {
             assert!(err.reason.contains(reason), "{err:?} should say {reason:?}");
         }
     }
+
+    #[test]
+    fn the_master_call_endpoint_requires_a_master_id() {
+        let with = br#"{"MasterId": "grp-1", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}"#;
+        assert_eq!(check_body(with, Endpoint::MasterCall).1, Ok(()));
+        assert_eq!(check_body(with, Endpoint::Event).1, Ok(()));
+        let without = br#"{"SessionId": "s", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}"#;
+        assert_eq!(check_body(without, Endpoint::Event).1, Ok(()));
+        let err = check_body(without, Endpoint::MasterCall).1.unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("MasterId"));
+    }
 }

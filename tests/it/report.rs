@@ -69,6 +69,7 @@ async fn unmatched_csv_parses_back_with_metadata_columns_and_formula_escaping(po
             "event_id",
             "source",
             "session_id",
+            "master_id",
             "event_time",
             "received_at",
             "expires_at",
