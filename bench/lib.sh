@@ -7,6 +7,9 @@ SERVER="${CALLRECON_PG:-${DATABASE_URL%/*}}"
 # How the generator puts calls in call groups (`callrecon gen --groups`): `cases` (one customer's
 # calls per group, the default) or `mixed` (unrelated customers per group: the stress shape).
 GEN_GROUPS="${GEN_GROUPS:-cases}"
+# Percentage of generated events addressed to a call group by MasterId (`callrecon gen events
+# --master-share`); 0, the default, generates the events measured before MasterId existed.
+MASTER_SHARE="${MASTER_SHARE:-0}"
 
 # Sets BIN: $CALLRECON_BIN, or a release build in its own target directory.
 bench_binary() {

@@ -31,11 +31,11 @@ case "${1:-3}" in
     "$BIN" --database-url "$url" migrate >/dev/null
     "$BIN" --database-url "$url" gen calls --calls "$calls" --days 30 --groups "$GEN_GROUPS" >&2
     PSQL "$url" -c "vacuum analyze calls, call_groups"
-    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" \
+    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" --master-share "$MASTER_SHARE" \
       --from 2026-10-01T00:00:00Z --to 2026-10-31T00:00:00Z --count "$events" >&2
     "$BIN" --database-url "$url" run --job "$work/job.toml" >&2
     PSQL "$url" -c "vacuum analyze"   # the day between the load and the nightly (see run.sh)
-    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" \
+    "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" --master-share "$MASTER_SHARE" \
       --from 2026-10-30T00:00:00Z --to 2026-10-31T00:00:00Z --count "$nightly" --salt 1 >&2
     PSQL "$url" -c "vacuum analyze event_queue"
     echo "prepared $tpl; now: bench/nightly.sh [runs]" >&2

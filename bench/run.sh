@@ -39,20 +39,20 @@ for factor in $FACTORS; do
   until=2026-10-31T00:00:00Z
   from=$(date -u -d "$until - $days days" +%Y-%m-%dT%H:%M:%SZ)
   last_day=$(date -u -d "$until - 1 day" +%Y-%m-%dT%H:%M:%SZ)
-  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --from "$from" --to "$until" --count "$events" >&2
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --master-share "$MASTER_SHARE" --from "$from" --to "$until" --count "$events" >&2
   read -r load_secs load_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
   # The nightly comes a day after the load: autovacuum has long been through the 1.2M rows the
   # load updated. Without this, the nightly's first reads of those pages set their hint bits and
   # dirty them (2.4 s more at 5M calls), a cost no real nightly pays.
   PSQL "$url" -c "vacuum analyze"
-  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
+  "$BIN" --database-url "$url" gen events --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --master-share "$MASTER_SHARE" --from "$last_day" --to "$until" --count "$NIGHTLY" --salt 1 >&2
   read -r nightly_secs nightly_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" run --job "$work/job.toml")
   # What the nightly had to read and write, as plain SQL on the same data (rolled back).
   nightly_floor=$(nightly_floor "$url")
   nightly_ratio=$(python3 -c "print(f'{$nightly_secs / $nightly_floor:.1f}')")
   PSQL "$url" -c "vacuum analyze events, calls"
   read -r rematch_secs rematch_rss < <(python3 bench/measure.py "$BIN" --database-url "$url" rematch --job "$work/job-changed.toml" --since "$from" --until "$until")
-  sessionless=$(PSQL "$url" -tAc "select count(*) from events where session_id is null")
+  sessionless=$(PSQL "$url" -tAc "select count(*) from events where session_id is null and master_id is null")
 
   # The pure-SQL baseline on the same data, rolled back afterwards.
   t0=$(now); { echo "begin;"; cat bench/baseline.sql; echo "rollback;"; } | PSQL "$url" >&2; t1=$(now)
@@ -77,7 +77,7 @@ done
   echo
   echo "## $(date -u +%Y-%m-%d) · $scale · commit $commit"
   echo
-  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Call groups: $GEN_GROUPS. Times in seconds, RSS in MiB."
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Call groups: $GEN_GROUPS, MasterId events: $MASTER_SHARE%. Times in seconds, RSS in MiB."
   echo
   echo "| data | calls | sessionless events | generate | first run (ingest + match all) | nightly ($NIGHTLY events) | nightly I/O floor | nightly / floor | rematch 30 days | pure-SQL baseline | baseline / rematch | I/O floor (COPY out + UPDATE) | rematch / floor | peak RSS |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"

@@ -5,7 +5,8 @@ Run from the repository root:
 
     python3 samples/gen.py
 
-It writes the platform tables (call_groups.csv, calls.csv, calls_late.csv), the API queue
+It writes the platform tables (call_groups.csv, calls.csv, and the late arrivals
+call_groups_late.csv and calls_late.csv), the API queue
 (queue/api-events.ndjson), three inbox files (inbox/*), README.md with the expected outcome
 counts and expected.json with the expected decision for every record.
 
@@ -38,6 +39,9 @@ SEED = 20261102
 OUT = Path(__file__).resolve().parent
 
 rng = random.Random(SEED)
+# The MasterId events draw from a generator of their own, so that adding them left every other
+# record as it was.
+mrng = random.Random(SEED + 21)
 
 # --------------------------------------------------------------------------------------------
 # Sizes and fixed values
@@ -307,6 +311,22 @@ def make_late_call(groups, phones_taken):
     }
 
 
+def make_late_group():
+    """A call group that reaches the platform after the MasterId event addressed to it."""
+    return {"id": "grp-late-01", "metadata": {"caseNumber": "C-0042", "queue": "claims"}}
+
+
+def master_time():
+    """A business-hours moment, drawn from the MasterId events' own generator."""
+    return (mrng.choice(DAYS) + timedelta(hours=13, seconds=mrng.randint(0, 10 * 3600 + 1800),
+                                          milliseconds=mrng.randint(0, 999)))
+
+
+def master_fields():
+    """What a case system posts for a master call (a call group)."""
+    return {"caseStatus": mrng.choice(CASE_STATUSES), "caseOwner": mrng.choice(["team-a", "team-b", "tier2"])}
+
+
 CALL_COLUMNS = ["id", "session_id", "call_group_id", "started_at", "ended_at",
                 "ani", "dnis", "agent_id", "metadata"]
 
@@ -405,7 +425,7 @@ def api_keys():
 # The API queue
 # --------------------------------------------------------------------------------------------
 
-def make_queue(calls, late_call, reserved):
+def make_queue(calls, late_call, reserved, groups, late_group):
     """~120 API events, ordered by arrival (event time plus a delivery delay)."""
     pool = [c for c in calls if c["id"] not in reserved]
     items = []  # (arrival, line_text, expect)
@@ -458,6 +478,27 @@ def make_queue(calls, late_call, reserved):
     t = time_inside(c)
     whole = json.dumps(event(c["session_id"], fmt_event_time(t, "ms_z"), crm_fields(c)))
     items.append((t, whole[:whole.index("Metadata") + 24], ("bad",)))
+
+    # MasterId (the platform's masterCall endpoint): to the group, and so to every call in it.
+    # One is addressed to the late call's group, which the late call joins afterwards.
+    late_call_group = next(g for g in groups if g["id"] == late_call["call_group_id"])
+    for key, g in zip(("MasterId", "masterId", "MasterID"), [late_call_group] + mrng.sample(groups[7:], 2)):
+        t = master_time() if g is not late_call_group else (
+            late_call["started_at"] - timedelta(hours=2, minutes=mrng.randint(0, 59)))
+        add({key: g["id"], "EventTime": fmt_event_time(t, "ms_z"), "Metadata": master_fields()},
+            t + timedelta(seconds=mrng.randint(1, 90)), ("matched", "master_id", g["id"]))
+    # A group the platform has not exported yet (it lands with the late call), and one it never
+    # has (a typo in the client).
+    for gid, expect in ((late_group["id"], ("late_group", late_group["id"])),
+                        ("grp-9999", ("pending", "unknown_group"))):
+        t = DAYS[2] + timedelta(hours=15, minutes=mrng.randint(0, 59), seconds=mrng.randint(0, 59))
+        add({"MasterId": gid, "EventTime": fmt_event_time(t, "ms_z"), "Metadata": master_fields()},
+            t + timedelta(seconds=7), expect)
+    # Bad: addressed to a call and to a group at once.
+    c = mrng.choice(pool)
+    t = c["started_at"] + timedelta(seconds=30)
+    add({"SessionId": c["session_id"], "MasterId": mrng.choice(groups)["id"],
+         "EventTime": fmt_event_time(t, "ms_z"), "Metadata": master_fields()}, t, ("bad",))
 
     items.sort(key=lambda x: x[0])
     return [(line, expect) for _, line, expect in items]
@@ -553,7 +594,7 @@ def make_crm_inbox(calls, pair_calls, reserved, phones_taken, used_targets):
 # Inbox: case-management CSV (crm-case)
 # --------------------------------------------------------------------------------------------
 
-CASE_COLUMNS = ["SessionId", "EventTime", "crmCaseId", "caseStatus", "Metadata"]
+CASE_COLUMNS = ["SessionId", "MasterId", "EventTime", "crmCaseId", "caseStatus", "Metadata"]
 
 
 def case_metadata():
@@ -580,7 +621,7 @@ def make_cases_inbox(calls, groups, used_targets):
     picked += rng.sample(picked, 4)
     for g in picked:
         t = when()
-        rows.append((t, ["", fmt_event_time(t, pick_style(case_styles)),
+        rows.append((t, ["", "", fmt_event_time(t, pick_style(case_styles)),
                          g["metadata"]["caseNumber"], rng.choice(CASE_STATUSES),
                          case_metadata()], ("matched", "crm-case", g["id"])))
 
@@ -591,20 +632,27 @@ def make_cases_inbox(calls, groups, used_targets):
         used_targets.add(c["id"])
         t = time_inside(c)
         case = group_by_id[c["call_group_id"]]["metadata"]["caseNumber"]
-        rows.append((t, [c["session_id"], fmt_event_time(t, pick_style(case_styles)), case,
+        rows.append((t, [c["session_id"], "", fmt_event_time(t, pick_style(case_styles)), case,
                          "open", case_metadata()], ("matched", "session", c["id"])))
 
     # No candidate: a case number the platform has never seen.
     known = {g["metadata"]["caseNumber"] for g in groups}
     unknown = next(f"C-{n}" for n in range(9999, 0, -1) if f"C-{n}" not in known)
     t = when()
-    rows.append((t, ["", fmt_event_time(t, "slash"), unknown, "open", ""],
+    rows.append((t, ["", "", fmt_event_time(t, "slash"), unknown, "open", ""],
                  ("pending", "no_candidate")))
 
     # Bad: an impossible date.
     g = rng.choice(groups)
-    rows.append((DAYS[1], ["", "2026-13-45 99:00", g["metadata"]["caseNumber"], "open", ""],
+    rows.append((DAYS[1], ["", "", "2026-13-45 99:00", g["metadata"]["caseNumber"], "open", ""],
                  ("bad",)))
+
+    # Rows of a case system that knows the master call: the MasterId column addresses the group
+    # (its case number beside it, or none); the rules are not consulted.
+    for g, with_case in zip(mrng.sample(groups, 2), (True, False)):
+        t = master_time()
+        rows.append((t, ["", g["id"], fmt_event_time(t, "z"), g["metadata"]["caseNumber"] if with_case else "",
+                         mrng.choice(CASE_STATUSES), ""], ("matched", "master_id", g["id"])))
 
     rows.sort(key=lambda r: r[0])
     buf = io.StringIO()
@@ -653,6 +701,12 @@ def make_export_inbox(calls, groups, reserved, used_targets):
         if i == 0:
             ev = {"SessionId": "", **ev}
         items.append((t, ev, ("matched", "crm-case", g["id"])))
+
+    # MasterId, spelled in lower case: the group and its calls.
+    g = mrng.choice(groups)
+    t = master_time()
+    items.append((t, {"masterid": g["id"], "eventTime": fmt_event_time(t, "offset"),
+                      "metadata": master_fields()}, ("matched", "master_id", g["id"])))
 
     # Missing key: a sessionless survey result with nothing to match on.
     t = with_ms(business_start(DAYS[2]))
@@ -730,7 +784,8 @@ def read_groups(path):
 
 
 def to_event(obj):
-    """A record -> (session_id|None, time, metadata), or a string saying why it is bad."""
+    """A record -> (session_id|None, master_id|None, time, metadata), or a string saying why it
+    is bad."""
     if not isinstance(obj, dict):
         return "not a JSON object"
     low = {}
@@ -741,6 +796,12 @@ def to_event(obj):
     sid = low.get("sessionid")
     if sid is not None and not isinstance(sid, str):
         return "SessionId is not a string"
+    mid = low.get("masterid")
+    if mid is not None and not isinstance(mid, str):
+        return "MasterId is not a string"
+    sid, mid = (sid or "").strip() or None, (mid or "").strip() or None
+    if sid and mid:
+        return "both SessionId and MasterId"
     t = parse_time(low.get("eventtime"))
     if t is None:
         return f"bad EventTime {low.get('eventtime')!r}"
@@ -748,12 +809,12 @@ def to_event(obj):
         return "Metadata missing"
     if not isinstance(low["metadata"], dict):
         return "Metadata is not an object"
-    return (sid or None, t, low["metadata"])
+    return (sid, mid, t, low["metadata"])
 
 
 def csv_row_to_obj(row):
-    """A cases.csv row as an event: SessionId and EventTime columns, the Metadata column
-    (a JSON object or empty), and every other non-empty column as a metadata key."""
+    """A cases.csv row as an event: SessionId, MasterId and EventTime columns, the Metadata
+    column (a JSON object or empty), and every other non-empty column as a metadata key."""
     md_text = row.get("Metadata") or ""
     try:
         md = json.loads(md_text) if md_text.strip() else {}
@@ -761,10 +822,10 @@ def csv_row_to_obj(row):
         md = md_text
     if isinstance(md, dict):
         for k, v in row.items():
-            if k not in ("SessionId", "EventTime", "Metadata") and v != "":
+            if k not in ("SessionId", "MasterId", "EventTime", "Metadata") and v != "":
                 md[k] = v
-    return {"SessionId": row.get("SessionId") or None, "EventTime": row.get("EventTime"),
-            "Metadata": md}
+    return {"SessionId": row.get("SessionId") or None, "MasterId": row.get("MasterId") or None,
+            "EventTime": row.get("EventTime"), "Metadata": md}
 
 
 def present(md, key):
@@ -807,12 +868,16 @@ def rule_crm_case(md, groups):
 
 def decide(ev, calls, groups):
     """The decision for one valid event."""
-    sid, t, md = ev
+    sid, mid, t, md = ev
     if sid is not None:
         for c in calls:
             if c["session_id"] == sid:
                 return ("matched", "session", c["id"])
         return ("pending", "unknown_session", [])
+    if mid is not None:
+        if any(g["id"] == mid for g in groups):
+            return ("matched", "master_id", mid)
+        return ("pending", "unknown_group", [])
     # The samples never carry the keys of both rules, so the order in which rules are tried
     # and whether a rule's no_candidate falls through to the next cannot change the outcome.
     results = [r for r in (rule_phone_and_agent(t, md, calls), rule_crm_case(md, groups)) if r]
@@ -844,8 +909,8 @@ def read_records():
     return recs
 
 
-OUTCOMES = ["session", "phone-and-agent", "crm-case",
-            "unknown_session", "no_candidate", "ambiguous", "missing_key", "bad"]
+OUTCOMES = ["session", "phone-and-agent", "crm-case", "master_id",
+            "unknown_session", "unknown_group", "no_candidate", "ambiguous", "missing_key", "bad"]
 
 
 def run_oracle(calls, groups):
@@ -856,7 +921,7 @@ def run_oracle(calls, groups):
             decisions.append({"file": name, "at": pos, "outcome": "bad", "why": ev})
             continue
         state, what, rest = decide(ev, calls, groups)
-        d = {"file": name, "at": pos, "event_time": iso_z(ev[1])}
+        d = {"file": name, "at": pos, "event_time": iso_z(ev[2])}
         if state == "matched":
             d.update(outcome=what, target=rest)
         else:
@@ -882,7 +947,8 @@ def readme(files, first, second, facts):
     short = {"queue/api-events.ndjson": "queue", "inbox/crm-2026-11-03.ndjson": "crm ndjson",
              "inbox/cases.csv": "cases.csv", "inbox/export.json": "export.json"}
     label = {"session": "attached by SessionId", "phone-and-agent": "matched by phone-and-agent",
-             "crm-case": "matched by crm-case", "unknown_session": "pending: unknown_session",
+             "crm-case": "matched by crm-case", "master_id": "attached by MasterId",
+             "unknown_session": "pending: unknown_session", "unknown_group": "pending: unknown_group",
              "no_candidate": "pending: no_candidate", "ambiguous": "pending: ambiguous",
              "missing_key": "pending: missing_key", "bad": "rejected (bad record)"}
 
@@ -907,25 +973,27 @@ All times lie in 2026-11-02 .. 2026-11-04 UTC; New York is on EST (UTC-05:00) th
 |---|---|
 | `call_groups.csv` | {facts['groups']} call groups (`id,metadata`); metadata has `caseNumber` (`C-nnnn`) and `queue` |
 | `calls.csv` | {facts['calls']} calls; {facts['grouped']} in a group, {facts['running']} still running (empty `ended_at`), {facts['repeat_phones']} numbers call more than once |
-| `calls_late.csv` | `call-late-01` / `sess-late0001`: the call row arrives after its API event |
-| `queue/api-events.ndjson` | API events in arrival order (load into `event_queue.payload`); mixed key spellings |
+| `calls_late.csv` | `call-late-01` / `sess-late0001`: the call row arrives after its API event; it joins `{facts['late_call_group']}`, which a MasterId event reached before |
+| `call_groups_late.csv` | `grp-late-01`: the group arrives after the MasterId event addressed to it |
+| `queue/api-events.ndjson` | API events in arrival order (load into `event_queue.payload`); mixed key spellings; a few addressed to a call group by `MasterId` |
 | `inbox/crm-2026-11-03.ndjson` | sessionless CRM contacts keyed by `customerPhone` (mixed formats) + `agentId` |
-| `inbox/cases.csv` | case updates `SessionId,EventTime,crmCaseId,caseStatus,Metadata`; mostly sessionless |
+| `inbox/cases.csv` | case updates `SessionId,MasterId,EventTime,crmCaseId,caseStatus,Metadata`; mostly sessionless |
 | `inbox/export.json` | a JSON array mixing sessionful, sessionless (incl. `"SessionId": null` and `""`) and bad events |
-| `expected.json` | the expected decision for every record, both before and after `calls_late.csv` |
+| `expected.json` | the expected decision for every record, both before and after the late arrivals |
 
 ## Expected outcomes
 
 Computed by the generator: it reads the files back and applies the rules of `jobs/demo.toml`
-(a record is *bad* when it is not JSON, its EventTime does not parse, or Metadata is missing or
-not an object).
+(a record is *bad* when it is not JSON, its EventTime does not parse, Metadata is missing or
+not an object, or it has both a SessionId and a MasterId).
 
 First run, with `call_groups.csv` and `calls.csv` loaded:
 
 {table(first)}
 
-After `calls_late.csv` is loaded (rematch of pending events): the `sess-late0001` event
-attaches to `call-late-01`.
+After `call_groups_late.csv` and `calls_late.csv` are loaded (the next run retries pending
+events): the `sess-late0001` event attaches to `call-late-01`, and the MasterId event for
+`grp-late-01` to that group.
 
 {table(second)}
 
@@ -947,6 +1015,10 @@ attaches to `call-late-01`.
 - cases.csv is read as: `SessionId` and `EventTime` columns, the `Metadata` column as a JSON
   object (empty = `{{}}`), and the other non-empty columns (`crmCaseId`, `caseStatus`) added to
   the metadata.
+- MasterId: {facts['master']} are addressed to a call group by id (any key spelling; a
+  `MasterId` column in cases.csv); they reach the group and every call in it, whatever the
+  rules say. `call-late-01` joins `{facts['late_call_group']}` in the second run and gets the
+  fields of the MasterId event sent to that group before it existed.
 - No sample event carries the keys of both rules, so rule order does not change the counts.
 """
 
@@ -973,6 +1045,7 @@ def main():
     groups = make_groups()
     calls, pair_calls = make_calls(groups, phones_taken, sessions_taken)
     late_call = make_late_call(groups, phones_taken)
+    late_group = make_late_group()
 
     # Calls with a special role are kept out of the random picks so nothing else touches them.
     merge_call = next(c for c in calls if c["tag"] == "single" and c["ended_at"]
@@ -981,7 +1054,7 @@ def main():
     reserved.update({c["id"]: c for pair in pair_calls for c in pair})
     reserved[merge_call["id"]] = merge_call
 
-    queue = make_queue(calls, late_call, reserved)
+    queue = make_queue(calls, late_call, reserved, groups, late_group)
     used_targets = set()
     crm = make_crm_inbox(calls, pair_calls, reserved, phones_taken, used_targets)
     cases_text, cases_expect = make_cases_inbox(calls, groups, used_targets)
@@ -992,6 +1065,7 @@ def main():
     write_groups(OUT / "call_groups.csv", groups)
     write_calls(OUT / "calls.csv", calls)
     write_calls(OUT / "calls_late.csv", [late_call])
+    write_groups(OUT / "call_groups_late.csv", [late_group])
     (OUT / "queue/api-events.ndjson").write_text("".join(l + "\n" for l, _ in queue))
     (OUT / "inbox/crm-2026-11-03.ndjson").write_text("".join(l + "\n" for l, _ in crm))
     (OUT / "inbox/cases.csv").write_text(cases_text)
@@ -1001,8 +1075,9 @@ def main():
     groups_read = read_groups(OUT / "call_groups.csv")
     calls_read = read_calls(OUT / "calls.csv")
     late_read = read_calls(OUT / "calls_late.csv")
+    late_groups_read = read_groups(OUT / "call_groups_late.csv")
     first = run_oracle(calls_read, groups_read)
-    second = run_oracle(calls_read + late_read, groups_read)
+    second = run_oracle(calls_read + late_read, groups_read + late_groups_read)
 
     # The plan and the oracle must agree record by record.
     plan = ([e for _, e in queue] + [e for _, e in crm] + cases_expect + export_expect)
@@ -1010,6 +1085,8 @@ def main():
     for expect, d1, d2 in zip(plan, first, second):
         if expect[0] == "late":
             want1, want2 = ("unknown_session", None), ("session", expect[1])
+        elif expect[0] == "late_group":
+            want1, want2 = ("unknown_group", None), ("master_id", expect[1])
         elif expect[0] == "matched":
             want1 = want2 = (expect[1], expect[2])
         else:
@@ -1050,6 +1127,8 @@ def main():
         "edge": f"`inbox/crm-2026-11-03.ndjson` line {edge + 1} (`{crm[edge][1][2]}`)",
         "local": f"`inbox/crm-2026-11-03.ndjson` line {local + 1} "
                  f"(`{crm_lines[local]['EventTime']}` -> `{crm[local][1][2]}`)",
+        "master": at(lambda d: d["outcome"] in ("master_id", "unknown_group")),
+        "late_call_group": late_call["call_group_id"],
     }
     assert len(merge_lines) == 2 and merge_lines[0] < merge_lines[1]
 
@@ -1064,7 +1143,7 @@ def main():
     }
     (OUT / "expected.json").write_text(expected_json(expected))
 
-    for name, tt in (("first run", t1), ("after calls_late.csv", t2)):
+    for name, tt in (("first run", t1), ("after the late arrivals", t2)):
         print(name + ": " + ", ".join(f"{o}={sum(tt[f][o] for f in files)}" for o in OUTCOMES))
 
 

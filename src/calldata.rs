@@ -231,3 +231,14 @@ pub async fn calls_by_session(
         .map(|(session, id, group, block)| (session, SessionCall { id, hint: Hint { group, block } }))
         .collect())
 }
+
+/// Which of the given call group ids exist (MasterId attaches).
+pub async fn existing_groups(conn: &mut PgConnection, ids: &HashSet<&str>) -> Result<HashSet<String>> {
+    let list: Vec<&str> = ids.iter().copied().collect();
+    let rows: Vec<String> = sqlx::query_scalar("select id from call_groups where id = any($1)")
+        .bind(&list)
+        .fetch_all(conn)
+        .await
+        .context("reading call groups by id")?;
+    Ok(rows.into_iter().collect())
+}

@@ -170,8 +170,8 @@ pub enum Command {
         #[arg(long, default_value = "jobs/demo.toml")]
         job: PathBuf,
     },
-    /// The intake API: POST /token, POST /callevent/v1/outofband/event, GET /healthz, /metrics,
-    /// /openapi.json.
+    /// The intake API: POST /token, POST /callevent/v1/outofband/event and …/masterCall,
+    /// GET /healthz, /metrics, /openapi.json.
     Serve(ServeArgs),
     /// Users of the intake API.
     Users {
@@ -250,6 +250,10 @@ pub enum GenCommand {
         /// Distinguishes batches generated over the same range.
         #[arg(long, default_value_t = 0)]
         salt: u64,
+        /// Percentage of the events addressed to a call group by MasterId (one in 20 of them to
+        /// a group that does not exist); 0 gives the events of earlier versions.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+        master_share: u64,
     },
 }
 

@@ -106,6 +106,18 @@ impl Scale {
         }
     }
 
+    /// A call group that exists, chosen by `x`.
+    fn some_group(&self, x: u64) -> u64 {
+        match self.groups {
+            Groups::Mixed => x % self.mixed_groups(),
+            // Three customers in ten have a case: the first of the customers `x` picks that has one.
+            Groups::Cases => (0..64)
+                .map(|k| splitmix(x.wrapping_add(k)) % self.customers())
+                .find(|&c| self.has_case(c))
+                .unwrap_or_else(|| self.groups().next().unwrap_or(0)),
+        }
+    }
+
     /// Indices of the calls starting in `[from, to)`.
     pub fn calls_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> std::ops::Range<u64> {
         let index =
@@ -170,14 +182,16 @@ pub async fn calls(conn: &mut PgConnection, s: &Scale) -> Result<u64> {
 
 /// Queues `n` events about the calls starting in `[from, to)`: mostly sessionless (phone and
 /// agent in mixed formats; CRM cases for groups), some with a SessionId, some with no candidate
-/// or no key. `salt` keeps several batches apart.
+/// or no key; and `master_percent` of them addressed to a call group by MasterId (one in 20 of
+/// those to a group that does not exist). `salt` keeps several batches apart. With
+/// `master_percent` 0 the events are those generated before MasterId existed.
 pub async fn events(
     conn: &mut PgConnection,
     s: &Scale,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     n: u64,
-    salt: u64,
+    (salt, master_percent): (u64, u64),
 ) -> Result<u64> {
     let range = s.calls_between(from, to);
     anyhow::ensure!(!range.is_empty(), "no calls between {from} and {to}");
@@ -198,7 +212,16 @@ pub async fn events(
             c.customer,
             r(2) % 1000
         );
+        let master = (r(6) % 100 < master_percent).then(|| match c.group {
+            _ if r(7).is_multiple_of(20) => format!("g-unknown-{}", r(8) % 1000),
+            Some(g) => format!("g{g}"),
+            None => format!("g{}", s.some_group(r(8))),
+        });
         let payload = match r(3) % 100 {
+            _ if master.is_some() => format!(
+                "{{\"MasterId\": \"{}\", \"EventTime\": \"{time}\", \"Metadata\": {{\"caseStatus\": \"open\", {common}}}}}",
+                master.expect("checked")
+            ),
             0..=9 => format!(
                 "{{\"SessionId\": \"s{i}\", \"EventTime\": \"{}\", \"Metadata\": {{{common}}}}}",
                 (c.start + Duration::seconds(c.seconds / 2)).to_rfc3339()

@@ -1,5 +1,5 @@
 //! `callrecon demo`: load `samples/` as a platform would, then run `jobs/demo.toml` twice — once
-//! as events arrive, once after a late call lands — and show the report.
+//! as events arrive, once after a late call and a late call group land — and show the report.
 
 use std::path::Path;
 
@@ -11,8 +11,8 @@ use crate::ingest::{inbox, queue};
 use crate::job::Job;
 use crate::run::{self, Finished, Mode};
 
-/// Loads the sample call data, queue events and inbox files, runs the job, loads the late call,
-/// runs again. Returns both runs.
+/// Loads the sample call data, queue events and inbox files, runs the job, loads the late call
+/// group and call, runs again. Returns both runs.
 pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finished>> {
     let loaded: bool =
         sqlx::query_scalar("select exists (select 1 from calls where id = 'call-0001')").fetch_one(pool).await?;
@@ -45,8 +45,11 @@ pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finish
     runs.push(run::execute(pool, job, Mode::Run, false).await?);
     println!("{}", crate::report::history::summary_text(&runs[0].report, &runs[0].dir));
 
+    let late_groups = load_groups(pool, &samples.join("call_groups_late.csv")).await?;
     let late = load_calls(pool, &samples.join("calls_late.csv")).await?;
-    println!("\n== a late call lands ({late} new call), run 2 attaches its pending event ==");
+    println!(
+        "\n== a late call group and call land ({late_groups} new group, {late} new call), run 2 attaches the events waiting for them =="
+    );
     runs.push(run::execute(pool, job, Mode::Run, false).await?);
     println!("{}", crate::report::history::summary_text(&runs[1].report, &runs[1].dir));
     Ok(runs)

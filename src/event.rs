@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 pub struct Event {
     /// `None` for a sessionless event (missing, null or empty SessionId).
     pub session_id: Option<String>,
+    /// The call group (`call_groups.id`) the event is addressed to (`MasterId`, as the
+    /// platform's masterCall endpoint takes it); never set together with `session_id`.
+    pub master_id: Option<String>,
     pub event_time: DateTime<Utc>,
     pub metadata: Map<String, Value>,
 }
@@ -73,24 +76,29 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
     let Value::Object(fields) = payload else {
         return Err(Invalid {
             field: None,
-            reason: format!("expected a JSON object with SessionId, EventTime and Metadata, found {}", kind(payload)),
+            reason: format!(
+                "expected a JSON object with SessionId or MasterId, EventTime and Metadata, found {}",
+                kind(payload)
+            ),
         });
     };
 
     let mut session_id = None;
+    let mut master_id = None;
     let mut event_time = None;
     let mut metadata = None;
     for (key, value) in fields {
         let slot = match key.to_ascii_lowercase().as_str() {
             "sessionid" => &mut session_id,
+            "masterid" => &mut master_id,
             "eventtime" => &mut event_time,
             "metadata" => &mut metadata,
             _ => {
                 return Err(invalid(
                     key,
                     format!(
-                        "unknown top-level field `{key}`: only SessionId, EventTime and Metadata are \
-                         allowed; put custom fields inside Metadata"
+                        "unknown top-level field `{key}`: only SessionId, MasterId, EventTime and \
+                         Metadata are allowed; put custom fields inside Metadata"
                     ),
                 ));
             }
@@ -100,23 +108,19 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
         }
     }
 
-    let session_id = match session_id {
-        None | Some((_, Value::Null)) => None,
-        Some((_, Value::String(s))) if s.trim().is_empty() => None,
-        Some((key, Value::String(s))) if s.contains('\0') => {
-            return Err(invalid(key, format!("`{key}` contains the character U+0000, which PostgreSQL cannot store")));
-        }
-        Some((key, Value::String(s))) if s.trim().len() > MAX_SESSION_ID => {
-            return Err(invalid(
-                key,
-                format!("`{key}` is {} bytes long; a session id has at most {MAX_SESSION_ID}", s.trim().len()),
-            ));
-        }
-        Some((_, Value::String(s))) => Some(s.trim().to_owned()),
-        Some((key, other)) => {
-            return Err(invalid(key, format!("`{key}` must be a string, found {}", kind(other))));
-        }
-    };
+    let (session_key, master_key) = (session_id.map(|(k, _)| k), master_id.map(|(k, _)| k));
+    let session_id = id_field(session_id, "a session id").map_err(|(key, reason)| invalid(key, reason))?;
+    let master_id = id_field(master_id, "a call group id").map_err(|(key, reason)| invalid(key, reason))?;
+    if let (Some(_), Some(_), Some(session_key), Some(master_key)) = (&session_id, &master_id, session_key, master_key)
+    {
+        return Err(invalid(
+            master_key,
+            format!(
+                "both `{session_key}` and `{master_key}` are given: an event is addressed to one call \
+                 (SessionId) or to one call group (MasterId), not both"
+            ),
+        ));
+    }
 
     let event_time = match event_time {
         None => return Err(invalid("EventTime", "missing EventTime".to_owned())),
@@ -139,7 +143,24 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
         }
     };
 
-    Ok(Event { session_id, event_time, metadata })
+    Ok(Event { session_id, master_id, event_time, metadata })
+}
+
+/// SessionId or MasterId (`what` names it in reasons): missing, null or blank is none; else a
+/// string, trimmed, storable, at most [`MAX_SESSION_ID`] bytes. The error names the key as spelled.
+fn id_field<'p>(field: Option<(&'p String, &Value)>, what: &str) -> Result<Option<String>, (&'p String, String)> {
+    match field {
+        None | Some((_, Value::Null)) => Ok(None),
+        Some((_, Value::String(s))) if s.trim().is_empty() => Ok(None),
+        Some((key, Value::String(s))) if s.contains('\0') => {
+            Err((key, format!("`{key}` contains the character U+0000, which PostgreSQL cannot store")))
+        }
+        Some((key, Value::String(s))) if s.trim().len() > MAX_SESSION_ID => {
+            Err((key, format!("`{key}` is {} bytes long; {what} has at most {MAX_SESSION_ID}", s.trim().len())))
+        }
+        Some((_, Value::String(s))) => Ok(Some(s.trim().to_owned())),
+        Some((key, other)) => Err((key, format!("`{key}` must be a string, found {}", kind(other)))),
+    }
 }
 
 /// The longest SessionId accepted, in bytes: far beyond any provider's ids, and short enough for
@@ -399,6 +420,54 @@ mod tests {
             json!({"SessionId": "  ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
         ] {
             assert_eq!(parse(&p, NY).unwrap().session_id, None, "{p}");
+        }
+    }
+
+    #[test]
+    fn master_id_names_a_call_group_in_any_spelling() {
+        for key in ["MasterId", "masterId", "masterID", "MASTERID"] {
+            let e = parse(&json!({key: " grp-7 ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY).unwrap();
+            assert_eq!((e.master_id.as_deref(), e.session_id), (Some("grp-7"), None), "{key}");
+        }
+        // Missing, null or blank: addressed to no group; an empty SessionId beside it is none.
+        for p in [
+            json!({"MasterId": null, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+            json!({"MasterId": " ", "SessionId": "s1", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+        ] {
+            assert_eq!(parse(&p, NY).unwrap().master_id, None, "{p}");
+        }
+        let e =
+            parse(&json!({"SessionId": "", "MasterId": "g", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY)
+                .unwrap();
+        assert_eq!((e.session_id, e.master_id.as_deref()), (None, Some("g")));
+    }
+
+    #[test]
+    fn session_id_and_master_id_together_are_refused_naming_both() {
+        let err = parse_naming_field(
+            &json!({"sessionId": "s1", "MasterID": "g1", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+            NY,
+        )
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("MasterID"));
+        assert!(err.reason.contains("`sessionId`") && err.reason.contains("`MasterID`"), "{}", err.reason);
+        for (payload, expected) in [
+            (
+                json!({"MasterId": 7, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+                "`MasterId` must be a string",
+            ),
+            (json!({"MasterId": "g\u{0}", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), "U+0000"),
+            (
+                json!({"MasterId": "g".repeat(1001), "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+                "at most 1000",
+            ),
+            (
+                json!({"MasterId": "a", "masterid": "b", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
+                "given twice",
+            ),
+        ] {
+            let err = parse(&payload, NY).unwrap_err();
+            assert!(err.contains(expected), "{payload}: {err:?} should contain {expected:?}");
         }
     }
 

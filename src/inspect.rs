@@ -20,6 +20,7 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
         String,
         String,
         Option<String>,
+        Option<String>,
         DateTime<Utc>,
         sqlx::types::Json<Map<String, Value>>,
         String,
@@ -32,14 +33,15 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
         Option<String>,
     );
     let row: Option<Row> = sqlx::query_as(
-        "select job, source, session_id, event_time, metadata, state, target_id, rule, reason, candidates, decided_run,
-                decided_by, note
+        "select job, source, session_id, master_id, event_time, metadata, state, target_id, rule, reason, candidates,
+                decided_run, decided_by, note
          from events where id = $1",
     )
     .bind(event_id)
     .fetch_optional(pool)
     .await?;
-    let Some((ev_job, source, session, time, metadata, state, target, rule, reason, candidates, run, by, note)) = row
+    let Some((ev_job, source, session, master, time, metadata, state, target, rule, reason, candidates, run, by, note)) =
+        row
     else {
         bail!("no event {event_id}; event ids are in the report's unmatched list and in `report show`")
     };
@@ -76,6 +78,20 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
                 out,
                 "SessionId {session:?}: no call has this session_id yet -> unknown_session; retried on later runs"
             ),
+        };
+        return Ok(out);
+    }
+    if let Some(group) = master {
+        let ids = std::collections::HashSet::from([group.as_str()]);
+        let exists = calldata::existing_groups(&mut conn, &ids).await?.contains(&group);
+        let _ = if exists {
+            writeln!(
+                out,
+                "MasterId {group:?} is call group {group}: attached to the group and so to every call in it (rules \
+                 apply to sessionless events only)"
+            )
+        } else {
+            writeln!(out, "MasterId {group:?}: no call group has this id yet -> unknown_group; retried on later runs")
         };
         return Ok(out);
     }

@@ -237,10 +237,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
     let mut rules: Vec<Rule> = Vec::new();
     for r in &raw.rules {
         let rule_name = r.name.get_ref().trim().to_owned();
-        if rule_name.is_empty() || rule_name == "session_id" {
+        if rule_name.is_empty() || rule_name == "session_id" || rule_name == "master_id" {
             return Err(at(
                 r.name.span(),
-                "rule name must be non-empty and not `session_id` (reserved for SessionId attaches)",
+                "rule name must be non-empty and not `session_id` or `master_id` (reserved for SessionId and \
+                 MasterId attaches)",
             ));
         }
         if rules.iter().any(|x| x.name == rule_name) {
@@ -503,6 +504,7 @@ dir = "reports"
         check_err("call_group = \"metadata.caseNumber\"", "call = \"metadata.caseNumber\"", "targets call groups");
         check_err("queue = true", "queue = yes", ":8:9:");
         check_err("name = \"crm-case\"", "name = \"session_id\"", "reserved");
+        check_err("name = \"crm-case\"", "name = \"master_id\"", "reserved");
         check_err(
             "dir = \"reports\"",
             "dir = \"reports\"\nwebhook = \"ftp://x\"",

@@ -87,6 +87,7 @@ impl<'e> ToDecide<'e> {
             subject: Subject {
                 id,
                 session_id: e.event.session_id.clone(),
+                master_id: e.event.master_id.clone(),
                 time: e.event.event_time,
                 metadata: Cow::Borrowed(&e.event.metadata),
             },
@@ -107,8 +108,8 @@ impl<'e> std::borrow::Borrow<Subject<'e>> for ToDecide<'e> {
 pub enum Scope {
     /// Every pending event of the job but those this run decided already.
     Pending { run_id: i64 },
-    /// Every rule-decided or undecided event (SessionId attaches and manual decisions are
-    /// final) with EventTime in `[since, until)`.
+    /// Every rule-decided or undecided event (SessionId and MasterId attaches and manual
+    /// decisions are final) with EventTime in `[since, until)`.
     Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
 }
 
@@ -145,12 +146,13 @@ pub async fn read_in_scope(
         Option<String>,
         Vec<String>,
         sqlx::types::Json<Map<String, Value>>,
+        Option<String>,
     );
     let rows: Vec<Row> = match scope {
         Scope::Pending { run_id } => {
             sqlx::query_as(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
-                        state, reason, coalesce(candidates, '{}'), group_part
+                        state, reason, coalesce(candidates, '{}'), group_part, master_id
                  from events
                  where job = $1 and state = 'pending' and decided_run is distinct from $5
                    and event_time >= $2 and (event_time, id) > ($2, $3)
@@ -167,9 +169,9 @@ pub async fn read_in_scope(
         Scope::Rematch { since, until } => {
             sqlx::query_as(
                 "select id, session_id, event_time, received_at, metadata::text, target_kind, target_id, rule,
-                        state, reason, coalesce(candidates, '{}'), group_part
+                        state, reason, coalesce(candidates, '{}'), group_part, master_id
                  from events
-                 where job = $1 and session_id is null and decided_by is null
+                 where job = $1 and session_id is null and master_id is null and decided_by is null
                    and ($2::timestamptz is null or event_time >= $2)
                    and ($3::timestamptz is null or event_time < $3)
                    and event_time >= $4 and (event_time, id) > ($4, $5)
@@ -190,10 +192,10 @@ pub async fn read_in_scope(
     // of this stage's time.
     let keep = kept_keys(job);
     rows.into_iter()
-        .map(|(id, session_id, time, received_at, metadata, kind, target, rule, state, reason, cands, part)| {
+        .map(|(id, session_id, time, received_at, metadata, kind, target, rule, state, reason, cands, part, mid)| {
             let metadata = parse_keeping(&metadata, &keep).with_context(|| format!("metadata of event {id}"))?;
             Ok(ToDecide {
-                subject: Subject { id, session_id, time, metadata: Cow::Owned(metadata) },
+                subject: Subject { id, session_id, master_id: mid, time, metadata: Cow::Owned(metadata) },
                 received_at,
                 previous: Previous {
                     target: kind.as_deref().and_then(TargetKind::parse).zip(target),
@@ -293,13 +295,14 @@ impl Arrivals {
 }
 
 /// The columns of new events as `events` stores them, bound in this order by every statement
-/// that inserts them: source, session id, EventTime, received at, metadata (JSON text).
+/// that inserts them: source, session id, EventTime, received at, metadata (JSON text), master id.
 struct EventColumns<'e> {
     source: Vec<&'e str>,
     session: Vec<Option<&'e str>>,
     time: Vec<DateTime<Utc>>,
     received: Vec<DateTime<Utc>>,
     metadata: Vec<String>,
+    master: Vec<Option<&'e str>>,
 }
 
 impl<'e> EventColumns<'e> {
@@ -310,15 +313,17 @@ impl<'e> EventColumns<'e> {
             time: events.iter().map(|e| e.event.event_time).collect(),
             received: events.iter().map(|e| e.received_at).collect(),
             metadata: events.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?,
+            master: events.iter().map(|e| e.event.master_id.as_deref()).collect(),
         })
     }
 
-    /// Binds the five columns, in the order above.
+    /// Binds the six columns, in the order above.
     fn bind<'q>(
         &'q self,
         statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        statement.bind(&self.source).bind(&self.session).bind(&self.time).bind(&self.received).bind(&self.metadata)
+        let statement = statement.bind(&self.source).bind(&self.session).bind(&self.time).bind(&self.received);
+        statement.bind(&self.metadata).bind(&self.master)
     }
 }
 
@@ -328,10 +333,10 @@ async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: 
     for chunk in events.chunks(STORE_CHUNK) {
         let columns = EventColumns::of(chunk)?;
         let statement = sqlx::query(
-            "insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run)
-             select $1, s, sid, t, r, m::jsonb, $2
-             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[])
-                  with ordinality as u(s, sid, t, r, m, ord)
+            "insert into events (job, source, session_id, event_time, received_at, metadata, master_id, ingested_run)
+             select $1, s, sid, t, r, m::jsonb, mid, $2
+             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[])
+                  with ordinality as u(s, sid, t, r, m, mid, ord)
              order by ord",
         )
         .bind(job)
@@ -446,14 +451,14 @@ impl DecisionRows {
             // With each event's first decision in its history, in the same statement.
             let statement = sqlx::query(
                 "with stored as (
-                     insert into events (job, source, session_id, event_time, received_at, metadata, ingested_run,
-                                         state, target_kind, target_id, rule, group_part, reason, candidates,
-                                         decided_run, rules_fingerprint)
-                     select $1, s, sid, t, r, m::jsonb, $2, st, k, tg, ru, gp::jsonb, re,
+                     insert into events (job, source, session_id, event_time, received_at, metadata, master_id,
+                                         ingested_run, state, target_kind, target_id, rule, group_part, reason,
+                                         candidates, decided_run, rules_fingerprint)
+                     select $1, s, sid, t, r, m::jsonb, mid, $2, st, k, tg, ru, gp::jsonb, re,
                             case when re is null then null else c::text[] end, $2, $3
-                     from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[],
-                                 $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
-                          with ordinality as u(s, sid, t, r, m, st, k, tg, ru, gp, re, c, ord)
+                     from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[],
+                                 $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
+                          with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, ord)
                      order by ord
                      returning id, state, target_kind, target_id, rule, reason)
                  insert into event_history (event_id, run_id, state, target_kind, target_id, rule, reason)

@@ -178,8 +178,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     let n = datagen::calls(&mut conn, &scale(&s)).await?;
                     println!("generated {n} calls and {} call groups", scale(&s).groups().count());
                 }
-                GenCommand::Events { scale: s, from, to, count, salt } => {
-                    let n = datagen::events(&mut conn, &scale(&s), from, to, count, salt).await?;
+                GenCommand::Events { scale: s, from, to, count, salt, master_share } => {
+                    let n = datagen::events(&mut conn, &scale(&s), from, to, count, (salt, master_share)).await?;
                     println!("queued {n} events about calls from {from} to {to}");
                 }
             }

@@ -419,8 +419,13 @@ fn csv_records<'r, R: BufRead + Send + 'r>(
     }
     let headers = csv_row(&text.text).map_err(|e| format!("{label}: cannot read the CSV header ({e})"))?;
     let find = |name: &str| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
-    let (session_col, time_col, meta_col) = (find("SessionId"), find("EventTime"), find("Metadata"));
-    if time_col.is_none() {
+    let columns = Columns {
+        session: find("SessionId"),
+        master: find("MasterId"),
+        time: find("EventTime"),
+        metadata: find("Metadata"),
+    };
+    if columns.time.is_none() {
         return Err(format!(
             "{label}: the CSV header has no EventTime column (found: {})",
             headers.iter().collect::<Vec<_>>().join(", ")
@@ -433,7 +438,7 @@ fn csv_records<'r, R: BufRead + Send + 'r>(
             Ok(rec) if rec.len() != headers.len() => {
                 Err(format!("bad CSV row ({} fields where the header has {})", rec.len(), headers.len()))
             }
-            Ok(rec) => csv_payload(&headers, &rec, session_col, time_col, meta_col),
+            Ok(rec) => csv_payload(&headers, &rec, columns),
         })
     }))
 }
@@ -469,35 +474,38 @@ fn csv_row(text: &str) -> Result<csv::StringRecord, String> {
     reader.read_record(&mut rec).map(|_| rec).map_err(|e| e.to_string())
 }
 
-/// A CSV row as an event payload: SessionId and EventTime columns, a Metadata column holding a
-/// JSON object, and every other non-empty column as a string field of Metadata (a column wins
-/// over the same key inside the Metadata column).
-fn csv_payload(
-    headers: &csv::StringRecord,
-    rec: &csv::StringRecord,
-    session_col: Option<usize>,
-    time_col: Option<usize>,
-    meta_col: Option<usize>,
-) -> Result<Value, String> {
+/// Where the columns that are not Metadata fields are in a CSV header.
+#[derive(Clone, Copy)]
+struct Columns {
+    session: Option<usize>,
+    master: Option<usize>,
+    time: Option<usize>,
+    metadata: Option<usize>,
+}
+
+/// A CSV row as an event payload: SessionId, MasterId and EventTime columns, a Metadata column
+/// holding a JSON object, and every other non-empty column as a string field of Metadata (a
+/// column wins over the same key inside the Metadata column).
+fn csv_payload(headers: &csv::StringRecord, rec: &csv::StringRecord, columns: Columns) -> Result<Value, String> {
     let cell = |i: Option<usize>| i.and_then(|i| rec.get(i)).map(str::trim).filter(|s| !s.is_empty());
-    let mut metadata = match cell(meta_col) {
+    let mut metadata = match cell(columns.metadata) {
         None => Value::Object(Map::new()),
         Some(m) => serde_json::from_str(m).map_err(|e| format!("the Metadata column is not valid JSON ({e})"))?,
     };
+    let own = [columns.session, columns.master, columns.time, columns.metadata];
     if let Value::Object(fields) = &mut metadata {
         for (i, (name, value)) in headers.iter().zip(rec.iter()).enumerate() {
-            if Some(i) == session_col || Some(i) == time_col || Some(i) == meta_col || value.trim().is_empty() {
+            if own.contains(&Some(i)) || value.trim().is_empty() {
                 continue;
             }
             fields.insert(name.trim().to_owned(), Value::String(value.to_owned()));
         }
     }
     let mut payload = Map::new();
-    if let Some(s) = cell(session_col) {
-        payload.insert("SessionId".into(), Value::String(s.to_owned()));
-    }
-    if let Some(t) = cell(time_col) {
-        payload.insert("EventTime".into(), Value::String(t.to_owned()));
+    for (key, column) in [("SessionId", columns.session), ("MasterId", columns.master), ("EventTime", columns.time)] {
+        if let Some(s) = cell(column) {
+            payload.insert(key.into(), Value::String(s.to_owned()));
+        }
     }
     payload.insert("Metadata".into(), metadata);
     Ok(Value::Object(payload))
@@ -605,6 +613,22 @@ mod tests {
             &serde_json::json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": {"priority": "high", "crmCaseId": "C-77"}})
         );
         assert_eq!(got[1].1.as_ref().unwrap()["SessionId"], "s1");
+    }
+
+    #[test]
+    fn csv_master_id_column_addresses_a_group_and_is_not_metadata() {
+        let got = payloads(
+            "EventTime,masterid,caseStatus\n2018-10-15T09:00:00Z, grp-7 ,open\n2018-10-15T09:00:00Z,,closed\n",
+            Format::Csv,
+        );
+        assert_eq!(
+            got[0].1.as_ref().unwrap(),
+            &serde_json::json!({"MasterId": "grp-7", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {"caseStatus": "open"}})
+        );
+        assert_eq!(
+            got[1].1.as_ref().unwrap(),
+            &serde_json::json!({"EventTime": "2018-10-15T09:00:00Z", "Metadata": {"caseStatus": "closed"}})
+        );
     }
 
     #[test]

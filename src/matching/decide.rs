@@ -1,5 +1,5 @@
 //! The match stage for a page of events: their candidates read through `calldata`, then
-//! SessionId attaches and the rule cascade in polars.
+//! SessionId and MasterId attaches and the rule cascade in polars.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -15,9 +15,9 @@ use crate::job::Job;
 use crate::job::{Normalizer, Target};
 use crate::progress;
 
-/// Decisions for `events`, in their order: SessionId attaches, then the rule cascade over the
-/// sessionless ones in time-ordered chunks of `chunk_events`. With them, where each matched call
-/// was when read.
+/// Decisions for `events`, in their order: SessionId and MasterId attaches, then the rule
+/// cascade over the others (sessionless) in time-ordered chunks of `chunk_events`. With them,
+/// where each matched call was when read.
 pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -31,7 +31,10 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     let mut hints = foldhash::HashMap::default();
 
     let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
-    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_none()).collect();
+    let with_master: Vec<usize> =
+        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_some()).collect();
+    let mut sessionless: Vec<usize> =
+        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_none()).collect();
     sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
     let (call_fields, group_fields) = calldata::fields(job);
     let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
@@ -51,10 +54,19 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
         let by_session =
             if sessions.is_empty() { Default::default() } else { calldata::calls_by_session(conn, &sessions).await? };
+        let masters: HashSet<&str> = with_master.iter().filter_map(|&i| events[i].master_id.as_deref()).collect();
+        let existing =
+            if masters.is_empty() { Default::default() } else { calldata::existing_groups(conn, &masters).await? };
         let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
-        anyhow::Ok((by_session, calls))
+        anyhow::Ok((by_session, existing, calls))
     };
-    let (groups, (by_session, mut calls)) = tokio::try_join!(groups, calls)?;
+    let (groups, (by_session, existing_groups, mut calls)) = tokio::try_join!(groups, calls)?;
+
+    let attached =
+        super::attach_by_group(with_master.iter().filter_map(|&i| events[i].master_id.as_deref()), &existing_groups);
+    for (i, o) in with_master.into_iter().zip(attached) {
+        decisions[i] = Some(o);
+    }
 
     if !with_session.is_empty() {
         let calls = by_session;

@@ -17,6 +17,16 @@ const CELL_CHARS: usize = 400;
 /// Candidates named in a cell.
 const CELL_CANDIDATES: usize = 10;
 
+/// What each reason an event is unmatched for means, for the page's counts by reason.
+const REASONS: &[(&str, &str)] = &[
+    ("unknown_session", "its SessionId names no call yet; retried on every run until it expires"),
+    ("unknown_group", "its MasterId names no call group yet; retried on every run until it expires"),
+    ("missing_key", "its Metadata has the keys of no rule"),
+    ("no_candidate", "no call or call group has its key values (in the time window)"),
+    ("ambiguous", "several calls or groups are equally good candidates"),
+    ("expired", "unmatched past the job's pending_for: no longer retried, but by a rematch"),
+];
+
 /// The page (no network needed) for analysts.
 pub fn render_html(report: &Report) -> Result<String> {
     let mut env = minijinja::Environment::new();
@@ -89,6 +99,7 @@ pub fn render_html(report: &Report) -> Result<String> {
         omitted_by_reason => jinja(&serde_json::to_value(&shown.omitted)?),
         omitted,
         per_end => shown.per_end,
+        reason_help => REASONS.iter().copied().collect::<std::collections::BTreeMap<_, _>>(),
         table_rows => TABLE_ROWS,
         started,
         took,

@@ -167,9 +167,13 @@ pub struct Unmatched {
     pub event_id: i64,
     pub source: String,
     pub session_id: Option<String>,
+    /// The call group the event is addressed to (`MasterId`); absent from reports written
+    /// before MasterId existed.
+    #[serde(default)]
+    pub master_id: Option<String>,
     pub event_time: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
-    /// `unknown_session`, `missing_key`, `no_candidate`, `ambiguous`, or `expired`.
+    /// `unknown_session`, `unknown_group`, `missing_key`, `no_candidate`, `ambiguous`, or `expired`.
     pub reason: String,
     /// For `expired`: the reason it never matched.
     pub last_reason: Option<String>,

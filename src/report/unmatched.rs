@@ -54,8 +54,18 @@ impl Shown {
 
 /// A row as read: the metadata as the JSON text PostgreSQL prints, parsed only for the CSV's
 /// key columns and the events report.html shows.
-type Row =
-    (i64, String, Option<String>, DateTime<Utc>, DateTime<Utc>, String, Option<String>, Option<Vec<String>>, String);
+type Row = (
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    String,
+    Option<String>,
+    Option<Vec<String>>,
+    String,
+);
 
 /// An unmatched event as written, its metadata still JSON text.
 #[derive(serde::Serialize)]
@@ -64,6 +74,7 @@ struct Entry {
     event_id: i64,
     source: String,
     session_id: Option<String>,
+    master_id: Option<String>,
     event_time: DateTime<Utc>,
     received_at: DateTime<Utc>,
     reason: String,
@@ -81,6 +92,7 @@ impl Entry {
             event_id: self.event_id,
             source: self.source,
             session_id: self.session_id,
+            master_id: self.master_id,
             event_time: self.event_time,
             received_at: self.received_at,
             reason: self.reason,
@@ -111,7 +123,7 @@ pub async fn stream(
     let (keys, left_out) = csv_keys(conn, job, run_id, tuning.csv_key_columns).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "declare report_unmatched no scroll cursor for
-         select id, source, session_id, event_time, received_at, state, reason, candidates, metadata::text
+         select id, source, session_id, master_id, event_time, received_at, state, reason, candidates, metadata::text
          from events where {UNMATCHED} order by received_at, id"
     )))
     .bind(job)
@@ -182,12 +194,13 @@ async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64, columns: usiz
 
 /// The CSV's fixed columns, before one per metadata key. `resolve_to` and `note` are left
 /// empty for an analyst to fill in and hand back (`callrecon resolve --file`).
-const FIXED: [&str; 12] = [
+const FIXED: [&str; 13] = [
     "event_id",
     "resolve_to",
     "note",
     "source",
     "session_id",
+    "master_id",
     "event_time",
     "received_at",
     "expires_at",
@@ -197,9 +210,13 @@ const FIXED: [&str; 12] = [
     "metadata",
 ];
 
+/// The header: the fixed columns, then one per metadata key, named by the key (`metadata.KEY`
+/// for a key named like a fixed column, say `note`, so each name is one column).
 pub fn write_csv_header(out: impl Write, keys: &[String]) -> Result<()> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record(FIXED.iter().copied().chain(keys.iter().map(String::as_str)).map(|c| escape_cell(c).into_owned()))?;
+    let key_columns =
+        keys.iter().map(|k| if FIXED.contains(&k.as_str()) { format!("metadata.{k}") } else { k.clone() });
+    w.write_record(FIXED.iter().map(|c| c.to_string()).chain(key_columns).map(|c| escape_cell(&c).into_owned()))?;
     w.flush()?;
     Ok(())
 }
@@ -269,12 +286,13 @@ impl Writer {
     }
 
     fn add(&mut self, row: Row) -> Result<()> {
-        let (id, source, session_id, event_time, received_at, state, reason, candidates, metadata) = row;
+        let (id, source, session_id, master_id, event_time, received_at, state, reason, candidates, metadata) = row;
         let expired = state == "expired";
         let u = Entry {
             event_id: id,
             source,
             session_id,
+            master_id,
             event_time,
             received_at,
             // Undecided: reverted by an undo (or reopened) and not decided by a run since.
@@ -328,7 +346,14 @@ impl Writer {
 
     fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
         let w = &mut self.csv;
-        for cell in [&u.event_id.to_string(), "", "", &u.source, u.session_id.as_deref().unwrap_or_default()] {
+        for cell in [
+            &u.event_id.to_string(),
+            "",
+            "",
+            &u.source,
+            u.session_id.as_deref().unwrap_or_default(),
+            u.master_id.as_deref().unwrap_or_default(),
+        ] {
             w.write_field(escape_cell(cell).as_bytes())?;
         }
         for t in [u.event_time, u.received_at, u.expires_at] {

@@ -327,8 +327,8 @@ impl Run<'_> {
             // Hundreds of thousands of small allocations: freed off the run's path.
             std::thread::spawn(move || drop(fresh));
         }
-        if let apply::Applying::Beside(_) = applying {
-            // The reader has been reading meanwhile.
+        if matches!(applying, apply::Applying::Beside(_)) {
+            // The mark of a run whose apply reads while its events are stored (tests look for it).
             tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
         }
         let applied = applying.finish(conn).await;

@@ -5,6 +5,8 @@
 //! - `POST /callevent/v1/outofband/event`: one event, checked with [`crate::event`]'s parser (in
 //!   UTC: the API does not know the job's time zone, so the body is stored as posted and the run
 //!   parses it again in the job's zone), stored by the group-commit writer ([`queue_writer`]).
+//! - `POST /callevent/v1/outofband/masterCall`: the same, for an event addressed to a call group
+//!   by its `MasterId`, which it requires.
 //! - `GET /healthz`: 200 while the database answers.
 //! - `GET /metrics`: Prometheus metrics ([`metrics`]); `GET /openapi.json`: this API described
 //!   in OpenAPI 3.1 (`docs/openapi.json`, compiled in).
@@ -41,6 +43,17 @@ use queue_writer::{Outcome, Submission, Writer};
 
 /// The path the Async Metadata API article gives.
 pub const EVENT_PATH: &str = "/callevent/v1/outofband/event";
+
+/// The platform SDK's path for events addressed to a master call (a call group) by `MasterId`.
+pub const MASTER_CALL_PATH: &str = "/callevent/v1/outofband/masterCall";
+
+/// Which endpoint a body was posted to: what it must hold besides a valid event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Event,
+    /// `MasterId` is required.
+    MasterCall,
+}
 
 /// How long an `Idempotency-Key` is remembered.
 const IDEMPOTENCY_KEYS_KEPT: &str = "24 hours";
@@ -108,6 +121,7 @@ fn router(pool: PgPool, writer: Writer, args: &ServeArgs, metrics: metrics::Inta
     let app = App { pool, writer, max_body: args.max_body, metrics: metrics.clone() };
     Router::new()
         .route(EVENT_PATH, post(post_event))
+        .route(MASTER_CALL_PATH, post(post_master_call))
         .route("/healthz", get(healthz))
         .route("/metrics", get(|State(app): State<App>| async move { app.metrics.scrape(&app.pool).await }))
         .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
@@ -118,6 +132,16 @@ fn router(pool: PgPool, writer: Writer, args: &ServeArgs, metrics: metrics::Inta
 }
 
 async fn post_event(State(app): State<App>, request: Request) -> Response {
+    post_to(Endpoint::Event, app, request).await
+}
+
+async fn post_master_call(State(app): State<App>, request: Request) -> Response {
+    post_to(Endpoint::MasterCall, app, request).await
+}
+
+/// Both endpoints: the same auth, statuses, idempotency and group commit; only what the body must
+/// hold differs ([`check_body`]).
+async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
     // The caller first: no body is read for a request without a token.
     let token = match auth::bearer(request.headers()) {
         Ok(token) => users::token_digest(token),
@@ -141,7 +165,7 @@ async fn post_event(State(app): State<App>, request: Request) -> Response {
             return bad_request(None, &format!("could not read the request body: {}", rejection.body_text()));
         }
     };
-    let (body_text, check) = check_body(&body);
+    let (body_text, check) = check_body(&body, endpoint);
     let submission = Submission {
         token_sha256: token,
         idempotency_key,
@@ -190,16 +214,26 @@ async fn post_event(State(app): State<App>, request: Request) -> Response {
     }
 }
 
-/// The body as text and what the event parser says of it. Times are read in UTC here only to
-/// check them: the stored body is parsed again by the run in the job's time zone.
-fn check_body(body: &[u8]) -> (String, Result<(), Invalid>) {
+/// The body as text and what the event parser says of it (and, for the masterCall endpoint,
+/// whether it names a MasterId). Times are read in UTC here only to check them: the stored body
+/// is parsed again by the run in the job's time zone.
+fn check_body(body: &[u8], endpoint: Endpoint) -> (String, Result<(), Invalid>) {
     let not_json = |reason: String| (String::new(), Err(Invalid { field: None, reason }));
     let value: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return not_json(format!("the body is not JSON: {e}")),
     };
     let Ok(text) = std::str::from_utf8(body) else { return not_json("the body is not UTF-8".to_owned()) };
-    (text.to_owned(), event::parse_naming_field(&value, chrono_tz::UTC).map(drop))
+    let check = event::parse_naming_field(&value, chrono_tz::UTC).and_then(|e| match (endpoint, e.master_id) {
+        (Endpoint::MasterCall, None) => Err(Invalid {
+            field: Some("MasterId".to_owned()),
+            reason: "missing MasterId: this endpoint takes events for a master call (the call group's id); \
+                     post events for one call to /callevent/v1/outofband/event"
+                .to_owned(),
+        }),
+        _ => Ok(()),
+    });
+    (text.to_owned(), check)
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
@@ -277,7 +311,7 @@ mod tests {
     #[test]
     fn bodies_are_checked_with_the_event_parser() {
         let ok = br#"{"SessionId": "abc123", "EventTime": "2018/10/15T09:00:00.000Z", "Metadata": {"a": 1}}"#;
-        let (text, check) = check_body(ok);
+        let (text, check) = check_body(ok, Endpoint::Event);
         assert_eq!(check, Ok(()));
         assert_eq!(text.as_bytes(), ok);
 
@@ -289,9 +323,20 @@ mod tests {
             (br#"{"EventTime": "2018-10-15T09:00:00Z", "Metadata": {"a": "x\u0000"}}"#, Some("Metadata"), "U+0000"),
         ];
         for (body, field, reason) in cases {
-            let err = check_body(body).1.unwrap_err();
+            let err = check_body(body, Endpoint::Event).1.unwrap_err();
             assert_eq!(err.field.as_deref(), field, "{}", String::from_utf8_lossy(body));
             assert!(err.reason.contains(reason), "{err:?} should say {reason:?}");
         }
+    }
+
+    #[test]
+    fn the_master_call_endpoint_requires_a_master_id() {
+        let with = br#"{"MasterId": "grp-1", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}"#;
+        assert_eq!(check_body(with, Endpoint::MasterCall).1, Ok(()));
+        assert_eq!(check_body(with, Endpoint::Event).1, Ok(()));
+        let without = br#"{"SessionId": "s", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}"#;
+        assert_eq!(check_body(without, Endpoint::Event).1, Ok(()));
+        let err = check_body(without, Endpoint::MasterCall).1.unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("MasterId"));
     }
 }

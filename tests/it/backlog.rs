@@ -118,14 +118,24 @@ async fn large_backlog_report_lists_every_event_in_csv_and_json_and_caps_the_htm
     assert_each_once("report.json", &ids, &expected);
     let times: Vec<&str> = unmatched.iter().map(|u| u["received_at"].as_str().unwrap()).collect();
     assert!(times.first() < times.last(), "oldest first");
-    for key in ["event_id", "source", "session_id", "event_time", "received_at", "reason", "candidates", "metadata"] {
+    for key in [
+        "event_id",
+        "source",
+        "session_id",
+        "master_id",
+        "event_time",
+        "received_at",
+        "reason",
+        "candidates",
+        "metadata",
+    ] {
         assert!(unmatched[0].get(key).is_some(), "unmatched entry lacks {key}");
     }
 
     // unmatched.csv: every event once; a column for each of the 100 most frequent metadata keys.
     let mut csv = csv::Reader::from_path(dir.join("unmatched.csv")).unwrap();
     let headers: Vec<String> = csv.headers().unwrap().iter().map(str::to_owned).collect();
-    assert_eq!(headers.len(), 10 + 100, "the fixed columns and the capped key columns");
+    assert_eq!(headers.len(), 13 + 100, "the fixed columns and the capped key columns");
     for key in ["crmCaseId", "i", "other"] {
         assert!(headers.contains(&key.to_owned()), "the frequent key {key} has a column");
     }
@@ -142,7 +152,7 @@ async fn large_backlog_report_lists_every_event_in_csv_and_json_and_caps_the_htm
     for reason in ["missing_key", "no_candidate", "unknown_session"] {
         assert!(html.contains(&format!("data-reason=\"{reason}\">{reason} {omitted}</span>")), "{reason} omitted");
         assert!(
-            html.contains(&format!("<tr><td>{reason}</td><td class=\"num\">{per_reason}</td></tr>")),
+            html.contains(&format!("<tr><td>{reason}</td><td class=\"num\">{per_reason}</td><td class=\"muted\">")),
             "{reason} count"
         );
     }

@@ -29,8 +29,8 @@ async fn demo_in_small_batches_decides_and_applies_the_same(pool: PgPool) {
     let env = [("CALLRECON_CHUNK_EVENTS", "7"), ("CALLRECON_APPLY_BATCH_GROUPS", "2")];
     let job = demo_matches_expected(&pool, &env).await;
     // A rematch under the same rules, read in pages of 21 events, re-evaluates every
-    // sessionless event exactly once and changes nothing.
-    let sessionless = count(&pool, "select count(*) from events where session_id is null").await;
+    // sessionless event (neither SessionId nor MasterId) exactly once and changes nothing.
+    let sessionless = count(&pool, "select count(*) from events where session_id is null and master_id is null").await;
     let out = callrecon_env(&pool, &["rematch", "--job", job.path().join("demo.toml").to_str().unwrap()], &env).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let expected = format!("rematch   {sessionless:>6} events   0 newly matched · 0 moved · 0 newly unmatched");
@@ -95,14 +95,19 @@ async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) -> tempfile:
     assert_eq!(first.by_rule["session_id"], expected("first_run", "session"));
     assert_eq!(first.by_rule["phone-and-agent"], expected("first_run", "phone-and-agent"));
     assert_eq!(first.by_rule["crm-case"], expected("first_run", "crm-case"));
-    for reason in ["unknown_session", "no_candidate", "ambiguous", "missing_key"] {
+    assert_eq!(first.by_rule["master_id"], expected("first_run", "master_id"));
+    for reason in ["unknown_session", "unknown_group", "no_candidate", "ambiguous", "missing_key"] {
         assert_eq!(first.by_reason.get(reason).copied().unwrap_or(0), expected("first_run", reason), "{reason}");
     }
     // The queue's line that is not JSON cannot be enqueued (jsonb); every other bad record is rejected.
     assert_eq!(first.rejected, expected("first_run", "bad") - 1);
-    // The late call lands: its event attaches, nothing else changes.
-    assert_eq!(second.by_rule.get("session_id").copied(), Some(1));
+    // The late call and group land: the events waiting for them attach, nothing else changes.
+    let newly = |outcome: &str| expected("after_calls_late", outcome) - expected("first_run", outcome);
+    assert_eq!(second.by_rule.get("session_id").copied(), Some(newly("session")));
+    assert_eq!(second.by_rule.get("master_id").copied(), Some(newly("master_id")));
+    assert_eq!(second.by_rule.len(), 2, "{:?}", second.by_rule);
     assert_eq!(second.by_reason["unknown_session"], expected("after_calls_late", "unknown_session"));
+    assert_eq!(second.by_reason["unknown_group"], expected("after_calls_late", "unknown_group"));
     let report = text.lines().last().unwrap().strip_prefix("Open the report in a browser: ").unwrap();
     assert!(std::path::Path::new(report).exists(), "{report}");
     dir

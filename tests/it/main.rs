@@ -10,6 +10,7 @@ mod fuzz;
 mod helpers;
 mod hostile;
 mod ingest;
+mod master_id;
 mod matching;
 mod metrics;
 mod openapi;

@@ -67,8 +67,11 @@ async fn unmatched_csv_parses_back_with_metadata_columns_and_formula_escaping(po
         headers,
         [
             "event_id",
+            "resolve_to",
+            "note",
             "source",
             "session_id",
+            "master_id",
             "event_time",
             "received_at",
             "expires_at",
@@ -78,7 +81,7 @@ async fn unmatched_csv_parses_back_with_metadata_columns_and_formula_escaping(po
             "metadata",
             "crmCaseId",
             "n",
-            "note",
+            "metadata.note",
             "other"
         ]
     );
@@ -86,11 +89,11 @@ async fn unmatched_csv_parses_back_with_metadata_columns_and_formula_escaping(po
     assert_eq!(rows.len(), 2);
     let col = |row: &csv::StringRecord, name: &str| row[headers.iter().position(|h| h == name).unwrap()].to_owned();
     assert_eq!(col(&rows[0], "reason"), "no_candidate");
-    assert_eq!(col(&rows[0], "note"), "'=HYPERLINK(\"http://x\")");
+    assert_eq!(col(&rows[0], "metadata.note"), "'=HYPERLINK(\"http://x\")");
     assert_eq!(col(&rows[0], "crmCaseId"), "C-9");
     assert_eq!(col(&rows[0], "n"), "3");
     assert_eq!(col(&rows[1], "reason"), "missing_key");
-    assert_eq!(col(&rows[1], "note"), "'+1 555");
+    assert_eq!(col(&rows[1], "metadata.note"), "'+1 555");
     assert_eq!(col(&rows[1], "other"), "é, \"quoted\"\nline");
     let meta: serde_json::Value = serde_json::from_str(&col(&rows[1], "metadata")).unwrap();
     assert_eq!(meta["other"], "é, \"quoted\"\nline");

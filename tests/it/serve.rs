@@ -822,3 +822,75 @@ async fn posted_numbers_reach_the_call_digit_for_digit(pool: PgPool) {
         r#"{"big": 100, "acct": 12345678901234567890123, "rate": 0.1000, "tiny": 0.00000015, "price": 1.50}"#
     );
 }
+
+/// Posts to the masterCall endpoint, with an optional bearer token and idempotency key.
+async fn post_master_call(server: &Server, token: Option<&str>, key: Option<&str>, body: &str) -> (StatusCode, Value) {
+    let mut req = server.http.post(format!("{}/callevent/v1/outofband/masterCall", server.base)).body(body.to_owned());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: body is not JSON: {text:?}")))
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn master_call_endpoint_answers_as_the_event_endpoint_and_requires_master_id(pool: PgPool) {
+    add_group(&pool, "grp-7", json!({})).await;
+    Call::new("c1", "2026-11-02T10:00:00Z", None).group("grp-7").insert(&pool).await;
+    let server = Server::start(&pool).await;
+    let token = server.token(&poster(&pool).await).await;
+    let body = r#"{"MasterId": "grp-7", "EventTime": "2026/11/02T10:00:00.000Z", "Metadata": {"caseStatus": "open"}}"#;
+
+    // 401 before anything else, then 403 for a user without the role.
+    for bad in [None, Some("not-a-token-we-issued")] {
+        let (status, resp) = post_master_call(&server, bad, None, body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{resp}");
+    }
+    let reader = server.token(&user(&pool, "reporting", &[]).await).await;
+    let (status, resp) = post_master_call(&server, Some(&reader), None, body).await;
+    assert_eq!((status, &resp["error"]), (StatusCode::FORBIDDEN, &json!("insufficient_scope")), "{resp}");
+
+    // 400 naming the field: MasterId missing (or blank), both ids, an invalid event.
+    let cases = [
+        (r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#, "MasterId", "missing MasterId"),
+        (r#"{"MasterId": " ", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#, "MasterId", "missing MasterId"),
+        (r#"{"SessionId": "s1", "Metadata": {}, "EventTime": "2026-11-02T10:00:00Z"}"#, "MasterId", "missing MasterId"),
+        (
+            r#"{"SessionId": "s1", "masterId": "grp-7", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#,
+            "masterId",
+            "`SessionId`",
+        ),
+        (r#"{"MasterId": 7, "EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#, "MasterId", "must be a string"),
+        (r#"{"MasterId": "grp-7", "Metadata": {}}"#, "EventTime", "missing EventTime"),
+    ];
+    for (bad, field, message) in cases {
+        let (status, resp) = post_master_call(&server, Some(&token), None, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {resp}");
+        assert_eq!((&resp["error"], &resp["field"]), (&json!("invalid_event"), &json!(field)), "{bad}: {resp}");
+        assert!(resp["message"].as_str().unwrap().contains(message), "{bad}: {resp} should say {message:?}");
+    }
+    assert!(queued(&pool).await.is_empty());
+
+    // 200 once queued as posted; a retry with the same key is answered the same, stored once.
+    let (status, first) = post_master_call(&server, Some(&token), Some("k-1"), body).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, again) = post_master_call(&server, Some(&token), Some("k-1"), body).await;
+    assert_eq!((status, &again["id"]), (StatusCode::OK, &first["id"]));
+    let on_queue = queued(&pool).await;
+    assert_eq!(on_queue.len(), 1);
+    assert_eq!(on_queue[0].1, serde_json::from_str::<Value>(body).unwrap());
+    // The event endpoint takes a MasterId too (the contract's payloads are the same everywhere).
+    let other = r#"{"masterid": "grp-7", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"viaEvent": true}}"#;
+    assert_eq!(server.post(Some(&token), None, other).await.0, StatusCode::OK);
+    server.stop().await;
+
+    let done = TestJob::new(RULES).run(&pool).await;
+    assert_eq!(done.report.summary.by_rule, [("master_id".to_owned(), 2)].into());
+    assert_eq!(call_meta(&pool, "c1").await, json!({"caseStatus": "open", "viaEvent": true}));
+    assert_eq!(group_meta(&pool, "grp-7").await, json!({"caseStatus": "open", "viaEvent": true}));
+}
