@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         statement: cli.statement_timeout,
         lock: cli.lock_timeout,
     });
+    db::set_schemas(db::Schemas { own: cli.schema.clone(), platform: cli.platform_schema.clone() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,9 +68,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
         // Long-running: connects (and reconnects) to the database itself.
         return callrecon::schedule::daemon(&cli.database_url, jobs).await;
     }
+    if let Command::Grants { role } = &cli.command {
+        print!("{}", db::grants(&db::schemas(), role));
+        return Ok(());
+    }
     let pool = db::connect(&cli.database_url).await?;
     match cli.command {
-        Command::Schedule { .. } => unreachable!("handled above"),
+        Command::Schedule { .. } | Command::Grants { .. } => unreachable!("handled above"),
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
         Command::Run { dry_run, .. } => {
             let job = job.expect("loaded above");
