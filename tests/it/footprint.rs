@@ -281,7 +281,9 @@ async fn the_triggers_log_exactly_the_calls_joining_or_leaving_a_contributing_gr
 async fn the_pipeline_runs_as_a_least_privilege_role_with_schemas_of_its_choice(pool: PgPool) {
     let url = database_url(&pool).await;
     let db: String = sqlx::query_scalar("select current_database()").fetch_one(&pool).await.unwrap();
-    let (role, platform_role) = (format!("{db}_app"), format!("{db}_platform"));
+    // Role names are cluster-wide and cut at 63 bytes: the end of the test database's name.
+    let unique = &db[db.len() - 16..];
+    let (role, platform_role) = (format!("callrecon_app_{unique}"), format!("platform_{unique}"));
     let schemas = ("recon", "platform");
     exec(&pool, "create schema platform").await;
     let out = callrecon_as(&url, None, schemas, &["migrate"]);
@@ -375,7 +377,10 @@ async fn the_pipeline_runs_as_a_least_privilege_role_with_schemas_of_its_choice(
         "create table recon.mine (x int)",
         "create table platform.mine (x int)",
     ] {
-        let e = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&app).await.unwrap_err();
+        let e = match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&app).await {
+            Ok(done) => panic!("{sql}: allowed ({done:?})"),
+            Err(e) => e,
+        };
         assert!(e.to_string().contains("permission denied"), "{sql}: {e}");
     }
     app.close().await;
