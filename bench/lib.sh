@@ -23,6 +23,9 @@ bench_binary() {
 }
 
 PSQL() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
+# callrecon's tables are in their own schema (migration 0010): psql finds them and the
+# platform's unqualified, as callrecon's own sessions do.
+export PGOPTIONS="${PGOPTIONS:-} -c search_path=${CALLRECON_SCHEMA:-callrecon},${CALLRECON_PLATFORM_SCHEMA:-public}"
 
 # Writes the bench job (the demo job, reading the queue only) to $1/job.toml, and the rule change
 # support makes before a rematch (a wider window after the call) to $1/job-changed.toml.

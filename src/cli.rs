@@ -27,6 +27,14 @@ pub struct Cli {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, global = true)]
     pub lock_timeout: Duration,
 
+    /// Schema of callrecon's own tables and functions (created by `migrate` when missing).
+    #[arg(long = "schema", env = "CALLRECON_SCHEMA", default_value = "callrecon", global = true)]
+    pub schema: String,
+
+    /// Schema of the platform's calls, call_groups and event_queue.
+    #[arg(long, env = "CALLRECON_PLATFORM_SCHEMA", default_value = "public", global = true)]
+    pub platform_schema: String,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
@@ -45,6 +53,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Apply pending migrations and exit.
     Migrate,
+    /// Print the SQL that gives ROLE the privileges callrecon needs to run (every command but
+    /// `migrate`, `demo` and `gen`), for the configured schemas; connects to nothing.
+    Grants { role: String },
     /// One reconciliation run: ingest, match, apply, report.
     Run {
         #[arg(long)]

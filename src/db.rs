@@ -1,12 +1,17 @@
 //! The database: connecting (creating the database when missing), migrations, and the per-job lock.
+//!
+//! callrecon's objects live in a schema of their own ([`Schemas::own`], `--schema`), the
+//! platform's `calls`, `call_groups` and `event_queue` in theirs ([`Schemas::platform`]); every
+//! connection's `search_path` names both, ours first, so queries name tables unqualified.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use sqlx::migrate::MigrateDatabase;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, PgPool, Postgres};
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection, PgPool, Postgres};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
 
@@ -47,6 +52,43 @@ pub fn timeouts() -> Timeouts {
     TIMEOUTS.get().copied().unwrap_or_default()
 }
 
+/// Where callrecon's objects are and where the platform's tables are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schemas {
+    /// callrecon's tables, functions and aggregate, and its migrations table.
+    pub own: String,
+    /// The platform's `calls`, `call_groups` and `event_queue` (created there when absent).
+    pub platform: String,
+}
+
+impl Default for Schemas {
+    fn default() -> Self {
+        Schemas { own: "callrecon".into(), platform: "public".into() }
+    }
+}
+
+static SCHEMAS: OnceLock<Schemas> = OnceLock::new();
+
+/// Sets the schemas of every connection this process opens; once, at start (later calls are
+/// ignored). Without it the defaults apply.
+pub fn set_schemas(schemas: Schemas) {
+    let _ = SCHEMAS.set(schemas);
+}
+
+pub fn schemas() -> Schemas {
+    SCHEMAS.get().cloned().unwrap_or_default()
+}
+
+/// `name` as an SQL identifier, quoted.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The search path of callrecon's sessions: its own schema, then the platform's.
+fn search_path(s: &Schemas) -> String {
+    format!("{}, {}", ident(&s.own), ident(&s.platform))
+}
+
 /// callrecon's settings for its connections.
 pub fn session(options: PgConnectOptions) -> PgConnectOptions {
     let t = timeouts();
@@ -63,6 +105,7 @@ pub fn session(options: PgConnectOptions) -> PgConnectOptions {
             ("jit", "off".to_owned()),
             ("statement_timeout", format!("{}ms", t.statement.as_millis())),
             ("lock_timeout", format!("{}ms", t.lock.as_millis())),
+            ("search_path", search_path(&schemas())),
         ])
 }
 
@@ -96,13 +139,169 @@ pub async fn connect(url: &str) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(timeouts().connect)
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
         .with_context(|| format!("cannot connect to {}", redact(url)))?;
     // Bounded by the statement and lock timeouts.
-    MIGRATOR.run(&pool).await.context("applying migrations from sql/")?;
+    migrate(&options).await.context("applying migrations from sql/")?;
     Ok(pool)
 }
+
+/// The last migration written before callrecon had a schema of its own: it and those before it
+/// run with the platform's schema first, as they always did (0001 creates the platform's tables
+/// there when absent, and callrecon's beside them); 0010 moves callrecon's to its schema.
+const LAST_IN_PLATFORM_SCHEMA: i64 = 9;
+
+/// Applies pending migrations on a connection of its own, the migrations table in our schema.
+///
+/// Nothing is created or locked when every migration is applied already: a role that may only
+/// read call data and use callrecon's tables (README, "For the platform's DBA") runs every
+/// command but `migrate` after the owner migrated.
+async fn migrate(options: &PgConnectOptions) -> Result<()> {
+    let s = schemas();
+    let table = format!("{}._sqlx_migrations", ident(&s.own));
+    let mut conn = within(async { Ok(options.clone().connect().await?) }).await?;
+    if up_to_date(&mut conn, &table).await? {
+        return Ok(conn.close().await?);
+    }
+    // One migrating process at a time, from adopting the old history to the last migration.
+    sqlx::query("select pg_advisory_lock(hashtextextended('callrecon.migrate', 0))").execute(&mut conn).await?;
+    adopt_history(&mut conn, &s).await?;
+    let migrator = Migrator {
+        migrations: MIGRATOR.migrations.clone(),
+        ignore_missing: MIGRATOR.ignore_missing,
+        locking: true,
+        no_tx: MIGRATOR.no_tx,
+        table_name: table.into(),
+        create_schemas: Default::default(),
+    };
+    sqlx::query("select set_config('search_path', $1, false), set_config('callrecon.schema', $2, false)")
+        .bind(ident(&s.platform))
+        .bind(&s.own)
+        .execute(&mut conn)
+        .await?;
+    migrator.run_to(LAST_IN_PLATFORM_SCHEMA, &mut conn).await?;
+    sqlx::query("select set_config('search_path', $1, false)").bind(search_path(&s)).execute(&mut conn).await?;
+    migrator.run(&mut conn).await?;
+    Ok(conn.close().await?)
+}
+
+/// Whether every migration is applied, unchanged (as sqlx's migrator would check).
+async fn up_to_date(conn: &mut PgConnection, table: &str) -> Result<bool> {
+    let exists: Option<String> =
+        sqlx::query_scalar("select to_regclass($1)::text").bind(table).fetch_one(&mut *conn).await?;
+    if exists.is_none() {
+        return Ok(false);
+    }
+    let applied: Vec<(i64, Vec<u8>, bool)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("select version, checksum, success from {table}")))
+            .fetch_all(&mut *conn)
+            .await?;
+    let applied: std::collections::HashMap<i64, (Vec<u8>, bool)> =
+        applied.into_iter().map(|(v, c, ok)| (v, (c, ok))).collect();
+    Ok(applied.len() == MIGRATOR.iter().count()
+        && MIGRATOR.iter().all(|m| applied.get(&m.version).is_some_and(|(c, ok)| *ok && c[..] == m.checksum[..])))
+}
+
+/// Creates our schema when missing, and takes over the migration history an install older
+/// than migration 0010 kept in the platform's schema (otherwise every migration would run
+/// again): the table moves to our schema, or, where the platform's own sqlx migrations share
+/// it, our rows do.
+async fn adopt_history(conn: &mut PgConnection, s: &Schemas) -> Result<()> {
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_namespace where nspname = $1)")
+        .bind(&s.own)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("create schema {}", ident(&s.own)))).execute(&mut *conn).await?;
+    }
+    let ours = format!("{}._sqlx_migrations", ident(&s.own));
+    let old = format!("{}._sqlx_migrations", ident(&s.platform));
+    if s.own == s.platform
+        || sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
+            .bind(&ours)
+            .fetch_one(&mut *conn)
+            .await?
+            .is_some()
+        || sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
+            .bind(&old)
+            .fetch_one(&mut *conn)
+            .await?
+            .is_none()
+    {
+        return Ok(());
+    }
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("select version, checksum from {old}")))
+        .fetch_all(&mut *conn)
+        .await?;
+    let mine: Vec<i64> = rows
+        .iter()
+        .filter(|(v, c)| MIGRATOR.iter().any(|m| m.version == *v && m.checksum[..] == c[..]))
+        .map(|(v, _)| *v)
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let mut tx = conn.begin().await?;
+    if mine.len() == rows.len() {
+        sqlx::query(sqlx::AssertSqlSafe(format!("alter table {old} set schema {}", ident(&s.own))))
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        sqlx::query(sqlx::AssertSqlSafe(format!("create table {ours} (like {old} including all)")))
+            .execute(&mut *tx)
+            .await?;
+        for statement in [
+            format!("insert into {ours} select * from {old} where version = any($1)"),
+            format!("delete from {old} where version = any($1)"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement)).bind(&mine).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    tracing::info!(from = %s.platform, to = %s.own, "moved callrecon's migration history to its schema");
+    Ok(())
+}
+
+/// The SQL that gives `role` what callrecon needs to run every command but `migrate` (and the
+/// bench's `demo` and `gen`, which write calls): use of callrecon's own tables; reading the
+/// platform's calls and call groups and writing only their `async_metadata`; draining and
+/// filling `event_queue`. Run by the owner after `callrecon migrate`.
+pub fn grants(s: &Schemas, role: &str) -> String {
+    let (own, platform, name) = (ident(&s.own), ident(&s.platform), role);
+    let role = ident(name);
+    let tables = OWN_TABLES.iter().map(|t| format!("{own}.{t}")).collect::<Vec<_>>().join(", ");
+    let literal = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    format!(
+        "-- callrecon's privileges for {role} (`callrecon grants`); run after `callrecon migrate`.\n\
+         grant usage on schema {own} to {role};\n\
+         grant select on {own}._sqlx_migrations to {role};\n\
+         grant select, insert, update, delete on {tables} to {role};\n\
+         grant usage on all sequences in schema {own} to {role};\n\
+         grant usage on schema {platform} to {role};\n\
+         grant select on {platform}.calls, {platform}.call_groups to {role};\n\
+         grant update (async_metadata) on {platform}.calls, {platform}.call_groups to {role};\n\
+         grant select, insert, update, delete on {platform}.event_queue to {role};\n\
+         do $$ begin execute format('grant usage on sequence %s to %I', \
+         pg_get_serial_sequence({}, 'id'), {}); end $$;\n",
+        literal(&format!("{platform}.event_queue")),
+        literal(name),
+    )
+}
+
+/// callrecon's own tables (those of migrations 0001-0009, moved to its schema by 0010, and later ones).
+pub const OWN_TABLES: [&str; 9] = [
+    "runs",
+    "inbox_files",
+    "events",
+    "contributing_groups",
+    "call_group_changes",
+    "api_users",
+    "api_tokens",
+    "api_idempotency",
+    // 0011
+    "event_history",
+];
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {

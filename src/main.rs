@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         statement: cli.statement_timeout,
         lock: cli.lock_timeout,
     });
+    db::set_schemas(db::Schemas { own: cli.schema.clone(), platform: cli.platform_schema.clone() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +71,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
         // Long-running: connects (and reconnects) to the database itself.
         return callrecon::schedule::daemon(&cli.database_url, jobs, *metrics_listen).await;
     }
+    if let Command::Grants { role } = &cli.command {
+        print!("{}", db::grants(&db::schemas(), role));
+        return Ok(());
+    }
     let pool = match db::connect(&cli.database_url).await {
         Ok(pool) => pool,
         Err(e) => {
@@ -81,7 +86,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
     };
     match cli.command {
-        Command::Schedule { .. } => unreachable!("handled above"),
+        Command::Schedule { .. } | Command::Grants { .. } => unreachable!("handled above"),
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
         Command::Run { dry_run, metrics_file, .. } => {
             let job = job.expect("loaded above");

@@ -68,6 +68,7 @@ async fn run_killed_at_any_moment_changes_all_or_nothing(pool: PgPool) {
         let delay = full.mul_f64(fraction);
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
             .args(["--database-url", &url, "run", "--job", job.path().to_str().unwrap()])
+            .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -116,6 +117,7 @@ async fn two_runs_of_one_job_started_together_never_both_work(pool: PgPool) {
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
             .args(["--database-url", &url, "run", "--job", job.path().to_str().unwrap()])
+            .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
             .output()
     };
     let (a, b) = std::thread::scope(|s| {

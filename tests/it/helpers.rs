@@ -155,6 +155,12 @@ pub async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(pool).await.unwrap()
 }
 
+/// Where callrecon's objects are in a test's database. `#[sqlx::test]` migrates it without
+/// callrecon's session settings, so migration 0010 leaves them beside the platform's tables in
+/// `public` (the layout of `--schema public`): the binary is run with that schema. The default
+/// layout, other schemas and the upgrade are tested in `footprint.rs`.
+pub const LEGACY_SCHEMA: &str = "public";
+
 /// The URL of the test's own database, for running the binary against it.
 pub async fn database_url(pool: &PgPool) -> String {
     let db: String = sqlx::query_scalar("select current_database()").fetch_one(pool).await.unwrap();
@@ -178,6 +184,7 @@ pub async fn callrecon_env(pool: &PgPool, args: &[&str], env: &[(&str, &str)]) -
         .arg(url)
         .args(args)
         .env("NO_COLOR", "1")
+        .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
         .envs(env.iter().copied())
         .output()
         .await
@@ -186,7 +193,7 @@ pub async fn callrecon_env(pool: &PgPool, args: &[&str], env: &[(&str, &str)]) -
 
 pub fn callrecon_at(url: &str, args: &[&str], cwd: Option<&Path>) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"));
-    cmd.arg("--database-url").arg(url).args(args).env("NO_COLOR", "1");
+    cmd.arg("--database-url").arg(url).args(args).env("NO_COLOR", "1").env("CALLRECON_SCHEMA", LEGACY_SCHEMA);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }

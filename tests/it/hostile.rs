@@ -333,6 +333,7 @@ async fn cut_off_at(pool: &PgPool, job: &TestJob, line: &str) -> (Option<i32>, S
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
         .args(["--database-url", &url, "--connect-timeout", "3s", "run", "--job", job.path().to_str().unwrap()])
         .env("RUST_LOG", "callrecon=debug")
+        .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -255,6 +255,7 @@ async fn json_log_format_writes_one_json_object_per_line(pool: PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn callrecons_connections_run_without_jit(pool: PgPool) {
     // PostgreSQL's default is on; callrecon's statements are index probes JIT only slows down.
+    callrecon::db::set_schemas(callrecon::db::Schemas { own: LEGACY_SCHEMA.into(), platform: "public".into() });
     let ours = callrecon::db::connect(&database_url(&pool).await).await.unwrap();
     let jit: String = sqlx::query_scalar("show jit").fetch_one(&ours).await.unwrap();
     assert_eq!(jit, "off");

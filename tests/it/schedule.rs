@@ -47,6 +47,7 @@ impl Scheduler {
         }
         let child = cmd
             .env("RUST_LOG", "callrecon=info,warn")
+            .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
