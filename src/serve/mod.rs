@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use crate::cli::ServeArgs;
 use crate::event::{self, Invalid};
 use crate::users;
-use queue_writer::{Outcome, Submission, Writer};
+use queue_writer::{Submission, Verdict, Writer};
 
 /// The path the Async Metadata API article gives.
 pub const EVENT_PATH: &str = "/callevent/v1/outofband/event";
@@ -174,18 +174,18 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
         check,
     };
     match app.writer.submit(submission).await {
-        Outcome::Stored { queue_id, replayed } => {
+        Verdict::Stored { queue_id, replayed } => {
             let mut resp = axum::Json(json!({"status": "accepted", "id": queue_id})).into_response();
             if replayed {
                 resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
             }
             resp
         }
-        Outcome::Unauthorized => auth::unauthorized(
+        Verdict::Unauthorized => auth::unauthorized(
             Some("invalid_token"),
             "the token is unknown, expired or its user revoked; get a new one from POST /token",
         ),
-        Outcome::Forbidden { user } => {
+        Verdict::Forbidden { user } => {
             let message = format!("API user {user} lacks the {} role", users::ROLE_ASYNC_METADATA);
             let mut resp =
                 (StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
@@ -196,8 +196,8 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
             );
             resp
         }
-        Outcome::Invalid(invalid) => bad_request(invalid.field.as_deref(), &invalid.reason),
-        Outcome::KeyReused => (
+        Verdict::Invalid(invalid) => bad_request(invalid.field.as_deref(), &invalid.reason),
+        Verdict::KeyReused => (
             StatusCode::UNPROCESSABLE_ENTITY,
             axum::Json(json!({
                 "error": "idempotency_key_reused",
@@ -206,7 +206,7 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
             })),
         )
             .into_response(),
-        Outcome::Failed => (
+        Verdict::Failed => (
             StatusCode::INTERNAL_SERVER_ERROR,
             axum::Json(json!({"error": "storage_failed", "message": "the event could not be stored (nothing was stored); retry"})),
         )

@@ -35,7 +35,7 @@ pub struct Submission {
 
 /// How a submission ended.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Verdict {
     /// Committed on `event_queue` with this id (`replayed`: by an earlier request with the same
     /// `Idempotency-Key`).
     Stored {
@@ -55,7 +55,7 @@ pub enum Outcome {
     Failed,
 }
 
-type Item = (Submission, oneshot::Sender<Outcome>);
+type Item = (Submission, oneshot::Sender<Verdict>);
 
 /// The requests' side of the writer; when every clone is dropped, the writer finishes the
 /// batches it holds and stops.
@@ -66,12 +66,12 @@ pub struct Writer {
 
 impl Writer {
     /// Hands the event to the writer and waits for its outcome.
-    pub async fn submit(&self, submission: Submission) -> Outcome {
+    pub async fn submit(&self, submission: Submission) -> Verdict {
         let (answer, outcome) = oneshot::channel();
         if self.tx.send((submission, answer)).await.is_err() {
-            return Outcome::Failed;
+            return Verdict::Failed;
         }
-        outcome.await.unwrap_or(Outcome::Failed)
+        outcome.await.unwrap_or(Verdict::Failed)
     }
 }
 
@@ -129,9 +129,9 @@ async fn dispatch(
 async fn write_batch(pool: &PgPool, sequence: &str, batch: Vec<Item>) {
     let started = Instant::now();
     let n = batch.len();
-    let (submissions, mut answers): (Vec<Submission>, Vec<Option<oneshot::Sender<Outcome>>>) =
+    let (submissions, mut answers): (Vec<Submission>, Vec<Option<oneshot::Sender<Verdict>>>) =
         batch.into_iter().map(|(s, a)| (s, Some(a))).unzip();
-    fn answer(answers: &mut [Option<oneshot::Sender<Outcome>>], i: usize, outcome: Outcome) {
+    fn answer(answers: &mut [Option<oneshot::Sender<Verdict>>], i: usize, outcome: Verdict) {
         if let Some(a) = answers[i].take() {
             // The client may have gone away; what was stored stays stored.
             let _ = a.send(outcome);
@@ -139,7 +139,7 @@ async fn write_batch(pool: &PgPool, sequence: &str, batch: Vec<Item>) {
     }
     match store(pool, sequence, &submissions, &mut |i, o| answer(&mut answers, i, o)).await {
         Ok(outcomes) => {
-            let stored = outcomes.iter().filter(|o| matches!(o, Outcome::Stored { replayed: false, .. })).count();
+            let stored = outcomes.iter().filter(|o| matches!(o, Verdict::Stored { replayed: false, .. })).count();
             for (i, o) in outcomes.into_iter().enumerate() {
                 answer(&mut answers, i, o);
             }
@@ -150,7 +150,7 @@ async fn write_batch(pool: &PgPool, sequence: &str, batch: Vec<Item>) {
                 error = crate::db::error_line(&e),
                 "storing an event failed; answering 500, nothing stored"
             );
-            answer(&mut answers, 0, Outcome::Failed);
+            answer(&mut answers, 0, Verdict::Failed);
         }
         Err(e) => {
             // One submission the database refuses must not fail the others: each one still
@@ -167,13 +167,13 @@ async fn write_batch(pool: &PgPool, sequence: &str, batch: Vec<Item>) {
                 let alone =
                     store(pool, sequence, std::slice::from_ref(sub), &mut |_, o| answer(&mut answers, i, o)).await;
                 let outcome = match alone {
-                    Ok(mut outcomes) => outcomes.pop().unwrap_or(Outcome::Failed),
+                    Ok(mut outcomes) => outcomes.pop().unwrap_or(Verdict::Failed),
                     Err(e) => {
                         tracing::error!(
                             error = crate::db::error_line(&e),
                             "storing an event failed; answering 500, nothing stored"
                         );
-                        Outcome::Failed
+                        Verdict::Failed
                     }
                 };
                 answer(&mut answers, i, outcome);
@@ -189,8 +189,8 @@ async fn store(
     pool: &PgPool,
     sequence: &str,
     subs: &[Submission],
-    early: &mut impl FnMut(usize, Outcome),
-) -> Result<Vec<Outcome>> {
+    early: &mut impl FnMut(usize, Verdict),
+) -> Result<Vec<Verdict>> {
     let mut tx = pool.begin().await.context("starting a transaction")?;
 
     // Who is asking: the distinct tokens of the batch, in one query.
@@ -210,16 +210,16 @@ async fn store(
     let holders: HashMap<Vec<u8>, (i64, String, bool)> =
         holders.into_iter().map(|(t, id, name, role)| (t, (id, name, role))).collect();
 
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; subs.len()];
+    let mut outcomes: Vec<Option<Verdict>> = vec![None; subs.len()];
     // Submissions to store, by index; the first of each (user, key) leads the others.
     let mut to_store = Vec::new();
     let mut leaders: HashMap<(i64, &str), usize> = HashMap::new();
     let mut followers = Vec::new();
     for (i, s) in subs.iter().enumerate() {
         let user = match holders.get(&s.token_sha256[..]) {
-            None => Some(Outcome::Unauthorized),
-            Some((_, name, false)) => Some(Outcome::Forbidden { user: name.clone() }),
-            Some(_) if s.check.is_err() => Some(Outcome::Invalid(s.check.clone().unwrap_err())),
+            None => Some(Verdict::Unauthorized),
+            Some((_, name, false)) => Some(Verdict::Forbidden { user: name.clone() }),
+            Some(_) if s.check.is_err() => Some(Verdict::Invalid(s.check.clone().unwrap_err())),
             Some((id, _, true)) => {
                 match s.idempotency_key.as_deref() {
                     Some(key) => match leaders.get(&(*id, key)) {
@@ -241,7 +241,7 @@ async fn store(
     }
     if to_store.is_empty() {
         tx.rollback().await.ok();
-        return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Failed)).collect());
+        return Ok(outcomes.into_iter().map(|o| o.unwrap_or(Verdict::Failed)).collect());
     }
 
     // Insert first (one statement, ids in the order of `to_store`); a retried key below takes
@@ -304,11 +304,11 @@ async fn store(
             let mut withdrawn = Vec::new();
             for k in retried {
                 let outcome = match earlier.get(&(k.0, k.1)) {
-                    Some((hash, id)) if *hash == k.2 => Outcome::Stored { queue_id: *id, replayed: true },
-                    Some(_) => Outcome::KeyReused,
+                    Some((hash, id)) if *hash == k.2 => Verdict::Stored { queue_id: *id, replayed: true },
+                    Some(_) => Verdict::KeyReused,
                     // Forgotten just now (keys are kept 24 hours): store nothing; the client
                     // retries and the key is claimed afresh.
-                    None => Outcome::Failed,
+                    None => Verdict::Failed,
                 };
                 withdrawn.extend(queue_id.remove(&k.4));
                 outcomes[k.4] = Some(outcome);
@@ -324,17 +324,17 @@ async fn store(
     tx.commit().await.context("committing events")?;
 
     for (i, id) in queue_id {
-        outcomes[i] = Some(Outcome::Stored { queue_id: id, replayed: false });
+        outcomes[i] = Some(Verdict::Stored { queue_id: id, replayed: false });
     }
     for (i, leader) in followers {
         let outcome = match &outcomes[leader] {
-            Some(Outcome::Stored { queue_id, .. }) if subs[i].body_sha256 == subs[leader].body_sha256 => {
-                Outcome::Stored { queue_id: *queue_id, replayed: true }
+            Some(Verdict::Stored { queue_id, .. }) if subs[i].body_sha256 == subs[leader].body_sha256 => {
+                Verdict::Stored { queue_id: *queue_id, replayed: true }
             }
-            Some(Outcome::Stored { .. } | Outcome::KeyReused) => Outcome::KeyReused,
-            other => other.clone().unwrap_or(Outcome::Failed),
+            Some(Verdict::Stored { .. } | Verdict::KeyReused) => Verdict::KeyReused,
+            other => other.clone().unwrap_or(Verdict::Failed),
         };
         outcomes[i] = Some(outcome);
     }
-    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Failed)).collect())
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or(Verdict::Failed)).collect())
 }
