@@ -533,6 +533,26 @@ pub struct Decided {
 }
 
 impl Decided {
+    /// A decision from the columns `events` and `event_history` store it in.
+    fn from_columns(
+        state: &str,
+        kind: Option<String>,
+        target: Option<String>,
+        rule: Option<String>,
+        reason: Option<String>,
+        person: Option<String>,
+        note: Option<String>,
+    ) -> Result<Self> {
+        Ok(Decided {
+            state: State::parse(state).with_context(|| format!("unknown state {state:?}"))?,
+            target: kind.as_deref().and_then(TargetKind::parse).zip(target),
+            rule,
+            reason,
+            person,
+            note,
+        })
+    }
+
     /// A new event's, before any decision, and a reopened event's.
     pub fn undecided() -> Self {
         Decided { state: State::Pending, target: None, rule: None, reason: None, person: None, note: None }
@@ -566,23 +586,24 @@ impl Decided {
 /// The rule recorded for a manual attach.
 pub const MANUAL_RULE: &str = "manual";
 
-/// A stored event as a manual decision needs it, with its current decision.
+/// A stored event as a manual decision needs it: its job and current decision.
 pub struct Stored {
     pub id: i64,
     pub job: String,
-    pub session_id: Option<String>,
     pub decided: Decided,
-    /// The run that last decided it by rule.
-    pub decided_run: Option<i64>,
 }
 
 /// Reads events by id and locks them until the transaction ends (a run, an undo or another
 /// analyst changing one of them meanwhile waits, then sees the change).
 pub async fn lock_events(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Stored>> {
+    read_events(conn, ids, true).await
+}
+
+/// Reads events by id, locking them (`for update`) or not.
+pub async fn read_events(conn: &mut PgConnection, ids: &[i64], lock: bool) -> Result<Vec<Stored>> {
     type Row = (
         i64,
         String,
-        Option<String>,
         String,
         Option<String>,
         Option<String>,
@@ -590,32 +611,20 @@ pub async fn lock_events(conn: &mut PgConnection, ids: &[i64]) -> Result<Vec<Sto
         Option<String>,
         Option<String>,
         Option<String>,
-        Option<i64>,
     );
-    let rows: Vec<Row> = sqlx::query_as(
-        "select id, job, session_id, state, target_kind, target_id, rule, reason, decided_by, note, decided_run
-         from events where id = any($1) order by id for update",
-    )
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await
-    .context("reading the events")?;
+    let sql = if lock {
+        "select id, job, state, target_kind, target_id, rule, reason, decided_by, note
+         from events where id = any($1) order by id for update"
+    } else {
+        "select id, job, state, target_kind, target_id, rule, reason, decided_by, note
+         from events where id = any($1) order by id"
+    };
+    let rows: Vec<Row> = sqlx::query_as(sql).bind(ids).fetch_all(&mut *conn).await.context("reading the events")?;
     rows.into_iter()
-        .map(|(id, job, session_id, state, kind, target, rule, reason, person, note, decided_run)| {
-            Ok(Stored {
-                id,
-                job,
-                session_id,
-                decided: Decided {
-                    state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
-                    target: kind.as_deref().and_then(TargetKind::parse).zip(target),
-                    rule,
-                    reason,
-                    person,
-                    note,
-                },
-                decided_run,
-            })
+        .map(|(id, job, state, kind, target, rule, reason, person, note)| {
+            let decided = Decided::from_columns(&state, kind, target, rule, reason, person, note)
+                .with_context(|| format!("event {id}"))?;
+            Ok(Stored { id, job, decided })
         })
         .collect()
 }
@@ -715,19 +724,9 @@ pub async fn history(conn: &mut PgConnection, id: i64) -> Result<Vec<HistoryEntr
     .context("reading the event's history")?;
     rows.into_iter()
         .map(|(at, run_id, run_kind, person, state, kind, target, rule, reason, note)| {
-            Ok(HistoryEntry {
-                at,
-                run_id,
-                run_kind,
-                decided: Decided {
-                    state: State::parse(&state).with_context(|| format!("history of event {id}: state {state:?}"))?,
-                    target: kind.as_deref().and_then(TargetKind::parse).zip(target),
-                    rule,
-                    reason,
-                    person,
-                    note,
-                },
-            })
+            let decided = Decided::from_columns(&state, kind, target, rule, reason, person, note)
+                .with_context(|| format!("history of event {id}"))?;
+            Ok(HistoryEntry { at, run_id, run_kind, decided })
         })
         .collect()
 }
@@ -767,30 +766,28 @@ pub async fn changes_of_run(conn: &mut PgConnection, run: i64) -> Result<Vec<Und
                 return Ok(Undoable::Skipped { event_id, by_run: r.try_get(2)?, by_person: text(r, 3)? });
             }
             let state: String = r.try_get(4)?;
-            let now = Decided {
-                state: State::parse(&state).context("bad state in history")?,
-                target: text(r, 5)?.as_deref().and_then(TargetKind::parse).zip(text(r, 6)?),
-                rule: text(r, 7)?,
-                reason: text(r, 8)?,
-                person: None,
-                note: text(r, 9)?,
-            };
+            let now =
+                Decided::from_columns(&state, text(r, 5)?, text(r, 6)?, text(r, 7)?, text(r, 8)?, None, text(r, 9)?)
+                    .with_context(|| format!("history of event {event_id}"))?;
             let before = match text(r, 10)? {
                 None => Decided::undecided(),
                 Some(state) => {
-                    let state = State::parse(&state).context("bad state in history")?;
-                    let rule = text(r, 13)?;
+                    let mut before = Decided::from_columns(
+                        &state,
+                        text(r, 11)?,
+                        text(r, 12)?,
+                        text(r, 13)?,
+                        text(r, 14)?,
+                        text(r, 15)?,
+                        text(r, 16)?,
+                    )
+                    .with_context(|| format!("history of event {event_id}"))?;
                     // Only a manual decision is restored as someone's: a person who reopened
                     // an event left it to the rules.
-                    let manual = state == State::Dismissed || rule.as_deref() == Some(MANUAL_RULE);
-                    Decided {
-                        state,
-                        target: text(r, 11)?.as_deref().and_then(TargetKind::parse).zip(text(r, 12)?),
-                        rule,
-                        reason: text(r, 14)?,
-                        person: if manual { text(r, 15)? } else { None },
-                        note: if manual { text(r, 16)? } else { None },
+                    if before.state != State::Dismissed && before.rule.as_deref() != Some(MANUAL_RULE) {
+                        (before.person, before.note) = (None, None);
                     }
+                    before
                 }
             };
             Ok(Undoable::Revert { event_id, now: Box::new(now), before: Box::new(before) })

@@ -321,7 +321,8 @@ fn parse_id(text: &str) -> Option<i64> {
 pub async fn history(pool: &PgPool, event_id: i64, json: bool) -> Result<String> {
     let mut conn = pool.acquire().await?;
     let entries = ledger::history(&mut conn, event_id).await?;
-    let now = ledger::lock_events(&mut conn, &[event_id]).await?.pop();
+    // Only read: printing the history must not wait for an analyst's decision in progress.
+    let now = ledger::read_events(&mut conn, &[event_id], false).await?.pop();
     let Some(now) = now else { bail!("no event {event_id}") };
     if json {
         let decided = |d: &Decided| {

@@ -53,14 +53,7 @@ impl Tally {
             Decision::Unmatched { .. } => None,
         };
         let p = &e.previous;
-        if new_target != p.target {
-            for (kind, id) in p.target.iter().chain(&new_target) {
-                match kind {
-                    TargetKind::Call => self.touched_calls.insert(id.clone()),
-                    TargetKind::CallGroup => self.touched_groups.insert(id.clone()),
-                };
-            }
-        }
+        self.touch(&p.target, &new_target);
         if let (Decision::Matched { rule, .. }, None) = (decision, &p.target) {
             self.matched += 1;
             match self.by_rule.get_mut(rule) {
@@ -76,7 +69,7 @@ impl Tally {
         new_target.is_none() && e.received_at <= self.expired_before
     }
 
-    /// Notes a decision changed by other means than matching (an undo): its old and new target.
+    /// Notes the old and new target of a decision: both are recomputed when they differ.
     pub fn touch(&mut self, old: &Option<(TargetKind, String)>, new: &Option<(TargetKind, String)>) {
         if old != new {
             for (kind, id) in old.iter().chain(new) {
