@@ -8,7 +8,8 @@
 # Each round runs every binary in turn on its own fresh copy: `migrate` (untimed: a binary with a
 # new migration applies it first), then the nightly (timed); then, on another fresh copy, the
 # rematch of the 30 days under the changed rules bench/run.sh uses (timed). Prints every time and,
-# per binary, the median of each, as a markdown table.
+# per binary, the median of each, as a markdown table. Each nightly's log (JSON, debug level) is
+# kept as $work/nightly-rROUND-bBINARY.log: `bench/stages.py < LOG` prints its timeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -36,7 +37,8 @@ for round in $(seq "$rounds"); do
     bins=("$@")
     bin="${bins[$i]}"
     fresh "$bin"
-    read -r nightly _ < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" run --job "$work/job.toml")
+    read -r nightly _ < <(RUST_LOG=callrecon=debug python3 bench/measure.py "$bin" --log-format json \
+      --database-url "$SERVER/$copy" run --job "$work/job.toml" 2> "$work/nightly-r$round-b$i.log")
     fresh "$bin"
     read -r rematch _ < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" rematch \
       --job "$work/job-changed.toml" --since 2026-10-01T00:00:00Z --until 2026-10-31T00:00:00Z)
