@@ -63,6 +63,53 @@ async fn late_call_attaches_pending_event(pool: PgPool) {
     assert_eq!(call_meta(&pool, "c1").await, json!({"x": 1}));
 }
 
+/// A pending event is read back with only the metadata keys rules and group fields name,
+/// extracted by PostgreSQL: a key with a quote, a JSON null, an object, a long number and a
+/// nested key path must decide and apply as they would have on the event's first run.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn pending_event_read_back_keeps_its_key_values_exactly(pool: PgPool) {
+    let job = TestJob::new(
+        r#"
+[[rules]]
+name = "quoted-phone"
+target = "call"
+keys = [ { event = "cust\"phone", call = "ani", normalize = "phone" }, { event = "who.agent", call = "agent_id" } ]
+window = { before = "10m", after = "10m" }
+
+[apply]
+group_fields = ["tier", "account", "big", "absent"]
+"#,
+    );
+    // Parsed from text: json! would round the long number to an f64.
+    let metadata: serde_json::Value = serde_json::from_str(
+        r#"{"cust\"phone": "+1 (555) 010-0001", "who": {"agent": "a7", "team": "x"}, "tier": null,
+            "account": {"n": [1, 2.5, "é"]}, "big": 123456789012345678901234567890.5, "other": "kept"}"#,
+    )
+    .unwrap();
+    enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": metadata})).await;
+    let first = job.run(&pool).await;
+    assert_eq!(first.report.summary.matched, 0);
+    assert_eq!(first.report.unmatched.events[0].reason, "no_candidate");
+
+    add_group(&pool, "g1", json!({})).await;
+    Call::new("c1", "2026-11-02T09:58:00Z", Some("2026-11-02T10:04:00Z"))
+        .phone("5550100001", "a7")
+        .group("g1")
+        .insert(&pool)
+        .await;
+    Call::new("c2", "2026-11-02T09:50:00Z", Some("2026-11-02T09:55:00Z")).group("g1").insert(&pool).await;
+    let second = job.run(&pool).await;
+    assert_eq!(second.report.summary.ingested, 0);
+    assert_eq!(second.report.summary.matched, 1, "{:?}", second.report.unmatched.events);
+    assert_eq!(call_meta(&pool, "c1").await, metadata);
+    let part: serde_json::Value = serde_json::from_str(
+        r#"{"tier": null, "account": {"n": [1, 2.5, "é"]}, "big": 123456789012345678901234567890.5}"#,
+    )
+    .unwrap();
+    assert_eq!(group_meta(&pool, "g1").await, part);
+    assert_eq!(call_meta(&pool, "c2").await, part);
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn unmatched_event_expires_after_pending_for(pool: PgPool) {
     let job = TestJob::new(RULES);
