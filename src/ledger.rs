@@ -132,99 +132,100 @@ fn kept_keys(job: &Job) -> Vec<&str> {
 const TO_DECIDE: &str = "id, session_id, event_time, received_at, target_kind, target_id, rule, state, reason,
                          coalesce(candidates, '{}'), group_part, master_id";
 
-/// The stored events in `scope`, the next `limit` after `(after_time, after_id)` in
-/// (EventTime, id) order, with only the metadata keys matching and apply look at.
-pub async fn read_in_scope(
-    conn: &mut PgConnection,
-    job: &Job,
-    scope: Scope,
-    (after_time, after_id): (DateTime<Utc>, i64),
-    limit: usize,
-) -> Result<Vec<ToDecide<'static>>> {
-    use sqlx::Row;
-    let keep = kept_keys(job);
-    // Placeholders only: the key names are bound, never spliced.
-    let extract =
-        |first: usize| -> String { (0..keep.len()).map(|i| format!(", (metadata -> ${})::text", first + i)).collect() };
-    let bind_keys = |mut q: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>| {
+/// The stored events in `scope`, in (EventTime, id) order, read a page at a time through a
+/// cursor on the run's connection, with only the metadata keys matching and apply look at. One
+/// cursor, not a query per page: a page found by `(event_time, id) > last … limit` read and
+/// sorted the whole scope again each time (2 s a page at 1M pending events).
+pub struct InScope {
+    keep: Vec<String>,
+}
+
+impl InScope {
+    /// Opens the cursor; the run's other statements may run on the connection between pages.
+    pub async fn open(conn: &mut PgConnection, job: &Job, scope: Scope) -> Result<InScope> {
+        let keep: Vec<String> = kept_keys(job).into_iter().map(str::to_owned).collect();
+        // Placeholders only: the key names are bound, never spliced.
+        let extract = |first: usize| -> String {
+            (0..keep.len()).map(|i| format!(", (metadata -> ${})::text", first + i)).collect()
+        };
+        let declare = "declare to_decide no scroll cursor for select";
+        let sql = match scope {
+            Scope::Pending { .. } => format!(
+                "{declare} {TO_DECIDE}{}
+                     from events
+                     where job = $1 and state = 'pending' and decided_run is distinct from $2
+                     order by event_time, id",
+                extract(3)
+            ),
+            Scope::Rematch { .. } => format!(
+                "{declare} {TO_DECIDE}{}
+                     from events
+                     where job = $1 and session_id is null and master_id is null and decided_by is null
+                       and ($2::timestamptz is null or event_time >= $2)
+                       and ($3::timestamptz is null or event_time < $3)
+                     order by event_time, id",
+                extract(4)
+            ),
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(job.name.clone());
+        q = match scope {
+            Scope::Pending { run_id } => q.bind(run_id),
+            Scope::Rematch { since, until } => q.bind(since).bind(until),
+        };
         for k in &keep {
-            q = q.bind(k.to_string());
+            q = q.bind(k.clone());
         }
-        q
-    };
-    let rows = match scope {
-        Scope::Pending { run_id } => {
-            let sql = format!(
-                "select {TO_DECIDE}{}
-                 from events
-                 where job = $1 and state = 'pending' and decided_run is distinct from $5
-                   and event_time >= $2 and (event_time, id) > ($2, $3)
-                 order by event_time, id limit $4",
-                extract(6)
-            );
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(job.name.clone())
-                .bind(after_time)
-                .bind(after_id)
-                .bind(limit as i64)
-                .bind(run_id);
-            bind_keys(q).fetch_all(&mut *conn).await
-        }
-        Scope::Rematch { since, until } => {
-            let sql = format!(
-                "select {TO_DECIDE}{}
-                 from events
-                 where job = $1 and session_id is null and master_id is null and decided_by is null
-                   and ($2::timestamptz is null or event_time >= $2)
-                   and ($3::timestamptz is null or event_time < $3)
-                   and event_time >= $4 and (event_time, id) > ($4, $5)
-                 order by event_time, id limit $6",
-                extract(7)
-            );
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(job.name.clone())
-                .bind(since)
-                .bind(until)
-                .bind(after_time)
-                .bind(after_id)
-                .bind(limit as i64);
-            bind_keys(q).fetch_all(&mut *conn).await
-        }
+        q.execute(&mut *conn).await.context("reading events to match")?;
+        Ok(InScope { keep })
     }
-    .context("reading events to match")?;
-    rows.iter()
-        .map(|row| -> Result<ToDecide<'static>> {
-            let id: i64 = row.try_get(0)?;
-            let state: String = row.try_get(7)?;
-            let kind: Option<String> = row.try_get(4)?;
-            let reason: Option<String> = row.try_get(8)?;
-            let mut metadata = Map::new();
-            for (i, key) in keep.iter().enumerate() {
-                if let Some(text) = row.try_get::<Option<&str>, _>(12 + i)? {
-                    let value = serde_json::from_str(text).with_context(|| format!("metadata of event {id}"))?;
-                    metadata.insert((*key).to_owned(), value);
+
+    /// The next `limit` events (fewer at the end).
+    pub async fn next(&self, conn: &mut PgConnection, limit: usize) -> Result<Vec<ToDecide<'static>>> {
+        use sqlx::Row;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("fetch forward {limit} from to_decide")))
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading events to match")?;
+        rows.iter()
+            .map(|row| -> Result<ToDecide<'static>> {
+                let id: i64 = row.try_get(0)?;
+                let state: String = row.try_get(7)?;
+                let kind: Option<String> = row.try_get(4)?;
+                let reason: Option<String> = row.try_get(8)?;
+                let mut metadata = Map::new();
+                for (i, key) in self.keep.iter().enumerate() {
+                    if let Some(text) = row.try_get::<Option<&str>, _>(12 + i)? {
+                        let value = serde_json::from_str(text).with_context(|| format!("metadata of event {id}"))?;
+                        metadata.insert(key.clone(), value);
+                    }
                 }
-            }
-            Ok(ToDecide {
-                subject: Subject {
-                    id,
-                    session_id: row.try_get(1)?,
-                    master_id: row.try_get(11)?,
-                    time: row.try_get(2)?,
-                    metadata: Cow::Owned(metadata),
-                },
-                received_at: row.try_get(3)?,
-                previous: Previous {
-                    target: kind.as_deref().and_then(TargetKind::parse).zip(row.try_get::<Option<String>, _>(5)?),
-                    rule: row.try_get(6)?,
-                    state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
-                    reason: reason.as_deref().and_then(Reason::parse),
-                    candidates: row.try_get(9)?,
-                    group_part: row.try_get::<sqlx::types::Json<Map<String, Value>>, _>(10)?.0,
-                },
+                Ok(ToDecide {
+                    subject: Subject {
+                        id,
+                        session_id: row.try_get(1)?,
+                        master_id: row.try_get(11)?,
+                        time: row.try_get(2)?,
+                        metadata: Cow::Owned(metadata),
+                    },
+                    received_at: row.try_get(3)?,
+                    previous: Previous {
+                        target: kind.as_deref().and_then(TargetKind::parse).zip(row.try_get::<Option<String>, _>(5)?),
+                        rule: row.try_get(6)?,
+                        state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
+                        reason: reason.as_deref().and_then(Reason::parse),
+                        candidates: row.try_get(9)?,
+                        group_part: row.try_get::<sqlx::types::Json<Map<String, Value>>, _>(10)?.0,
+                    },
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
+
+    pub async fn close(self, conn: &mut PgConnection) -> Result<()> {
+        sqlx::query("close to_decide").execute(&mut *conn).await.context("reading events to match")?;
+        Ok(())
+    }
 }
 
 /// The group part of an event matched to a target of `kind`: its values of the job's

@@ -228,16 +228,14 @@ impl Run<'_> {
         times: &mut StageTimes,
     ) -> Result<()> {
         let page = self.tuning.page_events();
-        let mut cursor = match scope {
-            Scope::Rematch { since: Some(since), .. } => (since, i64::MIN),
-            _ => (DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("0001-01-01"), i64::MIN),
-        };
+        let in_scope = ledger::InScope::open(conn, self.job, scope).await?;
         loop {
             let t = std::time::Instant::now();
-            let to_decide = ledger::read_in_scope(conn, self.job, scope, cursor, page).await?;
+            let to_decide = in_scope.next(conn, page).await?;
             times.read_ms += t.elapsed().as_millis() as u64;
-            let Some(last) = to_decide.last() else { break };
-            cursor = (last.subject.time, last.subject.id);
+            if to_decide.is_empty() {
+                break;
+            }
             times.events += to_decide.len();
             times.read += to_decide.len();
             let t = std::time::Instant::now();
@@ -260,7 +258,7 @@ impl Run<'_> {
                 break;
             }
         }
-        Ok(())
+        in_scope.close(conn).await
     }
 
     /// Reverts the decisions run `run` made that are still as it left them, each to what it
