@@ -16,3 +16,6 @@ create index review_sessions_expires_idx on review_sessions (expires_at);
 -- The work queue: pending events of every job, oldest first, a page at a time after the last
 -- one shown (keyset pagination): one index range scan per page, whatever the backlog's size.
 create index events_review_queue_idx on events (received_at, id) where state = 'pending';
+-- The queue narrowed to a reason (null: stored pending by a run with a backlog, not decided yet),
+-- in the same order; and the counts per reason, each an index-only range scan stopping at a cap.
+create index events_review_reason_idx on events (reason, received_at, id) where state = 'pending';

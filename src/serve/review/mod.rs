@@ -383,6 +383,14 @@ async fn queue_view(desk: &Desk, analyst: &Analyst, uri: &Uri) -> Result<Respons
         format!("/review?{}", s.finish())
     };
     let total: i64 = counts.values().sum();
+    let capped = counts.values().any(|n| *n > queue::COUNT_CAP);
+    let counts: BTreeMap<String, String> = counts
+        .into_iter()
+        .map(|(r, n)| (r, if n > queue::COUNT_CAP { format!("{}+", queue::COUNT_CAP) } else { n.to_string() }))
+        .collect();
+    // With a capped reason the total is a lower bound: each capped reason counts COUNT_CAP.
+    let n_capped = counts.values().filter(|n| n.ends_with('+')).count() as i64;
+    let total = if capped { format!("{}+", total - n_capped) } else { total.to_string() };
     let (next, prev) = (page.next.map(|c| link("after", c)), page.prev.map(|c| link("before", c)));
     let ctx = minijinja::context! {
         title => "Queue",
@@ -392,7 +400,7 @@ async fn queue_view(desk: &Desk, analyst: &Analyst, uri: &Uri) -> Result<Respons
         counts => Serde(&counts),
         total,
         jobs => Serde(&job_names),
-        reasons => Serde(&["unknown_session", "unknown_group", "missing_key", "no_candidate", "ambiguous", "undecided"]),
+        reasons => Serde(&queue::REASONS),
         f => minijinja::context! {
             job => filters.job, reason => filters.reason, min_days => filters.min_days,
             expiring_hours => filters.expiring_hours, source => filters.source, q => filters.search,

@@ -138,7 +138,7 @@ pub type PendingFor = BTreeMap<String, chrono::Duration>;
 macro_rules! filter_sql {
     () => {
         " and ($1::text is null or job = $1)
-          and ($2::text is null or coalesce(reason, 'undecided') = $2)
+          and ($2::text is null or reason = $2 or ($2 = 'undecided' and reason is null))
           and ($3::timestamptz is null or received_at <= $3)
           and ($4::text is null or source like $4)
           and ($6::bigint is null or id = $6)
@@ -296,18 +296,37 @@ fn like_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
-/// Pending events per reason (`undecided` for those not decided yet), of one job or all: an
-/// index-only count over the queue's partial index.
+/// The reasons an event is pending for, and `undecided` (stored pending by a run with a
+/// backlog, not decided yet).
+pub const REASONS: [&str; 6] =
+    ["unknown_session", "unknown_group", "missing_key", "no_candidate", "ambiguous", "undecided"];
+
+/// Counts stop here: past it the page says "1000+". Counting a backlog's every event on every
+/// page would make a page's cost grow with the backlog.
+pub const COUNT_CAP: i64 = 1_000;
+
+/// Pending events per reason, of one job or all, each counted up to [`COUNT_CAP`] + 1 (an
+/// index-only range of `events_review_reason_idx`); reasons with none are left out.
 pub async fn counts(pool: &sqlx::PgPool, job: Option<&str>) -> Result<BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "select coalesce(reason, 'undecided'), count(*) from events
-         where state = 'pending' and ($1::text is null or job = $1) group by 1 order by 1",
-    )
-    .bind(job)
-    .fetch_all(pool)
-    .await
-    .context("counting the queue")?;
-    Ok(rows.into_iter().collect())
+    // One capped count per reason, each with its own value (bound, and planned with it).
+    let count = |condition: &str| {
+        format!(
+            "(select count(*) from (select 1 from events where state = 'pending' and {condition}
+                                      and ($1::text is null or job = $1) limit $2) capped)"
+        )
+    };
+    let columns: Vec<String> = REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| if *r == "undecided" { count("reason is null") } else { count(&format!("reason = ${}", i + 3)) })
+        .collect();
+    let sql = format!("select array[{}]", columns.join(", "));
+    let mut q = sqlx::query_scalar::<_, Vec<i64>>(sqlx::AssertSqlSafe(sql)).bind(job).bind(COUNT_CAP + 1);
+    for r in REASONS.iter().filter(|r| **r != "undecided") {
+        q = q.bind(*r);
+    }
+    let n = q.persistent(false).fetch_one(pool).await.context("counting the queue")?;
+    Ok(REASONS.iter().zip(n).filter(|(_, n)| *n > 0).map(|(r, n)| (r.to_string(), n)).collect())
 }
 
 /// The jobs that have run (for the job filter).
