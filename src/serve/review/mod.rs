@@ -103,9 +103,10 @@ impl Desk {
                     jobs.insert(name, job);
                 }
                 Ok(job) => {
-                    tracing::warn!(job = %name, file = %path.display(), now = %job.name, "the job file names another job now")
+                    tracing::debug!(job = %name, file = %path.display(), now = %job.name, "the job file names another job now")
                 }
-                Err(e) => tracing::warn!(job = %name, error = %e, "review desk: job file refused"),
+                // Logged quietly: every page asks again (a run started elsewhere may name a file not here).
+                Err(e) => tracing::debug!(job = %name, error = %e, "review desk: job file not loaded"),
             }
         }
         Ok(jobs)
