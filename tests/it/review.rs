@@ -678,3 +678,61 @@ async fn an_analyst_attaches_an_event_to_a_near_miss_and_reopens_it_in_a_real_br
             .collect();
     assert!(signed_in.is_empty(), "{signed_in:?}");
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_analyst_clears_a_backlog_of_mixed_reasons_with_the_keyboard(pool: PgPool) {
+    let b = backlog(&pool, 1).await;
+    let queue: Vec<(i64, String)> =
+        sqlx::query_as("select id, reason from events where state = 'pending' order by received_at, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let reasons: Vec<&str> = queue.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(reasons, ["no_candidate", "no_candidate", "ambiguous", "missing_key", "unknown_session"]);
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let browser = Browser::start().await;
+    browser.go(&format!("{}/review/login", desk.base)).await;
+    browser.type_in("#name", "ana").await;
+    browser.type_in("#secret", &secret).await;
+    browser.press("\u{E007}").await;
+    browser.wait_url("/review").await;
+    browser.find("#queue").await;
+
+    // Enter opens the selected (first) row; then, per event: decide, `j` to the next.
+    browser.press("\u{E007}").await;
+    for (i, (id, reason)) in queue.iter().enumerate() {
+        browser.wait_url(&format!("/review/events/{id}")).await;
+        if reason == "missing_key" || reason == "unknown_session" {
+            // Nothing to attach to: `d` goes to the note, Enter dismisses.
+            browser.press("d").await;
+            browser.press("no keys, a test call\u{E007}").await;
+        } else {
+            // `a` attaches to the selected option, the first listed.
+            browser.press("a").await;
+        }
+        browser.wait_url(&format!("/review/events/{id}?msg=")).await;
+        if i + 1 < queue.len() {
+            browser.press("j").await;
+        }
+    }
+    assert_eq!(count(&pool, "select count(*) from events where state = 'pending'").await, 0);
+    let decided: Vec<(i64, String, Option<String>, Option<String>)> =
+        sqlx::query_as("select id, state, target_id, decided_by from events order by received_at, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected = [
+        ("matched", Some("c-near")),
+        ("matched", Some("c-late")),
+        ("matched", Some("c-t1")),
+        ("dismissed", None),
+        ("dismissed", None),
+    ];
+    for ((id, state, target, by), (s, t)) in decided.iter().zip(expected) {
+        assert_eq!((state.as_str(), target.as_deref(), by.as_deref()), (s, t, Some("ana")), "event {id}");
+        let history = callrecon(&pool, &["history", &id.to_string()]).await;
+        assert!(stdout(&history).lines().any(|l| l.contains("  ana  ")), "{}", stdout(&history));
+    }
+    assert_eq!(call_meta(&pool, "c-late").await["agentId"], "a9");
+}
