@@ -240,7 +240,11 @@ async fn review_pages_refuse_api_tokens_and_analysts_cannot_post_events(pool: Pg
 
     // An analyst's session opens the pages and posts no event.
     let session = desk.sign_in("ana", &secret).await.unwrap();
-    assert_eq!(desk.get("/review", Some(&session)).await.status(), StatusCode::OK);
+    let page = desk.get("/review", Some(&session)).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert_eq!(page.headers()["cache-control"], "no-store");
     let resp = desk
         .http
         .post(format!("{}{}", desk.base, callrecon::serve::EVENT_PATH))
