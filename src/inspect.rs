@@ -352,3 +352,79 @@ pub fn near_misses(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::TargetField;
+
+    /// A call rule on phone and agent, ±10 minutes; times in minutes.
+    fn rules() -> Vec<Rule> {
+        let text = r#"name = "t"
+[sources]
+queue = true
+[[rules]]
+name = "phone-and-agent"
+target = "call"
+keys = [ { event = "phone", call = "ani", normalize = "phone" }, { event = "agent", call = "agent_id" } ]
+window = { before = "10m", after = "10m" }
+[report]
+dir = "r"
+"#;
+        crate::job::parse(std::path::Path::new("t.toml"), text).unwrap().rules
+    }
+
+    fn calls(rows: &[(&str, i64, i64, &str, &str)]) -> Candidates {
+        let m = 60_000_000;
+        Candidates {
+            ids: rows.iter().map(|r| r.0.to_owned()).collect(),
+            start: rows.iter().map(|r| r.1 * m).collect(),
+            end: rows.iter().map(|r| r.2 * m).collect(),
+            fields: [
+                (TargetField::Column("ani"), rows.iter().map(|r| Some(r.3.to_owned())).collect()),
+                (TargetField::Column("agent_id"), rows.iter().map(|r| Some(r.4.to_owned())).collect()),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn near_misses_are_partial_keys_outside_windows_and_ties() {
+        let rules = rules();
+        let calls = calls(&[
+            ("in", 0, 10, "5551230000", "a1"),
+            ("in-too", 2, 8, "5551230000", "a1"),
+            ("other-agent", 0, 10, "+1 555 123 0000", "a2"),
+            ("late", -60, -40, "5551230000", "a1"),
+            ("early", 45, 50, "5551230000", "a1"),
+            ("stranger", 0, 10, "5559999999", "a9"),
+            ("far-other-agent", 600, 610, "5551230000", "a3"),
+        ]);
+        let metadata: Map<String, Value> = serde_json::from_str(r#"{"phone": "555-123-0000", "agent": "a1"}"#).unwrap();
+        let time = 5 * 60_000_000;
+        let groups = Candidates::default();
+        let steps = explain::explain(&rules, time, &metadata, &calls, &groups);
+        let near = near_misses(&rules, time, &metadata, &calls, &groups, &steps);
+        let got: Vec<(&str, &Near)> = near.iter().map(|n| (n.id.as_str(), &n.near)).collect();
+        let some = |agent: &str| Near::SomeKeys {
+            equal: vec!["phone".to_owned()],
+            differing: vec![("agent".to_owned(), Some(agent.to_owned()))],
+        };
+        assert_eq!(
+            got,
+            [
+                // The nearest first: 30 min before `early`'s window opens (45 - 10), 35 min after
+                // `late`'s closed (-40 + 10).
+                ("early", &Near::OutsideWindow { by_secs: -30 * 60 }),
+                ("late", &Near::OutsideWindow { by_secs: 35 * 60 }),
+                ("other-agent", &some("a2")),
+                ("far-other-agent", &some("a3")),
+                // Both in the window, both 0 away: a tie.
+                ("in", &Near::Tie),
+                ("in-too", &Near::Tie),
+            ]
+        );
+        assert_eq!(steps[0].in_window, [("in".to_owned(), 0.0), ("in-too".to_owned(), 0.0)]);
+    }
+}
