@@ -4,11 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/pg.sh
 export DATABASE_URL="${DATABASE_URL:-$CALLRECON_PG/postgres}"
-# The report's HTML is tested in a real headless browser.
-if [ ! -x /usr/bin/chromium ]; then
-  echo "test.sh: installing Debian's chromium for the report's browser test" >&2
+# The report's HTML and the review desk are tested in a real headless browser (the desk's
+# journeys driven through chromedriver).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "test.sh: installing Debian's chromium and chromium-driver for the browser tests" >&2
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
-  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >&2
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >&2
 fi
 # The alert rules in docs/ are checked with promtool, which Debian's prometheus package ships.
 if ! command -v promtool >/dev/null; then

@@ -242,3 +242,25 @@ pub async fn existing_groups(conn: &mut PgConnection, ids: &HashSet<&str>) -> Re
         .context("reading call groups by id")?;
     Ok(rows.into_iter().collect())
 }
+
+/// A call as a person reads it beside an event (the review desk's candidates and near misses).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct CallInfo {
+    pub id: String,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub ani: Option<String>,
+    pub agent_id: Option<String>,
+    pub call_group_id: Option<String>,
+}
+
+/// The calls of `ids` that exist, by primary key.
+pub async fn call_details(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, CallInfo>> {
+    let rows: Vec<CallInfo> =
+        sqlx::query_as("select id, started_at, ended_at, ani, agent_id, call_group_id from calls where id = any($1)")
+            .bind(ids)
+            .fetch_all(conn)
+            .await
+            .context("reading calls by id")?;
+    Ok(rows.into_iter().map(|c| (c.id.clone(), c)).collect())
+}

@@ -182,7 +182,7 @@ pub enum Command {
         job: PathBuf,
     },
     /// The intake API: POST /token, POST /callevent/v1/outofband/event and …/masterCall,
-    /// GET /healthz, /metrics, /openapi.json.
+    /// GET /healthz, /metrics, /openapi.json; and the analysts' review desk at /review.
     Serve(ServeArgs),
     /// Users of the intake API.
     Users {
@@ -285,6 +285,30 @@ pub struct ServeArgs {
     /// Transactions storing events in flight at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub writers: u32,
+    #[command(flatten)]
+    pub review: ReviewArgs,
+}
+
+/// The review desk's options (`serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReviewArgs {
+    /// A job whose events the review desk explains and decides (repeatable). A job not given is
+    /// found through the job file its latest run was started with.
+    #[arg(long = "job", value_name = "FILE")]
+    pub jobs: Vec<PathBuf>,
+    /// How long an analyst stays signed in.
+    #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+    pub session_ttl: Duration,
+    /// Mark the session cookie `Secure` (browsers then send it over HTTPS only): for a desk
+    /// served behind a TLS-terminating proxy.
+    #[arg(long)]
+    pub secure_cookies: bool,
+}
+
+impl Default for ReviewArgs {
+    fn default() -> Self {
+        ReviewArgs { jobs: Vec::new(), session_ttl: Duration::from_secs(8 * 3600), secure_cookies: false }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,8 +316,9 @@ pub enum UsersCommand {
     /// Create an API user; prints its client id and secret (the only time the secret is shown).
     Add {
         name: String,
-        /// A role to grant (repeatable); AsyncMetaData may post events.
-        #[arg(long = "role", value_parser = ["AsyncMetaData"])]
+        /// A role to grant (repeatable): AsyncMetaData may post events; Analyst (a person) signs
+        /// in to the review desk with the name and secret.
+        #[arg(long = "role", value_parser = ["AsyncMetaData", "Analyst"])]
         roles: Vec<String>,
     },
     /// Every API user, active and revoked.

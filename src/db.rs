@@ -290,7 +290,7 @@ pub fn grants(s: &Schemas, role: &str) -> String {
 }
 
 /// callrecon's own tables (those of migrations 0001-0009, moved to its schema by 0010, and later ones).
-pub const OWN_TABLES: [&str; 9] = [
+pub const OWN_TABLES: [&str; 10] = [
     "runs",
     "inbox_files",
     "events",
@@ -301,6 +301,8 @@ pub const OWN_TABLES: [&str; 9] = [
     "api_idempotency",
     // 0011
     "event_history",
+    // 0014
+    "review_sessions",
 ];
 
 /// The URL without its password, for messages.

@@ -1,26 +1,209 @@
-//! `callrecon explain`: reads one event and the call data around it (through `calldata`), and
-//! explains the decision.
+//! `callrecon explain` and the review desk's event page: reads one event and the call data around
+//! it (through `calldata`), explains the decision rule by rule, and finds the near misses.
+//!
+//! [`examine`] gathers it all as data; [`explain_event`] prints it for a terminal, the review desk
+//! renders the same data as HTML. Writes nothing.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
-use crate::calldata;
-use crate::job::Job;
-use crate::matching::explain;
+use crate::calldata::{self, CallInfo, Candidates};
+use crate::job::{Job, Rule, Target};
+use crate::matching::engine::{event_key, micros};
+use crate::matching::explain::{self, RuleStep};
+use crate::matching::rules::normalize;
+use crate::matching::{Decision, TargetKind};
 
-/// How far around the event calls sharing its keys are looked for (beyond the windows).
-const LOOK_AROUND: chrono::Duration = chrono::Duration::days(7);
+/// How far around the event `explain` looks for calls sharing its keys (beyond the windows).
+pub const LOOK_AROUND: chrono::Duration = chrono::Duration::days(7);
 
+/// Near misses listed per rule and kind, the nearest in time first.
+pub const NEAR_MISSES: usize = 10;
+
+/// One stored event as `events` holds it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub job: String,
+    pub source: String,
+    pub session_id: Option<String>,
+    pub master_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub metadata: Map<String, Value>,
+    pub state: String,
+    pub target_id: Option<String>,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub candidates: Vec<String>,
+    pub decided_run: Option<i64>,
+    pub decided_by: Option<String>,
+    pub note: Option<String>,
+}
+
+/// How a sessionless event nearly matched a target of a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Near {
+    /// Shares some of the rule's keys but not all: the key paths equal, and those that differ
+    /// with the target's normalised value.
+    SomeKeys { equal: Vec<String>, differing: Vec<(String, Option<String>)> },
+    /// Shares every key but the event falls outside the call's window, by this many seconds
+    /// (negative: before the window opens).
+    OutsideWindow { by_secs: i64 },
+    /// One of the candidates an ambiguous tie was between.
+    Tie,
+}
+
+/// A target that nearly matched under `rule`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NearMiss {
+    pub rule: String,
+    pub kind: TargetKind,
+    pub id: String,
+    pub near: Near,
+}
+
+/// What [`examine`] found: the event, its explanation and near misses, and the calls named.
+pub struct Examined {
+    pub event: StoredEvent,
+    /// The stored decision, one line.
+    pub stored: String,
+    /// For a SessionId or MasterId event, what its attach depends on (rules do not apply).
+    pub attach: Option<String>,
+    /// The rule cascade, step by step (sessionless events).
+    pub steps: Vec<RuleStep>,
+    pub near: Vec<NearMiss>,
+    /// Every call named in `steps` and `near`, as a person reads it.
+    pub calls: HashMap<String, CallInfo>,
+    pub look_around: chrono::Duration,
+}
+
+/// Reads event `event_id` of any job and explains it with `job`'s rules, looking for calls
+/// sharing its keys within `look_around` of it (beyond the windows).
+pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chrono::Duration) -> Result<Examined> {
+    let event = read_event(pool, event_id).await?.with_context(|| {
+        format!("no event {event_id}; event ids are in the report's unmatched list and in `report show`")
+    })?;
+    let stored = stored_line(&event);
+    let mut conn = pool.acquire().await?;
+    let mut out = Examined {
+        event: event.clone(),
+        stored,
+        attach: None,
+        steps: Vec::new(),
+        near: Vec::new(),
+        calls: HashMap::new(),
+        look_around,
+    };
+    if let Some(session) = &event.session_id {
+        let sessions = HashSet::from([session.as_str()]);
+        let call = calldata::calls_by_session(&mut conn, &sessions).await?.remove(session).map(|c| c.id);
+        out.attach = Some(match call {
+            Some(c) => {
+                format!("SessionId {session:?} belongs to call {c}: attached (rules apply to sessionless events only)")
+            }
+            None => format!(
+                "SessionId {session:?}: no call has this session_id yet -> unknown_session; retried on later runs"
+            ),
+        });
+        return Ok(out);
+    }
+    if let Some(group) = &event.master_id {
+        let ids = HashSet::from([group.as_str()]);
+        let exists = calldata::existing_groups(&mut conn, &ids).await?.contains(group);
+        out.attach = Some(if exists {
+            format!(
+                "MasterId {group:?} is call group {group}: attached to the group and so to every call in it (rules \
+                 apply to sessionless events only)"
+            )
+        } else {
+            format!("MasterId {group:?}: no call group has this id yet -> unknown_group; retried on later runs")
+        });
+        return Ok(out);
+    }
+
+    let (call_fields, group_fields) = calldata::fields(job);
+    let (before, after) = job.max_window();
+    let time = event.event_time;
+    let (calls, _) =
+        calldata::load_calls(&mut conn, &call_fields, time, time, (before + look_around, after + look_around))
+            .await
+            .context("reading calls around the event")?;
+    let filters = crate::matching::decide::group_filters(job, &[&event.metadata]);
+    let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
+    let micros_time = time.timestamp_micros();
+    // polars blocks its thread: off the async threads (and off a current-thread runtime).
+    let (rules, metadata) = (job.rules.clone(), event.metadata.clone());
+    (out.steps, out.near) = tokio::task::spawn_blocking(move || {
+        let steps = explain::explain(&rules, micros_time, &metadata, &calls, &groups);
+        let near = near_misses(&rules, micros_time, &metadata, &calls, &groups, &steps);
+        (steps, near)
+    })
+    .await
+    .context("explaining the event")?;
+    let mut named: Vec<&str> = out.near.iter().filter(|n| n.kind == TargetKind::Call).map(|n| n.id.as_str()).collect();
+    for (rule, step) in job.rules.iter().zip(&out.steps) {
+        if matches!(rule.target, Target::Call { .. }) {
+            named.extend(step.in_window.iter().map(|(id, _)| id.as_str()));
+        }
+    }
+    named.extend(event.target_id.as_deref());
+    named.extend(event.candidates.iter().map(String::as_str));
+    named.sort_unstable();
+    named.dedup();
+    let calls = calldata::call_details(&mut conn, &named).await?;
+    out.calls = calls;
+    Ok(out)
+}
+
+/// `callrecon explain`: [`examine`] as text for support staff.
 pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<String> {
+    let x = examine(pool, job, event_id, LOOK_AROUND).await?;
+    let e = &x.event;
+    let mut out = String::new();
+    let _ =
+        writeln!(out, "event {event_id} from {} (job {}), EventTime {}", e.source, e.job, e.event_time.to_rfc3339());
+    let _ = writeln!(out, "metadata: {}", Value::Object(e.metadata.clone()));
+    let _ = writeln!(
+        out,
+        "stored decision: {}{}\n",
+        x.stored,
+        e.decided_run.map(|r| format!(" (run {r})")).unwrap_or_default()
+    );
+    if e.job != job.name {
+        let _ =
+            writeln!(out, "note: the event belongs to job {}; explained here with the rules of {}\n", e.job, job.name);
+    }
+    if let Some(attach) = &x.attach {
+        let _ = writeln!(out, "{attach}");
+        return Ok(out);
+    }
+    let _ = writeln!(out, "calls sharing keys are counted within {} days of the event\n", x.look_around.num_days());
+    out.push_str(&explain::render(&x.steps));
+    Ok(out)
+}
+
+/// The job of event `event_id`, if there is such an event.
+pub async fn job_of(pool: &PgPool, event_id: i64) -> Result<Option<String>> {
+    sqlx::query_scalar("select job from events where id = $1")
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await
+        .context("reading the event")
+}
+
+async fn read_event(pool: &PgPool, event_id: i64) -> Result<Option<StoredEvent>> {
     type Row = (
         String,
         String,
         Option<String>,
         Option<String>,
+        DateTime<Utc>,
         DateTime<Utc>,
         sqlx::types::Json<Map<String, Value>>,
         String,
@@ -33,79 +216,215 @@ pub async fn explain_event(pool: &PgPool, job: &Job, event_id: i64) -> Result<St
         Option<String>,
     );
     let row: Option<Row> = sqlx::query_as(
-        "select job, source, session_id, master_id, event_time, metadata, state, target_id, rule, reason, candidates,
-                decided_run, decided_by, note
+        "select job, source, session_id, master_id, event_time, received_at, metadata, state, target_id, rule, reason,
+                candidates, decided_run, decided_by, note
          from events where id = $1",
     )
     .bind(event_id)
     .fetch_optional(pool)
-    .await?;
-    let Some((ev_job, source, session, master, time, metadata, state, target, rule, reason, candidates, run, by, note)) =
-        row
-    else {
-        bail!("no event {event_id}; event ids are in the report's unmatched list and in `report show`")
-    };
-    let mut out = String::new();
-    let _ = writeln!(out, "event {event_id} from {source} (job {ev_job}), EventTime {}", time.to_rfc3339());
-    let _ = writeln!(out, "metadata: {}", Value::Object(metadata.0.clone()));
-    let note = note.map(|n| format!(": {n}")).unwrap_or_default();
-    let stored = match (state.as_str(), target, rule, by) {
+    .await
+    .context("reading the event")?;
+    Ok(row.map(
+        |(
+            job,
+            source,
+            session_id,
+            master_id,
+            event_time,
+            received_at,
+            metadata,
+            state,
+            target_id,
+            rule,
+            reason,
+            c,
+            r,
+            by,
+            note,
+        )| {
+            StoredEvent {
+                id: event_id,
+                job,
+                source,
+                session_id,
+                master_id,
+                event_time,
+                received_at,
+                metadata: metadata.0,
+                state,
+                target_id,
+                rule,
+                reason,
+                candidates: c.unwrap_or_default(),
+                decided_run: r,
+                decided_by: by,
+                note,
+            }
+        },
+    ))
+}
+
+/// The stored decision as one line.
+fn stored_line(e: &StoredEvent) -> String {
+    let note = e.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default();
+    match (e.state.as_str(), &e.target_id, &e.rule, &e.decided_by) {
         ("matched", Some(t), _, Some(by)) => format!("matched {t} by hand, by {by}{note} (runs and rematches keep it)"),
         ("dismissed", _, _, Some(by)) => format!("dismissed by {by}{note} (runs and rematches keep it)"),
         ("matched", Some(t), Some(r), None) => format!("matched {t} by {r}"),
-        _ => format!(
+        (state, ..) => format!(
             "{state} ({}){}",
-            reason.unwrap_or_default(),
-            candidates.filter(|c| !c.is_empty()).map(|c| format!(", candidates {}", c.join(", "))).unwrap_or_default()
+            e.reason.clone().unwrap_or_default(),
+            if e.candidates.is_empty() { String::new() } else { format!(", candidates {}", e.candidates.join(", ")) }
         ),
-    };
-    let _ = writeln!(out, "stored decision: {stored}{}\n", run.map(|r| format!(" (run {r})")).unwrap_or_default());
-    if ev_job != job.name {
-        let _ =
-            writeln!(out, "note: the event belongs to job {ev_job}; explained here with the rules of {}\n", job.name);
+    }
+}
+
+/// The targets none of the explanation's anchors shows, per rule: those sharing some of its keys
+/// but not all, calls sharing every key outside the window (by how much), and the candidates of
+/// an ambiguous tie. At most [`NEAR_MISSES`] of each kind per rule, the nearest in time first.
+pub fn near_misses(
+    rules: &[Rule],
+    time: i64,
+    metadata: &Map<String, Value>,
+    calls: &Candidates,
+    groups: &Candidates,
+    steps: &[RuleStep],
+) -> Vec<NearMiss> {
+    let mut out = Vec::new();
+    for (rule, step) in rules.iter().zip(steps) {
+        let (targets, kind) = match rule.target {
+            Target::Call { .. } => (calls, TargetKind::Call),
+            Target::CallGroup => (groups, TargetKind::CallGroup),
+        };
+        let values: Vec<Option<String>> = rule.keys.iter().map(|k| event_key(metadata, k)).collect();
+        // Distance in time of a target from the event (0 for groups).
+        let distance = |row: usize| match rule.target {
+            Target::Call { .. } => (targets.start[row] - time).max(time - targets.end[row]).max(0),
+            Target::CallGroup => 0,
+        };
+        let mut some = Vec::new();
+        let mut outside = Vec::new();
+        for row in 0..targets.ids.len() {
+            let mut equal = Vec::new();
+            let mut differing = Vec::new();
+            for (k, v) in rule.keys.iter().zip(&values) {
+                let raw = targets.fields.get(&k.field).and_then(|c| c[row].as_deref());
+                let theirs = raw.and_then(|r| normalize(k.normalize, r));
+                if v.is_some() && theirs == *v {
+                    equal.push(k.event.join("."));
+                } else {
+                    differing.push((k.event.join("."), theirs));
+                }
+            }
+            if equal.is_empty() {
+                continue;
+            }
+            if !differing.is_empty() {
+                some.push((distance(row), row, Near::SomeKeys { equal, differing }));
+            } else if let Target::Call { before, after } = rule.target {
+                let (s, e) = (targets.start[row], targets.end[row]);
+                let opens = s - micros(before);
+                let closes = e + micros(after);
+                if time < opens {
+                    outside.push((distance(row), row, Near::OutsideWindow { by_secs: (time - opens) / 1_000_000 }));
+                } else if time > closes {
+                    outside.push((distance(row), row, Near::OutsideWindow { by_secs: (time - closes) / 1_000_000 }));
+                }
+            }
+        }
+        for mut list in [outside, some] {
+            list.sort_by(|a, b| (a.0, &targets.ids[a.1]).cmp(&(b.0, &targets.ids[b.1])));
+            out.extend(list.into_iter().take(NEAR_MISSES).map(|(_, row, near)| NearMiss {
+                rule: rule.name.clone(),
+                kind,
+                id: targets.ids[row].clone(),
+                near,
+            }));
+        }
+        if let Some(Decision::Unmatched { candidates, .. }) = &step.decision {
+            out.extend(candidates.iter().map(|id| NearMiss {
+                rule: rule.name.clone(),
+                kind,
+                id: id.clone(),
+                near: Near::Tie,
+            }));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::TargetField;
+
+    /// A call rule on phone and agent, ±10 minutes; times in minutes.
+    fn rules() -> Vec<Rule> {
+        let text = r#"name = "t"
+[sources]
+queue = true
+[[rules]]
+name = "phone-and-agent"
+target = "call"
+keys = [ { event = "phone", call = "ani", normalize = "phone" }, { event = "agent", call = "agent_id" } ]
+window = { before = "10m", after = "10m" }
+[report]
+dir = "r"
+"#;
+        crate::job::parse(std::path::Path::new("t.toml"), text).unwrap().rules
     }
 
-    let mut conn = pool.acquire().await?;
-    if let Some(session) = session {
-        let sessions = std::collections::HashSet::from([session.as_str()]);
-        let call = calldata::calls_by_session(&mut conn, &sessions).await?.remove(&session).map(|c| c.id);
-        let _ = match call {
-            Some(c) => writeln!(
-                out,
-                "SessionId {session:?} belongs to call {c}: attached (rules apply to sessionless events only)"
-            ),
-            None => writeln!(
-                out,
-                "SessionId {session:?}: no call has this session_id yet -> unknown_session; retried on later runs"
-            ),
-        };
-        return Ok(out);
-    }
-    if let Some(group) = master {
-        let ids = std::collections::HashSet::from([group.as_str()]);
-        let exists = calldata::existing_groups(&mut conn, &ids).await?.contains(&group);
-        let _ = if exists {
-            writeln!(
-                out,
-                "MasterId {group:?} is call group {group}: attached to the group and so to every call in it (rules \
-                 apply to sessionless events only)"
-            )
-        } else {
-            writeln!(out, "MasterId {group:?}: no call group has this id yet -> unknown_group; retried on later runs")
-        };
-        return Ok(out);
+    fn calls(rows: &[(&str, i64, i64, &str, &str)]) -> Candidates {
+        let m = 60_000_000;
+        Candidates {
+            ids: rows.iter().map(|r| r.0.to_owned()).collect(),
+            start: rows.iter().map(|r| r.1 * m).collect(),
+            end: rows.iter().map(|r| r.2 * m).collect(),
+            fields: [
+                (TargetField::Column("ani"), rows.iter().map(|r| Some(r.3.to_owned())).collect()),
+                (TargetField::Column("agent_id"), rows.iter().map(|r| Some(r.4.to_owned())).collect()),
+            ]
+            .into_iter()
+            .collect(),
+        }
     }
 
-    let (call_fields, group_fields) = calldata::fields(job);
-    let (before, after) = job.max_window();
-    let (calls, _) =
-        calldata::load_calls(&mut conn, &call_fields, time, time, (before + LOOK_AROUND, after + LOOK_AROUND))
-            .await
-            .context("reading calls around the event")?;
-    let filters = crate::matching::decide::group_filters(job, &[&metadata.0]);
-    let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
-    let steps = explain::explain(&job.rules, time.timestamp_micros(), &metadata.0, &calls, &groups);
-    let _ = writeln!(out, "calls sharing keys are counted within 7 days of the event\n");
-    out.push_str(&explain::render(&steps));
-    Ok(out)
+    #[test]
+    fn near_misses_are_partial_keys_outside_windows_and_ties() {
+        let rules = rules();
+        let calls = calls(&[
+            ("in", 0, 10, "5551230000", "a1"),
+            ("in-too", 2, 8, "5551230000", "a1"),
+            ("other-agent", 0, 10, "+1 555 123 0000", "a2"),
+            ("late", -60, -40, "5551230000", "a1"),
+            ("early", 45, 50, "5551230000", "a1"),
+            ("stranger", 0, 10, "5559999999", "a9"),
+            ("far-other-agent", 600, 610, "5551230000", "a3"),
+        ]);
+        let metadata: Map<String, Value> = serde_json::from_str(r#"{"phone": "555-123-0000", "agent": "a1"}"#).unwrap();
+        let time = 5 * 60_000_000;
+        let groups = Candidates::default();
+        let steps = explain::explain(&rules, time, &metadata, &calls, &groups);
+        let near = near_misses(&rules, time, &metadata, &calls, &groups, &steps);
+        let got: Vec<(&str, &Near)> = near.iter().map(|n| (n.id.as_str(), &n.near)).collect();
+        let some = |agent: &str| Near::SomeKeys {
+            equal: vec!["phone".to_owned()],
+            differing: vec![("agent".to_owned(), Some(agent.to_owned()))],
+        };
+        assert_eq!(
+            got,
+            [
+                // The nearest first: 30 min before `early`'s window opens (45 - 10), 35 min after
+                // `late`'s closed (-40 + 10).
+                ("early", &Near::OutsideWindow { by_secs: -30 * 60 }),
+                ("late", &Near::OutsideWindow { by_secs: 35 * 60 }),
+                ("other-agent", &some("a2")),
+                ("far-other-agent", &some("a3")),
+                // Both in the window, both 0 away: a tie.
+                ("in", &Near::Tie),
+                ("in-too", &Near::Tie),
+            ]
+        );
+        assert_eq!(steps[0].in_window, [("in".to_owned(), 0.0), ("in-too".to_owned(), 0.0)]);
+    }
 }

@@ -1,6 +1,9 @@
-//! Users of the intake API (`callrecon users add|list|revoke`) and their credentials.
+//! Users of the intake API and the review desk (`callrecon users add|list|revoke`) and their
+//! credentials.
 //!
-//! A user has a client id and a secret (OAuth2 client credentials) and roles. Secrets are shown
+//! A user has a client id and a secret (OAuth2 client credentials) and roles: a system posting
+//! events (`AsyncMetaData`) uses the client id, an analyst (`Analyst`, a person) signs in to the
+//! review desk with the user's name and secret. Secrets are shown
 //! once, when the user is created, and stored as argon2id hashes; access tokens are stored as
 //! sha256 digests (they are 32 random bytes, so a fast hash is enough).
 
@@ -16,8 +19,10 @@ use sqlx::PgPool;
 
 /// The role that may post events to `/callevent/v1/outofband/event`.
 pub const ROLE_ASYNC_METADATA: &str = "AsyncMetaData";
+/// The role that may sign in to the review desk (`/review`) and decide events there.
+pub const ROLE_ANALYST: &str = "Analyst";
 /// Every role a user can be given (`users add --role`).
-pub const ROLES: &[&str] = &[ROLE_ASYNC_METADATA];
+pub const ROLES: &[&str] = &[ROLE_ASYNC_METADATA, ROLE_ANALYST];
 
 /// A user just created: the only time its secret exists in clear.
 #[derive(Debug)]
@@ -96,6 +101,7 @@ pub async fn revoke(pool: &PgPool, name: &str) -> Result<()> {
         bail!("no active API user named {name:?} (`callrecon users list` shows them)");
     };
     sqlx::query("delete from api_tokens where user_id = $1").bind(id).execute(&mut *tx).await?;
+    sqlx::query("delete from review_sessions where user_id = $1").bind(id).execute(&mut *tx).await?;
     tx.commit().await.context("revoking the API user")?;
     Ok(())
 }
@@ -106,7 +112,14 @@ pub fn created_text(c: &Created) -> String {
     let mut s = format!("created API user {} ({roles})\n", c.name);
     let _ = writeln!(s, "client_id:     {}", c.client_id);
     let _ = writeln!(s, "client_secret: {}", c.client_secret);
-    s.push_str("The secret is shown only now and stored hashed: hand it to the customer securely.\n");
+    s.push_str("The secret is shown only now and stored hashed: hand it over securely.\n");
+    if c.roles.iter().any(|r| r == ROLE_ANALYST) {
+        let _ = writeln!(
+            s,
+            "{} signs in to the review desk (/review/login) with the name {} and this secret.",
+            c.name, c.name
+        );
+    }
     if !c.roles.iter().any(|r| r == ROLE_ASYNC_METADATA) {
         let _ = writeln!(s, "Without the {ROLE_ASYNC_METADATA} role this user cannot post events.");
     }

@@ -20,8 +20,8 @@ use tokio::sync::Semaphore;
 use crate::users;
 
 /// A hash to verify against when the client id is unknown, so that the answer takes as long as
-/// for a wrong secret.
-static DUMMY_HASH: std::sync::LazyLock<String> =
+/// for a wrong secret (and the review desk's sign-in for an unknown name).
+pub(crate) static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| users::hash_secret("not a secret").expect("hashing a constant"));
 
 /// What the token endpoint needs.

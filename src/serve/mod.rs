@@ -10,13 +10,17 @@
 //! - `GET /healthz`: 200 while the database answers.
 //! - `GET /metrics`: Prometheus metrics ([`metrics`]); `GET /openapi.json`: this API described
 //!   in OpenAPI 3.1 (`docs/openapi.json`, compiled in).
+//! - `/review`: the analysts' review desk ([`review`]).
 //!
 //! **Architecture invariant:** the API never writes anything but `event_queue` and its own
-//! `api_*` tables, and a 200 means the event's transaction has committed.
+//! `api_*` tables, and a 200 means the event's transaction has committed; the review desk writes
+//! `review_sessions`, and decisions only through `resolve`. Bearer tokens open no review page,
+//! and an analyst's session posts no event.
 
 pub mod auth;
 pub mod metrics;
 pub mod queue_writer;
+pub mod review;
 
 use std::future::Future;
 use std::io::Write as _;
@@ -89,8 +93,9 @@ pub async fn serve(
     let metrics = metrics::IntakeMetrics::new();
     let (writer, writer_task) =
         queue_writer::start(pool.clone(), args.max_batch, args.writers, metrics.batch_events.clone()).await?;
+    let desk = review::Desk::new(pool.clone(), &args.review)?;
     let housekeeping = tokio::spawn(housekeeping(pool.clone()));
-    let app = router(pool, writer, args, metrics);
+    let app = router(pool, writer, args, metrics, desk);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
     // Every connection is closed, so every handler (and its writer handle) is gone: wait for
     // the writer to answer the last batches.
@@ -111,7 +116,13 @@ struct App {
 /// examples against the server).
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
-fn router(pool: PgPool, writer: Writer, args: &ServeArgs, metrics: metrics::IntakeMetrics) -> Router {
+fn router(
+    pool: PgPool,
+    writer: Writer,
+    args: &ServeArgs,
+    metrics: metrics::IntakeMetrics,
+    desk: review::Desk,
+) -> Router {
     let issuer = auth::TokenIssuer {
         pool: pool.clone(),
         ttl: args.token_ttl,
@@ -127,6 +138,7 @@ fn router(pool: PgPool, writer: Writer, args: &ServeArgs, metrics: metrics::Inta
         .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .with_state(app)
         .merge(Router::new().route("/token", post(auth::token)).with_state(issuer))
+        .merge(review::router(desk))
         .layer(DefaultBodyLimit::max(args.max_body))
         .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
 }
@@ -145,7 +157,19 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
     // The caller first: no body is read for a request without a token.
     let token = match auth::bearer(request.headers()) {
         Ok(token) => users::token_digest(token),
-        Err(no_token) => return no_token.into_response(),
+        Err(no_token) => {
+            // An analyst's session is no API credential: said plainly, as a 403.
+            if let Ok(Some(analyst)) = review::session::current(&app.pool, request.headers()).await {
+                let message = format!(
+                    "{} is signed in to the review desk as an analyst; posting events needs an API user's bearer token ({} role)",
+                    analyst.name,
+                    users::ROLE_ASYNC_METADATA
+                );
+                return (StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
+                    .into_response();
+            }
+            return no_token.into_response();
+        }
     };
     let idempotency_key = match idempotency_key(request.headers()) {
         Ok(key) => key,
@@ -277,6 +301,9 @@ async fn housekeeping(pool: PgPool) {
         match (tokens, keys) {
             (Ok(t), Ok(k)) => tracing::debug!(tokens = t.rows_affected(), keys = k.rows_affected(), "housekeeping"),
             (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "housekeeping failed; will retry in an hour"),
+        }
+        if let Err(e) = review::housekeeping(&pool).await {
+            tracing::warn!(error = %crate::db::error_line(&e), "forgetting expired review sessions failed; will retry in an hour");
         }
     }
 }

@@ -17,6 +17,7 @@ mod metrics;
 mod openapi;
 mod report;
 mod resolve;
+mod review;
 mod run;
 mod schedule;
 mod serve;

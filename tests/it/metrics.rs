@@ -118,6 +118,7 @@ pub async fn start_server(pool: &PgPool) -> (String, tokio::sync::oneshot::Sende
         token_ttl: Duration::from_secs(1800),
         max_batch: 1024,
         writers: 2,
+        review: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

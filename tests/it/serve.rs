@@ -27,6 +27,7 @@ fn args() -> ServeArgs {
         token_ttl: Duration::from_secs(1800),
         max_batch: 1024,
         writers: 2,
+        review: Default::default(),
     }
 }
 

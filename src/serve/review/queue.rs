@@ -1,0 +1,377 @@
+//! The work queue: pending events of every job, filtered, a page at a time.
+//!
+//! Pages are found by keyset: the next page is the events after the last one shown in
+//! (received_at, id) order, one range scan of the partial index `events_review_queue_idx`
+//! (sql/0014) however deep in the backlog, never an OFFSET or a scan per page. Filters are bound
+//! parameters; a user's text never reaches SQL text.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+
+/// Events per page.
+pub const PAGE: usize = 50;
+/// Characters of metadata shown in a row.
+const ROW_METADATA: i32 = 300;
+
+/// What the queue is narrowed to (the query string of `/review`, carried to event pages).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub job: Option<String>,
+    /// A reason, or `undecided` (stored pending by a run with a backlog, not decided yet).
+    pub reason: Option<String>,
+    /// Pending (received) at least this many days ago.
+    pub min_days: Option<u32>,
+    /// Expiring within this many hours (jobs whose `pending_for` is known).
+    pub expiring_hours: Option<u32>,
+    /// The start of the source: `queue`, `inbox/crm-` …
+    pub source: Option<String>,
+    /// An event id, a SessionId or MasterId, or text in the metadata.
+    pub search: Option<String>,
+}
+
+impl Filters {
+    /// From a query string; empty and unreadable values are no filter.
+    pub fn parse(query: &str) -> Filters {
+        let mut f = Filters::default();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let v = v.trim();
+            if v.is_empty() {
+                continue;
+            }
+            let text = Some(v.chars().take(200).collect::<String>());
+            match &*k {
+                "job" => f.job = text,
+                "reason" => f.reason = text,
+                "min_days" => f.min_days = v.parse().ok(),
+                "expiring_hours" => f.expiring_hours = v.parse().ok(),
+                "source" => f.source = text,
+                "q" => f.search = text,
+                _ => {}
+            }
+        }
+        f
+    }
+
+    /// As a query string (without `?`), for links that keep the filters.
+    pub fn to_query(&self) -> String {
+        let mut s = url::form_urlencoded::Serializer::new(String::new());
+        let pairs = [
+            ("job", self.job.clone()),
+            ("reason", self.reason.clone()),
+            ("min_days", self.min_days.map(|d| d.to_string())),
+            ("expiring_hours", self.expiring_hours.map(|h| h.to_string())),
+            ("source", self.source.clone()),
+            ("q", self.search.clone()),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                s.append_pair(k, &v);
+            }
+        }
+        s.finish()
+    }
+}
+
+/// A place in the queue's order: an event's (received_at, id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub received_at: DateTime<Utc>,
+    pub id: i64,
+}
+
+impl Cursor {
+    /// `micros.id`, as links carry it.
+    pub fn text(&self) -> String {
+        format!("{}.{}", self.received_at.timestamp_micros(), self.id)
+    }
+
+    pub fn parse(s: &str) -> Option<Cursor> {
+        let (t, id) = s.split_once('.')?;
+        Some(Cursor { received_at: DateTime::from_timestamp_micros(t.parse().ok()?)?, id: id.parse().ok()? })
+    }
+}
+
+/// Which page.
+#[derive(Debug, Clone, Copy)]
+pub enum At {
+    First,
+    After(Cursor),
+    Before(Cursor),
+}
+
+/// A pending event as a row of the queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub id: i64,
+    pub job: String,
+    pub source: String,
+    pub session_id: Option<String>,
+    pub master_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub reason: String,
+    pub candidates: Vec<String>,
+    pub metadata: String,
+}
+
+impl Row {
+    pub fn cursor(&self) -> Cursor {
+        Cursor { received_at: self.received_at, id: self.id }
+    }
+}
+
+/// A page of the queue, oldest first, with where the pages beside it start.
+pub struct Page {
+    pub rows: Vec<Row>,
+    /// Show the events after this one (there are more).
+    pub next: Option<Cursor>,
+    /// Show the events before this one (there are some).
+    pub prev: Option<Cursor>,
+}
+
+/// How long each job's events stay pending (`pending_for`), for the expiry filter and column.
+pub type PendingFor = BTreeMap<String, chrono::Duration>;
+
+/// The conditions of [`Filters`], bound as `$1`–`$9` by [`bind_filters`].
+macro_rules! filter_sql {
+    () => {
+        " and ($1::text is null or job = $1)
+          and ($2::text is null or reason = $2 or ($2 = 'undecided' and reason is null))
+          and ($3::timestamptz is null or received_at <= $3)
+          and ($4::text is null or source like $4)
+          and ($6::bigint is null or id = $6)
+          and ($5::text is null or session_id = $5 or master_id = $5 or metadata::text ilike $7)
+          and ($8::text[] is null or received_at < (select x.c from unnest($8::text[], $9::timestamptz[]) as x(j, c)
+                                                   where x.j = events.job))"
+    };
+}
+
+/// A page of at most `limit` pending events matching `filters`. A search that is a number is
+/// first taken for an event id (a primary-key probe); when no such event is in the queue, it is
+/// searched as text like any other.
+pub async fn page(
+    pool: &sqlx::PgPool,
+    filters: &Filters,
+    pending_for: &PendingFor,
+    at: At,
+    limit: usize,
+) -> Result<Page> {
+    if let Some(id) = filters.search.as_deref().and_then(|s| s.parse::<i64>().ok()) {
+        let found = page_of(pool, filters, Search::Id(id), pending_for, at, limit).await?;
+        if !found.rows.is_empty() {
+            return Ok(found);
+        }
+    }
+    let search = filters.search.as_deref().map_or(Search::None, Search::Text);
+    page_of(pool, filters, search, pending_for, at, limit).await
+}
+
+/// How the queue is searched.
+#[derive(Clone, Copy)]
+enum Search<'s> {
+    None,
+    Id(i64),
+    /// A SessionId or MasterId, or text anywhere in the metadata.
+    Text(&'s str),
+}
+
+async fn page_of(
+    pool: &sqlx::PgPool,
+    filters: &Filters,
+    search: Search<'_>,
+    pending_for: &PendingFor,
+    at: At,
+    limit: usize,
+) -> Result<Page> {
+    let (cursor, forward) = match at {
+        // Before any event (within PostgreSQL's range of timestamps).
+        At::First => {
+            (Cursor { received_at: DateTime::from_timestamp(-30_000_000_000, 0).expect("year 1019"), id: 0 }, true)
+        }
+        At::After(c) => (c, true),
+        At::Before(c) => (c, false),
+    };
+    let sql = if forward {
+        concat!(
+            "select id, job, source, session_id, master_id, event_time, received_at, coalesce(reason, 'undecided'),
+                    coalesce(candidates, '{}'), left(metadata::text, $13)
+             from events
+             where state = 'pending' and (received_at, id) > ($10, $11)",
+            filter_sql!(),
+            " order by received_at, id limit $12"
+        )
+    } else {
+        concat!(
+            "select id, job, source, session_id, master_id, event_time, received_at, coalesce(reason, 'undecided'),
+                    coalesce(candidates, '{}'), left(metadata::text, $13)
+             from events
+             where state = 'pending' and (received_at, id) < ($10, $11)",
+            filter_sql!(),
+            " order by received_at desc, id desc limit $12"
+        )
+    };
+    type R = (
+        i64,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        String,
+        Vec<String>,
+        String,
+    );
+    // Unnamed (not persistent): planned with the values each time, so an unused filter's
+    // `$n is null or …` folds away and a search by id is a primary-key probe; a generic plan
+    // kept for the statement could not tell.
+    let query = bind_filters(sqlx::query_as::<_, R>(sql).persistent(false), filters, search, pending_for)
+        .bind(cursor.received_at)
+        .bind(cursor.id)
+        .bind(limit as i64 + 1)
+        .bind(ROW_METADATA);
+    let mut rows: Vec<Row> =
+        query
+            .fetch_all(pool)
+            .await
+            .context("reading the queue")?
+            .into_iter()
+            .map(|(id, job, source, session_id, master_id, event_time, received_at, reason, candidates, metadata)| {
+                Row { id, job, source, session_id, master_id, event_time, received_at, reason, candidates, metadata }
+            })
+            .collect();
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    if !forward {
+        rows.reverse();
+    }
+    let (first, last) = (rows.first().map(Row::cursor), rows.last().map(Row::cursor));
+    let (next, prev) = match at {
+        At::First => (last.filter(|_| more), None),
+        At::After(_) => (last.filter(|_| more), first),
+        At::Before(_) => (last, first.filter(|_| more)),
+    };
+    Ok(Page { rows, next, prev })
+}
+
+fn bind_filters<'q, O>(
+    q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    f: &Filters,
+    search: Search<'_>,
+    pending_for: &PendingFor,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    let now = Utc::now();
+    let received_before = f.min_days.map(|d| now - chrono::Duration::days(d.into()));
+    let source = f.source.as_deref().map(|s| format!("{}%", like_escape(s)));
+    let (search, search_id) = match search {
+        Search::None => (None, None),
+        Search::Id(id) => (None, Some(id)),
+        Search::Text(text) => (Some(text), None),
+    };
+    let search_like = search.map(|s| format!("%{}%", like_escape(s)));
+    // Expiring within the horizon: received before `now - pending_for + horizon`, per job.
+    let (jobs, cutoffs): (Option<Vec<String>>, Option<Vec<DateTime<Utc>>>) = match f.expiring_hours {
+        None => (None, None),
+        Some(h) => {
+            let horizon = chrono::Duration::hours(h.into());
+            let (j, c) = pending_for.iter().map(|(job, p)| (job.clone(), now - *p + horizon)).unzip();
+            (Some(j), Some(c))
+        }
+    };
+    q.bind(f.job.clone())
+        .bind(f.reason.clone())
+        .bind(received_before)
+        .bind(source)
+        .bind(search.map(str::to_owned))
+        .bind(search_id)
+        .bind(search_like)
+        .bind(jobs)
+        .bind(cutoffs)
+}
+
+/// `s` matched literally by LIKE (its `\`, `%` and `_` escaped).
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}
+
+/// The reasons an event is pending for, and `undecided` (stored pending by a run with a
+/// backlog, not decided yet).
+pub const REASONS: [&str; 6] =
+    ["unknown_session", "unknown_group", "missing_key", "no_candidate", "ambiguous", "undecided"];
+
+/// Counts stop here: past it the page says "1000+". Counting a backlog's every event on every
+/// page would make a page's cost grow with the backlog.
+pub const COUNT_CAP: i64 = 1_000;
+
+/// Pending events per reason, of one job or all, each counted up to [`COUNT_CAP`] + 1 (an
+/// index-only range of `events_review_reason_idx`); reasons with none are left out.
+pub async fn counts(pool: &sqlx::PgPool, job: Option<&str>) -> Result<BTreeMap<String, i64>> {
+    // One capped count per reason, each with its own value (bound, and planned with it).
+    let count = |condition: &str| {
+        format!(
+            "(select count(*) from (select 1 from events where state = 'pending' and {condition}
+                                      and ($1::text is null or job = $1) limit $2) capped)"
+        )
+    };
+    let columns: Vec<String> = REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| if *r == "undecided" { count("reason is null") } else { count(&format!("reason = ${}", i + 3)) })
+        .collect();
+    let sql = format!("select array[{}]", columns.join(", "));
+    let mut q = sqlx::query_scalar::<_, Vec<i64>>(sqlx::AssertSqlSafe(sql)).bind(job).bind(COUNT_CAP + 1);
+    for r in REASONS.iter().filter(|r| **r != "undecided") {
+        q = q.bind(*r);
+    }
+    let n = q.persistent(false).fetch_one(pool).await.context("counting the queue")?;
+    Ok(REASONS.iter().zip(n).filter(|(_, n)| *n > 0).map(|(r, n)| (r.to_string(), n)).collect())
+}
+
+/// The jobs that have run (for the job filter).
+pub async fn jobs(pool: &sqlx::PgPool) -> Result<Vec<String>> {
+    sqlx::query_scalar("select distinct job from runs order by 1").fetch_all(pool).await.context("reading jobs")
+}
+
+/// The job file of each job's latest run that recorded one.
+pub async fn job_files(pool: &sqlx::PgPool) -> Result<Vec<(String, String)>> {
+    sqlx::query_as("select distinct on (job) job, job_file from runs where job_file is not null order by job, id desc")
+        .fetch_all(pool)
+        .await
+        .context("reading the job files of runs")
+}
+
+/// Where an event is in the queue's order (its received_at), if it is pending.
+pub async fn position(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cursor>> {
+    let at: Option<DateTime<Utc>> = sqlx::query_scalar("select received_at from events where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .context("reading the event")?;
+    Ok(at.map(|received_at| Cursor { received_at, id }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_round_trip_through_the_query_string() {
+        let f = Filters::parse("job=nightly&reason=ambiguous&min_days=2&expiring_hours=&source=inbox%2F&q=C-7%25&x=1");
+        assert_eq!(f.job.as_deref(), Some("nightly"));
+        assert_eq!(f.min_days, Some(2));
+        assert_eq!(f.expiring_hours, None);
+        assert_eq!(f.search.as_deref(), Some("C-7%"));
+        assert_eq!(Filters::parse(&f.to_query()), f);
+        assert_eq!(Filters::parse("min_days=lots"), Filters::default());
+    }
+
+    #[test]
+    fn cursors_and_like_patterns() {
+        let c = Cursor { received_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: 42 };
+        assert_eq!(Cursor::parse(&c.text()), Some(c));
+        assert_eq!(Cursor::parse("x.1"), None);
+        assert_eq!(like_escape(r"50%_a\b"), r"50\%\_a\\b");
+    }
+}

@@ -1,0 +1,182 @@
+//! The run history of `/review/runs`: the latest runs with their counts, a chart of matched /
+//! unmatched / expired per run (inline SVG, so a bad night stands out without JavaScript), and
+//! where each run's report is.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+
+use crate::report::Summary;
+
+/// Runs listed and charted.
+pub const RUNS: i64 = 60;
+
+/// A run as the page lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub dry_run: bool,
+    pub started_at: DateTime<Utc>,
+    pub seconds: Option<f64>,
+    pub status: String,
+    pub error: Option<String>,
+    pub ingested: Option<u64>,
+    pub matched: Option<u64>,
+    /// Unmatched and still pending after the run.
+    pub pending: Option<u64>,
+    /// Expired in this run.
+    pub expired: Option<u64>,
+    pub dismissed: Option<u64>,
+    /// The report can be served (written and not pruned).
+    pub has_report: bool,
+}
+
+/// The latest [`RUNS`] runs, of one job or all, newest first.
+pub async fn latest(pool: &sqlx::PgPool, job: Option<&str>) -> Result<Vec<RunRow>> {
+    type R = (
+        i64,
+        String,
+        String,
+        bool,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        String,
+        Option<String>,
+        Option<sqlx::types::Json<Summary>>,
+        bool,
+    );
+    let rows: Vec<R> = sqlx::query_as(
+        "select id, job, kind, dry_run, started_at, finished_at, status, error, summary,
+                report_dir is not null and report_pruned_at is null
+         from runs where $1::text is null or job = $1 order by id desc limit $2",
+    )
+    .bind(job)
+    .bind(RUNS)
+    .fetch_all(pool)
+    .await
+    .context("reading runs")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, job, kind, dry_run, started_at, finished_at, status, error, summary, has_report)| {
+            let s = summary.map(|s| s.0);
+            RunRow {
+                id,
+                job,
+                kind,
+                dry_run,
+                started_at,
+                seconds: finished_at.map(|f| (f - started_at).num_milliseconds() as f64 / 1000.0),
+                status,
+                error,
+                ingested: s.as_ref().map(|s| s.ingested),
+                matched: s.as_ref().map(|s| s.matched),
+                pending: s.as_ref().map(|s| s.unmatched.saturating_sub(s.expired)),
+                expired: s.as_ref().map(|s| s.expired),
+                dismissed: s.as_ref().map(|s| s.dismissed),
+                has_report,
+            }
+        })
+        .collect())
+}
+
+/// The `report.html` of run `id`, if it was written and not pruned.
+pub async fn report_file(pool: &sqlx::PgPool, id: i64) -> Result<Option<PathBuf>> {
+    let dir: Option<Option<String>> =
+        sqlx::query_scalar("select report_dir from runs where id = $1 and report_pruned_at is null")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .context("reading the run")?;
+    Ok(dir.flatten().map(|d| PathBuf::from(d).join("report.html")))
+}
+
+/// Stacked bars, oldest run on the left: matched, unmatched (pending), expired. Dry and failed
+/// runs (no counts) leave a gap. Each bar links to its run's row.
+pub fn chart_svg(runs: &[RunRow]) -> String {
+    const W: usize = 900;
+    const H: usize = 180;
+    let runs: Vec<&RunRow> = runs.iter().rev().collect();
+    let total = |r: &RunRow| r.matched.unwrap_or(0) + r.pending.unwrap_or(0) + r.expired.unwrap_or(0);
+    let max = runs.iter().map(|r| total(r)).max().unwrap_or(0).max(1);
+    let slot = W as f64 / runs.len().max(1) as f64;
+    let bar = (slot * 0.8).max(1.0);
+    let mut svg = format!(
+        "<svg id=\"chart\" role=\"img\" aria-label=\"matched, unmatched and expired per run\" viewBox=\"0 0 {W} {}\" \
+         width=\"100%\" xmlns=\"http://www.w3.org/2000/svg\">",
+        H + 20
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let x = i as f64 * slot + (slot - bar) / 2.0;
+        let mut y = H as f64;
+        let _ = write!(svg, "<a href=\"#run-{}\"><g class=\"run\" data-run=\"{}\">", r.id, r.id);
+        let _ = write!(
+            svg,
+            "<title>{} {} {}: {} matched, {} unmatched, {} expired</title>",
+            escape(&r.job),
+            escape(&r.kind),
+            r.id,
+            r.matched.unwrap_or(0),
+            r.pending.unwrap_or(0),
+            r.expired.unwrap_or(0)
+        );
+        for (n, class) in [(r.matched, "matched"), (r.pending, "unmatched"), (r.expired, "expired")] {
+            let h = n.unwrap_or(0) as f64 * H as f64 / max as f64;
+            if h > 0.0 {
+                y -= h;
+                let _ = write!(
+                    svg,
+                    "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"/>"
+                );
+            }
+        }
+        svg.push_str("</g></a>");
+    }
+    let _ = write!(
+        svg,
+        "<line x1=\"0\" y1=\"{H}\" x2=\"{W}\" y2=\"{H}\" stroke=\"#8a93a3\"/><text x=\"0\" y=\"{}\" font-size=\"11\">max {max} events</text></svg>",
+        H + 15
+    );
+    svg
+}
+
+/// Text for the SVG's markup.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: i64, matched: u64, pending: u64, expired: u64) -> RunRow {
+        RunRow {
+            id,
+            job: "j".into(),
+            kind: "run".into(),
+            dry_run: false,
+            started_at: Utc::now(),
+            seconds: Some(1.0),
+            status: "succeeded".into(),
+            error: None,
+            ingested: Some(matched + pending),
+            matched: Some(matched),
+            pending: Some(pending),
+            expired: Some(expired),
+            dismissed: Some(0),
+            has_report: true,
+        }
+    }
+
+    #[test]
+    fn the_chart_has_a_bar_per_run_oldest_first() {
+        let svg = chart_svg(&[run(3, 10, 90, 0), run(2, 100, 0, 5)]);
+        assert!(svg.find("data-run=\"2\"").unwrap() < svg.find("data-run=\"3\"").unwrap());
+        assert_eq!(svg.matches("class=\"unmatched\"").count(), 1);
+        assert_eq!(svg.matches("class=\"expired\"").count(), 1);
+        assert!(chart_svg(&[]).starts_with("<svg"));
+    }
+}

@@ -1,0 +1,742 @@
+//! The review desk (`/review`): by HTTP, every permission (API tokens and analysts' sessions
+//! both ways), CSRF, sign-in, expiry and sign-out, the queue's filters and pages, the near
+//! misses; and one analyst's journey in headless Chromium driven through chromedriver
+//! (WebDriver): sign in, filter, open an event, attach it to a near miss, reopen, sign out.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use callrecon::cli::{ReviewArgs, ServeArgs};
+use reqwest::StatusCode;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+use crate::helpers::*;
+
+const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+
+/// The desk in-process on a free port, with `job`'s file; stopped when dropped.
+struct Desk {
+    base: String,
+    http: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Desk {
+    async fn start(pool: &PgPool, job: &TestJob, session_ttl: Duration) -> Desk {
+        let args = ServeArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_body: 1024 * 1024,
+            token_ttl: Duration::from_secs(1800),
+            max_batch: 1024,
+            writers: 1,
+            review: ReviewArgs { jobs: vec![job.path()], session_ttl, secure_cookies: false },
+        };
+        let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            callrecon::serve::serve(pool, &args, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+        });
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Desk { base, http, _stop: stop }
+    }
+
+    async fn get(&self, path: &str, cookie: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(c) = cookie {
+            req = req.header(COOKIE, c);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.http.post(format!("{}{path}", self.base)).form(form);
+        if let Some(c) = cookie {
+            req = req.header(COOKIE, c);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Signs in; the session cookie (`name=value`), or the refusing response's status.
+    async fn sign_in(&self, name: &str, secret: &str) -> Result<String, StatusCode> {
+        let page = self.get("/review/login", None).await;
+        let login_cookie = cookie_of(&page, "callrecon_login").unwrap();
+        let csrf = csrf_in(&page.text().await.unwrap());
+        let resp = self
+            .post(
+                "/review/login",
+                Some(&login_cookie),
+                &[("name", name), ("secret", secret), ("csrf", &csrf), ("next", "/review")],
+            )
+            .await;
+        match resp.status() {
+            StatusCode::SEE_OTHER => Ok(cookie_of(&resp, "callrecon_review").expect("a session cookie")),
+            status => {
+                assert!(cookie_of(&resp, "callrecon_review").is_none(), "no session for a refused sign-in");
+                Err(status)
+            }
+        }
+    }
+
+    /// A page's CSRF token for the session `cookie`.
+    async fn csrf(&self, cookie: &str) -> String {
+        let resp = self.get("/review", Some(cookie)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        csrf_in(&resp.text().await.unwrap())
+    }
+
+    /// The ids of the queue's rows at `path`, and the link to the next page.
+    async fn queue(&self, path: &str, cookie: &str) -> (Vec<i64>, Option<String>) {
+        let resp = self.get(path, Some(cookie)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let html = resp.text().await.unwrap();
+        let ids = html.split("<tr data-id=\"").skip(1).map(|s| s[..s.find('"').unwrap()].parse().unwrap()).collect();
+        let next = html.split("id=\"next\" href=\"").nth(1).map(|s| unescape(&s[..s.find('"').unwrap()]));
+        (ids, next)
+    }
+}
+
+/// `name=value` of the cookie `name` the response sets (value empty when it deletes it).
+fn cookie_of(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+}
+
+/// An attribute's text as the browser reads it (minijinja escapes `&`, `/`, quotes).
+fn unescape(s: &str) -> String {
+    s.replace("&#x2f;", "/")
+        .replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+fn csrf_in(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
+    html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+async fn analyst(pool: &PgPool, name: &str) -> String {
+    callrecon::users::add(pool, name, &["Analyst".to_owned()]).await.unwrap().client_secret
+}
+
+/// Calls and events of every kind of unmatched event, after one run: `no_candidate` events with
+/// near misses (same phone, other agent; every key, 30 minutes late), an ambiguous tie,
+/// `missing_key` and `unknown_session` ones.
+struct Backlog {
+    job: TestJob,
+    /// The event whose phone call `c-near` has, with another agent.
+    other_agent: i64,
+    /// The event 30 minutes after call `c-late`'s window closed.
+    late: i64,
+    /// The event tied between `c-t1` and `c-t2`.
+    tied: i64,
+}
+
+async fn backlog(pool: &PgPool, missing_key: usize) -> Backlog {
+    Call::new("c-near", "2026-11-02T14:00:00Z", Some("2026-11-02T14:10:00Z"))
+        .phone("5551230000", "a1")
+        .insert(pool)
+        .await;
+    Call::new("c-late", "2026-11-02T14:00:00Z", Some("2026-11-02T14:10:00Z"))
+        .phone("5559990000", "a9")
+        .insert(pool)
+        .await;
+    Call::new("c-t1", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z"))
+        .phone("5557770000", "a3")
+        .insert(pool)
+        .await;
+    Call::new("c-t2", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z"))
+        .phone("5557770000", "a3")
+        .insert(pool)
+        .await;
+    let job = TestJob::new(RULES);
+    let phone = |p: &str, agent: &str, at: &str| json!({"EventTime": at, "Metadata": {"customerPhone": p, "agentId": agent, "note": "from the CRM"}});
+    enqueue(pool, phone("(555) 123-0000", "a2", "2026-11-02T14:05:00Z")).await;
+    enqueue(pool, phone("5559990000", "a9", "2026-11-02T14:50:00Z")).await;
+    enqueue(pool, phone("5557770000", "a3", "2026-11-02T14:20:00Z")).await;
+    for i in 0..missing_key {
+        enqueue(pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"i": i}})).await;
+    }
+    enqueue(pool, json!({"SessionId": "nowhere", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {}})).await;
+    job.run(pool).await;
+    let id = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap() };
+    Backlog {
+        other_agent: id("select id from events where metadata->>'agentId' = 'a2'").await,
+        late: id("select id from events where metadata->>'agentId' = 'a9'").await,
+        tied: id("select id from events where metadata->>'agentId' = 'a3'").await,
+        job,
+    }
+}
+
+async fn event_state(pool: &PgPool, id: i64) -> (String, Option<String>, Option<String>) {
+    sqlx::query_as("select state, target_id, decided_by from events where id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn review_pages_refuse_api_tokens_and_analysts_cannot_post_events(pool: PgPool) {
+    let b = backlog(&pool, 2).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let system = callrecon::users::add(&pool, "crm", &["AsyncMetaData".to_owned()]).await.unwrap();
+
+    // No session: to the sign-in page, coming back here afterwards.
+    let resp = desk.get("/review/events/1?job=test", None).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()[LOCATION], "/review/login?next=%2Freview%2Fevents%2F1%3Fjob%3Dtest");
+
+    // An API token of the AsyncMetaData role opens no page, nor posts a decision.
+    let token: Value = desk
+        .http
+        .post(format!("{}/token", desk.base))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", &system.client_id),
+            ("client_secret", &system.client_secret),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+    for path in ["/review", "/review/runs", &format!("/review/events/{}", b.other_agent)] {
+        let resp = desk.http.get(format!("{}{path}", desk.base)).header("authorization", &bearer).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    let resp = desk
+        .http
+        .post(format!("{}/review/events/{}", desk.base, b.other_agent))
+        .header("authorization", &bearer)
+        .form(&[("action", "attach"), ("to", "call:c-near")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(event_state(&pool, b.other_agent).await.0, "pending");
+
+    // An analyst's session opens the pages and posts no event.
+    let session = desk.sign_in("ana", &secret).await.unwrap();
+    let page = desk.get("/review", Some(&session)).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    let resp = desk
+        .http
+        .post(format!("{}{}", desk.base, callrecon::serve::EVENT_PATH))
+        .header(COOKIE, &session)
+        .header("content-type", "application/json")
+        .body(r#"{"EventTime": "2026-11-02T10:00:00Z", "Metadata": {}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(resp.text().await.unwrap().contains("ana is signed in to the review desk"));
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
+
+    // Nor do the analyst's client credentials make a token that posts events.
+    let resp = desk
+        .http
+        .post(format!("{}/token", desk.base))
+        .form(&[("grant_type", "client_credentials"), ("client_id", "nobody"), ("client_secret", &secret)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn forms_without_the_sessions_csrf_token_are_refused(pool: PgPool) {
+    let b = backlog(&pool, 2).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let mine = desk.sign_in("ana", &secret).await.unwrap();
+    let theirs = desk.sign_in("ana", &secret).await.unwrap();
+    let their_csrf = desk.csrf(&theirs).await;
+    let path = format!("/review/events/{}", b.other_agent);
+    for csrf in ["", "forged", their_csrf.as_str()] {
+        let resp = desk.post(&path, Some(&mine), &[("action", "attach"), ("to", "call:c-near"), ("csrf", csrf)]).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "csrf {csrf:?}");
+        let resp = desk.post("/review/logout", Some(&mine), &[("csrf", csrf)]).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "csrf {csrf:?}");
+    }
+    assert_eq!(event_state(&pool, b.other_agent).await, ("pending".to_owned(), None, None));
+    assert_eq!(desk.get("/review", Some(&mine)).await.status(), StatusCode::OK, "still signed in");
+
+    // The sign-in form too: without its cookie, or with another form's token.
+    let resp = desk.post("/review/login", None, &[("name", "ana"), ("secret", &secret), ("csrf", "x")]).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let other_form = desk.get("/review/login", None).await;
+    let other_csrf = csrf_in(&other_form.text().await.unwrap());
+    let form = desk.get("/review/login", None).await;
+    let cookie = cookie_of(&form, "callrecon_login").unwrap();
+    let resp =
+        desk.post("/review/login", Some(&cookie), &[("name", "ana"), ("secret", &secret), ("csrf", &other_csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    // With the session's own token the decision is made, as the analyst, through resolve.
+    let csrf = desk.csrf(&mine).await;
+    let resp = desk.post(&path, Some(&mine), &[("action", "attach"), ("to", "call:c-near"), ("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        event_state(&pool, b.other_agent).await,
+        ("matched".to_owned(), Some("c-near".to_owned()), Some("ana".to_owned()))
+    );
+    let history = callrecon(&pool, &["history", &b.other_agent.to_string()]).await;
+    assert!(stdout(&history).contains("ana"), "{}", stdout(&history));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn wrong_secrets_and_non_analysts_get_no_session(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let desk = Desk::start(&pool, &job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let system = callrecon::users::add(&pool, "crm", &["AsyncMetaData".to_owned()]).await.unwrap();
+    assert_eq!(desk.sign_in("ana", "wrong").await, Err(StatusCode::UNAUTHORIZED));
+    assert_eq!(desk.sign_in("nobody", &secret).await, Err(StatusCode::UNAUTHORIZED));
+    assert_eq!(desk.sign_in("crm", &system.client_secret).await, Err(StatusCode::UNAUTHORIZED));
+    assert_eq!(count(&pool, "select count(*) from review_sessions").await, 0);
+    assert!(desk.sign_in("ana", &secret).await.is_ok());
+    // A revoked analyst's sessions end with it.
+    callrecon::users::revoke(&pool, "ana").await.unwrap();
+    assert_eq!(count(&pool, "select count(*) from review_sessions").await, 0);
+    assert_eq!(desk.sign_in("ana", &secret).await, Err(StatusCode::UNAUTHORIZED));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn sessions_expire_are_stored_hashed_and_end_at_sign_out(pool: PgPool) {
+    let job = TestJob::new(RULES);
+    let secret = analyst(&pool, "ana").await;
+    let short = Desk::start(&pool, &job, Duration::from_secs(1)).await;
+    let session = short.sign_in("ana", &secret).await.unwrap();
+    assert_eq!(short.get("/review", Some(&session)).await.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = short.get("/review", Some(&session)).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "expired");
+    assert!(resp.headers()[LOCATION].to_str().unwrap().starts_with("/review/login"));
+
+    let desk = Desk::start(&pool, &job, Duration::from_secs(3600)).await;
+    let page = desk.get("/review/login", None).await;
+    let set = page.headers().get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert!(
+        set.iter().all(|c| c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure")),
+        "{set:?}"
+    );
+    let session = desk.sign_in("ana", &secret).await.unwrap();
+    let token = session.split_once('=').unwrap().1;
+    let stored: i64 =
+        sqlx::query_scalar("select count(*) from review_sessions where token_sha256 = sha256(convert_to($1, 'UTF8'))")
+            .bind(token)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "the session is stored as its digest");
+
+    let csrf = desk.csrf(&session).await;
+    let resp = desk.post("/review/logout", Some(&session), &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(cookie_of(&resp, "callrecon_review").as_deref(), Some("callrecon_review="), "the cookie is cleared");
+    assert_eq!(desk.get("/review", Some(&session)).await.status(), StatusCode::SEE_OTHER, "signed out");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_queue_filters_counts_and_pages_every_pending_event_once(pool: PgPool) {
+    let b = backlog(&pool, 120).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
+
+    // Every pending event, a page at a time, oldest first, each once.
+    let (mut seen, mut next) = desk.queue("/review", &session).await;
+    assert_eq!(seen.len(), 50);
+    while let Some(link) = next {
+        let (ids, n) = desk.queue(&link, &session).await;
+        seen.extend(ids);
+        next = n;
+    }
+    let expected: Vec<i64> =
+        sqlx::query_scalar("select id from events where state = 'pending' order by received_at, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(expected.len(), 124);
+    assert_eq!(seen, expected);
+
+    let html = desk.get("/review", Some(&session)).await.text().await.unwrap();
+    for (reason, n) in [("missing_key", 120), ("no_candidate", 2), ("ambiguous", 1), ("unknown_session", 1)] {
+        assert!(
+            html.contains(&format!("data-reason=\"{reason}\" href=\"/review?reason={reason}\"><b>{n}</b>")),
+            "{reason} {n}"
+        );
+    }
+    let cases: [(&str, Vec<i64>); 7] = [
+        ("/review?reason=no_candidate", vec![b.other_agent, b.late]),
+        ("/review?reason=ambiguous&job=test", vec![b.tied]),
+        ("/review?job=other", vec![]),
+        ("/review?q=123-0000", vec![b.other_agent]),
+        (&format!("/review?q={}", b.late), vec![b.late]),
+        ("/review?q=nowhere&source=queue", vec![expected[123]]),
+        ("/review?q=%25&reason=no_candidate", vec![]),
+    ];
+    for (path, ids) in cases {
+        assert_eq!(desk.queue(path, &session).await.0, ids, "{path}");
+    }
+    // Expiring: pending_for is 72 hours; none expires within a day, all within four.
+    assert_eq!(desk.queue("/review?expiring_hours=24", &session).await.0, Vec::<i64>::new());
+    assert_eq!(desk.queue("/review?expiring_hours=96&reason=no_candidate", &session).await.0.len(), 2);
+    assert_eq!(desk.queue("/review?min_days=1", &session).await.0, Vec::<i64>::new());
+    // The previous page of the second is the first.
+    let (_, second) = desk.queue("/review", &session).await;
+    let html = desk.get(&second.unwrap(), Some(&session)).await.text().await.unwrap();
+    let prev = html.split("id=\"prev\" href=\"").nth(1).map(|s| unescape(&s[..s.find('"').unwrap()]));
+    assert_eq!(desk.queue(&prev.unwrap(), &session).await.0, expected[..50]);
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn event_pages_explain_the_rules_and_list_the_near_misses(pool: PgPool) {
+    let b = backlog(&pool, 1).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
+    let page = |id: i64| {
+        let (desk, session) = (&desk, &session);
+        async move {
+            let resp = desk.get(&format!("/review/events/{id}"), Some(session)).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.text().await.unwrap()
+        }
+    };
+    let html = page(b.other_agent).await;
+    assert!(html.contains("key customerPhone = <span class=\"keyhl\">&quot;5551230000&quot;</span>"), "{html}");
+    assert!(html.contains("<span class=\"keyhl\">&quot;customerPhone&quot;: &quot;(555) 123-0000&quot;</span>"));
+    assert!(html.contains("<span class=\"\">&quot;note&quot;"), "metadata the rules do not read is not highlighted");
+    let row = |html: &str, to: &str| {
+        let at = html.find(&format!("data-to=\"{to}\"")).unwrap_or_else(|| panic!("{to} is listed"));
+        html[at..at + html[at..].find("</tr>").unwrap()].to_owned()
+    };
+    let near = row(&html, "call:c-near");
+    assert!(near.contains("same customerPhone; other agentId a1"), "{near}");
+    assert!(near.contains("2026-11-02 14:00:00") && near.contains("5551230000") && near.contains(">a1<"), "{near}");
+    assert!(html.contains("result: unmatched (no_candidate)"));
+
+    let html = page(b.late).await;
+    assert!(row(&html, "call:c-late").contains("every key; 30 min after the window closes"));
+
+    let html = page(b.tied).await;
+    for call in ["call:c-t1", "call:c-t2"] {
+        assert!(row(&html, call).contains("in the window, 5 min away; tied"), "{}", row(&html, call));
+    }
+    assert!(html.contains("ambiguous between c-t1, c-t2"));
+
+    // A typed target that does not exist: refused, nothing changed, said on the page.
+    let csrf = desk.csrf(&session).await;
+    let path = format!("/review/events/{}", b.tied);
+    let resp =
+        desk.post(&path, Some(&session), &[("action", "attach"), ("typed", "call:c-none"), ("csrf", &csrf)]).await;
+    let back = resp.headers()[LOCATION].to_str().unwrap().to_owned();
+    assert!(back.starts_with(&format!("{path}?error=")), "{back}");
+    assert!(desk.get(&back, Some(&session)).await.text().await.unwrap().contains("there is no call c-none"));
+    let resp = desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", ""), ("csrf", &csrf)]).await;
+    assert!(resp.headers()[LOCATION].to_str().unwrap().contains("error="));
+    assert_eq!(event_state(&pool, b.tied).await.0, "pending");
+    let resp = desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", "test call"), ("csrf", &csrf)]).await;
+    assert!(resp.headers()[LOCATION].to_str().unwrap().contains("msg="));
+    assert_eq!(event_state(&pool, b.tied).await, ("dismissed".to_owned(), None, Some("ana".to_owned())));
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_runs_page_charts_each_run_and_serves_its_report(pool: PgPool) {
+    let b = backlog(&pool, 3).await;
+    b.job.run(&pool).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
+    let html = desk.get("/review/runs", Some(&session)).await.text().await.unwrap();
+    assert_eq!(html.matches("<g class=\"run\"").count(), 2);
+    assert!(html.contains("<tr id=\"run-1\">") && html.contains("href=\"/review/runs/1/report\""));
+    let report = desk.get("/review/runs/1/report", Some(&session)).await;
+    assert_eq!(report.status(), StatusCode::OK);
+    assert!(report.text().await.unwrap().contains("Reconciliation report"));
+    assert_eq!(desk.get("/review/runs/99/report", Some(&session)).await.status(), StatusCode::NOT_FOUND);
+}
+
+/// Headless Chromium driven through chromedriver's WebDriver endpoint (plain HTTP + JSON).
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    driver: std::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = std::process::Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver) runs");
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if http.get(format!("{base}/status")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--window-size=1400,1000",
+                     format!("--user-data-dir={}", profile.path().display())]}}}});
+        let resp: Value = http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
+        let id = resp["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {resp}"));
+        Browser { session: format!("{base}/session/{id}"), http, driver, _profile: profile }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let mut req = self.http.request(method, format!("{}{path}", self.session));
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["value"].get("error").is_none(), "WebDriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({"url": url})).await;
+    }
+
+    async fn url(&self) -> String {
+        self.call(reqwest::Method::GET, "/url", Value::Null).await.as_str().unwrap().to_owned()
+    }
+
+    async fn find_all(&self, css: &str) -> Vec<String> {
+        let v = self.call(reqwest::Method::POST, "/elements", json!({"using": "css selector", "value": css})).await;
+        v.as_array().unwrap().iter().map(|e| e[ELEMENT].as_str().unwrap().to_owned()).collect()
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let all = self.find_all(css).await;
+        assert!(!all.is_empty(), "no element {css} on {}", self.url().await);
+        all[0].clone()
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.find(css).await;
+        self.call(reqwest::Method::POST, &format!("/element/{e}/click"), json!({})).await;
+    }
+
+    async fn type_in(&self, css: &str, text: &str) {
+        let e = self.find(css).await;
+        self.call(reqwest::Method::POST, &format!("/element/{e}/clear"), json!({})).await;
+        self.call(reqwest::Method::POST, &format!("/element/{e}/value"), json!({"text": text})).await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let e = self.find(css).await;
+        self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await.as_str().unwrap().to_owned()
+    }
+
+    /// Presses keys on the page (the keyboard shortcuts).
+    async fn press(&self, keys: &str) {
+        let actions: Vec<Value> = keys
+            .chars()
+            .flat_map(|c| [json!({"type": "keyDown", "value": c}), json!({"type": "keyUp", "value": c})])
+            .collect();
+        self.call(
+            reqwest::Method::POST,
+            "/actions",
+            json!({"actions": [{"type": "key", "id": "kb", "actions": actions}]}),
+        )
+        .await;
+    }
+
+    async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine as _;
+        let png = self.call(reqwest::Method::GET, "/screenshot", Value::Null).await;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Waits until the page's URL contains `part` (after a click that navigates).
+    async fn wait_url(&self, part: &str) -> String {
+        for _ in 0..100 {
+            let url = self.url().await;
+            if url.contains(part) {
+                return url;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the browser never reached {part}: at {}", self.url().await);
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_analyst_attaches_an_event_to_a_near_miss_and_reopens_it_in_a_real_browser(pool: PgPool) {
+    let b = backlog(&pool, 60).await;
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let browser = Browser::start().await;
+
+    browser.go(&format!("{}/review", desk.base)).await;
+    browser.wait_url("/review/login").await;
+    browser.type_in("#name", "ana").await;
+    browser.type_in("#secret", &secret).await;
+    browser.click("#sign-in").await;
+    browser.wait_url("/review").await;
+    assert_eq!(browser.text("#analyst").await, "ana");
+    assert_eq!(browser.find_all("#queue tbody tr").await.len(), 50);
+    if let Some(dir) = std::env::var_os("CALLRECON_SCREENSHOTS") {
+        browser.screenshot(&std::path::Path::new(&dir).join("review-queue.png")).await;
+    }
+
+    // Filter: the no_candidate events, then a search within them.
+    browser.click("a.tile[data-reason=no_candidate]").await;
+    browser.wait_url("reason=no_candidate").await;
+    assert_eq!(browser.find_all("#queue tbody tr").await.len(), 2);
+    browser.type_in("#f-q", "123-0000").await;
+    browser.click("#f-apply").await;
+    browser.wait_url("q=123-0000").await;
+    let rows = browser.find_all("#queue tbody tr").await;
+    assert_eq!(rows.len(), 1);
+    // Open it with the keyboard: the first row is selected, Enter opens it.
+    browser.press("\u{E007}").await;
+    browser.wait_url(&format!("/review/events/{}", b.other_agent)).await;
+    if let Some(dir) = std::env::var_os("CALLRECON_SCREENSHOTS") {
+        browser.screenshot(&std::path::Path::new(&dir).join("review-event.png")).await;
+    }
+
+    // Attach it to the near miss (same phone, other agent): choose it, press `a`.
+    browser.click("tr[data-to='call:c-near'] input[type=radio]").await;
+    browser.press("a").await;
+    browser.wait_url("msg=").await;
+    assert!(browser.text("#msg").await.contains("matched call c-near by ana"), "{}", browser.text("#msg").await);
+    let meta = call_meta(&pool, "c-near").await;
+    assert_eq!(meta, json!({"customerPhone": "(555) 123-0000", "agentId": "a2", "note": "from the CRM"}));
+    assert_eq!(event_state(&pool, b.other_agent).await.2.as_deref(), Some("ana"));
+    assert!(browser.text("#history").await.contains("ana"));
+
+    // Reopen: pending again, the call's metadata gone.
+    browser.click("#reopen").await;
+    browser.wait_url("msg=event").await;
+    for _ in 0..100 {
+        if event_state(&pool, b.other_agent).await.0 == "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(event_state(&pool, b.other_agent).await, ("pending".to_owned(), None, None));
+    assert_eq!(call_meta(&pool, "c-near").await, json!({}));
+    let history = callrecon(&pool, &["history", &b.other_agent.to_string()]).await;
+    assert_eq!(stdout(&history).lines().filter(|l| l.contains("  ana  ")).count(), 2, "{}", stdout(&history));
+
+    // `j` goes to the next event of the filtered queue: there is none after this one.
+    assert!(browser.find_all("#next").await.is_empty());
+
+    // Sign out: the queue asks for a sign-in again.
+    browser.click("#sign-out").await;
+    browser.wait_url("/review/login").await;
+    browser.go(&format!("{}/review", desk.base)).await;
+    browser.wait_url("/review/login?next=").await;
+    let signed_in: BTreeSet<String> =
+        sqlx::query_scalar("select u.name from review_sessions s join api_users u on u.id = s.user_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(signed_in.is_empty(), "{signed_in:?}");
+}
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_analyst_clears_a_backlog_of_mixed_reasons_with_the_keyboard(pool: PgPool) {
+    let b = backlog(&pool, 1).await;
+    let queue: Vec<(i64, String)> =
+        sqlx::query_as("select id, reason from events where state = 'pending' order by received_at, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let reasons: Vec<&str> = queue.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(reasons, ["no_candidate", "no_candidate", "ambiguous", "missing_key", "unknown_session"]);
+    let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
+    let secret = analyst(&pool, "ana").await;
+    let browser = Browser::start().await;
+    browser.go(&format!("{}/review/login", desk.base)).await;
+    browser.type_in("#name", "ana").await;
+    browser.type_in("#secret", &secret).await;
+    browser.press("\u{E007}").await;
+    browser.wait_url("/review").await;
+    browser.find("#queue").await;
+
+    // Enter opens the selected (first) row; then, per event: decide, `j` to the next.
+    browser.press("\u{E007}").await;
+    for (i, (id, reason)) in queue.iter().enumerate() {
+        browser.wait_url(&format!("/review/events/{id}")).await;
+        if reason == "missing_key" || reason == "unknown_session" {
+            // Nothing to attach to: `d` goes to the note, Enter dismisses.
+            browser.press("d").await;
+            browser.press("no keys, a test call\u{E007}").await;
+        } else {
+            // `a` attaches to the selected option, the first listed.
+            browser.press("a").await;
+        }
+        browser.wait_url(&format!("/review/events/{id}?msg=")).await;
+        if i + 1 < queue.len() {
+            browser.press("j").await;
+        }
+    }
+    assert_eq!(count(&pool, "select count(*) from events where state = 'pending'").await, 0);
+    let decided: Vec<(i64, String, Option<String>, Option<String>)> =
+        sqlx::query_as("select id, state, target_id, decided_by from events order by received_at, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected = [
+        ("matched", Some("c-near")),
+        ("matched", Some("c-late")),
+        ("matched", Some("c-t1")),
+        ("dismissed", None),
+        ("dismissed", None),
+    ];
+    for ((id, state, target, by), (s, t)) in decided.iter().zip(expected) {
+        assert_eq!((state.as_str(), target.as_deref(), by.as_deref()), (s, t, Some("ana")), "event {id}");
+        let history = callrecon(&pool, &["history", &id.to_string()]).await;
+        assert!(stdout(&history).lines().any(|l| l.contains("  ana  ")), "{}", stdout(&history));
+    }
+    assert_eq!(call_meta(&pool, "c-late").await["agentId"], "a9");
+}
