@@ -104,11 +104,13 @@ impl Entry {
 }
 
 /// The events of the report, as SQL: every unmatched event of the job still pending, plus those
-/// expired by run `$2`.
-const UNMATCHED: &str = "job = $1 and (state = 'pending' or (state = 'expired' and decided_run = $2))";
+/// expired by the run; `job` and `run` are SQL (placeholders, or a literal and a number).
+fn unmatched(job: &str, run: &str) -> String {
+    format!("job = {job} and (state = 'pending' or (state = 'expired' and decided_run = {run}))")
+}
 
 /// Streams every unmatched event of `job` (still pending, or expired by `run_id`) into `partial`
-/// ([`CSV`] and [`JSON_LIST`]), in `received_at`, id order, through a cursor on the run's
+/// ([`CSV`] and [`JSON_LIST`]), in `received_at`, id order, through a binary COPY on the run's
 /// connection; returns the counts and the sample for `report.html`.
 #[tracing::instrument(skip_all)]
 pub async fn stream(
@@ -121,18 +123,17 @@ pub async fn stream(
 ) -> Result<Shown> {
     std::fs::create_dir_all(partial).with_context(|| format!("creating {}", partial.display()))?;
     let (keys, left_out) = csv_keys(conn, job, run_id, tuning.csv_key_columns).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "declare report_unmatched no scroll cursor for
-         select id, source, session_id, master_id, event_time, received_at, state, reason, candidates, metadata::text
-         from events where {UNMATCHED} order by received_at, id"
-    )))
-    .bind(job)
-    .bind(run_id)
-    .execute(&mut *conn)
-    .await
-    .context("opening the unmatched events")?;
+    // Binary COPY, decoded here: a cursor fetched through sqlx spent about twice PostgreSQL's
+    // time decoding rows (1M events: 15 s against 5 s for the COPY alone). The job's name is a
+    // literal (COPY takes no bind parameters), the run id a number.
+    let sql = format!(
+        "copy (select id, source, session_id, master_id, event_time, received_at, state, reason,
+                      array_to_json(candidates)::text, metadata::text
+               from events where {} order by received_at, id) to stdout (format binary)",
+        unmatched(&crate::pgcopy::Literal::new(job).to_string(), &run_id.to_string())
+    );
 
-    // Pages are formatted and written on a blocking thread while the next one is fetched.
+    // Pages are formatted and written on a blocking thread while the next one is read.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1);
     let mut writer = Writer::new(partial, keys, pending_for, Utc::now(), tuning.shown_per_end)?;
     writer.shown.csv_keys_left_out = left_out;
@@ -144,26 +145,59 @@ pub async fn stream(
         }
         writer.finish()
     });
-    let fetch = format!("fetch forward {} from report_unmatched", tuning.page);
-    loop {
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(fetch.clone()))
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await
-            .context("reading unmatched events")?;
-        let last = rows.len() < tuning.page;
-        if tx.send(rows).await.is_err() {
-            break; // The writer failed: its error is returned below.
+    let read = async {
+        use futures_util::TryStreamExt as _;
+        let mut reader = crate::pgcopy::RowReader::new(10);
+        let mut page: Vec<Row> = Vec::with_capacity(tuning.page);
+        let mut stream = conn.copy_out_raw(&sql).await.context("reading unmatched events")?;
+        while let Some(chunk) = stream.try_next().await.context("reading unmatched events")? {
+            reader.feed(&chunk, |f| {
+                page.push(decode(f)?);
+                Ok(())
+            })?;
+            if page.len() >= tuning.page && tx.send(std::mem::take(&mut page)).await.is_err() {
+                return anyhow::Ok(()); // The writer failed: its error is returned below.
+            }
         }
-        if last {
-            break;
+        drop(stream);
+        reader.finish()?;
+        if !page.is_empty() {
+            let _ = tx.send(page).await;
         }
-    }
+        anyhow::Ok(())
+    };
+    let read = read.await;
     drop(tx);
     let shown = writing.await.context("writing the unmatched events")??;
-    sqlx::query("close report_unmatched").execute(&mut *conn).await?;
+    read?;
     tracing::debug!(events = shown.total, "unmatched events written");
     Ok(shown)
+}
+
+/// A row of the report's COPY, from its fields in binary form.
+fn decode(f: &[Option<&[u8]>]) -> Result<Row> {
+    use crate::pgcopy::{int8, text, timestamp};
+    let opt = |i: usize| -> Result<Option<String>> { f[i].map(|b| text(b).map(str::to_owned)).transpose() };
+    let req = |i: usize| -> Result<&[u8]> { f[i].context("a null where the report needs a value") };
+    let time = |i: usize| -> Result<DateTime<Utc>> {
+        DateTime::from_timestamp_micros(timestamp(req(i)?)?).context("a timestamp out of range")
+    };
+    let candidates = match f[8] {
+        None => None,
+        Some(b) => Some(serde_json::from_str::<Vec<String>>(text(b)?).context("candidates")?),
+    };
+    Ok((
+        int8(req(0)?)?,
+        text(req(1)?)?.to_owned(),
+        opt(2)?,
+        opt(3)?,
+        time(4)?,
+        time(5)?,
+        text(req(6)?)?.to_owned(),
+        opt(7)?,
+        candidates,
+        text(req(9)?)?.to_owned(),
+    ))
 }
 
 /// The top-level metadata keys that get a column in `unmatched.csv`, alphabetical: all of them,
@@ -174,11 +208,12 @@ async fn csv_keys(conn: &mut PgConnection, job: &str, run_id: i64, columns: usiz
              select k, count(*) n
              from events e
              cross join lateral jsonb_object_keys(case jsonb_typeof(e.metadata) when 'object' then e.metadata else '{{}}' end) k
-             where {UNMATCHED}
+             where {}
              group by k
          ) s
          order by n desc, k
-         limit $3"
+         limit $3",
+        unmatched("$1", "$2")
     )))
     .bind(job)
     .bind(run_id)
