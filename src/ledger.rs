@@ -130,102 +130,134 @@ fn kept_keys(job: &Job) -> Vec<&str> {
 /// kept metadata key: that key's value as JSON text, extracted by PostgreSQL (null when the
 /// event has no such key). Reading and parsing whole metadata was most of this stage's time.
 const TO_DECIDE: &str = "id, session_id, event_time, received_at, target_kind, target_id, rule, state, reason,
-                         coalesce(candidates, '{}'), group_part, master_id";
+                         array_to_json(coalesce(candidates, '{}'))::text, group_part::text, master_id";
+const TO_DECIDE_FIELDS: usize = 12;
 
-/// The stored events in `scope`, in (EventTime, id) order, read a page at a time through a
-/// cursor on the run's connection, with only the metadata keys matching and apply look at. One
-/// cursor, not a query per page: a page found by `(event_time, id) > last … limit` read and
-/// sorted the whole scope again each time (2 s a page at 1M pending events).
+/// The stored events in `scope`, in (EventTime, id) order, with only the metadata keys
+/// matching and apply look at, handed out a page at a time.
+///
+/// They are read with one binary COPY into a temporary file, then decoded from it a page at a
+/// time: one read of the scope (a query per page read and sorted the whole scope again each
+/// time: 2 s a page at 1M pending events), no row decoding through sqlx (three times
+/// PostgreSQL's own time), memory bounded by the page, and the run's connection free for the
+/// statements that decide and store each page.
 pub struct InScope {
     keep: Vec<String>,
+    file: std::io::BufReader<std::fs::File>,
+    reader: crate::pgcopy::RowReader,
+    decoded: std::collections::VecDeque<ToDecide<'static>>,
+    done: bool,
 }
 
 impl InScope {
-    /// Opens the cursor; the run's other statements may run on the connection between pages.
+    /// Reads the scope into a temporary file (deleted when this is dropped).
     pub async fn open(conn: &mut PgConnection, job: &Job, scope: Scope) -> Result<InScope> {
+        use crate::pgcopy::Literal;
+        use futures_util::TryStreamExt as _;
+        use std::io::{Seek, Write};
         let keep: Vec<String> = kept_keys(job).into_iter().map(str::to_owned).collect();
-        // Placeholders only: the key names are bound, never spliced.
-        let extract = |first: usize| -> String {
-            (0..keep.len()).map(|i| format!(", (metadata -> ${})::text", first + i)).collect()
-        };
-        let declare = "declare to_decide no scroll cursor for select";
-        let sql = match scope {
-            Scope::Pending { .. } => format!(
-                "{declare} {TO_DECIDE}{}
-                     from events
-                     where job = $1 and state = 'pending' and decided_run is distinct from $2
-                     order by event_time, id",
-                extract(3)
-            ),
-            Scope::Rematch { .. } => format!(
-                "{declare} {TO_DECIDE}{}
-                     from events
-                     where job = $1 and session_id is null and master_id is null and decided_by is null
-                       and ($2::timestamptz is null or event_time >= $2)
-                       and ($3::timestamptz is null or event_time < $3)
-                     order by event_time, id",
-                extract(4)
-            ),
-        };
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(job.name.clone());
-        q = match scope {
-            Scope::Pending { run_id } => q.bind(run_id),
-            Scope::Rematch { since, until } => q.bind(since).bind(until),
-        };
-        for k in &keep {
-            q = q.bind(k.clone());
-        }
-        q.execute(&mut *conn).await.context("reading events to match")?;
-        Ok(InScope { keep })
-    }
-
-    /// The next `limit` events (fewer at the end).
-    pub async fn next(&self, conn: &mut PgConnection, limit: usize) -> Result<Vec<ToDecide<'static>>> {
-        use sqlx::Row;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("fetch forward {limit} from to_decide")))
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await
-            .context("reading events to match")?;
-        rows.iter()
-            .map(|row| -> Result<ToDecide<'static>> {
-                let id: i64 = row.try_get(0)?;
-                let state: String = row.try_get(7)?;
-                let kind: Option<String> = row.try_get(4)?;
-                let reason: Option<String> = row.try_get(8)?;
-                let mut metadata = Map::new();
-                for (i, key) in self.keep.iter().enumerate() {
-                    if let Some(text) = row.try_get::<Option<&str>, _>(12 + i)? {
-                        let value = serde_json::from_str(text).with_context(|| format!("metadata of event {id}"))?;
-                        metadata.insert(key.clone(), value);
-                    }
+        // COPY takes no bind parameters: names and times go in as literals, numbers as numbers.
+        let extract: String = keep.iter().map(|k| format!(", (metadata -> {})::text", Literal::new(k))).collect();
+        let time = |t: DateTime<Utc>| Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        let filter = match scope {
+            Scope::Pending { run_id } => format!("state = 'pending' and decided_run is distinct from {run_id}"),
+            Scope::Rematch { since, until } => {
+                let mut f = "session_id is null and master_id is null and decided_by is null".to_owned();
+                if let Some(since) = since {
+                    f.push_str(&format!(" and event_time >= {}::timestamptz", time(since)));
                 }
-                Ok(ToDecide {
-                    subject: Subject {
-                        id,
-                        session_id: row.try_get(1)?,
-                        master_id: row.try_get(11)?,
-                        time: row.try_get(2)?,
-                        metadata: Cow::Owned(metadata),
-                    },
-                    received_at: row.try_get(3)?,
-                    previous: Previous {
-                        target: kind.as_deref().and_then(TargetKind::parse).zip(row.try_get::<Option<String>, _>(5)?),
-                        rule: row.try_get(6)?,
-                        state: State::parse(&state).with_context(|| format!("event {id} has state {state:?}"))?,
-                        reason: reason.as_deref().and_then(Reason::parse),
-                        candidates: row.try_get(9)?,
-                        group_part: row.try_get::<sqlx::types::Json<Map<String, Value>>, _>(10)?.0,
-                    },
-                })
-            })
-            .collect()
+                if let Some(until) = until {
+                    f.push_str(&format!(" and event_time < {}::timestamptz", time(until)));
+                }
+                f
+            }
+        };
+        let sql = format!(
+            "copy (select {TO_DECIDE}{extract} from events where job = {} and {filter} order by event_time, id)
+             to stdout (format binary)",
+            Literal::new(&job.name)
+        );
+        let mut file = tempfile::tempfile().context("creating a temporary file for the events to match")?;
+        {
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut file);
+            let mut stream = conn.copy_out_raw(&sql).await.context("reading events to match")?;
+            while let Some(chunk) = stream.try_next().await.context("reading events to match")? {
+                out.write_all(&chunk).context("writing the events to match to a temporary file")?;
+            }
+            out.flush().context("writing the events to match to a temporary file")?;
+        }
+        file.rewind()?;
+        let fields = TO_DECIDE_FIELDS + keep.len();
+        Ok(InScope {
+            keep,
+            file: std::io::BufReader::with_capacity(1 << 16, file),
+            reader: crate::pgcopy::RowReader::new(fields),
+            decoded: Default::default(),
+            done: false,
+        })
     }
 
-    pub async fn close(self, conn: &mut PgConnection) -> Result<()> {
-        sqlx::query("close to_decide").execute(&mut *conn).await.context("reading events to match")?;
-        Ok(())
+    /// The next `limit` events (fewer at the end, none after it).
+    pub fn next(&mut self, limit: usize) -> Result<Vec<ToDecide<'static>>> {
+        use std::io::BufRead;
+        while self.decoded.len() < limit && !self.done {
+            let chunk = self.file.fill_buf().context("reading the events to match back")?;
+            if chunk.is_empty() {
+                self.done = true;
+                std::mem::replace(&mut self.reader, crate::pgcopy::RowReader::new(0)).finish()?;
+                break;
+            }
+            let n = chunk.len();
+            let (keep, decoded) = (&self.keep, &mut self.decoded);
+            self.reader.feed(chunk, |f| {
+                decoded.push_back(decode_to_decide(f, keep)?);
+                Ok(())
+            })?;
+            self.file.consume(n);
+        }
+        let n = limit.min(self.decoded.len());
+        Ok(self.decoded.drain(..n).collect())
     }
+}
+
+/// An event to decide from its fields in the binary form of [`InScope`]'s COPY.
+fn decode_to_decide(f: &[Option<&[u8]>], keep: &[String]) -> Result<ToDecide<'static>> {
+    use crate::pgcopy::{int8, text, timestamp};
+    let id = int8(f[0].context("an event without an id")?)?;
+    let opt = |i: usize| -> Result<Option<String>> { f[i].map(|b| text(b).map(str::to_owned)).transpose() };
+    let req = |i: usize| -> Result<&str> { text(f[i].with_context(|| format!("event {id}: a null column"))?) };
+    let time = |i: usize| -> Result<DateTime<Utc>> {
+        let micros = timestamp(f[i].with_context(|| format!("event {id}: a null time"))?)?;
+        DateTime::from_timestamp_micros(micros).with_context(|| format!("event {id}: a time out of range"))
+    };
+    let mut metadata = Map::new();
+    for (i, key) in keep.iter().enumerate() {
+        if let Some(b) = f[TO_DECIDE_FIELDS + i] {
+            let value = serde_json::from_str(text(b)?).with_context(|| format!("metadata of event {id}"))?;
+            metadata.insert(key.clone(), value);
+        }
+    }
+    let state = req(7)?;
+    let kind = opt(4)?;
+    let reason = opt(8)?;
+    Ok(ToDecide {
+        subject: Subject {
+            id,
+            session_id: opt(1)?,
+            master_id: opt(11)?,
+            time: time(2)?,
+            metadata: Cow::Owned(metadata),
+        },
+        received_at: time(3)?,
+        previous: Previous {
+            target: kind.as_deref().and_then(TargetKind::parse).zip(opt(5)?),
+            rule: opt(6)?,
+            state: State::parse(state).with_context(|| format!("event {id} has state {state:?}"))?,
+            reason: reason.as_deref().and_then(Reason::parse),
+            candidates: serde_json::from_str(req(9)?).with_context(|| format!("candidates of event {id}"))?,
+            group_part: serde_json::from_str(req(10)?).with_context(|| format!("group part of event {id}"))?,
+        },
+    })
 }
 
 /// The group part of an event matched to a target of `kind`: its values of the job's
@@ -432,21 +464,18 @@ impl DecisionRows {
         for start in (0..events.len()).step_by(STORE_CHUNK) {
             let range = start..(start + STORE_CHUNK).min(events.len());
             let columns = EventColumns::of(&events[range.clone()])?;
-            // With each event's first decision in its history, in the same statement.
+            // No history row: until a decision is replaced, its event's row is its record
+            // ([`keep_first_decisions`]).
             let statement = sqlx::query(
-                "with stored as (
-                     insert into events (job, source, session_id, event_time, received_at, metadata, master_id,
-                                         ingested_run, state, target_kind, target_id, rule, group_part, reason,
-                                         candidates, decided_run, rules_fingerprint)
-                     select $1, s, sid, t, r, m::jsonb, mid, $2, st, k, tg, ru, gp::jsonb, re,
-                            case when re is null then null else c::text[] end, $2, $3
-                     from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[],
-                                 $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
-                          with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, ord)
-                     order by ord
-                     returning id, state, target_kind, target_id, rule, reason)
-                 insert into event_history (event_id, run_id, state, target_kind, target_id, rule, reason)
-                 select id, $2, state, target_kind, target_id, rule, reason from stored",
+                "insert into events (job, source, session_id, event_time, received_at, metadata, master_id,
+                                     ingested_run, state, target_kind, target_id, rule, group_part, reason,
+                                     candidates, decided_run, rules_fingerprint)
+                 select $1, s, sid, t, r, m::jsonb, mid, $2, st, k, tg, ru, gp::jsonb, re,
+                        case when re is null then null else c::text[] end, $2, $3
+                 from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[],
+                             $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
+                      with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, ord)
+                 order by ord",
             )
             .bind(job)
             .bind(run_id)
@@ -479,6 +508,7 @@ impl DecisionRows {
     /// Updates stored events with their new decisions.
     pub async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
+            keep_first_decisions(conn, &self.id[range.clone()]).await?;
             // One primary-key probe per decision, not a scan of every event per batch.
             // With each change in the events' history, in the same statement.
             let statement = sqlx::query(
@@ -502,6 +532,32 @@ impl DecisionRows {
         }
         Ok(())
     }
+}
+
+/// Before events' decisions are replaced: the first decision of each that has no history yet,
+/// as its history's first row (when, by which run: the run's start).
+///
+/// A run's first decision of an event is recorded only in the event's row, not in
+/// `event_history`: a nightly writes one history row per *replaced* decision, and a new event's
+/// first decision replaces none (writing one for each of a nightly's 50k new events cost more
+/// than the 5% of the nightly the history may take). So an event without history rows has had
+/// one decision, its current one, made by its `decided_run` (none: undecided); the first time
+/// it is replaced, it is copied here first. [`history`] and [`changes_of_run`] read it there.
+async fn keep_first_decisions(conn: &mut PgConnection, ids: &[i64]) -> Result<()> {
+    sqlx::query(
+        "insert into event_history (event_id, at, run_id, state, target_kind, target_id, rule, reason)
+         select e.id, coalesce(r.started_at, now()), e.decided_run, e.state, e.target_kind, e.target_id, e.rule,
+                e.reason
+         from events e left join runs r on r.id = e.decided_run
+         where e.id = any($1) and e.decided_run is not null and e.decided_by is null
+           and not exists (select 1 from event_history h where h.event_id = e.id)
+         order by e.id",
+    )
+    .bind(ids)
+    .execute(&mut *conn)
+    .await
+    .context("keeping the events' first decisions in their history")?;
+    Ok(())
 }
 
 /// A decision as the history records it (and an undo restores it).
@@ -638,6 +694,7 @@ pub async fn write_decisions(
             By::Run(id) => (Some(id), None),
             By::Person(p) => (None, Some(p)),
         };
+        keep_first_decisions(conn, &ids).await?;
         let done = sqlx::query(
             "with changed as (
                  update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
@@ -697,10 +754,20 @@ pub async fn history(conn: &mut PgConnection, id: i64) -> Result<Vec<HistoryEntr
         Option<String>,
         Option<String>,
     );
+    // No history rows: the event's one decision so far is in its row ([`keep_first_decisions`]).
     let rows: Vec<Row> = sqlx::query_as(
-        "select h.at, h.run_id, r.kind, h.person, h.state, h.target_kind, h.target_id, h.rule, h.reason, h.note
-         from event_history h left join runs r on r.id = h.run_id
-         where h.event_id = $1 order by h.id",
+        "select at, run_id, kind, person, state, target_kind, target_id, rule, reason, note from (
+             select h.id seq, h.at, h.run_id, r.kind, h.person, h.state, h.target_kind, h.target_id, h.rule,
+                    h.reason, h.note
+             from event_history h left join runs r on r.id = h.run_id
+             where h.event_id = $1
+             union all
+             select 0, coalesce(r.started_at, e.received_at), e.decided_run, r.kind, null, e.state, e.target_kind,
+                    e.target_id, e.rule, e.reason, null
+             from events e left join runs r on r.id = e.decided_run
+             where e.id = $1 and e.decided_run is not null
+               and not exists (select 1 from event_history h where h.event_id = e.id)
+         ) x order by seq",
     )
     .bind(id)
     .fetch_all(&mut *conn)
@@ -736,7 +803,15 @@ pub async fn changes_of_run(conn: &mut PgConnection, run: i64) -> Result<Vec<Und
          left join lateral (select * from event_history p
                             where p.event_id = h.event_id and p.id < h.id order by p.id desc limit 1) prev on true
          where h.run_id = $1
-         order by h.event_id",
+         union all
+         -- Decisions the run made that were never replaced: in the events' rows only
+         -- (`keep_first_decisions`), each the event's first (before it: undecided).
+         select e.id, true, null, null, e.state, e.target_kind, e.target_id, e.rule, e.reason, e.note,
+                null, null, null, null, null, null, null
+         from events e
+         where e.decided_run = $1 and e.decided_by is null
+           and not exists (select 1 from event_history h where h.event_id = e.id)
+         order by 1",
     )
     .bind(run)
     .fetch_all(&mut *conn)

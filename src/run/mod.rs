@@ -228,10 +228,12 @@ impl Run<'_> {
         times: &mut StageTimes,
     ) -> Result<()> {
         let page = self.tuning.page_events();
-        let in_scope = ledger::InScope::open(conn, self.job, scope).await?;
+        let t = std::time::Instant::now();
+        let mut in_scope = ledger::InScope::open(conn, self.job, scope).await?;
+        times.read_ms += t.elapsed().as_millis() as u64;
         loop {
             let t = std::time::Instant::now();
-            let to_decide = in_scope.next(conn, page).await?;
+            let to_decide = in_scope.next(page)?;
             times.read_ms += t.elapsed().as_millis() as u64;
             if to_decide.is_empty() {
                 break;
@@ -258,7 +260,7 @@ impl Run<'_> {
                 break;
             }
         }
-        in_scope.close(conn).await
+        Ok(())
     }
 
     /// Reverts the decisions run `run` made that are still as it left them, each to what it

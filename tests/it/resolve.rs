@@ -50,6 +50,16 @@ fn job_arg(job: &TestJob) -> String {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn an_event_attached_by_hand_reaches_its_call_and_every_later_run_and_rematch_keeps_it(pool: PgPool) {
     let (job, id) = two_calls_and_a_lost_event(&pool).await;
+    // Until something replaces it, the run's first decision is read from the event's own row.
+    let first = stdout(&callrecon(&pool, &["history", &id.to_string()]).await);
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines.len(), 2, "{first}");
+    assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{first}");
+    assert_eq!(
+        count(&pool, "select count(*) from event_history").await,
+        0,
+        "a new event's first decision writes no row"
+    );
     let out = callrecon(
         &pool,
         &[
