@@ -213,14 +213,16 @@ pub struct SessionCall {
     pub hint: Hint,
 }
 
-/// `session_id -> call` for the given session ids that have a call.
+/// `session_id -> call` for the given session ids that have a call. Where a session id has
+/// several calls (a partitioned `calls` has no unique index on it), the one that started last.
 pub async fn calls_by_session(
     conn: &mut PgConnection,
     sessions: &HashSet<&str>,
 ) -> Result<HashMap<String, SessionCall>> {
     let list: Vec<&str> = sessions.iter().copied().collect();
     let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
-        "select session_id, id, call_group_id, (ctid::text::point)[0]::bigint from calls where session_id = any($1)",
+        "select session_id, id, call_group_id, (ctid::text::point)[0]::bigint from calls where session_id = any($1)
+         order by started_at, id",
     )
     .bind(&list)
     .fetch_all(conn)

@@ -247,6 +247,10 @@ pub enum GenCommand {
     Calls {
         #[command(flatten)]
         scale: GenScale,
+        /// How `calls` is laid out: one heap, or range-partitioned by `started_at` a month a
+        /// partition (replacing the empty table the migrations created).
+        #[arg(long, value_enum, default_value_t = crate::datagen::Layout::Plain)]
+        layout: crate::datagen::Layout,
     },
     /// Events on event_queue about the calls starting in [--from, --to).
     Events {

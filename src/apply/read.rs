@@ -254,9 +254,10 @@ impl Batch {
         for (sql, ids) in [
             (
                 concat!(
-                    "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                    "select g.id, c.id, c.tid, c.started_at, c.value, e.event_time, e.id, e.metadata::text,
+                        e.group_part::text
                  from unnest($1::text[]) g(id)
-                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
+                 cross join lateral (select id, ctid::text as tid, started_at, async_metadata::text as value
                                      from calls c where c.call_group_id = g.id offset 0) c ",
                     events_of_c!()
                 ),
@@ -264,9 +265,10 @@ impl Batch {
             ),
             (
                 concat!(
-                    "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                    "select null, c.id, c.tid, c.started_at, c.value, e.event_time, e.id, e.metadata::text,
+                        e.group_part::text
                  from unnest($1::text[]) u(id)
-                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
+                 cross join lateral (select id, ctid::text as tid, started_at, async_metadata::text as value
                                      from calls c where c.id = u.id and c.call_group_id is null offset 0) c ",
                     events_of_c!()
                 ),
@@ -282,6 +284,7 @@ impl Batch {
                     Option<String>,
                     String,
                     String,
+                    DateTime<Utc>,
                     String,
                     Option<DateTime<Utc>>,
                     Option<i64>,
@@ -291,11 +294,11 @@ impl Batch {
             >(sql)
             .bind(ids)
             .fetch(&mut *conn);
-            while let Some((group, call, tid, value, time, id, metadata, part)) =
+            while let Some((group, call, tid, start, value, time, id, metadata, part)) =
                 rows.try_next().await.context("reading touched calls and their events")?
             {
                 if !b.current.contains_key(&call) {
-                    b.current.insert(call.clone(), Row::new(&tid, value)?);
+                    b.current.insert(call.clone(), Row::new(&tid, Some(start), value)?);
                     if let Some(g) = &group {
                         b.members.entry(g.clone()).or_default().push(call.clone());
                     }
@@ -324,7 +327,7 @@ impl Batch {
             .await
             .context("reading touched call groups")?;
             for (id, tid, value) in rows {
-                b.group_rows.insert(id, Row::new(&tid, value)?);
+                b.group_rows.insert(id, Row::new(&tid, None, value)?);
             }
             let rows: Vec<(String, DateTime<Utc>, i64, String)> = sqlx::query_as(
                 "select u.id, e.event_time, e.id, e.metadata::text from unnest($1::text[]) u(id)
@@ -350,12 +353,14 @@ impl Batch {
 /// A touched row as read in this transaction: where it is, and the value it holds.
 pub(super) struct Row {
     pub(super) tid: Tid,
+    /// A call's `started_at` (the partition its ctid is in, on a partitioned `calls`).
+    pub(super) start: Option<DateTime<Utc>>,
     /// `async_metadata` as PostgreSQL prints jsonb, comparable with [`merge`]'s output.
     pub(super) value: String,
 }
 
 impl Row {
-    fn new(tid: &str, value: String) -> Result<Self> {
-        Ok(Row { tid: Tid::parse(tid)?, value })
+    fn new(tid: &str, start: Option<DateTime<Utc>>, value: String) -> Result<Self> {
+        Ok(Row { tid: Tid::parse(tid)?, start, value })
     }
 }

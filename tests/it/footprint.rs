@@ -66,7 +66,7 @@ async fn objects(pool: &PgPool, schema: &str) -> Vec<String> {
     all
 }
 
-const OWN_OBJECTS: [&str; 17] = [
+const OWN_OBJECTS: [&str; 18] = [
     "_sqlx_migrations",
     "api_idempotency",
     "api_tokens",
@@ -83,6 +83,7 @@ const OWN_OBJECTS: [&str; 17] = [
     "runs_id_seq",
     "callrecon_log_group_change()",
     "callrecon_log_inserted_calls()",
+    "callrecon_log_moved_call()",
     "callrecon_merge()",
 ];
 
@@ -116,9 +117,10 @@ async fn a_fresh_install_keeps_callrecons_objects_in_their_own_schema(pool: PgPo
     assert_eq!(own, expected);
     assert_eq!(objects(&pool, "public").await, PLATFORM_TABLES, "only the platform's tables in public");
     let triggers = triggers(&pool).await;
-    assert_eq!(triggers.len(), 2, "{triggers:?}");
-    assert!(triggers[0].starts_with("callrecon_calls_inserted: ") && triggers[0].contains("FOR EACH STATEMENT"));
-    assert!(triggers[1].starts_with("callrecon_group_change: ") && triggers[1].contains("WHEN"));
+    assert_eq!(triggers.len(), 3, "{triggers:?}");
+    assert!(triggers[0].starts_with("callrecon_call_moved: ") && triggers[0].contains("BEFORE UPDATE"));
+    assert!(triggers[1].starts_with("callrecon_calls_inserted: ") && triggers[1].contains("FOR EACH STATEMENT"));
+    assert!(triggers[2].starts_with("callrecon_group_change: ") && triggers[2].contains("WHEN"));
 
     // The pipeline in that layout: a group field reaches a call that joins the group later.
     let db = pool_with_path(&url, "callrecon, public").await;
