@@ -425,6 +425,21 @@ mod tests {
     }
 
     #[test]
+    fn months_cover_the_period_from_the_first_of_its_first_month() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let bounds: Vec<String> = months(t("2026-09-21T00:00:00Z"), t("2026-10-31T00:00:00Z"))
+            .into_iter()
+            .map(|(a, b)| format!("{}..{}", a.date_naive(), b.date_naive()))
+            .collect();
+        assert_eq!(bounds, ["2026-09-01..2026-10-01", "2026-10-01..2026-11-01"]);
+        let over_new_year = months(t("2026-12-31T23:00:00Z"), t("2027-01-01T00:00:01Z"));
+        assert_eq!(over_new_year.len(), 2);
+        assert_eq!(over_new_year[1], (t("2027-01-01T00:00:00Z"), t("2027-02-01T00:00:00Z")));
+        // A period ending on the first of a month needs no partition for that month.
+        assert_eq!(months(t("2026-10-01T00:00:00Z"), t("2026-11-01T00:00:00Z")).len(), 1);
+    }
+
+    #[test]
     fn phone_styles_normalise_to_the_same_number() {
         use crate::matching::rules::normalize;
         let n: Vec<_> =

@@ -194,3 +194,54 @@ async fn a_session_id_two_partitions_share_attaches_to_the_call_that_started_las
     assert_eq!(call_meta(&pool, "later").await, json!({"n": 1}));
     assert_eq!(call_meta(&pool, "earlier").await, json!({}));
 }
+
+/// A platform whose `calls` was partitioned before callrecon was installed: the migrations
+/// leave the table as it is and put callrecon's indexes and triggers on it (partitioned indexes,
+/// row triggers cloned to each partition), and a run works on it.
+#[sqlx::test(migrations = false)]
+async fn migrations_install_on_a_calls_the_platform_partitioned_first(pool: PgPool) {
+    sqlx::raw_sql(
+        "create table call_groups (id text primary key, metadata jsonb not null default '{}',
+                                   async_metadata jsonb not null default '{}');
+         create table calls (id text not null, session_id text, call_group_id text references call_groups(id),
+                             started_at timestamptz not null, ended_at timestamptz, ani text, dnis text,
+                             agent_id text, metadata jsonb not null default '{}',
+                             async_metadata jsonb not null default '{}', primary key (id, started_at))
+             partition by range (started_at);
+         create table calls_2026_10 partition of calls for values from ('2026-10-01') to ('2026-11-01');
+         create table calls_2026_11 partition of calls for values from ('2026-11-01') to ('2026-12-01');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = callrecon(&pool, &["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let relkind: String = sqlx::query_scalar("select relkind::text from pg_class where oid = 'calls'::regclass")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(relkind, "p", "the platform's table is left as it is");
+    let on_partition: Vec<String> = sqlx::query_scalar(
+        "select tgname::text from pg_trigger where tgrelid = 'calls_2026_11'::regclass and not tgisinternal order by 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(on_partition, ["callrecon_call_moved", "callrecon_group_change"], "row triggers are cloned");
+
+    add_group(&pool, "g1", json!({})).await;
+    Call::new("c1", "2026-10-31T23:59:00Z", None).session("s1").group("g1").insert(&pool).await;
+    Call::new("c2", "2026-11-02T10:00:00Z", None).group("g1").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    enqueue(
+        &pool,
+        json!({"SessionId": "s1", "EventTime": "2026-11-01T00:01:00Z", "Metadata": {"accountTier": "gold"}}),
+    )
+    .await;
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold"}));
+    // A call inserted into the group later (the statement trigger on the partitioned table).
+    Call::new("c3", "2026-10-15T10:00:00Z", None).group("g1").insert(&pool).await;
+    job.run(&pool).await;
+    assert_eq!(call_meta(&pool, "c3").await, json!({"accountTier": "gold"}));
+}
