@@ -4,7 +4,8 @@
 #   bench/run.sh small    # CI-size check: 200k calls, 24k events (a few minutes)
 #   bench/run.sh full     # 5M calls over 30 days, 600k events; then the 2x data point
 #
-# LAYOUT=partitioned lays `calls` out in monthly partitions (`callrecon gen calls --layout`);
+# LAYOUT=partitioned lays `calls` out in monthly partitions (`callrecon gen calls --layout`;
+# PARTITION_BY=day: daily ones, 30 populated partitions instead of one);
 # FACTORS="1" runs the 1x point only. Beside callrecon's rematch it times bench/peer.py, the
 # hand-written polars + connectorx script doing the rematch's read and match (bench/peer.sh
 # installs it in a venv from PyPI), and checks that it matches the same events.
@@ -39,7 +40,7 @@ for factor in $FACTORS; do
   PSQL "$SERVER/postgres" -c "drop database if exists $db" -c "create database $db"
   echo "== ${factor}x: $calls calls over $days days, $events events ==" >&2
   "$BIN" --database-url "$url" migrate >/dev/null
-  t0=$(now); "$BIN" --database-url "$url" gen calls --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --layout "$LAYOUT" >&2; t1=$(now)
+  t0=$(now); "$BIN" --database-url "$url" gen calls --calls "$calls" --days "$days" --groups "$GEN_GROUPS" --layout "$LAYOUT" --partition-by "$PARTITION_BY" >&2; t1=$(now)
   PSQL "$url" -c "vacuum analyze calls, call_groups"
   gen_secs=$(secs "$t0" "$t1")
   until=2026-10-31T00:00:00Z
@@ -96,7 +97,7 @@ done
 
 {
   echo
-  echo "## $(date -u +%Y-%m-%d) · $scale · $LAYOUT calls · commit $commit"
+  echo "## $(date -u +%Y-%m-%d) · $scale · $LAYOUT calls$([ "$LAYOUT" = partitioned ] && echo " (a partition a $PARTITION_BY)") · commit $commit"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Layout of calls: $LAYOUT. Call groups: $GEN_GROUPS, MasterId events: $MASTER_SHARE%. Times in seconds, RSS in MiB."
   echo

@@ -141,13 +141,32 @@ pub enum Layout {
     Partitioned,
 }
 
-/// The months `[start, end)` covering `[from, to)`, as partition bounds.
-pub fn months(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+/// How much of `started_at` one partition holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PartitionBy {
+    /// A calendar month (UTC): what big platforms keep.
+    #[default]
+    Month,
+    /// A day (UTC): 30 partitions for the bench's 30 days, to measure what many populated
+    /// partitions cost (each lookup by id or by group probes every partition's index).
+    Day,
+}
+
+/// The partitions `[start, end)` covering `[from, to)`, from the start of the month (or day)
+/// `from` is in.
+pub fn partitions(by: PartitionBy, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
     use chrono::{Datelike as _, TimeZone as _};
     let first = |y: i32, m: u32| Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().expect("the first of a month");
-    let next = |t: DateTime<Utc>| if t.month() == 12 { first(t.year() + 1, 1) } else { first(t.year(), t.month() + 1) };
+    let next = |t: DateTime<Utc>| match by {
+        PartitionBy::Month if t.month() == 12 => first(t.year() + 1, 1),
+        PartitionBy::Month => first(t.year(), t.month() + 1),
+        PartitionBy::Day => t + Duration::days(1),
+    };
+    let mut start = match by {
+        PartitionBy::Month => first(from.year(), from.month()),
+        PartitionBy::Day => from.date_naive().and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+    };
     let mut out = Vec::new();
-    let mut start = first(from.year(), from.month());
     while start < to {
         out.push((start, next(start)));
         start = next(start);
@@ -425,7 +444,8 @@ mod tests {
     }
 
     #[test]
-    fn months_cover_the_period_from_the_first_of_its_first_month() {
+    fn partitions_cover_the_period_from_the_start_of_its_first_month_or_day() {
+        let months = |a, b| partitions(PartitionBy::Month, a, b);
         let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
         let bounds: Vec<String> = months(t("2026-09-21T00:00:00Z"), t("2026-10-31T00:00:00Z"))
             .into_iter()
@@ -437,6 +457,8 @@ mod tests {
         assert_eq!(over_new_year[1], (t("2027-01-01T00:00:00Z"), t("2027-02-01T00:00:00Z")));
         // A period ending on the first of a month needs no partition for that month.
         assert_eq!(months(t("2026-10-01T00:00:00Z"), t("2026-11-01T00:00:00Z")).len(), 1);
+        let days = partitions(PartitionBy::Day, t("2026-10-01T12:00:00Z"), t("2026-10-31T00:00:00Z"));
+        assert_eq!((days.len(), days[0].0, days[29].1), (30, t("2026-10-01T00:00:00Z"), t("2026-10-31T00:00:00Z")));
     }
 
     #[test]

@@ -179,10 +179,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let mut conn = pool.acquire().await?;
             match command {
-                GenCommand::Calls { scale: s, layout } => {
+                GenCommand::Calls { scale: s, layout, partition_by } => {
                     if layout == datagen::Layout::Partitioned {
                         let (from, until) = scale(&s).span();
-                        datagen::partition_calls(&mut conn, &datagen::months(from, until)).await?;
+                        datagen::partition_calls(&mut conn, &datagen::partitions(partition_by, from, until)).await?;
                     }
                     let n = datagen::calls(&mut conn, &scale(&s)).await?;
                     println!("generated {n} calls and {} call groups", scale(&s).groups().count());

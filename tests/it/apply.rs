@@ -257,7 +257,7 @@ crate::both_layouts! {
         }
         let hints = [("grouped", None), ("solo", Some("g2"))]
             .into_iter()
-            .map(|(call, group)| (call.to_owned(), callrecon::calldata::Hint { group: group.map(str::to_owned), block: 0 }))
+            .map(|(call, group)| (call.to_owned(), callrecon::calldata::Hint { group: group.map(str::to_owned), start: 0, block: 0 }))
             .collect();
 
         let mut tx = pool.begin().await.unwrap();
@@ -451,6 +451,8 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
         assert_eq!(stderr(&out).contains("this run's events stored"), reader, "{}", stderr(&out));
         // Every row found by its ctid (and, on a partitioned `calls`, in its partition).
         assert!(!stderr(&out).contains("writing by id"), "{}", stderr(&out));
+        // And read where the plan placed it (by its hint, or its start on a partitioned `calls`).
+        assert!(!stderr(&out).contains("found elsewhere than planned"), "{}", stderr(&out));
     };
     let phone = |p: &str, a: &str, time: &str, extra: serde_json::Value| {
         let mut m = json!({"customerPhone": p, "agentId": a});
