@@ -10,6 +10,13 @@ GEN_GROUPS="${GEN_GROUPS:-cases}"
 # Percentage of generated events addressed to a call group by MasterId (`callrecon gen events
 # --master-share`); 0, the default, generates the events measured before MasterId existed.
 MASTER_SHARE="${MASTER_SHARE:-0}"
+# How `calls` is laid out (`callrecon gen calls --layout`): `plain` (one heap, the default) or
+# `partitioned` (range-partitioned by started_at, a partition a month).
+LAYOUT="${LAYOUT:-plain}"
+# With LAYOUT=partitioned: `month` (the default) or `day` (`gen calls --partition-by`). The bench's
+# 30 days ending 2026-10-31 fill one monthly partition; daily ones show what many populated
+# partitions cost.
+PARTITION_BY="${PARTITION_BY:-month}"
 
 # Sets BIN: $CALLRECON_BIN, or a release build in its own target directory.
 bench_binary() {

@@ -247,6 +247,13 @@ pub enum GenCommand {
     Calls {
         #[command(flatten)]
         scale: GenScale,
+        /// How `calls` is laid out: one heap, or range-partitioned by `started_at` a month a
+        /// partition (replacing the empty table the migrations created).
+        #[arg(long, value_enum, default_value_t = crate::datagen::Layout::Plain)]
+        layout: crate::datagen::Layout,
+        /// With `--layout partitioned`: how much of `started_at` a partition holds.
+        #[arg(long, value_enum, default_value_t = crate::datagen::PartitionBy::Month)]
+        partition_by: crate::datagen::PartitionBy,
     },
     /// Events on event_queue about the calls starting in [--from, --to).
     Events {

@@ -56,6 +56,10 @@ impl Scale {
     fn from(&self) -> DateTime<Utc> {
         self.until - Duration::days(i64::from(self.days))
     }
+    /// When the calls start: `[from, until)`.
+    pub fn span(&self) -> (DateTime<Utc>, DateTime<Utc>) {
+        (self.from(), self.until)
+    }
     fn spacing_ms(&self) -> u64 {
         (u64::from(self.days) * 86_400_000 / self.calls.max(1)).max(1)
     }
@@ -124,6 +128,141 @@ impl Scale {
             |t: DateTime<Utc>| ((t - self.from()).num_milliseconds().max(0) as u64 / self.spacing_ms()).min(self.calls);
         index(from)..index(to)
     }
+}
+
+/// How the platform's `calls` table is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Layout {
+    /// One heap, as migration 0001 creates it (`id` primary key, `session_id` unique).
+    #[default]
+    Plain,
+    /// Range-partitioned by `started_at`, one partition a month (and a default one), as big
+    /// platforms keep calls: primary key `(id, started_at)`, `session_id` indexed but not unique.
+    Partitioned,
+}
+
+/// How much of `started_at` one partition holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PartitionBy {
+    /// A calendar month (UTC): what big platforms keep.
+    #[default]
+    Month,
+    /// A day (UTC): 30 partitions for the bench's 30 days, to measure what many populated
+    /// partitions cost (each lookup by id or by group probes every partition's index).
+    Day,
+}
+
+/// The partitions `[start, end)` covering `[from, to)`, from the start of the month (or day)
+/// `from` is in.
+pub fn partitions(by: PartitionBy, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    use chrono::{Datelike as _, TimeZone as _};
+    let first = |y: i32, m: u32| Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().expect("the first of a month");
+    let next = |t: DateTime<Utc>| match by {
+        PartitionBy::Month if t.month() == 12 => first(t.year() + 1, 1),
+        PartitionBy::Month => first(t.year(), t.month() + 1),
+        PartitionBy::Day => t + Duration::days(1),
+    };
+    let mut start = match by {
+        PartitionBy::Month => first(from.year(), from.month()),
+        PartitionBy::Day => from.date_naive().and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+    };
+    let mut out = Vec::new();
+    while start < to {
+        out.push((start, next(start)));
+        start = next(start);
+    }
+    out
+}
+
+/// Replaces an empty plain `calls` with one range-partitioned by `started_at` into `ranges` (and
+/// a default partition), keeping what callrecon installed on it (its indexes and triggers, taken
+/// from the catalog and created again on the new table). On a `calls` partitioned already, only
+/// adds the partitions of `ranges` that are missing. Refuses a plain `calls` that holds rows.
+///
+/// The platform owns `calls`; this is the fixture writer's stand-in for a platform that
+/// partitions it (`callrecon gen calls --layout partitioned`, and the tests of that layout).
+pub async fn partition_calls(conn: &mut PgConnection, ranges: &[(DateTime<Utc>, DateTime<Utc>)]) -> Result<()> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let (partitioned, schema): (bool, String) = sqlx::query_as(
+        "select c.relkind = 'p', n.nspname::text from pg_class c
+         join pg_namespace n on n.oid = c.relnamespace where c.oid = 'calls'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .context("finding the calls table")?;
+    let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let calls = format!("{}.calls", quoted(&schema));
+    if !partitioned {
+        let empty: bool = sqlx::query_scalar("select not exists (select 1 from calls)").fetch_one(&mut *tx).await?;
+        anyhow::ensure!(empty, "calls holds rows: partitioning it needs an empty table (a fresh database)");
+        // What callrecon (or anyone) put on calls beyond its columns and keys, as SQL the catalog
+        // prints: created again on the partitioned table (indexes become partitioned indexes,
+        // row triggers are cloned to every partition).
+        let mut again: Vec<String> = sqlx::query_scalar(
+            "select pg_get_indexdef(i.indexrelid) from pg_index i
+             where i.indrelid = 'calls'::regclass
+               and not exists (select 1 from pg_constraint k where k.conindid = i.indexrelid)
+             order by i.indexrelid",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        again.extend(
+            sqlx::query_scalar::<_, String>(
+                "select pg_get_triggerdef(oid) from pg_trigger
+                 where tgrelid = 'calls'::regclass and not tgisinternal order by oid",
+            )
+            .fetch_all(&mut *tx)
+            .await?,
+        );
+        let create = format!(
+            "drop table {calls};
+             create table {calls} (
+                 id             text not null,
+                 session_id     text,
+                 call_group_id  text references call_groups(id),
+                 started_at     timestamptz not null,
+                 ended_at       timestamptz,
+                 ani            text,
+                 dnis           text,
+                 agent_id       text,
+                 metadata       jsonb not null default '{{}}',
+                 async_metadata jsonb not null default '{{}}',
+                 primary key (id, started_at)
+             ) partition by range (started_at);
+             create index calls_session_id_idx on {calls} (session_id);
+             create table {schema}.calls_default partition of {calls} default with (fillfactor = 80);",
+            schema = quoted(&schema)
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await.context("creating partitioned calls")?;
+        for sql in again {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.context("re-creating on calls")?;
+        }
+    }
+    for (from, to) in ranges {
+        let name = format!("calls_{}", from.format("%Y%m%d%H"));
+        let exists: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                            where n.nspname = $1 and c.relname = $2)",
+        )
+        .bind(&schema)
+        .bind(&name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if exists {
+            continue;
+        }
+        // Our own timestamps, printed by chrono.
+        let sql = format!(
+            "create table {}.{} partition of {calls} for values from ('{}') to ('{}') with (fillfactor = 80)",
+            quoted(&schema),
+            quoted(&name),
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.with_context(|| format!("creating {name}"))?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A customer's number in E.164, and written the way a CRM might.
@@ -302,6 +441,24 @@ mod tests {
         let day = s.calls_between("2026-10-30T00:00:00Z".parse().unwrap(), s.until);
         assert!(s.call(day.start).start >= "2026-10-30T00:00:00Z".parse::<DateTime<Utc>>().unwrap());
         assert!((900..=1_100).contains(&(day.end - day.start)), "{day:?}");
+    }
+
+    #[test]
+    fn partitions_cover_the_period_from_the_start_of_its_first_month_or_day() {
+        let months = |a, b| partitions(PartitionBy::Month, a, b);
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let bounds: Vec<String> = months(t("2026-09-21T00:00:00Z"), t("2026-10-31T00:00:00Z"))
+            .into_iter()
+            .map(|(a, b)| format!("{}..{}", a.date_naive(), b.date_naive()))
+            .collect();
+        assert_eq!(bounds, ["2026-09-01..2026-10-01", "2026-10-01..2026-11-01"]);
+        let over_new_year = months(t("2026-12-31T23:00:00Z"), t("2027-01-01T00:00:01Z"));
+        assert_eq!(over_new_year.len(), 2);
+        assert_eq!(over_new_year[1], (t("2027-01-01T00:00:00Z"), t("2027-02-01T00:00:00Z")));
+        // A period ending on the first of a month needs no partition for that month.
+        assert_eq!(months(t("2026-10-01T00:00:00Z"), t("2026-11-01T00:00:00Z")).len(), 1);
+        let days = partitions(PartitionBy::Day, t("2026-10-01T12:00:00Z"), t("2026-10-31T00:00:00Z"));
+        assert_eq!((days.len(), days[0].0, days[29].1), (30, t("2026-10-01T00:00:00Z"), t("2026-10-31T00:00:00Z")));
     }
 
     #[test]

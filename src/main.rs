@@ -179,7 +179,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let mut conn = pool.acquire().await?;
             match command {
-                GenCommand::Calls { scale: s } => {
+                GenCommand::Calls { scale: s, layout, partition_by } => {
+                    if layout == datagen::Layout::Partitioned {
+                        let (from, until) = scale(&s).span();
+                        datagen::partition_calls(&mut conn, &datagen::partitions(partition_by, from, until)).await?;
+                    }
                     let n = datagen::calls(&mut conn, &scale(&s)).await?;
                     println!("generated {n} calls and {} call groups", scale(&s).groups().count());
                 }

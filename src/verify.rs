@@ -291,8 +291,9 @@ impl Check<'_> {
         let (name, sql, fields) = match table {
             Table::Calls => (
                 "calls",
-                "copy (select id, ctid, async_metadata::text, call_group_id from calls) to stdout (format binary)",
-                4,
+                "copy (select id, ctid, async_metadata::text, call_group_id, started_at from calls)
+                 to stdout (format binary)",
+                5,
             ),
             Table::Groups => (
                 "call_groups",
@@ -350,7 +351,19 @@ impl Check<'_> {
                 }
                 if repair {
                     let (block, offset) = pgcopy::tid(tid)?;
-                    pending.push(NewValue { tid: Tid(block, offset), id: id.to_owned(), value: expected.into_owned() });
+                    // A call's started_at: the partition of its ctid on a partitioned `calls`.
+                    let start = match f.get(4).copied().flatten() {
+                        Some(t) => Some(
+                            DateTime::from_timestamp_micros(pgcopy::timestamp(t)?).context("a call's started_at")?,
+                        ),
+                        None => None,
+                    };
+                    pending.push(NewValue {
+                        tid: Tid(block, offset),
+                        start,
+                        id: id.to_owned(),
+                        value: expected.into_owned(),
+                    });
                 }
                 Ok(())
             })?;

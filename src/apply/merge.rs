@@ -31,7 +31,7 @@ impl Batch {
             if let Some(row) = rows.get(id)
                 && row.value != value
             {
-                changes.push(NewValue { tid: row.tid, id: id.to_owned(), value });
+                changes.push(NewValue { tid: row.tid, start: row.start, id: id.to_owned(), value });
             }
         };
         for g in groups {

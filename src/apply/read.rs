@@ -227,12 +227,15 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    /// Reads `groups` with every call in them, and those of the `groupless` calls (given in heap
-    /// order) that have no group, leaving out the events in `stale`.
+    /// Reads `groups` with every call in them, and those of the `groupless` calls (given in the
+    /// order of their starts, all within `span` when given) that have no group, leaving out the
+    /// events in `stale`. A call that started outside `span` (it changed since it was placed)
+    /// is not read: the plan looks it up again.
     pub(super) async fn read(
         conn: &mut PgConnection,
         groups: &[String],
         groupless: &[String],
+        span: Option<(DateTime<Utc>, DateTime<Utc>)>,
         stale: &HashSet<i64>,
     ) -> Result<Self> {
         // The small input drives index probes (`lateral … offset 0`): left to itself the planner
@@ -251,37 +254,43 @@ impl Batch {
         // Every call of each touched group (where it is and what it holds), with the events matched
         // to it: their metadata is the call's own, their group part goes to the group and the
         // group's other calls. Then touched calls without a group, with their events.
-        for (sql, ids) in [
+        for (sql, ids, spanned) in [
             (
                 concat!(
-                    "select g.id, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                    "select g.id, c.id, c.tid, c.started_at, c.value, e.event_time, e.id, e.metadata::text,
+                        e.group_part::text
                  from unnest($1::text[]) g(id)
-                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
+                 cross join lateral (select id, ctid::text as tid, started_at, async_metadata::text as value
                                      from calls c where c.call_group_id = g.id offset 0) c ",
                     events_of_c!()
                 ),
                 groups,
+                false,
             ),
             (
                 concat!(
-                    "select null, c.id, c.tid, c.value, e.event_time, e.id, e.metadata::text, e.group_part::text
+                    "select null, c.id, c.tid, c.started_at, c.value, e.event_time, e.id, e.metadata::text,
+                        e.group_part::text
                  from unnest($1::text[]) u(id)
-                 cross join lateral (select id, ctid::text as tid, async_metadata::text as value
-                                     from calls c where c.id = u.id and c.call_group_id is null offset 0) c ",
+                 cross join lateral (select id, ctid::text as tid, started_at, async_metadata::text as value
+                                     from calls c where c.id = u.id and c.call_group_id is null
+                                       and c.started_at between $2 and $3 offset 0) c ",
                     events_of_c!()
                 ),
                 groupless,
+                true,
             ),
         ] {
             if ids.is_empty() {
                 continue;
             }
-            let mut rows = sqlx::query_as::<
+            let query = sqlx::query_as::<
                 _,
                 (
                     Option<String>,
                     String,
                     String,
+                    DateTime<Utc>,
                     String,
                     Option<DateTime<Utc>>,
                     Option<i64>,
@@ -289,13 +298,19 @@ impl Batch {
                     Option<String>,
                 ),
             >(sql)
-            .bind(ids)
-            .fetch(&mut *conn);
-            while let Some((group, call, tid, value, time, id, metadata, part)) =
+            .bind(ids);
+            let query = if spanned {
+                let (lo, hi) = span.context("groupless calls are read with the span of their starts")?;
+                query.bind(lo).bind(hi)
+            } else {
+                query
+            };
+            let mut rows = query.fetch(&mut *conn);
+            while let Some((group, call, tid, start, value, time, id, metadata, part)) =
                 rows.try_next().await.context("reading touched calls and their events")?
             {
                 if !b.current.contains_key(&call) {
-                    b.current.insert(call.clone(), Row::new(&tid, value)?);
+                    b.current.insert(call.clone(), Row::new(&tid, Some(start), value)?);
                     if let Some(g) = &group {
                         b.members.entry(g.clone()).or_default().push(call.clone());
                     }
@@ -324,7 +339,7 @@ impl Batch {
             .await
             .context("reading touched call groups")?;
             for (id, tid, value) in rows {
-                b.group_rows.insert(id, Row::new(&tid, value)?);
+                b.group_rows.insert(id, Row::new(&tid, None, value)?);
             }
             let rows: Vec<(String, DateTime<Utc>, i64, String)> = sqlx::query_as(
                 "select u.id, e.event_time, e.id, e.metadata::text from unnest($1::text[]) u(id)
@@ -350,12 +365,14 @@ impl Batch {
 /// A touched row as read in this transaction: where it is, and the value it holds.
 pub(super) struct Row {
     pub(super) tid: Tid,
+    /// A call's `started_at` (the partition its ctid is in, on a partitioned `calls`).
+    pub(super) start: Option<DateTime<Utc>>,
     /// `async_metadata` as PostgreSQL prints jsonb, comparable with [`merge`]'s output.
     pub(super) value: String,
 }
 
 impl Row {
-    fn new(tid: &str, value: String) -> Result<Self> {
-        Ok(Row { tid: Tid::parse(tid)?, value })
+    fn new(tid: &str, start: Option<DateTime<Utc>>, value: String) -> Result<Self> {
+        Ok(Row { tid: Tid::parse(tid)?, start, value })
     }
 }

@@ -1,6 +1,7 @@
 //! Writing: the changed values, in heap order, by ctid.
 
 use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::Applied;
@@ -84,6 +85,9 @@ impl Tid {
 /// A new value for a row.
 pub struct NewValue {
     pub tid: Tid,
+    /// A call's `started_at`: on a `calls` partitioned by it, the partition its ctid is in.
+    /// `None` for a call group.
+    pub start: Option<DateTime<Utc>>,
     pub id: String,
     pub value: String,
 }
@@ -91,23 +95,28 @@ pub struct NewValue {
 /// Writes the changes, in heap order, into `table.async_metadata`; returns the rows written.
 ///
 /// Each row is found by its ctid (one heap access instead of a primary-key probe and then the
-/// heap), checked against its id. A row a concurrent transaction updated since it was read has
-/// moved and is not found there: its chunk is then written again by id, skipping rows already
-/// right.
+/// heap), checked against its id. A ctid names a row within one heap: on a `calls` partitioned
+/// by `started_at` the same ctid is in every partition, so a call is also checked against the
+/// `started_at` it was read with, which lets PostgreSQL probe only the partition that holds it
+/// (run-time pruning: one heap access per row, not one per partition). A row a concurrent
+/// transaction updated since it was read has moved (within its heap, or to another partition)
+/// and is not found there: its chunk is then written again by id, skipping rows already right.
 pub async fn write_values(conn: &mut PgConnection, table: &str, changes: &mut [NewValue]) -> Result<u64> {
     changes.sort_unstable_by_key(|c| c.tid);
     let mut written = 0;
     for chunk in changes.chunks(WRITE_CHUNK) {
         let ids: Vec<&str> = chunk.iter().map(|c| c.id.as_str()).collect();
         let tids: Vec<String> = chunk.iter().map(|c| format!("({},{})", c.tid.0, c.tid.1)).collect();
+        let starts: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|c| c.start).collect();
         let values: Vec<&str> = chunk.iter().map(|c| c.value.as_str()).collect();
         // `table` is one of our two constants.
+        let partition_key = if table == "calls" { " and t.started_at = u.s" } else { "" };
         let by_tid = format!(
             "update {table} t set async_metadata = u.v::jsonb
-             from unnest($1::text[], $2::text[], $3::text[]) u(id, tid, v)
-             where t.ctid = u.tid::tid and t.id = u.id"
+             from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) u(id, tid, v, s)
+             where t.ctid = u.tid::tid and t.id = u.id{partition_key}"
         );
-        let statement = sqlx::query(sqlx::AssertSqlSafe(by_tid)).bind(&ids).bind(&tids).bind(&values);
+        let statement = sqlx::query(sqlx::AssertSqlSafe(by_tid)).bind(&ids).bind(&tids).bind(&values).bind(&starts);
         let mut done = crate::db::with_index_probes(conn, statement).await?;
         if done < chunk.len() as u64 {
             tracing::debug!(table, moved = chunk.len() as u64 - done, "rows moved since read; writing by id");

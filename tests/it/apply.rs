@@ -8,40 +8,41 @@ use crate::helpers::*;
 
 const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn group_fields_reach_every_call_of_the_group_including_one_added_later(pool: PgPool) {
-    add_group(&pool, "g1", json!({})).await;
-    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
-    Call::new("c2", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
-    Call::new("solo", "2026-11-02T11:00:00Z", None).insert(&pool).await;
-    let job = TestJob::new(RULES);
-    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"accountTier": "gold", "private": 1}})).await;
-    job.run(&pool).await;
-    assert_eq!(call_meta(&pool, "c1").await, json!({"accountTier": "gold", "private": 1}));
-    assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold"}), "group_fields only, not the rest");
-    assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
-    assert_eq!(call_meta(&pool, "solo").await, json!({}));
+crate::both_layouts! {
+    async fn group_fields_reach_every_call_of_the_group_including_one_added_later(pool: PgPool) {
+        add_group(&pool, "g1", json!({})).await;
+        Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+        Call::new("c2", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
+        Call::new("solo", "2026-11-02T11:00:00Z", None).insert(&pool).await;
+        let job = TestJob::new(RULES);
+        enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"accountTier": "gold", "private": 1}})).await;
+        job.run(&pool).await;
+        assert_eq!(call_meta(&pool, "c1").await, json!({"accountTier": "gold", "private": 1}));
+        assert_eq!(call_meta(&pool, "c2").await, json!({"accountTier": "gold"}), "group_fields only, not the rest");
+        assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
+        assert_eq!(call_meta(&pool, "solo").await, json!({}));
 
-    // Call data for the group lands later; an existing call joins the group.
-    Call::new("c3", "2026-11-03T09:00:00Z", None).group("g1").insert(&pool).await;
-    sqlx::query("update calls set call_group_id = 'g1' where id = 'solo'").execute(&pool).await.unwrap();
-    let done = job.run(&pool).await;
-    assert_eq!(done.report.summary.matched, 0);
-    assert_eq!(call_meta(&pool, "c3").await, json!({"accountTier": "gold"}));
-    assert_eq!(call_meta(&pool, "solo").await, json!({"accountTier": "gold"}));
+        // Call data for the group lands later; an existing call joins the group.
+        Call::new("c3", "2026-11-03T09:00:00Z", None).group("g1").insert(&pool).await;
+        sqlx::query("update calls set call_group_id = 'g1' where id = 'solo'").execute(&pool).await.unwrap();
+        let done = job.run(&pool).await;
+        assert_eq!(done.report.summary.matched, 0);
+        assert_eq!(call_meta(&pool, "c3").await, json!({"accountTier": "gold"}));
+        assert_eq!(call_meta(&pool, "solo").await, json!({"accountTier": "gold"}));
 
-    // A later event on another call of the group overrides the field for every call.
-    Call::new("c4", "2026-11-03T12:00:00Z", None).session("s4").group("g1").insert(&pool).await;
-    enqueue(
-        &pool,
-        json!({"SessionId": "s4", "EventTime": "2026-11-03T12:01:00Z", "Metadata": {"accountTier": "platinum"}}),
-    )
-    .await;
-    job.run(&pool).await;
-    for c in ["c1", "c2", "c3", "c4", "solo"] {
-        assert_eq!(call_meta(&pool, c).await["accountTier"], "platinum", "{c}");
+        // A later event on another call of the group overrides the field for every call.
+        Call::new("c4", "2026-11-03T12:00:00Z", None).session("s4").group("g1").insert(&pool).await;
+        enqueue(
+            &pool,
+            json!({"SessionId": "s4", "EventTime": "2026-11-03T12:01:00Z", "Metadata": {"accountTier": "platinum"}}),
+        )
+        .await;
+        job.run(&pool).await;
+        for c in ["c1", "c2", "c3", "c4", "solo"] {
+            assert_eq!(call_meta(&pool, c).await["accountTier"], "platinum", "{c}");
+        }
+        assert_eq!(call_meta(&pool, "c1").await["private"], 1, "c1 keeps its own fields");
     }
-    assert_eq!(call_meta(&pool, "c1").await["private"], 1, "c1 keeps its own fields");
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -152,24 +153,25 @@ async fn values_print_as_postgresql_prints_them_as_jsonb(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_value(pool: PgPool) {
-    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
-    let job = TestJob::new(RULES);
-    enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"note": "x"}})).await;
-    // The platform writes the call (a new row version, elsewhere in the table) and has not
-    // committed when the run reads it.
-    let mut platform = pool.begin().await.unwrap();
-    sqlx::query("update calls set dnis = '+18005550999' where id = 'c1'").execute(&mut *platform).await.unwrap();
-    let run = spawn_run(&pool, job);
-    // The run's write waits for the platform's row lock; the platform then commits.
-    wait_for_lock_wait(&pool, None, "the row lock").await;
-    platform.commit().await.unwrap();
-    let (_job, done) = run.await.unwrap();
-    assert_eq!(done.report.summary.calls_updated, 1);
-    assert_eq!(call_meta(&pool, "c1").await, json!({"note": "x"}), "written where the row moved to");
-    let dnis: String = sqlx::query_scalar("select dnis from calls where id = 'c1'").fetch_one(&pool).await.unwrap();
-    assert_eq!(dnis, "+18005550999", "the platform's write stands");
+crate::both_layouts! {
+    async fn a_call_the_platform_updates_while_the_run_writes_it_still_gets_its_value(pool: PgPool) {
+        Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").insert(&pool).await;
+        let job = TestJob::new(RULES);
+        enqueue(&pool, json!({"SessionId": "s1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"note": "x"}})).await;
+        // The platform writes the call (a new row version, elsewhere in the table) and has not
+        // committed when the run reads it.
+        let mut platform = pool.begin().await.unwrap();
+        sqlx::query("update calls set dnis = '+18005550999' where id = 'c1'").execute(&mut *platform).await.unwrap();
+        let run = spawn_run(&pool, job);
+        // The run's write waits for the platform's row lock; the platform then commits.
+        wait_for_lock_wait(&pool, None, "the row lock").await;
+        platform.commit().await.unwrap();
+        let (_job, done) = run.await.unwrap();
+        assert_eq!(done.report.summary.calls_updated, 1);
+        assert_eq!(call_meta(&pool, "c1").await, json!({"note": "x"}), "written where the row moved to");
+        let dnis: String = sqlx::query_scalar("select dnis from calls where id = 'c1'").fetch_one(&pool).await.unwrap();
+        assert_eq!(dnis, "+18005550999", "the platform's write stands");
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -197,81 +199,83 @@ async fn a_run_applies_after_another_jobs_run_has_committed_and_keeps_its_events
     assert_eq!(call_meta(&pool, "c1").await, json!({"theirs": 2, "mine": 1}));
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool: PgPool) {
-    add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
-    add_group(&pool, "g2", json!({})).await;
-    Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
-    Call::new("c2", "2026-11-02T11:00:00Z", None).session("s2").group("g1").insert(&pool).await;
-    let job = TestJob::new(RULES);
-    enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {"crmCaseId": "C-1", "case": "open"}}))
+crate::both_layouts! {
+    async fn call_that_leaves_a_group_loses_its_fields_and_takes_its_own_along(pool: PgPool) {
+        add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
+        add_group(&pool, "g2", json!({})).await;
+        Call::new("c1", "2026-11-02T10:00:00Z", None).session("s1").group("g1").insert(&pool).await;
+        Call::new("c2", "2026-11-02T11:00:00Z", None).session("s2").group("g1").insert(&pool).await;
+        let job = TestJob::new(RULES);
+        enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {"crmCaseId": "C-1", "case": "open"}}))
+            .await;
+        enqueue(
+            &pool,
+            json!({"SessionId": "s2", "EventTime": "2026-11-02T11:01:00Z", "Metadata": {"crmAccountId": "A-2"}}),
+        )
         .await;
-    enqueue(
-        &pool,
-        json!({"SessionId": "s2", "EventTime": "2026-11-02T11:01:00Z", "Metadata": {"crmAccountId": "A-2"}}),
-    )
-    .await;
-    job.run(&pool).await;
-    assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
-    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
+        job.run(&pool).await;
+        assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
+        assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open", "crmAccountId": "A-2"}));
 
-    // c2 moves to g2: g1 and c1 lose its group field, g2 gains it, c2 loses g1's case.
-    sqlx::query("update calls set call_group_id = 'g2' where id = 'c2'").execute(&pool).await.unwrap();
-    job.run(&pool).await;
-    assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open"}));
-    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
-    assert_eq!(call_meta(&pool, "c2").await, json!({"crmAccountId": "A-2"}));
-    assert_eq!(group_meta(&pool, "g2").await, json!({"crmAccountId": "A-2"}));
+        // c2 moves to g2: g1 and c1 lose its group field, g2 gains it, c2 loses g1's case.
+        sqlx::query("update calls set call_group_id = 'g2' where id = 'c2'").execute(&pool).await.unwrap();
+        job.run(&pool).await;
+        assert_eq!(call_meta(&pool, "c1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+        assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+        assert_eq!(call_meta(&pool, "c2").await, json!({"crmAccountId": "A-2"}));
+        assert_eq!(group_meta(&pool, "g2").await, json!({"crmAccountId": "A-2"}));
+    }
 }
 
-/// Apply reads each touched call where matching saw it (its hint) and checks: a call that
-/// changed group in between is recomputed where it is now. Here the hints are wrong both ways.
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn a_call_found_elsewhere_than_matching_saw_it_is_recomputed_where_it_is(pool: PgPool) {
-    use callrecon::apply;
-    add_group(&pool, "g1", json!({})).await;
-    add_group(&pool, "g2", json!({})).await;
-    Call::new("grouped", "2026-11-02T10:00:00Z", None).group("g1").insert(&pool).await;
-    Call::new("sibling", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
-    Call::new("solo", "2026-11-02T12:00:00Z", None).insert(&pool).await;
-    Call::new("other", "2026-11-02T13:00:00Z", None).group("g2").insert(&pool).await;
-    // Events matched and stored, not applied yet.
-    for (call, metadata, part) in [
-        ("grouped", json!({"accountTier": "gold", "own": 1}), json!({"accountTier": "gold"})),
-        ("solo", json!({"own": 2}), json!({})),
-    ] {
-        sqlx::query(
-            "insert into events (job, source, event_time, received_at, metadata, ingested_run, state,
-                                 target_kind, target_id, rule, group_part)
-             values ('test', 'queue:0', '2026-11-02T10:01:00Z', now(), $1, 0, 'matched', 'call', $2, 'r', $3)",
-        )
-        .bind(metadata)
-        .bind(call)
-        .bind(part)
-        .execute(&pool)
-        .await
-        .unwrap();
+crate::both_layouts! {
+    /// Apply reads each touched call where matching saw it (its hint) and checks: a call that
+    /// changed group in between is recomputed where it is now. Here the hints are wrong both ways.
+    async fn a_call_found_elsewhere_than_matching_saw_it_is_recomputed_where_it_is(pool: PgPool) {
+        use callrecon::apply;
+        add_group(&pool, "g1", json!({})).await;
+        add_group(&pool, "g2", json!({})).await;
+        Call::new("grouped", "2026-11-02T10:00:00Z", None).group("g1").insert(&pool).await;
+        Call::new("sibling", "2026-11-02T11:00:00Z", None).group("g1").insert(&pool).await;
+        Call::new("solo", "2026-11-02T12:00:00Z", None).insert(&pool).await;
+        Call::new("other", "2026-11-02T13:00:00Z", None).group("g2").insert(&pool).await;
+        // Events matched and stored, not applied yet.
+        for (call, metadata, part) in [
+            ("grouped", json!({"accountTier": "gold", "own": 1}), json!({"accountTier": "gold"})),
+            ("solo", json!({"own": 2}), json!({})),
+        ] {
+            sqlx::query(
+                "insert into events (job, source, event_time, received_at, metadata, ingested_run, state,
+                                     target_kind, target_id, rule, group_part)
+                 values ('test', 'queue:0', '2026-11-02T10:01:00Z', now(), $1, 0, 'matched', 'call', $2, 'r', $3)",
+            )
+            .bind(metadata)
+            .bind(call)
+            .bind(part)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let hints = [("grouped", None), ("solo", Some("g2"))]
+            .into_iter()
+            .map(|(call, group)| (call.to_owned(), callrecon::calldata::Hint { group: group.map(str::to_owned), start: 0, block: 0 }))
+            .collect();
+
+        let mut tx = pool.begin().await.unwrap();
+        apply::lock(&mut tx).await.unwrap();
+        let touched = ["grouped".to_owned(), "solo".to_owned()];
+        let targets = apply::Touched::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
+        let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default(), 5_000);
+        let applied = reader.merge(apply::ThisRun::default(), |_| {}).write(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+
+        assert_eq!(applied, apply::Applied { calls_updated: 3, groups_updated: 1 });
+        assert_eq!(call_meta(&pool, "grouped").await, json!({"accountTier": "gold", "own": 1}));
+        assert_eq!(call_meta(&pool, "sibling").await, json!({"accountTier": "gold"}));
+        assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
+        assert_eq!(call_meta(&pool, "solo").await, json!({"own": 2}));
+        assert_eq!(call_meta(&pool, "other").await, json!({}));
+        assert_eq!(group_meta(&pool, "g2").await, json!({}));
     }
-    let hints = [("grouped", None), ("solo", Some("g2"))]
-        .into_iter()
-        .map(|(call, group)| (call.to_owned(), callrecon::calldata::Hint { group: group.map(str::to_owned), block: 0 }))
-        .collect();
-
-    let mut tx = pool.begin().await.unwrap();
-    apply::lock(&mut tx).await.unwrap();
-    let touched = ["grouped".to_owned(), "solo".to_owned()];
-    let targets = apply::Touched::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
-    let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default(), 5_000);
-    let applied = reader.merge(apply::ThisRun::default(), |_| {}).write(&mut tx).await.unwrap();
-    tx.commit().await.unwrap();
-
-    assert_eq!(applied, apply::Applied { calls_updated: 3, groups_updated: 1 });
-    assert_eq!(call_meta(&pool, "grouped").await, json!({"accountTier": "gold", "own": 1}));
-    assert_eq!(call_meta(&pool, "sibling").await, json!({"accountTier": "gold"}));
-    assert_eq!(group_meta(&pool, "g1").await, json!({"accountTier": "gold"}));
-    assert_eq!(call_meta(&pool, "solo").await, json!({"own": 2}));
-    assert_eq!(call_meta(&pool, "other").await, json!({}));
-    assert_eq!(group_meta(&pool, "g2").await, json!({}));
 }
 
 /// A run merges its new events before they are stored, so before they have ids, which break
@@ -329,37 +333,38 @@ fn phone_only(job: &TestJob) -> callrecon::job::Job {
     callrecon::job::load(&job.path()).unwrap()
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) {
-    let job = two_agents(&pool).await;
-    let new_rules = phone_only(&job);
-    assert_ne!(new_rules.rules_fingerprint, job.job.rules_fingerprint);
+crate::both_layouts! {
+    async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) {
+        let job = two_agents(&pool).await;
+        let new_rules = phone_only(&job);
+        assert_ne!(new_rules.rules_fingerprint, job.job.rules_fingerprint);
 
-    let done =
-        run::execute(&pool, &new_rules, Mode::Rematch { since: Some(t("2026-11-02T00:00:00Z")), until: None }, false)
-            .await
-            .unwrap();
-    let diff = done.report.diff.as_ref().unwrap();
-    assert_eq!((diff.evaluated, diff.moved, diff.newly_matched, diff.newly_unmatched, diff.unchanged), (2, 1, 1, 0, 0));
-    let moved = diff.changes.iter().find(|c| c.change == callrecon::report::ChangeKind::Moved).unwrap();
-    assert_eq!((moved.from.as_ref().unwrap().id.as_str(), moved.to.as_ref().unwrap().id.as_str()), ("c-a1", "c-a2"));
-    // 10:14 is 6 minutes from c-a2 and 9 from c-a1: nearest wins now that agent is not a key.
-    assert_eq!(call_meta(&pool, "c-a1").await, json!({"customerPhone": "5551234567", "agentId": "a1", "early": true}));
-    assert_eq!(call_meta(&pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
-    let fp: Vec<String> =
-        sqlx::query_scalar("select distinct rules_fingerprint from events").fetch_all(&pool).await.unwrap();
-    assert_eq!(fp, std::slice::from_ref(&new_rules.rules_fingerprint));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(done.dir.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["kind"], "rematch");
-    assert_eq!(report["diff"]["moved"], 1);
-    assert!(std::fs::read_to_string(done.dir.join("report.html")).unwrap().contains("Rematch: what changed"));
+        let done =
+            run::execute(&pool, &new_rules, Mode::Rematch { since: Some(t("2026-11-02T00:00:00Z")), until: None }, false)
+                .await
+                .unwrap();
+        let diff = done.report.diff.as_ref().unwrap();
+        assert_eq!((diff.evaluated, diff.moved, diff.newly_matched, diff.newly_unmatched, diff.unchanged), (2, 1, 1, 0, 0));
+        let moved = diff.changes.iter().find(|c| c.change == callrecon::report::ChangeKind::Moved).unwrap();
+        assert_eq!((moved.from.as_ref().unwrap().id.as_str(), moved.to.as_ref().unwrap().id.as_str()), ("c-a1", "c-a2"));
+        // 10:14 is 6 minutes from c-a2 and 9 from c-a1: nearest wins now that agent is not a key.
+        assert_eq!(call_meta(&pool, "c-a1").await, json!({"customerPhone": "5551234567", "agentId": "a1", "early": true}));
+        assert_eq!(call_meta(&pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));
+        let fp: Vec<String> =
+            sqlx::query_scalar("select distinct rules_fingerprint from events").fetch_all(&pool).await.unwrap();
+        assert_eq!(fp, std::slice::from_ref(&new_rules.rules_fingerprint));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(done.dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(report["kind"], "rematch");
+        assert_eq!(report["diff"]["moved"], 1);
+        assert!(std::fs::read_to_string(done.dir.join("report.html")).unwrap().contains("Rematch: what changed"));
 
-    // Rematching again under the same rules changes nothing.
-    let before = calls_snapshot(&pool).await;
-    let again = run::execute(&pool, &new_rules, Mode::Rematch { since: None, until: None }, false).await.unwrap();
-    assert_eq!(again.report.diff.as_ref().unwrap().unchanged, 2);
-    assert_eq!(calls_snapshot(&pool).await, before);
+        // Rematching again under the same rules changes nothing.
+        let before = calls_snapshot(&pool).await;
+        let again = run::execute(&pool, &new_rules, Mode::Rematch { since: None, until: None }, false).await.unwrap();
+        assert_eq!(again.report.diff.as_ref().unwrap().unchanged, 2);
+        assert_eq!(calls_snapshot(&pool).await, before);
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -444,6 +449,10 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
         assert!(out.status.success(), "{}", stderr(&out));
         // The reader's mark: this run's events are stored while it reads.
         assert_eq!(stderr(&out).contains("this run's events stored"), reader, "{}", stderr(&out));
+        // Every row found by its ctid (and, on a partitioned `calls`, in its partition).
+        assert!(!stderr(&out).contains("writing by id"), "{}", stderr(&out));
+        // And read where the plan placed it (by its hint, or its start on a partitioned `calls`).
+        assert!(!stderr(&out).contains("found elsewhere than planned"), "{}", stderr(&out));
     };
     let phone = |p: &str, a: &str, time: &str, extra: serde_json::Value| {
         let mut m = json!({"customerPhone": p, "agentId": a});
@@ -505,12 +514,14 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
     assert_eq!(call_meta(pool, "c4").await, json!({"customerPhone": "5550000004", "agentId": "a4", "own4": 4}));
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn apply_reading_on_a_second_connection_while_the_run_stores(pool: PgPool) {
-    apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1")], true).await;
+crate::both_layouts! {
+    async fn apply_reading_on_a_second_connection_while_the_run_stores(pool: PgPool) {
+        apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1")], true).await;
+    }
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn apply_reading_after_the_run_has_stored(pool: PgPool) {
-    apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1"), ("CALLRECON_APPLY_READER", "off")], false).await;
+crate::both_layouts! {
+    async fn apply_reading_after_the_run_has_stored(pool: PgPool) {
+        apply_scenario(&pool, &[("CALLRECON_APPLY_BATCH_GROUPS", "1"), ("CALLRECON_APPLY_READER", "off")], false).await;
+    }
 }

@@ -48,65 +48,66 @@ async fn state(pool: &PgPool) -> (i64, i64, i64) {
     )
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn run_killed_at_any_moment_changes_all_or_nothing(pool: PgPool) {
-    big_batch(&pool).await;
-    let job = TestJob::new(RULES);
-    let url = database_url(&pool).await;
-    let queued = N + N / 4;
-    let before = state(&pool).await;
-    assert_eq!(before, (0, queued, 0));
+crate::both_layouts! {
+    async fn run_killed_at_any_moment_changes_all_or_nothing(pool: PgPool) {
+        big_batch(&pool).await;
+        let job = TestJob::new(RULES);
+        let url = database_url(&pool).await;
+        let queued = N + N / 4;
+        let before = state(&pool).await;
+        assert_eq!(before, (0, queued, 0));
 
-    // How long a whole run takes here, measured with a dry run of the same work.
-    let start = Instant::now();
-    let dry = callrecon_at(&url, &["run", "--dry-run", "--job", job.path().to_str().unwrap()], None);
-    assert!(dry.status.success(), "{}", stderr(&dry));
-    let full = start.elapsed();
-    assert_eq!(state(&pool).await, before);
+        // How long a whole run takes here, measured with a dry run of the same work.
+        let start = Instant::now();
+        let dry = callrecon_at(&url, &["run", "--dry-run", "--job", job.path().to_str().unwrap()], None);
+        assert!(dry.status.success(), "{}", stderr(&dry));
+        let full = start.elapsed();
+        assert_eq!(state(&pool).await, before);
 
-    for fraction in [0.1, 0.3, 0.5, 0.7, 0.9] {
-        let delay = full.mul_f64(fraction);
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
-            .args(["--database-url", &url, "run", "--job", job.path().to_str().unwrap()])
-            .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        // The server notices the dead client and rolls its transaction back; wait for that.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while count(&pool, "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and state <> 'idle'").await > 0
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for fraction in [0.1, 0.3, 0.5, 0.7, 0.9] {
+            let delay = full.mul_f64(fraction);
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+                .args(["--database-url", &url, "run", "--job", job.path().to_str().unwrap()])
+                .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            // The server notices the dead client and rolls its transaction back; wait for that.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while count(&pool, "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and state <> 'idle'").await > 0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let now = state(&pool).await;
+            let all_new = (N, 0, queued);
+            assert!(now == before || now == all_new, "killed after {delay:?}: half a run is visible: {now:?}");
+            if now == all_new {
+                break; // it finished before the kill; later kills would test nothing new
+            }
         }
-        let now = state(&pool).await;
-        let all_new = (N, 0, queued);
-        assert!(now == before || now == all_new, "killed after {delay:?}: half a run is visible: {now:?}");
-        if now == all_new {
-            break; // it finished before the kill; later kills would test nothing new
-        }
+
+        job.run(&pool).await;
+        assert_eq!(state(&pool).await, (N, 0, queued), "the next run completes the work");
+        assert_eq!(count(&pool, "select count(*) from events where state = 'matched'").await, queued);
+        assert_eq!(
+            call_meta(&pool, "c1").await,
+            serde_json::json!({"n": 1, "m": 1, "customerPhone": "5550000001", "agentId": "a1"})
+        );
+        // Killed runs are marked abandoned; one killed after its commit (if any) is recorded as
+        // succeeded, because its status commits with its work.
+        let statuses: Vec<String> =
+            sqlx::query_scalar("select status from runs where not dry_run order by id").fetch_all(&pool).await.unwrap();
+        assert_eq!(statuses.last().map(String::as_str), Some("succeeded"), "{statuses:?}");
+        let succeeded = statuses.iter().filter(|s| *s == "succeeded").count();
+        assert!(succeeded == 1 || succeeded == 2, "{statuses:?}");
+        assert!(statuses.iter().all(|s| s == "abandoned" || s == "succeeded"), "{statuses:?}");
+        assert!(statuses.iter().any(|s| s == "abandoned"), "no kill landed inside a run: {statuses:?}");
     }
-
-    job.run(&pool).await;
-    assert_eq!(state(&pool).await, (N, 0, queued), "the next run completes the work");
-    assert_eq!(count(&pool, "select count(*) from events where state = 'matched'").await, queued);
-    assert_eq!(
-        call_meta(&pool, "c1").await,
-        serde_json::json!({"n": 1, "m": 1, "customerPhone": "5550000001", "agentId": "a1"})
-    );
-    // Killed runs are marked abandoned; one killed after its commit (if any) is recorded as
-    // succeeded, because its status commits with its work.
-    let statuses: Vec<String> =
-        sqlx::query_scalar("select status from runs where not dry_run order by id").fetch_all(&pool).await.unwrap();
-    assert_eq!(statuses.last().map(String::as_str), Some("succeeded"), "{statuses:?}");
-    let succeeded = statuses.iter().filter(|s| *s == "succeeded").count();
-    assert!(succeeded == 1 || succeeded == 2, "{statuses:?}");
-    assert!(statuses.iter().all(|s| s == "abandoned" || s == "succeeded"), "{statuses:?}");
-    assert!(statuses.iter().any(|s| s == "abandoned"), "no kill landed inside a run: {statuses:?}");
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

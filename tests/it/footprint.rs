@@ -66,7 +66,7 @@ async fn objects(pool: &PgPool, schema: &str) -> Vec<String> {
     all
 }
 
-const OWN_OBJECTS: [&str; 18] = [
+const OWN_OBJECTS: [&str; 19] = [
     "_sqlx_migrations",
     "api_idempotency",
     "api_tokens",
@@ -84,6 +84,7 @@ const OWN_OBJECTS: [&str; 18] = [
     "runs_id_seq",
     "callrecon_log_group_change()",
     "callrecon_log_inserted_calls()",
+    "callrecon_log_moved_call()",
     "callrecon_merge()",
 ];
 
@@ -117,9 +118,10 @@ async fn a_fresh_install_keeps_callrecons_objects_in_their_own_schema(pool: PgPo
     assert_eq!(own, expected);
     assert_eq!(objects(&pool, "public").await, PLATFORM_TABLES, "only the platform's tables in public");
     let triggers = triggers(&pool).await;
-    assert_eq!(triggers.len(), 2, "{triggers:?}");
-    assert!(triggers[0].starts_with("callrecon_calls_inserted: ") && triggers[0].contains("FOR EACH STATEMENT"));
-    assert!(triggers[1].starts_with("callrecon_group_change: ") && triggers[1].contains("WHEN"));
+    assert_eq!(triggers.len(), 3, "{triggers:?}");
+    assert!(triggers[0].starts_with("callrecon_call_moved: ") && triggers[0].contains("BEFORE UPDATE"));
+    assert!(triggers[1].starts_with("callrecon_calls_inserted: ") && triggers[1].contains("FOR EACH STATEMENT"));
+    assert!(triggers[2].starts_with("callrecon_group_change: ") && triggers[2].contains("WHEN"));
 
     // The pipeline in that layout: a group field reaches a call that joins the group later.
     let db = pool_with_path(&url, "callrecon, public").await;
@@ -227,61 +229,74 @@ async fn upgrading_leaves_the_platforms_own_migration_history_where_it_is(pool: 
     assert_eq!(count(&pool, "select count(*) from callrecon._sqlx_migrations").await, MIGRATOR.iter().count() as i64);
 }
 
-/// What the triggers log: calls inserted (by INSERT of many rows or COPY) into a group carrying
-/// contributions, and calls whose group changed from or to such a group; nothing else.
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn the_triggers_log_exactly_the_calls_joining_or_leaving_a_contributing_group(pool: PgPool) {
-    exec(
-        &pool,
-        "insert into call_groups (id) values ('on'), ('off'), ('on2');
-         insert into contributing_groups values ('on'), ('on2');
-         insert into calls (id, call_group_id, started_at) values
-             ('i-on', 'on', now()), ('i-off', 'off', now()), ('i-none', null, now()), ('i-on2', 'on2', now());",
-    )
-    .await;
-    let mut conn = pool.acquire().await.unwrap();
-    let mut copy =
-        conn.copy_in_raw("copy calls (id, call_group_id, started_at) from stdin (format csv)").await.unwrap();
-    copy.send(
-        b"k-on,on,2026-11-02T10:00:00Z\nk-off,off,2026-11-02T10:00:00Z\nk-none,,2026-11-02T10:00:00Z\n".as_slice(),
-    )
-    .await
-    .unwrap();
-    copy.finish().await.unwrap();
-    drop(conn);
-    exec(
-        &pool,
-        "update calls set ended_at = now();                                        -- no group change
-         update calls set call_group_id = call_group_id where id = 'i-on';         -- named, unchanged
-         update calls set call_group_id = 'off' where id = 'i-none';               -- none -> off
-         update calls set call_group_id = 'on' where id = 'k-none';                -- none -> on
-         update calls set call_group_id = 'off' where id = 'k-on';                 -- on -> off
-         update calls set call_group_id = null where id = 'i-on2';                 -- on2 -> none
-         insert into calls (id, call_group_id, started_at) values ('solo-on', 'on', now());",
-    )
-    .await;
-    let logged: Vec<(String, Option<String>)> =
-        sqlx::query_as("select call_id, old_group_id from call_group_changes order by call_id, old_group_id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    let expected: Vec<(String, Option<String>)> = [
-        ("i-on", None),
-        ("i-on2", Some("on2")),
-        ("i-on2", None),
-        ("k-none", None),
-        ("k-on", Some("on")),
-        ("k-on", None),
-        ("solo-on", None),
-    ]
-    .into_iter()
-    .map(|(c, g)| (c.to_owned(), g.map(str::to_owned)))
-    .collect();
-    assert_eq!(logged, expected);
+crate::both_layouts! {
+    /// What the triggers log: calls inserted (by INSERT of many rows or COPY) into a group carrying
+    /// contributions, and calls whose group changed from or to such a group; nothing else.
+    async fn the_triggers_log_exactly_the_calls_joining_or_leaving_a_contributing_group(pool: PgPool) {
+        exec(
+            &pool,
+            "insert into call_groups (id) values ('on'), ('off'), ('on2');
+             insert into contributing_groups values ('on'), ('on2');
+             insert into calls (id, call_group_id, started_at) values
+                 ('i-on', 'on', now()), ('i-off', 'off', now()), ('i-none', null, now()), ('i-on2', 'on2', now());",
+        )
+        .await;
+        let mut conn = pool.acquire().await.unwrap();
+        let mut copy =
+            conn.copy_in_raw("copy calls (id, call_group_id, started_at) from stdin (format csv)").await.unwrap();
+        copy.send(
+            b"k-on,on,2026-11-02T10:00:00Z\nk-off,off,2026-11-02T10:00:00Z\nk-none,,2026-11-02T10:00:00Z\n".as_slice(),
+        )
+        .await
+        .unwrap();
+        copy.finish().await.unwrap();
+        drop(conn);
+        exec(
+            &pool,
+            "update calls set ended_at = now();                                        -- no group change
+             update calls set call_group_id = call_group_id where id = 'i-on';         -- named, unchanged
+             update calls set call_group_id = 'off' where id = 'i-none';               -- none -> off
+             update calls set call_group_id = 'on' where id = 'k-none';                -- none -> on
+             update calls set call_group_id = 'off' where id = 'k-on';                 -- on -> off
+             update calls set call_group_id = null where id = 'i-on2';                 -- on2 -> none
+             insert into calls (id, call_group_id, started_at) values ('solo-on', 'on', now());",
+        )
+        .await;
+        let logged: Vec<(String, Option<String>)> =
+            sqlx::query_as("select call_id, old_group_id from call_group_changes order by call_id, old_group_id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let expected: Vec<(String, Option<String>)> = [
+            ("i-on", None),
+            ("i-on2", Some("on2")),
+            ("i-on2", None),
+            ("k-none", None),
+            ("k-on", Some("on")),
+            ("k-on", None),
+            ("solo-on", None),
+        ]
+        .into_iter()
+        .map(|(c, g)| (c.to_owned(), g.map(str::to_owned)))
+        .collect();
+        assert_eq!(logged, expected);
+    }
 }
 
 #[sqlx::test(migrations = false)]
 async fn the_pipeline_runs_as_a_least_privilege_role_with_schemas_of_its_choice(pool: PgPool) {
+    least_privilege_pipeline(pool, false).await;
+}
+
+/// The same on a `calls` partitioned by `started_at` (after `migrate`, as `gen --layout
+/// partitioned` does): the role reads and writes the partitions through `calls` alone, with no
+/// privilege on any partition.
+#[sqlx::test(migrations = false)]
+async fn the_pipeline_runs_as_a_least_privilege_role_on_a_partitioned_calls(pool: PgPool) {
+    least_privilege_pipeline(pool, true).await;
+}
+
+async fn least_privilege_pipeline(pool: PgPool, partitioned: bool) {
     let url = database_url(&pool).await;
     let db: String = sqlx::query_scalar("select current_database()").fetch_one(&pool).await.unwrap();
     // Role names are cluster-wide and cut at 63 bytes: the end of the test database's name.
@@ -294,6 +309,16 @@ async fn the_pipeline_runs_as_a_least_privilege_role_with_schemas_of_its_choice(
     assert_eq!(objects(&pool, "public").await, Vec::<String>::new(), "nothing in public");
     assert_eq!(objects(&pool, "platform").await, PLATFORM_TABLES);
     assert_eq!(objects(&pool, "recon").await.len(), OWN_OBJECTS.len());
+    if partitioned {
+        let platform = pool_with_path(&url, "platform").await;
+        let start = t("2026-11-02T00:00:00Z");
+        let ranges: Vec<_> =
+            (0..3).map(|d| (start + chrono::Duration::days(d), start + chrono::Duration::days(d + 1))).collect();
+        callrecon::datagen::partition_calls(&mut platform.acquire().await.unwrap(), &ranges).await.unwrap();
+        platform.close().await;
+        let partitions = count(&pool, "select count(*) from pg_partition_tree('platform.calls') where isleaf").await;
+        assert_eq!(partitions, 4, "three days and the default partition");
+    }
 
     // The role, with exactly what `callrecon grants` prints; the platform writes calls as
     // another role that has no privilege on callrecon's schema.

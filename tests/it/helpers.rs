@@ -275,3 +275,40 @@ pub async fn other_jobs_apply(
         .unwrap();
     other
 }
+
+/// Makes the test database's `calls` range-partitioned by `started_at`, as `callrecon gen calls
+/// --layout partitioned` does (the same code), but with partitions of 20 minutes over
+/// 2026-11-02 09:00–17:00Z (and a default one for every other time): the calls of one test land
+/// in several partitions, so rows of different partitions share ctids.
+pub async fn partition_calls(pool: &PgPool) {
+    let start = t("2026-11-02T09:00:00Z");
+    let step = chrono::Duration::minutes(20);
+    let ranges: Vec<_> = (0..24).map(|i| (start + step * i, start + step * (i + 1))).collect();
+    let mut conn = pool.acquire().await.unwrap();
+    callrecon::datagen::partition_calls(&mut conn, &ranges).await.unwrap();
+}
+
+/// A scenario run on both layouts of `calls`: `mod NAME { plain, partitioned }`, the second after
+/// [`partition_calls`]. The scenario is written as the body of `async fn NAME(pool: PgPool)`.
+#[macro_export]
+macro_rules! both_layouts {
+    ($(#[$meta:meta])* async fn $name:ident($pool:ident: PgPool) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            use super::*;
+
+            async fn scenario($pool: PgPool) $body
+
+            #[sqlx::test(migrator = "MIGRATOR")]
+            async fn plain(pool: PgPool) {
+                scenario(pool).await
+            }
+
+            #[sqlx::test(migrator = "MIGRATOR")]
+            async fn partitioned(pool: PgPool) {
+                $crate::helpers::partition_calls(&pool).await;
+                scenario(pool).await
+            }
+        }
+    };
+}

@@ -15,6 +15,7 @@ mod master_id;
 mod matching;
 mod metrics;
 mod openapi;
+mod partitioned;
 mod report;
 mod resolve;
 mod review;

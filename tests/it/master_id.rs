@@ -65,21 +65,22 @@ async fn master_id_from_every_source_reaches_the_group_and_each_of_its_calls(poo
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn a_call_that_joins_the_group_later_gets_the_fields_and_one_that_leaves_loses_them(pool: PgPool) {
-    group_of_two(&pool).await;
-    let job = TestJob::new(RULES);
-    enqueue(&pool, json!({"MasterId": "g1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"case": "open"}})).await;
-    job.run(&pool).await;
-    assert_eq!(call_meta(&pool, "c2").await, json!({"case": "open"}));
+crate::both_layouts! {
+    async fn a_call_that_joins_the_group_later_gets_the_fields_and_one_that_leaves_loses_them(pool: PgPool) {
+        group_of_two(&pool).await;
+        let job = TestJob::new(RULES);
+        enqueue(&pool, json!({"MasterId": "g1", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"case": "open"}})).await;
+        job.run(&pool).await;
+        assert_eq!(call_meta(&pool, "c2").await, json!({"case": "open"}));
 
-    Call::new("c4", "2026-11-03T09:00:00Z", None).group("g1").insert(&pool).await;
-    sqlx::query("update calls set call_group_id = null where id = 'c2'").execute(&pool).await.unwrap();
-    let next = job.run(&pool).await;
-    assert_eq!(next.report.summary.ingested, 0);
-    assert_eq!(call_meta(&pool, "c4").await, json!({"case": "open"}));
-    assert_eq!(call_meta(&pool, "c2").await, json!({}));
-    assert_eq!(call_meta(&pool, "c1").await, json!({"case": "open"}));
+        Call::new("c4", "2026-11-03T09:00:00Z", None).group("g1").insert(&pool).await;
+        sqlx::query("update calls set call_group_id = null where id = 'c2'").execute(&pool).await.unwrap();
+        let next = job.run(&pool).await;
+        assert_eq!(next.report.summary.ingested, 0);
+        assert_eq!(call_meta(&pool, "c4").await, json!({"case": "open"}));
+        assert_eq!(call_meta(&pool, "c2").await, json!({}));
+        assert_eq!(call_meta(&pool, "c1").await, json!({"case": "open"}));
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

@@ -254,48 +254,49 @@ fn shuffling_the_input_never_changes_a_decision() {
 
 const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn mixed_session_and_sessionless_events_in_one_run(pool: PgPool) {
-    add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
-    Call::new("c1", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z"))
-        .session("s1")
-        .group("g1")
-        .phone("5551234567", "a1")
-        .insert(&pool)
-        .await;
-    Call::new("c2", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z")).phone("5552223333", "a2").insert(&pool).await;
-    let job = TestJob::new(RULES);
-    // A naive EventTime: 10:02 in New York on 2026-11-02 is 15:02Z.
-    job.drop_file(
-        "mixed.ndjson",
-        "{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T15:01:00Z\", \"Metadata\": {\"viaSession\": true}}\n\
-         {\"EventTime\": \"2026-11-02 10:02:00\", \"Metadata\": {\"customerPhone\": \"+1 555-222-3333\", \"agentId\": \"a2\", \"accountTier\": \"gold\"}}\n\
-         {\"EventTime\": \"2026-11-02T15:03:00Z\", \"Metadata\": {\"crmCaseId\": \"C-1\", \"case\": \"open\"}}\n\
-         {\"EventTime\": \"2026-11-02T18:00:00Z\", \"Metadata\": {\"customerPhone\": \"5552223333\", \"agentId\": \"a2\"}}\n",
-    );
-    let done = job.run(&pool).await;
-    let s = &done.report.summary;
-    assert_eq!((s.matched, s.unmatched), (3, 1));
-    assert_eq!(s.by_rule, [("crm-case".into(), 1), ("phone-and-agent".into(), 1), ("session_id".into(), 1)].into());
-    assert_eq!(done.report.unmatched.events[0].reason, "no_candidate");
-    assert_eq!(call_meta(&pool, "c1").await, json!({"viaSession": true, "crmCaseId": "C-1", "case": "open"}));
-    assert_eq!(
-        call_meta(&pool, "c2").await,
-        json!({"customerPhone": "+1 555-222-3333", "agentId": "a2", "accountTier": "gold"})
-    );
-    assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
-    // Every decision is recorded with its rule or its reason.
-    let rows: Vec<(String, Option<String>, Option<String>)> =
-        sqlx::query_as("select state, rule, reason from events order by id").fetch_all(&pool).await.unwrap();
-    assert_eq!(
-        rows,
-        [
-            ("matched".into(), Some("session_id".into()), None),
-            ("matched".into(), Some("phone-and-agent".into()), None),
-            ("matched".into(), Some("crm-case".into()), None),
-            ("pending".into(), None, Some("no_candidate".into())),
-        ]
-    );
+crate::both_layouts! {
+    async fn mixed_session_and_sessionless_events_in_one_run(pool: PgPool) {
+        add_group(&pool, "g1", json!({"caseNumber": "C-1"})).await;
+        Call::new("c1", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z"))
+            .session("s1")
+            .group("g1")
+            .phone("5551234567", "a1")
+            .insert(&pool)
+            .await;
+        Call::new("c2", "2026-11-02T15:00:00Z", Some("2026-11-02T15:05:00Z")).phone("5552223333", "a2").insert(&pool).await;
+        let job = TestJob::new(RULES);
+        // A naive EventTime: 10:02 in New York on 2026-11-02 is 15:02Z.
+        job.drop_file(
+            "mixed.ndjson",
+            "{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T15:01:00Z\", \"Metadata\": {\"viaSession\": true}}\n\
+             {\"EventTime\": \"2026-11-02 10:02:00\", \"Metadata\": {\"customerPhone\": \"+1 555-222-3333\", \"agentId\": \"a2\", \"accountTier\": \"gold\"}}\n\
+             {\"EventTime\": \"2026-11-02T15:03:00Z\", \"Metadata\": {\"crmCaseId\": \"C-1\", \"case\": \"open\"}}\n\
+             {\"EventTime\": \"2026-11-02T18:00:00Z\", \"Metadata\": {\"customerPhone\": \"5552223333\", \"agentId\": \"a2\"}}\n",
+        );
+        let done = job.run(&pool).await;
+        let s = &done.report.summary;
+        assert_eq!((s.matched, s.unmatched), (3, 1));
+        assert_eq!(s.by_rule, [("crm-case".into(), 1), ("phone-and-agent".into(), 1), ("session_id".into(), 1)].into());
+        assert_eq!(done.report.unmatched.events[0].reason, "no_candidate");
+        assert_eq!(call_meta(&pool, "c1").await, json!({"viaSession": true, "crmCaseId": "C-1", "case": "open"}));
+        assert_eq!(
+            call_meta(&pool, "c2").await,
+            json!({"customerPhone": "+1 555-222-3333", "agentId": "a2", "accountTier": "gold"})
+        );
+        assert_eq!(group_meta(&pool, "g1").await, json!({"crmCaseId": "C-1", "case": "open"}));
+        // Every decision is recorded with its rule or its reason.
+        let rows: Vec<(String, Option<String>, Option<String>)> =
+            sqlx::query_as("select state, rule, reason from events order by id").fetch_all(&pool).await.unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("matched".into(), Some("session_id".into()), None),
+                ("matched".into(), Some("phone-and-agent".into()), None),
+                ("matched".into(), Some("crm-case".into()), None),
+                ("pending".into(), None, Some("no_candidate".into())),
+            ]
+        );
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -310,47 +311,48 @@ async fn sessionless_event_matches_after_its_call_lands(pool: PgPool) {
     assert_eq!(call_meta(&pool, "c1").await["x"], 1);
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn explain_answers_for_matched_and_unmatched_events(pool: PgPool) {
-    Call::new("c4", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z")).phone("5557770000", "a3").insert(&pool).await;
-    Call::new("c5", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z")).phone("5557770000", "a3").insert(&pool).await;
-    let job = TestJob::new(RULES);
-    let ev = |t: &str| json!({"EventTime": t, "Metadata": {"customerPhone": "+1 555 777 0000", "agentId": "a3"}});
-    enqueue(&pool, ev("2026-11-02T14:18:00Z")).await; // nearer c4
-    enqueue(&pool, ev("2026-11-02T14:20:00Z")).await; // a tie
-    enqueue(&pool, json!({"EventTime": "2026-11-02T14:20:00Z", "Metadata": {"crmCaseId": "C-404"}})).await;
-    job.run(&pool).await;
-    let path = job.path();
-    let explain = |id: &'static str| {
-        let pool = pool.clone();
-        let path = path.clone();
-        async move { callrecon(&pool, &["explain", "--job", path.to_str().unwrap(), id]).await }
-    };
+crate::both_layouts! {
+    async fn explain_answers_for_matched_and_unmatched_events(pool: PgPool) {
+        Call::new("c4", "2026-11-02T14:00:00Z", Some("2026-11-02T14:15:00Z")).phone("5557770000", "a3").insert(&pool).await;
+        Call::new("c5", "2026-11-02T14:25:00Z", Some("2026-11-02T14:30:00Z")).phone("5557770000", "a3").insert(&pool).await;
+        let job = TestJob::new(RULES);
+        let ev = |t: &str| json!({"EventTime": t, "Metadata": {"customerPhone": "+1 555 777 0000", "agentId": "a3"}});
+        enqueue(&pool, ev("2026-11-02T14:18:00Z")).await; // nearer c4
+        enqueue(&pool, ev("2026-11-02T14:20:00Z")).await; // a tie
+        enqueue(&pool, json!({"EventTime": "2026-11-02T14:20:00Z", "Metadata": {"crmCaseId": "C-404"}})).await;
+        job.run(&pool).await;
+        let path = job.path();
+        let explain = |id: &'static str| {
+            let pool = pool.clone();
+            let path = path.clone();
+            async move { callrecon(&pool, &["explain", "--job", path.to_str().unwrap(), id]).await }
+        };
 
-    let out = explain("1").await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert!(text.contains("stored decision: matched c4 by phone-and-agent"), "{text}");
-    assert!(text.contains("key customerPhone        \"5557770000\""), "{text}");
-    assert!(text.contains("2 target(s) share these keys"), "{text}");
-    assert!(text.contains("c4 (180s away)") && text.contains("c5 (420s away)"), "{text}");
-    assert!(text.contains("-> matched c4"), "{text}");
+        let out = explain("1").await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains("stored decision: matched c4 by phone-and-agent"), "{text}");
+        assert!(text.contains("key customerPhone        \"5557770000\""), "{text}");
+        assert!(text.contains("2 target(s) share these keys"), "{text}");
+        assert!(text.contains("c4 (180s away)") && text.contains("c5 (420s away)"), "{text}");
+        assert!(text.contains("-> matched c4"), "{text}");
 
-    let text = stdout(&explain("2").await);
-    assert!(text.contains("stored decision: pending (ambiguous), candidates c4, c5"), "{text}");
-    assert!(text.contains("-> ambiguous between c4, c5; the cascade stops here"), "{text}");
+        let text = stdout(&explain("2").await);
+        assert!(text.contains("stored decision: pending (ambiguous), candidates c4, c5"), "{text}");
+        assert!(text.contains("-> ambiguous between c4, c5; the cascade stops here"), "{text}");
 
-    let text = stdout(&explain("3").await);
-    assert!(text.contains("rule 1 `phone-and-agent`\n  key customerPhone        (missing)"), "{text}");
-    assert!(
-        text.contains("rule 2 `crm-case`\n  key crmCaseId            \"C-404\"\n  0 target(s) share these keys"),
-        "{text}"
-    );
-    assert!(text.contains("result: unmatched (no_candidate)"), "{text}");
+        let text = stdout(&explain("3").await);
+        assert!(text.contains("rule 1 `phone-and-agent`\n  key customerPhone        (missing)"), "{text}");
+        assert!(
+            text.contains("rule 2 `crm-case`\n  key crmCaseId            \"C-404\"\n  0 target(s) share these keys"),
+            "{text}"
+        );
+        assert!(text.contains("result: unmatched (no_candidate)"), "{text}");
 
-    let missing = explain("99").await;
-    assert!(!missing.status.success());
-    assert!(stderr(&missing).contains("no event 99"));
+        let missing = explain("99").await;
+        assert!(!missing.status.success());
+        assert!(stderr(&missing).contains("no event 99"));
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -478,28 +480,29 @@ window = { before = "1m", after = "1m" }
     assert_eq!(call_meta(&pool, "c2").await, json!({"ref": "REF-c2"}));
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn a_call_of_three_days_matches_an_event_on_its_second_day(pool: PgPool) {
-    Call::new("marathon", "2026-11-01T00:00:00Z", Some("2026-11-04T00:00:00Z"))
-        .phone("5551234567", "a1")
-        .insert(&pool)
+crate::both_layouts! {
+    async fn a_call_of_three_days_matches_an_event_on_its_second_day(pool: PgPool) {
+        Call::new("marathon", "2026-11-01T00:00:00Z", Some("2026-11-04T00:00:00Z"))
+            .phone("5551234567", "a1")
+            .insert(&pool)
+            .await;
+        Call::new("short", "2026-11-02T11:00:00Z", Some("2026-11-02T11:05:00Z"))
+            .phone("5550000000", "a1")
+            .insert(&pool)
+            .await;
+        let job = TestJob::new(RULES);
+        enqueue(
+            &pool,
+            json!({"EventTime": "2026-11-02T11:02:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1"}}),
+        )
         .await;
-    Call::new("short", "2026-11-02T11:00:00Z", Some("2026-11-02T11:05:00Z"))
-        .phone("5550000000", "a1")
-        .insert(&pool)
+        enqueue(
+            &pool,
+            json!({"EventTime": "2026-11-02T11:03:00Z", "Metadata": {"customerPhone": "5550000000", "agentId": "a1"}}),
+        )
         .await;
-    let job = TestJob::new(RULES);
-    enqueue(
-        &pool,
-        json!({"EventTime": "2026-11-02T11:02:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1"}}),
-    )
-    .await;
-    enqueue(
-        &pool,
-        json!({"EventTime": "2026-11-02T11:03:00Z", "Metadata": {"customerPhone": "5550000000", "agentId": "a1"}}),
-    )
-    .await;
-    let done = job.run(&pool).await;
-    assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched.events);
-    assert_eq!(call_meta(&pool, "marathon").await["customerPhone"], "5551234567");
+        let done = job.run(&pool).await;
+        assert_eq!(done.report.summary.matched, 2, "{:?}", done.report.unmatched.events);
+        assert_eq!(call_meta(&pool, "marathon").await["customerPhone"], "5551234567");
+    }
 }

@@ -47,71 +47,72 @@ fn job_arg(job: &TestJob) -> String {
     job.path().to_string_lossy().into_owned()
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn an_event_attached_by_hand_reaches_its_call_and_every_later_run_and_rematch_keeps_it(pool: PgPool) {
-    let (job, id) = two_calls_and_a_lost_event(&pool).await;
-    // Until something replaces it, the run's first decision is read from the event's own row.
-    let first = stdout(&callrecon(&pool, &["history", &id.to_string()]).await);
-    let lines: Vec<&str> = first.lines().collect();
-    assert_eq!(lines.len(), 2, "{first}");
-    assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{first}");
-    assert_eq!(
-        count(&pool, "select count(*) from event_history").await,
-        0,
-        "a new event's first decision writes no row"
-    );
-    let out = callrecon(
-        &pool,
-        &[
-            "resolve",
-            "--job",
-            &job_arg(&job),
-            &id.to_string(),
-            "--to",
-            "call:c1",
-            "--by",
-            "alice",
-            "--note",
-            "CRM typo",
-        ],
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains(&format!("event {id}: pending (no_candidate) -> matched call c1 by alice (CRM typo)")),
-        "{}",
-        stdout(&out)
-    );
-    assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
-    assert_eq!(
-        state(&pool, id).await,
-        ("matched".into(), Some("c1".into()), Some("manual".into()), Some("alice".into()))
-    );
+crate::both_layouts! {
+    async fn an_event_attached_by_hand_reaches_its_call_and_every_later_run_and_rematch_keeps_it(pool: PgPool) {
+        let (job, id) = two_calls_and_a_lost_event(&pool).await;
+        // Until something replaces it, the run's first decision is read from the event's own row.
+        let first = stdout(&callrecon(&pool, &["history", &id.to_string()]).await);
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(lines.len(), 2, "{first}");
+        assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{first}");
+        assert_eq!(
+            count(&pool, "select count(*) from event_history").await,
+            0,
+            "a new event's first decision writes no row"
+        );
+        let out = callrecon(
+            &pool,
+            &[
+                "resolve",
+                "--job",
+                &job_arg(&job),
+                &id.to_string(),
+                "--to",
+                "call:c1",
+                "--by",
+                "alice",
+                "--note",
+                "CRM typo",
+            ],
+        )
+        .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains(&format!("event {id}: pending (no_candidate) -> matched call c1 by alice (CRM typo)")),
+            "{}",
+            stdout(&out)
+        );
+        assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
+        assert_eq!(
+            state(&pool, id).await,
+            ("matched".into(), Some("c1".into()), Some("manual".into()), Some("alice".into()))
+        );
 
-    // A run, and a rematch under rules that would match it elsewhere, keep it.
-    let done = job.run(&pool).await;
-    assert_eq!(done.report.summary.unmatched, 0);
-    let wide = callrecon::job::load(&job.path()).unwrap();
-    let done = run::execute(&pool, &wide, Mode::Rematch { since: None, until: None }, false).await.unwrap();
-    assert_eq!(done.report.diff.as_ref().unwrap().kept_manual, 1);
-    assert_eq!(state(&pool, id).await.1.as_deref(), Some("c1"));
-    assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
+        // A run, and a rematch under rules that would match it elsewhere, keep it.
+        let done = job.run(&pool).await;
+        assert_eq!(done.report.summary.unmatched, 0);
+        let wide = callrecon::job::load(&job.path()).unwrap();
+        let done = run::execute(&pool, &wide, Mode::Rematch { since: None, until: None }, false).await.unwrap();
+        assert_eq!(done.report.diff.as_ref().unwrap().kept_manual, 1);
+        assert_eq!(state(&pool, id).await.1.as_deref(), Some("c1"));
+        assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
 
-    let explain = callrecon(&pool, &["explain", "--job", &job_arg(&job), &id.to_string()]).await;
-    assert!(stdout(&explain).contains("matched c1 by hand, by alice: CRM typo"), "{}", stdout(&explain));
+        let explain = callrecon(&pool, &["explain", "--job", &job_arg(&job), &id.to_string()]).await;
+        assert!(stdout(&explain).contains("matched c1 by hand, by alice: CRM typo"), "{}", stdout(&explain));
 
-    let history = callrecon(&pool, &["history", &id.to_string()]).await;
-    let text = stdout(&history);
-    let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{text}");
-    assert!(lines[2].contains("alice") && lines[2].contains("-> matched call c1 by alice (CRM typo)"), "{text}");
-    assert_eq!(lines.len(), 3, "runs that changed nothing add nothing: {text}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&callrecon(&pool, &["history", &id.to_string(), "--format", "json"]).await.stdout)
-            .unwrap();
-    assert_eq!(json["history"][1]["by"]["person"], "alice");
-    assert_eq!(json["history"][1]["from"]["reason"], "no_candidate");
-    assert_eq!(json["history"][1]["to"]["target"], json!({"kind": "call", "id": "c1"}));
+        let history = callrecon(&pool, &["history", &id.to_string()]).await;
+        let text = stdout(&history);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{text}");
+        assert!(lines[2].contains("alice") && lines[2].contains("-> matched call c1 by alice (CRM typo)"), "{text}");
+        assert_eq!(lines.len(), 3, "runs that changed nothing add nothing: {text}");
+        let json: serde_json::Value =
+            serde_json::from_slice(&callrecon(&pool, &["history", &id.to_string(), "--format", "json"]).await.stdout)
+                .unwrap();
+        assert_eq!(json["history"][1]["by"]["person"], "alice");
+        assert_eq!(json["history"][1]["from"]["reason"], "no_candidate");
+        assert_eq!(json["history"][1]["to"]["target"], json!({"kind": "call", "id": "c1"}));
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

@@ -83,62 +83,63 @@ async fn after_a_run_verify_finds_no_difference_and_exits_0(pool: PgPool) {
     assert!(squeeze(&stdout(&out)).contains("differ 0 calls, 0 call groups"), "{}", stdout(&out));
 }
 
-#[sqlx::test(migrator = "MIGRATOR")]
-async fn hand_edits_wiped_values_and_stale_keys_are_reported_and_repaired(pool: PgPool) {
-    matched(&pool).await;
-    let before = calls_snapshot(&pool).await;
-    let group_before = group_meta(&pool, "g1").await;
-    // A hand edit of a call and of a group, a call wiped (as after restoring an old backup), a
-    // stale key on a call no event reaches.
-    set_call(&pool, "c1", r#"{"accountTier": "bronze", "zz": 1.50}"#).await;
-    sqlx::query(r#"update call_groups set async_metadata = async_metadata || '{"caseOwner": "bob"}' where id = 'g1'"#)
-        .execute(&pool)
-        .await
-        .unwrap();
-    set_call(&pool, "solo", "{}").await;
-    set_call(&pool, "quiet", r#"{"oldKey": 1}"#).await;
+crate::both_layouts! {
+    async fn hand_edits_wiped_values_and_stale_keys_are_reported_and_repaired(pool: PgPool) {
+        matched(&pool).await;
+        let before = calls_snapshot(&pool).await;
+        let group_before = group_meta(&pool, "g1").await;
+        // A hand edit of a call and of a group, a call wiped (as after restoring an old backup), a
+        // stale key on a call no event reaches.
+        set_call(&pool, "c1", r#"{"accountTier": "bronze", "zz": 1.50}"#).await;
+        sqlx::query(r#"update call_groups set async_metadata = async_metadata || '{"caseOwner": "bob"}' where id = 'g1'"#)
+            .execute(&pool)
+            .await
+            .unwrap();
+        set_call(&pool, "solo", "{}").await;
+        set_call(&pool, "quiet", r#"{"oldKey": 1}"#).await;
 
-    let v = check(&pool, None).await;
-    assert_eq!((v.calls_checked, v.groups_checked), (5, 2));
-    assert_eq!((v.calls_differing, v.groups_differing), (3, 1));
-    assert_eq!(ids(&v), [("call_groups", "g1"), ("calls", "c1"), ("calls", "quiet"), ("calls", "solo")]);
-    let quiet = v.examples.iter().find(|d| d.id == "quiet").unwrap();
-    assert_eq!((quiet.stored.as_str(), quiet.expected.as_str()), (r#"{"oldKey": 1}"#, "{}"));
-    assert_eq!(quiet.keys(), ["oldKey"]);
-    let g1 = v.examples.iter().find(|d| d.id == "g1").unwrap();
-    assert_eq!(g1.keys(), ["caseOwner"]);
-    let c1 = v.examples.iter().find(|d| d.table == "calls" && d.id == "c1").unwrap();
-    let mut expected = tricky();
-    // c2's later event sets the group field; the case's event adds its fields.
-    expected["accountTier"] = json!("silver");
-    expected["crmCaseId"] = json!("C-1");
-    expected["caseOwner"] = json!("ann");
-    // Equal as jsonb (numbers keep their text in memory: `1e-7` here, `0.0000001` printed).
-    let same: bool =
-        sqlx::query_scalar("select $1::jsonb = $2").bind(&c1.expected).bind(&expected).fetch_one(&pool).await.unwrap();
-    assert!(same, "{} is not {expected}", c1.expected);
+        let v = check(&pool, None).await;
+        assert_eq!((v.calls_checked, v.groups_checked), (5, 2));
+        assert_eq!((v.calls_differing, v.groups_differing), (3, 1));
+        assert_eq!(ids(&v), [("call_groups", "g1"), ("calls", "c1"), ("calls", "quiet"), ("calls", "solo")]);
+        let quiet = v.examples.iter().find(|d| d.id == "quiet").unwrap();
+        assert_eq!((quiet.stored.as_str(), quiet.expected.as_str()), (r#"{"oldKey": 1}"#, "{}"));
+        assert_eq!(quiet.keys(), ["oldKey"]);
+        let g1 = v.examples.iter().find(|d| d.id == "g1").unwrap();
+        assert_eq!(g1.keys(), ["caseOwner"]);
+        let c1 = v.examples.iter().find(|d| d.table == "calls" && d.id == "c1").unwrap();
+        let mut expected = tricky();
+        // c2's later event sets the group field; the case's event adds its fields.
+        expected["accountTier"] = json!("silver");
+        expected["crmCaseId"] = json!("C-1");
+        expected["caseOwner"] = json!("ann");
+        // Equal as jsonb (numbers keep their text in memory: `1e-7` here, `0.0000001` printed).
+        let same: bool =
+            sqlx::query_scalar("select $1::jsonb = $2").bind(&c1.expected).bind(&expected).fetch_one(&pool).await.unwrap();
+        assert!(same, "{} is not {expected}", c1.expected);
 
-    // The binary: the same counts and ids, exit 4, nothing written.
-    let out = callrecon(&pool, &["verify"]).await;
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    let text = squeeze(&stdout(&out));
-    assert!(text.contains("differ 3 calls, 1 call groups"), "{text}");
-    for id in ["call c1 (keys ", "call solo (keys solo)", "call quiet (keys oldKey)", "call group g1 (keys caseOwner)"]
-    {
-        assert!(text.contains(id), "{id} in {text}");
+        // The binary: the same counts and ids, exit 4, nothing written.
+        let out = callrecon(&pool, &["verify"]).await;
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        let text = squeeze(&stdout(&out));
+        assert!(text.contains("differ 3 calls, 1 call groups"), "{text}");
+        for id in ["call c1 (keys ", "call solo (keys solo)", "call quiet (keys oldKey)", "call group g1 (keys caseOwner)"]
+        {
+            assert!(text.contains(id), "{id} in {text}");
+        }
+        assert!(stderr(&out).contains("3 calls and 1 call groups differ"), "{}", stderr(&out));
+
+        let out = callrecon(&pool, &["verify", "--repair"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stdout(&out).contains("repaired: wrote 3 calls, 1 call groups"), "{}", stdout(&out));
+        let after: Vec<(String, Value)> = calls_snapshot(&pool).await.into_iter().map(|(id, v, _)| (id, v)).collect();
+        let expected: Vec<(String, Value)> = before.into_iter().map(|(id, v, _)| (id, v)).collect();
+        assert_eq!(after, expected, "every call as the run left it");
+        assert_eq!(group_meta(&pool, "g1").await, group_before);
+        let again = callrecon(&pool, &["verify"]).await;
+        assert_eq!(again.status.code(), Some(0), "{}", stdout(&again));
+        assert!(squeeze(&stdout(&again)).contains("differ 0 calls, 0 call groups"), "{}", stdout(&again));
     }
-    assert!(stderr(&out).contains("3 calls and 1 call groups differ"), "{}", stderr(&out));
-
-    let out = callrecon(&pool, &["verify", "--repair"]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("repaired: wrote 3 calls, 1 call groups"), "{}", stdout(&out));
-    let after: Vec<(String, Value)> = calls_snapshot(&pool).await.into_iter().map(|(id, v, _)| (id, v)).collect();
-    let expected: Vec<(String, Value)> = before.into_iter().map(|(id, v, _)| (id, v)).collect();
-    assert_eq!(after, expected, "every call as the run left it");
-    assert_eq!(group_meta(&pool, "g1").await, group_before);
-    let again = callrecon(&pool, &["verify"]).await;
-    assert_eq!(again.status.code(), Some(0), "{}", stdout(&again));
-    assert!(squeeze(&stdout(&again)).contains("differ 0 calls, 0 call groups"), "{}", stdout(&again));
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
