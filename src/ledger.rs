@@ -134,23 +134,37 @@ const TO_DECIDE: &str = "id, session_id, event_time, received_at, target_kind, t
 const TO_DECIDE_FIELDS: usize = 12;
 
 /// The stored events in `scope`, in (EventTime, id) order, with only the metadata keys
-/// matching and apply look at, handed out a page at a time.
+/// matching and apply look at (extracted by PostgreSQL), handed out a page at a time. Both
+/// ways read with binary COPY, decoded here (rows fetched through sqlx cost three times
+/// PostgreSQL's own time).
 ///
-/// They are read with one binary COPY into a temporary file, then decoded from it a page at a
-/// time: one read of the scope (a query per page read and sorted the whole scope again each
-/// time: 2 s a page at 1M pending events), no row decoding through sqlx (three times
-/// PostgreSQL's own time), memory bounded by the page, and the run's connection free for the
-/// statements that decide and store each page.
+/// - A rematch's scope (every rule-decided event of a period, in the order of the events' time
+///   index): a COPY per page, the next `limit` after the last one read, so memory holds a page.
+/// - The pending events of a run: one COPY of them all into an unnamed temporary file, decoded
+///   from it a page at a time. A query per page found them through the partial index of
+///   unmatched events and sorted all of them again for each page (2 s a page at 1M pending).
 pub struct InScope {
     keep: Vec<String>,
-    file: std::io::BufReader<std::fs::File>,
-    reader: crate::pgcopy::RowReader,
-    decoded: std::collections::VecDeque<ToDecide<'static>>,
-    done: bool,
+    source: Source,
+}
+
+enum Source {
+    Pages {
+        select: String,
+        after: Option<(DateTime<Utc>, i64)>,
+        done: bool,
+    },
+    File {
+        file: std::io::BufReader<std::fs::File>,
+        reader: crate::pgcopy::RowReader,
+        decoded: std::collections::VecDeque<ToDecide<'static>>,
+        done: bool,
+    },
 }
 
 impl InScope {
-    /// Reads the scope into a temporary file (deleted when this is dropped).
+    /// Starts reading `scope` (for the pending events: reads them all into a temporary file,
+    /// deleted when this is dropped).
     pub async fn open(conn: &mut PgConnection, job: &Job, scope: Scope) -> Result<InScope> {
         use crate::pgcopy::Literal;
         use futures_util::TryStreamExt as _;
@@ -158,66 +172,104 @@ impl InScope {
         let keep: Vec<String> = kept_keys(job).into_iter().map(str::to_owned).collect();
         // COPY takes no bind parameters: names and times go in as literals, numbers as numbers.
         let extract: String = keep.iter().map(|k| format!(", (metadata -> {})::text", Literal::new(k))).collect();
-        let time = |t: DateTime<Utc>| Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
-        let filter = match scope {
-            Scope::Pending { run_id } => format!("state = 'pending' and decided_run is distinct from {run_id}"),
+        let select = |filter: &str| {
+            format!("select {TO_DECIDE}{extract} from events where job = {} and {filter}", Literal::new(&job.name))
+        };
+        let source = match scope {
             Scope::Rematch { since, until } => {
                 let mut f = "session_id is null and master_id is null and decided_by is null".to_owned();
                 if let Some(since) = since {
-                    f.push_str(&format!(" and event_time >= {}::timestamptz", time(since)));
+                    f.push_str(&format!(" and event_time >= {}::timestamptz", time_literal(since)));
                 }
                 if let Some(until) = until {
-                    f.push_str(&format!(" and event_time < {}::timestamptz", time(until)));
+                    f.push_str(&format!(" and event_time < {}::timestamptz", time_literal(until)));
                 }
-                f
+                Source::Pages { select: select(&f), after: None, done: false }
+            }
+            Scope::Pending { run_id } => {
+                let filter = format!("state = 'pending' and decided_run is distinct from {run_id}");
+                let sql = format!("copy ({} order by event_time, id) to stdout (format binary)", select(&filter));
+                let mut file = tempfile::tempfile().context("creating a temporary file for the events to match")?;
+                {
+                    let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut file);
+                    let mut stream = conn.copy_out_raw(&sql).await.context("reading events to match")?;
+                    while let Some(chunk) = stream.try_next().await.context("reading events to match")? {
+                        out.write_all(&chunk).context("writing the events to match to a temporary file")?;
+                    }
+                    out.flush().context("writing the events to match to a temporary file")?;
+                }
+                file.rewind()?;
+                Source::File {
+                    file: std::io::BufReader::with_capacity(1 << 16, file),
+                    reader: crate::pgcopy::RowReader::new(TO_DECIDE_FIELDS + keep.len()),
+                    decoded: Default::default(),
+                    done: false,
+                }
             }
         };
-        let sql = format!(
-            "copy (select {TO_DECIDE}{extract} from events where job = {} and {filter} order by event_time, id)
-             to stdout (format binary)",
-            Literal::new(&job.name)
-        );
-        let mut file = tempfile::tempfile().context("creating a temporary file for the events to match")?;
-        {
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut file);
-            let mut stream = conn.copy_out_raw(&sql).await.context("reading events to match")?;
-            while let Some(chunk) = stream.try_next().await.context("reading events to match")? {
-                out.write_all(&chunk).context("writing the events to match to a temporary file")?;
-            }
-            out.flush().context("writing the events to match to a temporary file")?;
-        }
-        file.rewind()?;
-        let fields = TO_DECIDE_FIELDS + keep.len();
-        Ok(InScope {
-            keep,
-            file: std::io::BufReader::with_capacity(1 << 16, file),
-            reader: crate::pgcopy::RowReader::new(fields),
-            decoded: Default::default(),
-            done: false,
-        })
+        Ok(InScope { keep, source })
     }
 
     /// The next `limit` events (fewer at the end, none after it).
-    pub fn next(&mut self, limit: usize) -> Result<Vec<ToDecide<'static>>> {
-        use std::io::BufRead;
-        while self.decoded.len() < limit && !self.done {
-            let chunk = self.file.fill_buf().context("reading the events to match back")?;
-            if chunk.is_empty() {
-                self.done = true;
-                std::mem::replace(&mut self.reader, crate::pgcopy::RowReader::new(0)).finish()?;
-                break;
+    pub async fn next(&mut self, conn: &mut PgConnection, limit: usize) -> Result<Vec<ToDecide<'static>>> {
+        let keep = &self.keep;
+        match &mut self.source {
+            Source::Pages { select, after, done } => {
+                use futures_util::TryStreamExt as _;
+                if *done {
+                    return Ok(Vec::new());
+                }
+                let after_sql = match after {
+                    None => String::new(),
+                    Some((t, id)) => {
+                        let t = time_literal(*t);
+                        format!(" and event_time >= {t}::timestamptz and (event_time, id) > ({t}::timestamptz, {id})")
+                    }
+                };
+                let sql = format!(
+                    "copy ({select}{after_sql} order by event_time, id limit {limit}) to stdout (format binary)"
+                );
+                let mut reader = crate::pgcopy::RowReader::new(TO_DECIDE_FIELDS + keep.len());
+                let mut page = Vec::new();
+                let mut stream = conn.copy_out_raw(&sql).await.context("reading events to match")?;
+                while let Some(chunk) = stream.try_next().await.context("reading events to match")? {
+                    reader.feed(&chunk, |f| {
+                        page.push(decode_to_decide(f, keep)?);
+                        Ok(())
+                    })?;
+                }
+                drop(stream);
+                reader.finish()?;
+                *done = page.len() < limit;
+                *after = page.last().map(|e| (e.subject.time, e.subject.id));
+                Ok(page)
             }
-            let n = chunk.len();
-            let (keep, decoded) = (&self.keep, &mut self.decoded);
-            self.reader.feed(chunk, |f| {
-                decoded.push_back(decode_to_decide(f, keep)?);
-                Ok(())
-            })?;
-            self.file.consume(n);
+            Source::File { file, reader, decoded, done } => {
+                use std::io::BufRead;
+                while decoded.len() < limit && !*done {
+                    let chunk = file.fill_buf().context("reading the events to match back")?;
+                    if chunk.is_empty() {
+                        *done = true;
+                        std::mem::replace(reader, crate::pgcopy::RowReader::new(0)).finish()?;
+                        break;
+                    }
+                    let n = chunk.len();
+                    reader.feed(chunk, |f| {
+                        decoded.push_back(decode_to_decide(f, keep)?);
+                        Ok(())
+                    })?;
+                    file.consume(n);
+                }
+                let n = limit.min(decoded.len());
+                Ok(decoded.drain(..n).collect())
+            }
         }
-        let n = limit.min(self.decoded.len());
-        Ok(self.decoded.drain(..n).collect())
     }
+}
+
+/// A time as a literal for COPY's SQL text.
+fn time_literal(t: DateTime<Utc>) -> crate::pgcopy::Literal {
+    crate::pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
 /// An event to decide from its fields in the binary form of [`InScope`]'s COPY.

@@ -233,7 +233,7 @@ impl Run<'_> {
         times.read_ms += t.elapsed().as_millis() as u64;
         loop {
             let t = std::time::Instant::now();
-            let to_decide = in_scope.next(page)?;
+            let to_decide = in_scope.next(conn, page).await?;
             times.read_ms += t.elapsed().as_millis() as u64;
             if to_decide.is_empty() {
                 break;
