@@ -261,7 +261,11 @@ impl InScope {
                     file.consume(n);
                 }
                 let n = limit.min(decoded.len());
-                Ok(decoded.drain(..n).collect())
+                let page = decoded.drain(..n).collect();
+                // What is left is less than a chunk's rows: without this the queue would keep a
+                // page's capacity beside the page handed out (459 against 318 MiB at 1M).
+                decoded.shrink_to_fit();
+                Ok(page)
             }
         }
     }
