@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -133,42 +134,60 @@ pub async fn stream(
         unmatched(&crate::pgcopy::Literal::new(job).to_string(), &run_id.to_string())
     );
 
-    // Pages are formatted and written on a blocking thread while the next one is read.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(1);
-    let mut writer = Writer::new(partial, keys, pending_for, Utc::now(), tuning.shown_per_end)?;
+    // Pages are written on two blocking threads, report.json's list (with the counts and the
+    // sample) and unmatched.csv, while the next page is read: formatting, not the read, sets
+    // the pace (one thread: 5 s for 1M events).
+    let (json_tx, mut json_rx) = tokio::sync::mpsc::channel::<Arc<Vec<Row>>>(1);
+    let (csv_tx, mut csv_rx) = tokio::sync::mpsc::channel::<Arc<Vec<Row>>>(1);
+    let mut writer = Writer::new(partial, pending_for, Utc::now(), tuning.shown_per_end)?;
     writer.shown.csv_keys_left_out = left_out;
+    let mut csv = CsvWriter::new(partial, keys, pending_for)?;
     let writing = tokio::task::spawn_blocking(move || -> Result<Shown> {
-        while let Some(rows) = rx.blocking_recv() {
-            for row in rows {
+        while let Some(rows) = json_rx.blocking_recv() {
+            for row in rows.iter() {
                 writer.add(row)?;
             }
         }
         writer.finish()
+    });
+    let writing_csv = tokio::task::spawn_blocking(move || -> Result<()> {
+        while let Some(rows) = csv_rx.blocking_recv() {
+            for row in rows.iter() {
+                csv.row(row)?;
+            }
+        }
+        csv.finish()
     });
     let read = async {
         use futures_util::TryStreamExt as _;
         let mut reader = crate::pgcopy::RowReader::new(10);
         let mut page: Vec<Row> = Vec::with_capacity(tuning.page);
         let mut stream = conn.copy_out_raw(&sql).await.context("reading unmatched events")?;
+        let send = async |page: Vec<Row>| {
+            let page = Arc::new(page);
+            // Either fails only when its writer failed: that error is returned below.
+            json_tx.send(page.clone()).await.is_ok() && csv_tx.send(page).await.is_ok()
+        };
         while let Some(chunk) = stream.try_next().await.context("reading unmatched events")? {
             reader.feed(&chunk, |f| {
                 page.push(decode(f)?);
                 Ok(())
             })?;
-            if page.len() >= tuning.page && tx.send(std::mem::take(&mut page)).await.is_err() {
-                return anyhow::Ok(()); // The writer failed: its error is returned below.
+            if page.len() >= tuning.page && !send(std::mem::take(&mut page)).await {
+                return anyhow::Ok(());
             }
         }
         drop(stream);
         reader.finish()?;
         if !page.is_empty() {
-            let _ = tx.send(page).await;
+            send(page).await;
         }
         anyhow::Ok(())
     };
     let read = read.await;
-    drop(tx);
+    drop((json_tx, csv_tx));
     let shown = writing.await.context("writing the unmatched events")??;
+    writing_csv.await.context("writing the unmatched events")??;
     read?;
     tracing::debug!(events = shown.total, "unmatched events written");
     Ok(shown)
@@ -273,11 +292,63 @@ struct Ends {
     seen: u64,
 }
 
+/// An unmatched event as report.json lists it, borrowed from its row (its metadata spliced in
+/// after it as PostgreSQL printed it). The fields in [`Entry`]'s order.
+#[derive(serde::Serialize)]
+struct EntryRef<'a> {
+    #[serde(serialize_with = "super::id_text::serialize")]
+    event_id: i64,
+    source: &'a str,
+    session_id: Option<&'a str>,
+    master_id: Option<&'a str>,
+    event_time: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    reason: &'a str,
+    last_reason: Option<&'a str>,
+    candidates: &'a [String],
+    expires_at: DateTime<Utc>,
+}
+
+impl<'a> EntryRef<'a> {
+    fn of(row: &'a Row, pending_for: chrono::Duration) -> Self {
+        let (id, source, session_id, master_id, event_time, received_at, state, reason, candidates, _) = row;
+        let expired = state == "expired";
+        EntryRef {
+            event_id: *id,
+            source,
+            session_id: session_id.as_deref(),
+            master_id: master_id.as_deref(),
+            event_time: *event_time,
+            received_at: *received_at,
+            // Undecided: reverted by an undo (or reopened) and not decided by a run since.
+            reason: if expired { "expired" } else { reason.as_deref().unwrap_or("undecided") },
+            last_reason: if expired { reason.as_deref() } else { None },
+            candidates: candidates.as_deref().unwrap_or_default(),
+            expires_at: *received_at + pending_for,
+        }
+    }
+
+    fn to_owned(&self, metadata: &str) -> Entry {
+        Entry {
+            event_id: self.event_id,
+            source: self.source.to_owned(),
+            session_id: self.session_id.map(str::to_owned),
+            master_id: self.master_id.map(str::to_owned),
+            event_time: self.event_time,
+            received_at: self.received_at,
+            reason: self.reason.to_owned(),
+            last_reason: self.last_reason.map(str::to_owned),
+            candidates: self.candidates.to_vec(),
+            expires_at: self.expires_at,
+            metadata: metadata.to_owned(),
+        }
+    }
+}
+
+/// report.json's list of unmatched events, with the counts and the sample report.html shows.
 struct Writer {
-    csv: csv::Writer<std::io::BufWriter<std::fs::File>>,
     json: std::io::BufWriter<std::fs::File>,
     json_path: PathBuf,
-    keys: Vec<String>,
     pending_for: chrono::Duration,
     now: DateTime<Utc>,
     per_end: usize,
@@ -288,24 +359,12 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(
-        partial: &Path,
-        keys: Vec<String>,
-        pending_for: chrono::Duration,
-        now: DateTime<Utc>,
-        per_end: usize,
-    ) -> Result<Writer> {
-        let file = |name: &str| -> Result<std::fs::File> {
-            let path = partial.join(name);
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
-        };
-        let mut csv = std::io::BufWriter::with_capacity(1 << 16, file(CSV)?);
-        write_csv_header(&mut csv, &keys)?;
+    fn new(partial: &Path, pending_for: chrono::Duration, now: DateTime<Utc>, per_end: usize) -> Result<Writer> {
+        let path = partial.join(JSON_LIST);
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Writer {
-            csv: csv::Writer::from_writer(csv),
-            json: std::io::BufWriter::with_capacity(1 << 16, file(JSON_LIST)?),
-            json_path: partial.join(JSON_LIST),
-            keys,
+            json: std::io::BufWriter::with_capacity(1 << 16, file),
+            json_path: path,
             pending_for,
             now,
             per_end,
@@ -320,40 +379,25 @@ impl Writer {
         })
     }
 
-    fn add(&mut self, row: Row) -> Result<()> {
-        let (id, source, session_id, master_id, event_time, received_at, state, reason, candidates, metadata) = row;
-        let expired = state == "expired";
-        let u = Entry {
-            event_id: id,
-            source,
-            session_id,
-            master_id,
-            event_time,
-            received_at,
-            // Undecided: reverted by an undo (or reopened) and not decided by a run since.
-            reason: if expired { "expired".into() } else { reason.clone().unwrap_or_else(|| "undecided".into()) },
-            last_reason: if expired { reason } else { None },
-            candidates: candidates.unwrap_or_default(),
-            metadata,
-            expires_at: received_at + self.pending_for,
-        };
+    fn add(&mut self, row: &Row) -> Result<()> {
+        let u = EntryRef::of(row, self.pending_for);
+        let metadata = &row.9;
         // The entry with its metadata spliced in as PostgreSQL printed it (valid JSON).
         self.buf.clear();
         self.buf.extend_from_slice(if self.shown.total > 0 { b",\n    " } else { b"    " });
         serde_json::to_writer(&mut self.buf, &u)?;
         self.buf.pop(); // `}`
         self.buf.extend_from_slice(b",\"metadata\":");
-        self.buf.extend_from_slice(u.metadata.as_bytes());
+        self.buf.extend_from_slice(metadata.as_bytes());
         self.buf.push(b'}');
         self.json.write_all(&self.buf)?;
-        self.write_csv_row(&u)?;
 
         self.shown.total += 1;
-        match self.shown.by_reason.get_mut(&u.reason) {
+        match self.shown.by_reason.get_mut(u.reason) {
             Some(n) => *n += 1,
-            None => drop(self.shown.by_reason.insert(u.reason.clone(), 1)),
+            None => drop(self.shown.by_reason.insert(u.reason.to_owned(), 1)),
         }
-        if expired {
+        if row.6 == "expired" {
             self.shown.expired += 1;
         } else {
             let days = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_minutes() as f64 / 1440.0;
@@ -363,45 +407,77 @@ impl Writer {
         }
         // Rows come oldest first: the first `per_end` of a reason are its oldest, the last ones
         // its newest.
-        if !self.ends.contains_key(&u.reason) {
-            self.ends.insert(u.reason.clone(), Ends::default());
+        if !self.ends.contains_key(u.reason) {
+            self.ends.insert(u.reason.to_owned(), Ends::default());
         }
-        let ends = self.ends.get_mut(&u.reason).expect("inserted above");
+        let ends = self.ends.get_mut(u.reason).expect("inserted above");
         ends.seen += 1;
         if ends.oldest.len() < self.per_end {
-            ends.oldest.push(u);
+            ends.oldest.push(u.to_owned(metadata));
         } else {
             if ends.newest.len() == self.per_end {
                 ends.newest.pop_front();
             }
-            ends.newest.push_back(u);
+            ends.newest.push_back(u.to_owned(metadata));
         }
         Ok(())
     }
 
-    fn write_csv_row(&mut self, u: &Entry) -> Result<()> {
+    fn finish(mut self) -> Result<Shown> {
+        self.json.flush()?;
+        let mut shown = self.shown;
+        for (reason, ends) in self.ends {
+            let kept = (ends.oldest.len() + ends.newest.len()) as u64;
+            shown.omitted.insert(reason, ends.seen - kept);
+            shown.events.extend(ends.oldest.into_iter().chain(ends.newest).map(Entry::into_unmatched));
+        }
+        shown.events.sort_by_key(|u| (u.received_at, u.event_id));
+        tracing::trace!(path = %self.json_path.display(), "unmatched list written");
+        Ok(shown)
+    }
+}
+
+/// unmatched.csv, a row per event, on a thread of its own.
+struct CsvWriter {
+    csv: csv::Writer<std::io::BufWriter<std::fs::File>>,
+    keys: Vec<String>,
+    pending_for: chrono::Duration,
+}
+
+impl CsvWriter {
+    fn new(partial: &Path, keys: Vec<String>, pending_for: chrono::Duration) -> Result<CsvWriter> {
+        let path = partial.join(CSV);
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+        write_csv_header(&mut out, &keys)?;
+        Ok(CsvWriter { csv: csv::Writer::from_writer(out), keys, pending_for })
+    }
+
+    fn row(&mut self, row: &Row) -> Result<()> {
+        let u = EntryRef::of(row, self.pending_for);
+        let metadata = &row.9;
         let w = &mut self.csv;
         for cell in [
             &u.event_id.to_string(),
             "",
             "",
-            &u.source,
-            u.session_id.as_deref().unwrap_or_default(),
-            u.master_id.as_deref().unwrap_or_default(),
+            u.source,
+            u.session_id.unwrap_or_default(),
+            u.master_id.unwrap_or_default(),
         ] {
             w.write_field(escape_cell(cell).as_bytes())?;
         }
         for t in [u.event_time, u.received_at, u.expires_at] {
             w.write_field(t.to_rfc3339())?;
         }
-        w.write_field(escape_cell(&u.reason).as_bytes())?;
-        w.write_field(escape_cell(u.last_reason.as_deref().unwrap_or_default()).as_bytes())?;
+        w.write_field(escape_cell(u.reason).as_bytes())?;
+        w.write_field(escape_cell(u.last_reason.unwrap_or_default()).as_bytes())?;
         w.write_field(escape_cell(&u.candidates.join(" ")).as_bytes())?;
-        w.write_field(escape_cell(&u.metadata).as_bytes())?;
+        w.write_field(escape_cell(metadata).as_bytes())?;
         if !self.keys.is_empty() {
             // Values borrowed from the text: only the keys' own cells are decoded.
             let values: HashMap<String, &serde_json::value::RawValue> =
-                serde_json::from_str(&u.metadata).unwrap_or_default();
+                serde_json::from_str(metadata).unwrap_or_default();
             for k in &self.keys {
                 let cell = match values.get(k).map(|v| v.get()) {
                     None | Some("null") => String::new(),
@@ -415,17 +491,8 @@ impl Writer {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Shown> {
+    fn finish(mut self) -> Result<()> {
         self.csv.flush()?;
-        self.json.flush()?;
-        let mut shown = self.shown;
-        for (reason, ends) in self.ends {
-            let kept = (ends.oldest.len() + ends.newest.len()) as u64;
-            shown.omitted.insert(reason, ends.seen - kept);
-            shown.events.extend(ends.oldest.into_iter().chain(ends.newest).map(Entry::into_unmatched));
-        }
-        shown.events.sort_by_key(|u| (u.received_at, u.event_id));
-        tracing::trace!(path = %self.json_path.display(), "unmatched list written");
-        Ok(shown)
+        Ok(())
     }
 }
