@@ -4,7 +4,7 @@
 //! `report.html` gets a bounded sample ([`Shown`]) and counts over everything. Memory is bounded
 //! by the page size and the sample, not by the backlog.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -437,6 +437,53 @@ impl Writer {
     }
 }
 
+/// The values of `keys` (sorted) in a JSON object's text, in the keys' order, borrowed from the
+/// text: one pass, and no key copied unless it has escapes (a `HashMap<String, _>` of every key
+/// was most of the CSV's cost per row). All none if the text is not an object.
+fn key_values<'a>(json: &'a str, keys: &[String]) -> Vec<Option<&'a serde_json::value::RawValue>> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+    use std::borrow::Cow;
+    struct Key;
+    impl<'de> DeserializeSeed<'de> for Key {
+        type Value = Cow<'de, str>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Key {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+    }
+    struct Values<'k>(&'k [String]);
+    impl<'de> Visitor<'de> for Values<'_> {
+        type Value = Vec<Option<&'de RawValue>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = vec![None; self.0.len()];
+            while let Some(key) = map.next_key_seed(Key)? {
+                let value: &'de RawValue = map.next_value()?;
+                if let Ok(i) = self.0.binary_search_by(|k| k.as_str().cmp(&key)) {
+                    out[i] = Some(value);
+                }
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    de.deserialize_map(Values(keys)).unwrap_or_else(|_| vec![None; keys.len()])
+}
+
 /// unmatched.csv, a row per event, on a thread of its own.
 struct CsvWriter {
     csv: csv::Writer<std::io::BufWriter<std::fs::File>>,
@@ -476,13 +523,15 @@ impl CsvWriter {
         w.write_field(escape_cell(metadata).as_bytes())?;
         if !self.keys.is_empty() {
             // Values borrowed from the text: only the keys' own cells are decoded.
-            let values: HashMap<String, &serde_json::value::RawValue> =
-                serde_json::from_str(metadata).unwrap_or_default();
-            for k in &self.keys {
-                let cell = match values.get(k).map(|v| v.get()) {
-                    None | Some("null") => String::new(),
-                    Some(text) if text.starts_with('"') => serde_json::from_str(text).unwrap_or_default(),
-                    Some(text) => text.to_owned(),
+            let values = key_values(metadata, &self.keys);
+            for v in values {
+                let cell = match v.map(|v| v.get()) {
+                    None | Some("null") => std::borrow::Cow::Borrowed(""),
+                    Some(text) if text.starts_with('"') => match serde_json::from_str(text) {
+                        Ok(s) => std::borrow::Cow::<str>::Owned(s),
+                        Err(_) => std::borrow::Cow::Borrowed(""),
+                    },
+                    Some(text) => std::borrow::Cow::Borrowed(text),
                 };
                 w.write_field(escape_cell(&cell).as_bytes())?;
             }
@@ -494,5 +543,20 @@ impl CsvWriter {
     fn finish(mut self) -> Result<()> {
         self.csv.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_values_finds_each_key_once_escaped_or_not() {
+        let keys: Vec<String> = ["a\"b", "n", "tier", "zz"].iter().map(|s| s.to_string()).collect();
+        let json = r#"{"tier": "gold", "n": 1.50, "x": {"tier": "inner"}, "a\"b": [1, 2]}"#;
+        let got: Vec<Option<&str>> = key_values(json, &keys).into_iter().map(|v| v.map(|v| v.get())).collect();
+        assert_eq!(got, vec![Some("[1, 2]"), Some("1.50"), Some("\"gold\""), None]);
+        assert!(key_values("[1, 2]", &keys).iter().all(Option::is_none));
+        assert!(key_values("not json", &keys).iter().all(Option::is_none));
     }
 }
