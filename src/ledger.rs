@@ -115,15 +115,10 @@ pub enum Scope {
 /// The top-level metadata keys matching and apply look at: the first segment of every rule
 /// key, and the job's group fields, in a stable order. Most of an event's metadata is never
 /// looked at here.
-fn kept_keys(job: &Job) -> Vec<&str> {
-    let keys: std::collections::BTreeSet<&str> = job
-        .rules
-        .iter()
-        .flat_map(|r| r.keys.iter().filter_map(|k| k.event.first()))
-        .chain(&job.group_fields)
-        .map(String::as_str)
-        .collect();
-    keys.into_iter().collect()
+fn kept_keys(job: &Job) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> =
+        job.rules.iter().flat_map(|r| r.keys.iter().filter_map(|k| k.event.first())).chain(&job.group_fields).collect();
+    keys.into_iter().cloned().collect()
 }
 
 /// The columns every read of events to decide selects, in this order, before one column per
@@ -169,7 +164,7 @@ impl InScope {
         use crate::pgcopy::Literal;
         use futures_util::TryStreamExt as _;
         use std::io::{Seek, Write};
-        let keep: Vec<String> = kept_keys(job).into_iter().map(str::to_owned).collect();
+        let keep = kept_keys(job);
         // COPY takes no bind parameters: names and times go in as literals, numbers as numbers.
         let extract: String = keep.iter().map(|k| format!(", (metadata -> {})::text", Literal::new(k))).collect();
         let select = |filter: &str| {
@@ -215,7 +210,6 @@ impl InScope {
         let keep = &self.keep;
         match &mut self.source {
             Source::Pages { select, after, done } => {
-                use futures_util::TryStreamExt as _;
                 if *done {
                     return Ok(Vec::new());
                 }
@@ -229,17 +223,13 @@ impl InScope {
                 let sql = format!(
                     "copy ({select}{after_sql} order by event_time, id limit {limit}) to stdout (format binary)"
                 );
-                let mut reader = crate::pgcopy::RowReader::new(TO_DECIDE_FIELDS + keep.len());
                 let mut page = Vec::new();
-                let mut stream = conn.copy_out_raw(&sql).await.context("reading events to match")?;
-                while let Some(chunk) = stream.try_next().await.context("reading events to match")? {
-                    reader.feed(&chunk, |f| {
-                        page.push(decode_to_decide(f, keep)?);
-                        Ok(())
-                    })?;
-                }
-                drop(stream);
-                reader.finish()?;
+                crate::pgcopy::for_each_row(conn, &sql, TO_DECIDE_FIELDS + keep.len(), |f| {
+                    page.push(decode_to_decide(f, keep)?);
+                    Ok(())
+                })
+                .await
+                .context("reading events to match")?;
                 *done = page.len() < limit;
                 *after = page.last().map(|e| (e.subject.time, e.subject.id));
                 Ok(page)
@@ -278,13 +268,12 @@ fn time_literal(t: DateTime<Utc>) -> crate::pgcopy::Literal {
 
 /// An event to decide from its fields in the binary form of [`InScope`]'s COPY.
 fn decode_to_decide(f: &[Option<&[u8]>], keep: &[String]) -> Result<ToDecide<'static>> {
-    use crate::pgcopy::{int8, text, timestamp};
+    use crate::pgcopy::{datetime, int8, text};
     let id = int8(f[0].context("an event without an id")?)?;
     let opt = |i: usize| -> Result<Option<String>> { f[i].map(|b| text(b).map(str::to_owned)).transpose() };
     let req = |i: usize| -> Result<&str> { text(f[i].with_context(|| format!("event {id}: a null column"))?) };
     let time = |i: usize| -> Result<DateTime<Utc>> {
-        let micros = timestamp(f[i].with_context(|| format!("event {id}: a null time"))?)?;
-        DateTime::from_timestamp_micros(micros).with_context(|| format!("event {id}: a time out of range"))
+        datetime(f[i].with_context(|| format!("event {id}: a null time"))?).with_context(|| format!("event {id}"))
     };
     let mut metadata = Map::new();
     for (i, key) in keep.iter().enumerate() {

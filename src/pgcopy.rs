@@ -147,6 +147,11 @@ pub fn timestamp(b: &[u8]) -> Result<i64> {
     Ok(i64::from_be_bytes(b.try_into().expect("8 bytes")) + PG_EPOCH_MICROS)
 }
 
+/// A `timestamptz` in binary form, as a time.
+pub fn datetime(b: &[u8]) -> Result<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_micros(timestamp(b)?).ok_or_else(|| anyhow::anyhow!("a timestamp out of range"))
+}
+
 /// A `tid` in binary form: the block (u32) then the line pointer (u16), big-endian.
 pub fn tid(b: &[u8]) -> Result<(u32, u16)> {
     ensure!(b.len() == 6, "tid of {} bytes", b.len());
@@ -219,6 +224,24 @@ pub async fn read(conn: &mut sqlx::PgConnection, sql: &str, kinds: &[Kind]) -> R
     }
     drop(stream);
     decoder.finish()
+}
+
+/// Runs `copy (…) to stdout (format binary)` and hands each row's `fields` (binary forms, `None`
+/// for null) to `row` as they arrive: for streams too big to hold.
+pub async fn for_each_row(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    fields: usize,
+    mut row: impl FnMut(&[Option<&[u8]>]) -> Result<()>,
+) -> Result<()> {
+    use futures_util::TryStreamExt as _;
+    let mut rows = RowReader::new(fields);
+    let mut stream = conn.copy_out_raw(sql).await?;
+    while let Some(chunk) = stream.try_next().await? {
+        rows.feed(&chunk, &mut row)?;
+    }
+    drop(stream);
+    rows.finish()
 }
 
 /// A SQL string literal, for COPY, which takes no bind parameters: the one way text from a job

@@ -14,7 +14,6 @@
 use std::borrow::Cow;
 
 use anyhow::{Context, Result};
-use chrono::DateTime;
 use foldhash::{HashMap, HashMapExt as _, HashSet};
 use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, PgPool};
@@ -196,46 +195,42 @@ impl Record {
         let mut record =
             Record { own: HashMap::new(), parts: HashMap::new(), group_values: HashMap::new(), scope: None };
         let mut scope = job.map(|_| Scope::default());
-        let mut rows = pgcopy::RowReader::new(8);
-        let mut stream = conn.copy_out_raw(&sql).await.context("reading matched events")?;
         let mut events = 0u64;
-        while let Some(chunk) = stream.try_next().await.context("reading matched events")? {
-            rows.feed(&chunk, |f| {
-                let [Some(id), Some(time), Some(metadata), Some(part), Some(kind), Some(target), group, Some(of)] = f
-                else {
-                    anyhow::bail!("a matched event with a null column");
-                };
-                let id = pgcopy::int8(id)?;
-                let time = DateTime::from_timestamp_micros(pgcopy::timestamp(time)?).context("event time")?;
-                let (metadata, part) = (pgcopy::text(metadata)?, pgcopy::text(part)?);
-                let (target, group) = (pgcopy::text(target)?, group.map(pgcopy::text).transpose()?);
-                let ours = scope.as_mut().filter(|_| Some(pgcopy::text(of).unwrap_or_default()) == job);
-                events += 1;
-                if pgcopy::text(kind)? == "call" {
-                    if let Some(s) = ours {
-                        s.calls.insert(target.to_owned());
-                        s.groups.extend(group.map(str::to_owned));
-                    }
-                    if let Some(g) = group
-                        && part != "{}"
-                    {
-                        let p = Contribution::parse(time, id, part, Some(target.to_owned()))?;
-                        record.parts.entry(g.to_owned()).or_default().push(p);
-                    }
-                    let c = Contribution::parse(time, id, metadata, None)?;
-                    record.own.entry(target.to_owned()).or_default().push(c);
-                } else {
-                    if let Some(s) = ours {
-                        s.groups.insert(target.to_owned());
-                    }
-                    let c = Contribution::parse(time, id, metadata, None)?;
-                    record.parts.entry(target.to_owned()).or_default().push(c);
+        pgcopy::for_each_row(conn, &sql, 8, |f| {
+            let [Some(id), Some(time), Some(metadata), Some(part), Some(kind), Some(target), group, Some(of)] = f
+            else {
+                anyhow::bail!("a matched event with a null column");
+            };
+            let id = pgcopy::int8(id)?;
+            let time = pgcopy::datetime(time).context("event time")?;
+            let (metadata, part) = (pgcopy::text(metadata)?, pgcopy::text(part)?);
+            let (target, group) = (pgcopy::text(target)?, group.map(pgcopy::text).transpose()?);
+            let ours = scope.as_mut().filter(|_| Some(pgcopy::text(of).unwrap_or_default()) == job);
+            events += 1;
+            if pgcopy::text(kind)? == "call" {
+                if let Some(s) = ours {
+                    s.calls.insert(target.to_owned());
+                    s.groups.extend(group.map(str::to_owned));
                 }
-                Ok(())
-            })?;
-        }
-        drop(stream);
-        rows.finish()?;
+                if let Some(g) = group
+                    && part != "{}"
+                {
+                    let p = Contribution::parse(time, id, part, Some(target.to_owned()))?;
+                    record.parts.entry(g.to_owned()).or_default().push(p);
+                }
+                let c = Contribution::parse(time, id, metadata, None)?;
+                record.own.entry(target.to_owned()).or_default().push(c);
+            } else {
+                if let Some(s) = ours {
+                    s.groups.insert(target.to_owned());
+                }
+                let c = Contribution::parse(time, id, metadata, None)?;
+                record.parts.entry(target.to_owned()).or_default().push(c);
+            }
+            Ok(())
+        })
+        .await
+        .context("reading matched events")?;
         for (g, parts) in &record.parts {
             let parts: Vec<apply::Part> = parts.iter().map(Contribution::as_part).collect();
             record.group_values.insert(g.clone(), apply::group_value(&parts));
@@ -353,9 +348,7 @@ impl Check<'_> {
                     let (block, offset) = pgcopy::tid(tid)?;
                     // A call's started_at: the partition of its ctid on a partitioned `calls`.
                     let start = match f.get(4).copied().flatten() {
-                        Some(t) => Some(
-                            DateTime::from_timestamp_micros(pgcopy::timestamp(t)?).context("a call's started_at")?,
-                        ),
+                        Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
                         None => None,
                     };
                     pending.push(NewValue {

@@ -68,10 +68,8 @@ type Row = (
     String,
 );
 
-/// An unmatched event as written, its metadata still JSON text.
-#[derive(serde::Serialize)]
+/// An unmatched event report.html shows, its metadata still JSON text until it is shown.
 struct Entry {
-    #[serde(serialize_with = "super::id_text::serialize")]
     event_id: i64,
     source: String,
     session_id: Option<String>,
@@ -82,7 +80,6 @@ struct Entry {
     last_reason: Option<String>,
     candidates: Vec<String>,
     expires_at: DateTime<Utc>,
-    #[serde(skip)]
     metadata: String,
 }
 
@@ -195,12 +192,10 @@ pub async fn stream(
 
 /// A row of the report's COPY, from its fields in binary form.
 fn decode(f: &[Option<&[u8]>]) -> Result<Row> {
-    use crate::pgcopy::{int8, text, timestamp};
+    use crate::pgcopy::{datetime, int8, text};
     let opt = |i: usize| -> Result<Option<String>> { f[i].map(|b| text(b).map(str::to_owned)).transpose() };
     let req = |i: usize| -> Result<&[u8]> { f[i].context("a null where the report needs a value") };
-    let time = |i: usize| -> Result<DateTime<Utc>> {
-        DateTime::from_timestamp_micros(timestamp(req(i)?)?).context("a timestamp out of range")
-    };
+    let time = |i: usize| -> Result<DateTime<Utc>> { datetime(req(i)?) };
     let candidates = match f[8] {
         None => None,
         Some(b) => Some(serde_json::from_str::<Vec<String>>(text(b)?).context("candidates")?),
@@ -293,7 +288,7 @@ struct Ends {
 }
 
 /// An unmatched event as report.json lists it, borrowed from its row (its metadata spliced in
-/// after it as PostgreSQL printed it). The fields in [`Entry`]'s order.
+/// after it as PostgreSQL printed it).
 #[derive(serde::Serialize)]
 struct EntryRef<'a> {
     #[serde(serialize_with = "super::id_text::serialize")]
