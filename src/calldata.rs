@@ -276,3 +276,151 @@ pub async fn call_details(conn: &mut PgConnection, ids: &[&str]) -> Result<HashM
             .context("reading calls by id")?;
     Ok(rows.into_iter().map(|c| (c.id.clone(), c)).collect())
 }
+
+/// Where matching can decide differently now than it did for the call data a snapshot saw
+/// ([`changed_since`]).
+#[derive(Debug, PartialEq)]
+pub enum Changed {
+    /// Anywhere: a call group changed and the job has group rules, or too much time passed to
+    /// tell (below).
+    Anywhere,
+    /// For events whose time is in one of these windows (sorted, apart; none: nowhere).
+    Within(Vec<(DateTime<Utc>, DateTime<Utc>)>),
+}
+
+impl Changed {
+    /// The windows of event times where matching can decide differently: `Anywhere` is every
+    /// time an EventTime can have.
+    pub fn into_windows(self) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        match self {
+            Changed::Within(windows) => windows,
+            Changed::Anywhere => {
+                let year = |y: i32| {
+                    chrono::NaiveDate::from_ymd_opt(y, 1, 1)
+                        .expect("a valid date")
+                        .and_time(Default::default())
+                        .and_utc()
+                };
+                let (first, end) = crate::event::EVENT_TIME_RANGE;
+                vec![(year(first), year(end))]
+            }
+        }
+    }
+}
+
+/// At most this many windows are handed on: more are merged across their smallest gaps (more
+/// events retried, never fewer).
+pub const CHANGED_WINDOWS: usize = 256;
+
+/// Where the calls and call groups changed since `snapshot` (a `pg_snapshot` as text, taken by
+/// a run as it started): every row written by a transaction that snapshot does not see,
+/// inserted or updated, by the platform or by a run's own apply. Deleted rows do not count: a
+/// deletion can take a candidate away from an event, never give it one. A call of `[start, end]`
+/// can be a candidate of events from `start - before` to `end + after` (`window`: the job's
+/// widest); these are the windows.
+///
+/// Reads every call's `xmin` (a sequential scan, as no index holds it), which is worth it only
+/// against reading a large backlog of pending events again (`Tuning::retry_all_below`).
+pub async fn changed_since(
+    conn: &mut PgConnection,
+    snapshot: &str,
+    group_rules: bool,
+    (before, after): (chrono::Duration, chrono::Duration),
+) -> Result<Changed> {
+    // Row xids are 32-bit: `age()` orders them only within 2^31 transactions of now.
+    let (next, oldest): (i64, i64) = sqlx::query_as(
+        "select pg_snapshot_xmax(pg_current_snapshot())::text::bigint, pg_snapshot_xmin($1::pg_snapshot)::text::bigint",
+    )
+    .bind(snapshot)
+    .fetch_one(&mut *conn)
+    .await
+    .context("reading the current transaction id")?;
+    if next - oldest >= 1 << 30 {
+        return Ok(Changed::Anywhere);
+    }
+    // A row written by a transaction the snapshot does not see: one at least as new as the
+    // snapshot's oldest (cheap, by `age`), then exactly, with the row's xid made 64-bit again
+    // from the current epoch (`next` is within 2^30 of it).
+    let changed = "age(xmin) <= age($2::xid)
+                   and not pg_visible_in_snapshot(
+                       (case when ($3 >> 32 << 32 | xmin::text::bigint) > $3
+                             then ($3 >> 32 << 32 | xmin::text::bigint) - 4294967296
+                             else $3 >> 32 << 32 | xmin::text::bigint end)::text::xid8,
+                       $1::pg_snapshot)";
+    let oldest32 = (oldest & 0xffff_ffff).to_string();
+    if group_rules {
+        let changed: bool =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select exists (select from call_groups where {changed})")))
+                .bind(snapshot)
+                .bind(&oldest32)
+                .bind(next)
+                .fetch_one(&mut *conn)
+                .await
+                .context("reading which call groups changed")?;
+        if changed {
+            return Ok(Changed::Anywhere);
+        }
+    }
+    // The changed calls' windows, overlapping ones merged (gaps and islands).
+    let windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "with c as (
+             -- Clamped to the years EventTimes can have (1900 to 2200): any time decodes.
+             select greatest(started_at - $4 * interval '1 microsecond', timestamptz '1899-12-31 00:00:00+00') lo,
+                    least(greatest(started_at, coalesce(ended_at, started_at)) + $5 * interval '1 microsecond',
+                          timestamptz '2201-01-02 00:00:00+00') hi
+             from calls where started_at is not null and {changed}
+         ), reach as (
+             select lo, hi, max(hi) over (order by lo, hi rows between unbounded preceding and 1 preceding) reached
+             from c
+         ), islands as (
+             select lo, hi, count(*) filter (where reached is null or lo > reached)
+                                over (order by lo, hi rows unbounded preceding) island
+             from reach
+         )
+         select min(lo), max(hi) from islands group by island order by 1"
+    )))
+    .bind(snapshot)
+    .bind(&oldest32)
+    .bind(next)
+    .bind(before.num_microseconds().unwrap_or(i64::MAX))
+    .bind(after.num_microseconds().unwrap_or(i64::MAX))
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading which calls changed")?;
+    Ok(Changed::Within(coarsen(windows, CHANGED_WINDOWS)))
+}
+
+/// `windows` (sorted, apart) as at most `max`, by merging across the smallest gaps.
+fn coarsen(windows: Vec<(DateTime<Utc>, DateTime<Utc>)>, max: usize) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    if windows.len() <= max || max == 0 {
+        return windows;
+    }
+    // Keep the `max - 1` widest gaps; merge across every other.
+    let mut gaps: Vec<(chrono::Duration, usize)> =
+        windows.windows(2).enumerate().map(|(i, w)| (w[1].0 - w[0].1, i)).collect();
+    gaps.sort_unstable_by(|a, b| b.cmp(a));
+    let mut kept: Vec<usize> = gaps[..max - 1].iter().map(|g| g.1).collect();
+    kept.sort_unstable();
+    let mut out = Vec::with_capacity(max);
+    let mut start = 0;
+    for gap in kept.into_iter().chain(std::iter::once(windows.len() - 1)) {
+        out.push((windows[start].0, windows[gap].1));
+        start = gap + 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coarsen_merges_across_the_smallest_gaps() {
+        let t = |h: i64| DateTime::<Utc>::from_timestamp(h * 3600, 0).unwrap();
+        let w = vec![(t(0), t(1)), (t(2), t(3)), (t(10), t(11)), (t(11) + chrono::Duration::minutes(30), t(12))];
+        assert_eq!(coarsen(w.clone(), 4), w);
+        assert_eq!(coarsen(w.clone(), 3), vec![(t(0), t(1)), (t(2), t(3)), (t(10), t(12))]);
+        assert_eq!(coarsen(w.clone(), 2), vec![(t(0), t(3)), (t(10), t(12))]);
+        assert_eq!(coarsen(w, 1), vec![(t(0), t(12))]);
+    }
+}

@@ -103,13 +103,57 @@ impl<'e> std::borrow::Borrow<Subject<'e>> for ToDecide<'e> {
 }
 
 /// Which stored events a run decides.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Scope {
-    /// Every pending event of the job but those this run decided already.
-    Pending { run_id: i64 },
+    /// Every pending event of the job but those this run decided already, and, when `unchanged`
+    /// is given, those it describes.
+    Pending { run_id: i64, unchanged: Option<Unchanged> },
     /// Every rule-decided or undecided event (SessionId and MasterId attaches and manual
     /// decisions are final) with EventTime in `[since, until)`.
     Rematch { since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>> },
+}
+
+/// The pending events a run need not decide again: matching would decide each as before. Those
+/// that are sessionless, last decided by a run (not by hand) no later than `since_run`, whose
+/// decisions were right for the call data when it started, not expiring now (received after
+/// `expire_before`), and unmatched either for a missing key (no rule found all its keys in the
+/// metadata: call data plays no part) or for want of a candidate with EventTime outside every
+/// window where call data changed since (`calldata::changed_since`). An ambiguous event is
+/// always decided again: a deleted call can settle it.
+#[derive(Debug, Clone)]
+pub struct Unchanged {
+    pub since_run: i64,
+    pub expire_before: DateTime<Utc>,
+    pub windows: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+impl Unchanged {
+    /// The SQL condition that leaves these events out.
+    fn filter(&self) -> String {
+        let ranges: Vec<String> =
+            self.windows.iter().map(|(lo, hi)| format!("[{},{}]", time_text(*lo), time_text(*hi))).collect();
+        format!(
+            " and not coalesce(session_id is null and master_id is null and decided_by is null and decided_run <= {}
+                               and received_at > {}::timestamptz
+                               and (reason = 'missing_key'
+                                    or reason = 'no_candidate' and not {}::tstzmultirange @> event_time), false)",
+            self.since_run,
+            time_literal(self.expire_before),
+            crate::pgcopy::Literal::new(&format!("{{{}}}", ranges.join(","))),
+        )
+    }
+}
+
+/// Whether the job has at least `n` pending events.
+pub async fn pending_at_least(conn: &mut PgConnection, job: &str, n: usize) -> Result<bool> {
+    sqlx::query_scalar(
+        "select count(*) >= $2 from (select from events where job = $1 and state = 'pending' limit $2) s",
+    )
+    .bind(job)
+    .bind(n as i64)
+    .fetch_one(&mut *conn)
+    .await
+    .context("counting pending events")
 }
 
 /// The top-level metadata keys matching and apply look at: the first segment of every rule
@@ -181,8 +225,11 @@ impl InScope {
                 }
                 Source::Pages { select: select(&f), after: None, done: false }
             }
-            Scope::Pending { run_id } => {
-                let filter = format!("state = 'pending' and decided_run is distinct from {run_id}");
+            Scope::Pending { run_id, unchanged } => {
+                let mut filter = format!("state = 'pending' and decided_run is distinct from {run_id}");
+                if let Some(unchanged) = &unchanged {
+                    filter.push_str(&unchanged.filter());
+                }
                 let sql = format!("copy ({} order by event_time, id) to stdout (format binary)", select(&filter));
                 let mut file = tempfile::tempfile().context("creating a temporary file for the events to match")?;
                 {
@@ -263,7 +310,11 @@ impl InScope {
 
 /// A time as a literal for COPY's SQL text.
 fn time_literal(t: DateTime<Utc>) -> crate::pgcopy::Literal {
-    crate::pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    crate::pgcopy::Literal::new(&time_text(t))
+}
+
+fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// An event to decide from its fields in the binary form of [`InScope`]'s COPY.

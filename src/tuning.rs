@@ -25,6 +25,12 @@ pub const REPORT_SHOWN_PER_END: usize = 200;
 /// ones); every key stays in the `metadata` column.
 pub const REPORT_CSV_KEY_COLUMNS: usize = 100;
 
+/// Below this many pending events a run decides them all again; from it on, only those whose
+/// decision can have changed since the job's last run (`ledger::Unchanged`). Finding those
+/// reads every call's `xmin` once (a sequential scan of `calls`), which costs about what
+/// deciding this many events again does.
+pub const RETRY_ALL_BELOW: usize = 100_000;
+
 /// The values a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
@@ -35,6 +41,8 @@ pub struct Tuning {
     pub apply_reader: bool,
     /// [`APPLY_BATCH_GROUPS`], or `CALLRECON_APPLY_BATCH_GROUPS`.
     pub apply_batch_groups: usize,
+    /// [`RETRY_ALL_BELOW`], or `CALLRECON_RETRY_ALL_BELOW` (0: always only what can change).
+    pub retry_all_below: usize,
     pub report: ReportTuning,
 }
 
@@ -55,6 +63,7 @@ impl Default for Tuning {
             chunk_events: CHUNK_EVENTS,
             apply_reader: true,
             apply_batch_groups: APPLY_BATCH_GROUPS,
+            retry_all_below: RETRY_ALL_BELOW,
             report: ReportTuning {
                 page: REPORT_PAGE,
                 shown_per_end: REPORT_SHOWN_PER_END,
@@ -72,6 +81,10 @@ impl Tuning {
             chunk_events: size("CALLRECON_CHUNK_EVENTS", d.chunk_events),
             apply_reader: std::env::var("CALLRECON_APPLY_READER").map_or(true, |v| v != "off"),
             apply_batch_groups: size("CALLRECON_APPLY_BATCH_GROUPS", d.apply_batch_groups),
+            retry_all_below: std::env::var("CALLRECON_RETRY_ALL_BELOW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d.retry_all_below),
             report: ReportTuning {
                 page: size("CALLRECON_REPORT_PAGE", d.report.page),
                 shown_per_end: size("CALLRECON_REPORT_SHOWN", d.report.shown_per_end),

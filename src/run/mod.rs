@@ -154,7 +154,9 @@ impl Run<'_> {
         let mut undo = None;
         match mode {
             Mode::Run => {
-                self.decide_stored(conn, Scope::Pending { run_id: self.run_id }, &mut tally, &mut times).await?
+                let unchanged = self.unchanged(conn).await?;
+                self.decide_stored(conn, Scope::Pending { run_id: self.run_id, unchanged }, &mut tally, &mut times)
+                    .await?
             }
             Mode::Rematch { since, until } => {
                 self.decide_stored(conn, Scope::Rematch { since, until }, &mut tally, &mut times).await?;
@@ -212,6 +214,40 @@ impl Run<'_> {
         drop(to_decide);
         tracing::debug!(events = events.len(), "new events decided");
         Ok((ingested, Some(Fresh { rows, events })))
+    }
+
+    /// The pending events that need not be decided again, when there are enough of them for
+    /// finding them to be worth it (`Tuning::retry_all_below`) and the job's last run decided
+    /// with the same rules ([`record::baseline`]): retrying an event whose candidate calls cannot
+    /// have changed since its decision was checked would decide it as before.
+    async fn unchanged(&self, conn: &mut PgConnection) -> Result<Option<ledger::Unchanged>> {
+        let job = self.job;
+        if !ledger::pending_at_least(conn, &job.name, self.tuning.retry_all_below).await? {
+            return Ok(None);
+        }
+        let Some((since_run, snapshot)) = record::baseline(conn, job, self.run_id).await? else {
+            tracing::info!("every pending event is retried: no earlier run of the job decided with these rules");
+            return Ok(None);
+        };
+        let t = std::time::Instant::now();
+        let group_rules = job.rules.iter().any(|r| matches!(r.target, crate::job::Target::CallGroup));
+        let changed = crate::calldata::changed_since(conn, &snapshot, group_rules, job.max_window()).await?;
+        let elapsed_ms = t.elapsed().as_millis() as u64;
+        match &changed {
+            crate::calldata::Changed::Anywhere => tracing::info!(
+                since_run,
+                elapsed_ms,
+                "call data changed everywhere since run {since_run} started: only events missing a key are left as they are"
+            ),
+            crate::calldata::Changed::Within(windows) => tracing::info!(
+                since_run,
+                windows = windows.len(),
+                elapsed_ms,
+                "pending events retried only where calls changed since run {since_run} started"
+            ),
+        }
+        let windows = changed.into_windows();
+        Ok(Some(ledger::Unchanged { since_run, expire_before: self.now - job.pending_for, windows }))
     }
 
     /// Decides every stored event in scope (for a run, those pending from earlier runs and a

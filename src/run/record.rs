@@ -12,7 +12,8 @@ use crate::report::Summary;
 
 /// Takes the job's advisory lock in the run's transaction (or says who holds it), marks a run
 /// of the job still recorded as running abandoned (we hold the lock: it was killed), and
-/// records the new run. Returns its id and start.
+/// records the new run with the snapshot of this moment (its `calls_snapshot`: see
+/// [`baseline`]). Returns its id and start.
 pub async fn start(
     pool: &PgPool,
     tx: &mut PgConnection,
@@ -31,8 +32,9 @@ pub async fn start(
     .execute(pool)
     .await?;
     sqlx::query_as(
-        "insert into runs (job, kind, dry_run, rules_fingerprint, job_file, undoes)
-         values ($1, $2, $3, $4, $5, $6) returning id, started_at",
+        "insert into runs (job, kind, dry_run, rules_fingerprint, job_file, undoes, calls_snapshot)
+         values ($1, $2, $3, $4, $5, $6, pg_current_snapshot()::text)
+         returning id, started_at",
     )
     .bind(&job.name)
     .bind(kind)
@@ -85,6 +87,24 @@ pub async fn previous_start(conn: &mut PgConnection, job: &str, run_id: i64) -> 
     .bind(job)
     .bind(run_id)
     .fetch_one(&mut *conn)
+    .await
+    .context("reading runs")
+}
+
+/// The job's last committed run (not a rematch or an undo) before `run_id` that decided with the
+/// same rules, and the snapshot it took before it read any call: that run left every pending
+/// event's decision right for the call data that snapshot sees.
+pub async fn baseline(conn: &mut PgConnection, job: &Job, run_id: i64) -> Result<Option<(i64, String)>> {
+    sqlx::query_as(
+        "select id, calls_snapshot from runs
+         where job = $1 and id < $2 and kind = 'run' and status = 'succeeded' and not dry_run
+           and rules_fingerprint = $3 and calls_snapshot is not null
+         order by id desc limit 1",
+    )
+    .bind(&job.name)
+    .bind(run_id)
+    .bind(&job.rules_fingerprint)
+    .fetch_optional(&mut *conn)
     .await
     .context("reading runs")
 }

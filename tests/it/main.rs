@@ -18,6 +18,7 @@ mod openapi;
 mod partitioned;
 mod report;
 mod resolve;
+mod retry;
 mod review;
 mod run;
 mod schedule;
