@@ -361,23 +361,14 @@ pub async fn changed_since(
             return Ok(Changed::Anywhere);
         }
     }
-    // The changed calls' windows, overlapping ones merged (gaps and islands).
-    let windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "with c as (
-             -- Clamped to the years EventTimes can have (1900 to 2200): any time decodes.
-             select greatest(started_at - $4 * interval '1 microsecond', timestamptz '1899-12-31 00:00:00+00') lo,
-                    least(greatest(started_at, coalesce(ended_at, started_at)) + $5 * interval '1 microsecond',
-                          timestamptz '2201-01-02 00:00:00+00') hi
-             from calls where started_at is not null and {changed}
-         ), reach as (
-             select lo, hi, max(hi) over (order by lo, hi rows between unbounded preceding and 1 preceding) reached
-             from c
-         ), islands as (
-             select lo, hi, count(*) filter (where reached is null or lo > reached)
-                                over (order by lo, hi rows unbounded preceding) island
-             from reach
-         )
-         select min(lo), max(hi) from islands group by island order by 1"
+    // The changed calls' windows, an hour of starts at a time (a hash aggregate: sorting every
+    // changed call took 5 s at 5M), merged where they overlap.
+    let mut windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select greatest(min(started_at) - $4 * interval '1 microsecond', timestamptz '1899-12-31 00:00:00+00'),
+                least(max(greatest(started_at, coalesce(ended_at, started_at))) + $5 * interval '1 microsecond',
+                      timestamptz '2201-01-02 00:00:00+00')
+         from calls where started_at is not null and {changed}
+         group by date_bin('1 hour', started_at, timestamptz '2000-01-01 00:00:00+00')"
     )))
     .bind(snapshot)
     .bind(&oldest32)
@@ -387,7 +378,20 @@ pub async fn changed_since(
     .fetch_all(&mut *conn)
     .await
     .context("reading which calls changed")?;
-    Ok(Changed::Within(coarsen(windows, CHANGED_WINDOWS)))
+    windows.sort_unstable();
+    Ok(Changed::Within(coarsen(merge(windows), CHANGED_WINDOWS)))
+}
+
+/// Sorted `windows` with the overlapping ones merged.
+fn merge(windows: Vec<(DateTime<Utc>, DateTime<Utc>)>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let mut out: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::with_capacity(windows.len());
+    for (lo, hi) in windows {
+        match out.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// `windows` (sorted, apart) as at most `max`, by merging across the smallest gaps.
@@ -413,6 +417,14 @@ fn coarsen(windows: Vec<(DateTime<Utc>, DateTime<Utc>)>, max: usize) -> Vec<(Dat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_joins_overlapping_windows_only() {
+        let t = |h: i64| DateTime::<Utc>::from_timestamp(h * 3600, 0).unwrap();
+        let w = vec![(t(0), t(2)), (t(1), t(3)), (t(2), t(2)), (t(3), t(4)), (t(5), t(6)), (t(6), t(10)), (t(7), t(8))];
+        assert_eq!(merge(w), vec![(t(0), t(4)), (t(5), t(10))]);
+        assert_eq!(merge(vec![(t(0), t(1)), (t(2), t(3))]), vec![(t(0), t(1)), (t(2), t(3))]);
+    }
 
     #[test]
     fn coarsen_merges_across_the_smallest_gaps() {
