@@ -313,11 +313,14 @@ impl Changed {
 pub const CHANGED_WINDOWS: usize = 256;
 
 /// Where the calls and call groups changed since `snapshot` (a `pg_snapshot` as text, taken by
-/// a run as it started): every row written by a transaction that snapshot does not see,
-/// inserted or updated, by the platform or by a run's own apply. Deleted rows do not count: a
-/// deletion can take a candidate away from an event, never give it one. A call of `[start, end]`
-/// can be a candidate of events from `start - before` to `end + after` (`window`: the job's
-/// widest); these are the windows.
+/// a run as it started): every row written, inserted or updated, by the platform or by a run's
+/// own apply, by a transaction at least as new as the oldest one running when the snapshot was
+/// taken (its `xmin`). That includes transactions that committed just before it, so more rows
+/// count than changed, never fewer: which of those the snapshot saw cannot be told exactly for
+/// rows written under a savepoint (`pg_visible_in_snapshot` knows top-level transactions only).
+/// Deleted rows do not count: a deletion can take a candidate away from an event, never give it
+/// one. A call of `[start, end]` can be a candidate of events from `start - before` to
+/// `end + after` (`window`: the job's widest); these are the windows.
 ///
 /// Reads every call's `xmin` (a sequential scan, as no index holds it), which is worth it only
 /// against reading a large backlog of pending events again (`Tuning::retry_all_below`).
@@ -338,22 +341,12 @@ pub async fn changed_since(
     if next - oldest >= 1 << 30 {
         return Ok(Changed::Anywhere);
     }
-    // A row written by a transaction the snapshot does not see: one at least as new as the
-    // snapshot's oldest (cheap, by `age`), then exactly, with the row's xid made 64-bit again
-    // from the current epoch (`next` is within 2^30 of it).
-    let changed = "age(xmin) <= age($2::xid)
-                   and not pg_visible_in_snapshot(
-                       (case when ($3 >> 32 << 32 | xmin::text::bigint) > $3
-                             then ($3 >> 32 << 32 | xmin::text::bigint) - 4294967296
-                             else $3 >> 32 << 32 | xmin::text::bigint end)::text::xid8,
-                       $1::pg_snapshot)";
+    let changed = "age(xmin) <= age($1::xid)";
     let oldest32 = (oldest & 0xffff_ffff).to_string();
     if group_rules {
         let changed: bool =
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select exists (select from call_groups where {changed})")))
-                .bind(snapshot)
                 .bind(&oldest32)
-                .bind(next)
                 .fetch_one(&mut *conn)
                 .await
                 .context("reading which call groups changed")?;
@@ -364,15 +357,13 @@ pub async fn changed_since(
     // The changed calls' windows, an hour of starts at a time (a hash aggregate: sorting every
     // changed call took 5 s at 5M), merged where they overlap.
     let mut windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select greatest(min(started_at) - $4 * interval '1 microsecond', timestamptz '1899-12-31 00:00:00+00'),
-                least(max(greatest(started_at, coalesce(ended_at, started_at))) + $5 * interval '1 microsecond',
+        "select greatest(min(started_at) - $2 * interval '1 microsecond', timestamptz '1899-12-31 00:00:00+00'),
+                least(max(greatest(started_at, coalesce(ended_at, started_at))) + $3 * interval '1 microsecond',
                       timestamptz '2201-01-02 00:00:00+00')
          from calls where started_at is not null and {changed}
          group by date_bin('1 hour', started_at, timestamptz '2000-01-01 00:00:00+00')"
     )))
-    .bind(snapshot)
     .bind(&oldest32)
-    .bind(next)
     .bind(before.num_microseconds().unwrap_or(i64::MAX))
     .bind(after.num_microseconds().unwrap_or(i64::MAX))
     .fetch_all(&mut *conn)

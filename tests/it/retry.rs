@@ -22,6 +22,7 @@ ambiguous = "report"
 /// A run of the binary that always looks for what can have changed (no threshold); returns how
 /// many stored events it read to decide again, and its stderr.
 async fn run(pool: &PgPool, job: &TestJob) -> (i64, String) {
+    settle(pool).await;
     let out =
         callrecon_env(pool, &["run", "--job", job.path().to_str().unwrap()], &[("CALLRECON_RETRY_ALL_BELOW", "0")])
             .await;
@@ -30,6 +31,21 @@ async fn run(pool: &PgPool, job: &TestJob) -> (i64, String) {
     let line = err.lines().find(|l| l.contains("stored events to match read")).expect("the read is logged");
     let read = line.split("events=").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
     (read, err)
+}
+
+/// Waits until every transaction that began before now has ended, other tests' too: a run
+/// counts as changed every row written by a transaction as new as the oldest one running when
+/// it starts, so without this the rows written before the last run could count again.
+async fn settle(pool: &PgPool) {
+    let xid = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap() };
+    let now = xid("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").await;
+    for _ in 0..1200 {
+        if xid("select pg_snapshot_xmin(pg_current_snapshot())::text::bigint").await >= now {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("transactions older than the test's writes still running after 60 s");
 }
 
 async fn event(pool: &PgPool, crm: &str) -> (String, Option<String>, Option<String>) {
