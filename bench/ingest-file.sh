@@ -6,6 +6,7 @@
 #
 #   bench/ingest-file.sh BEFORE_BINARY AFTER_BINARY [N]
 #
+# FORMAT=json drops the same events as one JSON array (an element a line) instead of NDJSON.
 # BEFORE_BINARY `none` measures the after binary alone (a binary that holds the backlog in
 # memory would need ~10 KB an event: 40 GB for a 1 GB file).
 # Each binary gets its own database (callrecon_ingest_before / _after) and job folder; the same
@@ -17,17 +18,24 @@ n=${3:-1000000}
 base=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 work=$(mktemp -d /tmp/callrecon-ingest.XXXXXX)
 
-python3 - "$n" > "$work/feed.ndjson" <<'PY'
+format=${FORMAT:-ndjson}
+feed="$work/feed.$format"
+python3 - "$n" "$format" > "$feed" <<'PY'
 import sys
-n = int(sys.argv[1])
+n, json_array = int(sys.argv[1]), sys.argv[2] == "json"
 out = sys.stdout
+if json_array:
+    out.write("[\n")
 for g in range(1, n + 1):
     s = g % 86400
-    out.write('{"EventTime": "2026-11-02T%02d:%02d:%02dZ", "Metadata": {"customerPhone": "555%07d", '
-              '"agentId": "a%d", "crmCaseId": "C-%d", "disposition": "callback", "note": "customer asked for a callback"}}\n'
-              % (s // 3600, s % 3600 // 60, s % 60, g % 10000000, g % 500, g))
+    line = ('{"EventTime": "2026-11-02T%02d:%02d:%02dZ", "Metadata": {"customerPhone": "555%07d", '
+            '"agentId": "a%d", "crmCaseId": "C-%d", "disposition": "callback", "note": "customer asked for a callback"}}'
+            % (s // 3600, s % 3600 // 60, s % 60, g % 10000000, g % 500, g))
+    out.write((",\n" if g > 1 else "") + line if json_array else line + "\n")
+if json_array:
+    out.write("\n]\n")
 PY
-echo "feed: $(du -h "$work/feed.ndjson" | cut -f1), $n events" >&2
+echo "feed: $(du -h "$feed" | cut -f1), $n events, $format" >&2
 
 url() { echo "${base%/*}/$1"; }
 measure() { # label, then the command: prints "| label | wall | rss |"
@@ -64,7 +72,7 @@ window = { before = "10m", after = "10m" }
 [report]
 dir = "reports"
 TOML
-    cp "$work/feed.ndjson" "$work/$side/inbox/"
+    cp "$feed" "$work/$side/inbox/"
     measure "$side · first run (ingest the file)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
     measure "$side · next run (nothing new)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
     measure "$side · report show 2 --format text" "$bin" --database-url "$(url $db)" report show 2 --format text

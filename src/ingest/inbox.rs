@@ -90,8 +90,9 @@ pub fn read_records(bytes: &[u8], format: Format, label: &str) -> Result<Vec<Rec
 }
 
 /// The records of a file as they are read from `reader`, with [`read_records`]'s rules. NDJSON
-/// and CSV files stream: one record is held at a time, whatever the file's size. A JSON file is
-/// read whole (its records are known once its document is). `Err` when the file as a whole
+/// and CSV files stream: one record is held at a time, whatever the file's size. A JSON file's
+/// text is read whole (whether its array is closed is known at its end), and its records are
+/// parsed and handed on one at a time. `Err` when the file as a whole
 /// cannot be read; an item's `Err` is a failure to read the file itself.
 pub fn records<'r, R: BufRead + Send + 'r>(
     mut reader: R,
@@ -107,7 +108,13 @@ pub fn records<'r, R: BufRead + Send + 'r>(
         Format::Json => {
             let mut bytes = Vec::new();
             reader.read_to_end(&mut bytes).map_err(cannot)?;
-            Ok(Box::new(json_records(&Text::new(&bytes), label)?.into_iter().map(Ok)))
+            let text = Text::owned(bytes);
+            // The document's shape first (values found, none parsed): an array cut short refuses
+            // the file before any of its events is handed on. Then its records, one at a time.
+            let mut check = JsonValues::new(&text.text, label)?;
+            while check.next(&text.text, label)?.is_some() {}
+            let values = JsonValues::new(&text.text, label)?;
+            Ok(Box::new(JsonRecords { text, values, label: label.to_owned() }))
         }
         Format::Ndjson => {
             let label = label.to_owned();
@@ -124,7 +131,8 @@ pub fn records<'r, R: BufRead + Send + 'r>(
 /// A file's content as text: every byte that is not part of valid UTF-8 replaced by `?` (one
 /// byte each, so offsets stay those of the file), with where they were, and where lines start.
 struct Text<'b> {
-    bytes: &'b [u8],
+    /// The file's bytes when some were not UTF-8 (else they are `text`'s).
+    original: Option<std::borrow::Cow<'b, [u8]>>,
     text: std::borrow::Cow<'b, str>,
     /// Offsets of the bytes that were not UTF-8, ascending.
     bad: Vec<usize>,
@@ -136,21 +144,28 @@ struct Text<'b> {
 
 impl<'b> Text<'b> {
     fn new(bytes: &'b [u8]) -> Self {
-        let mut bad = Vec::new();
-        let text = match std::str::from_utf8(bytes) {
-            Ok(t) => std::borrow::Cow::Borrowed(t),
+        match std::str::from_utf8(bytes) {
+            Ok(t) => Self::of(None, std::borrow::Cow::Borrowed(t), Vec::new()),
             Err(_) => {
-                let mut out = Vec::with_capacity(bytes.len());
-                for chunk in bytes.utf8_chunks() {
-                    out.extend_from_slice(chunk.valid().as_bytes());
-                    for _ in chunk.invalid() {
-                        bad.push(out.len());
-                        out.push(b'?');
-                    }
-                }
-                std::borrow::Cow::Owned(String::from_utf8(out).expect("valid parts and ASCII"))
+                let (text, bad) = replaced(bytes);
+                Self::of(Some(std::borrow::Cow::Borrowed(bytes)), std::borrow::Cow::Owned(text), bad)
             }
-        };
+        }
+    }
+
+    /// A whole file's text, owning its bytes (kept apart only when some are not UTF-8).
+    fn owned(bytes: Vec<u8>) -> Text<'static> {
+        match String::from_utf8(bytes) {
+            Ok(t) => Text::of(None, std::borrow::Cow::Owned(t), Vec::new()),
+            Err(e) => {
+                let bytes = e.into_bytes();
+                let (text, bad) = replaced(&bytes);
+                Text::of(Some(std::borrow::Cow::Owned(bytes)), std::borrow::Cow::Owned(text), bad)
+            }
+        }
+    }
+
+    fn of(original: Option<std::borrow::Cow<'b, [u8]>>, text: std::borrow::Cow<'b, str>, bad: Vec<usize>) -> Self {
         let mut lines = vec![0];
         let b = text.as_bytes();
         for (i, &c) in b.iter().enumerate() {
@@ -158,7 +173,11 @@ impl<'b> Text<'b> {
                 lines.push(i + 1);
             }
         }
-        Text { bytes, text, bad, lines, first_line: 1 }
+        Text { original, text, bad, lines, first_line: 1 }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.original.as_deref().unwrap_or(self.text.as_bytes())
     }
 
     /// A part of a file that starts at line `first_line`.
@@ -177,14 +196,14 @@ impl<'b> Text<'b> {
         let at = *self.bad.get(i).filter(|&&b| b < range.end)?;
         let nth = self.lines.partition_point(|&start| start <= at);
         let (line, column) = (self.line_of(at), at - self.lines[nth - 1] + 1);
-        Some(format!("not UTF-8 text: byte 0x{:02X} at line {line}, column {column}", self.bytes[at]))
+        Some(format!("not UTF-8 text: byte 0x{:02X} at line {line}, column {column}", self.bytes()[at]))
     }
 
     /// The record's text as read from the file (bytes that are not UTF-8 shown as U+FFFD), as
     /// much of it as a rejected record keeps (one byte more, so that it shows it was cut).
     fn raw(&self, range: std::ops::Range<usize>) -> String {
         let end = range.end.min(range.start + Rejected::MAX_RAW + 1);
-        String::from_utf8_lossy(&self.bytes[range.start..end]).into_owned()
+        String::from_utf8_lossy(&self.bytes()[range.start..end]).into_owned()
     }
 
     /// The record of the bytes in `range`: rejected when they are not UTF-8, else what
@@ -203,74 +222,116 @@ impl<'b> Text<'b> {
     }
 }
 
+/// `bytes` as text with every byte that is not part of valid UTF-8 replaced by `?` (one byte
+/// each, so offsets stay those of the file), and where they were.
+fn replaced(bytes: &[u8]) -> (String, Vec<usize>) {
+    let mut bad = Vec::new();
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.extend_from_slice(chunk.valid().as_bytes());
+        for _ in chunk.invalid() {
+            bad.push(out.len());
+            out.push(b'?');
+        }
+    }
+    (String::from_utf8(out).expect("valid parts and ASCII"), bad)
+}
+
 /// A record's payload from its JSON text.
 fn json_payload(text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))
 }
 
-fn json_records(text: &Text, label: &str) -> Result<Vec<Record>, String> {
-    let s: &str = &text.text;
-    let mut out = Vec::new();
-    let mut pos = skip_ws(s, 0);
-    if pos == s.len() {
-        return Err(format!("{label}: not a JSON document (the file is empty)"));
-    }
-    let in_array = s[pos..].starts_with('[');
-    if in_array {
-        pos += 1;
-    }
-    let not_closed =
-        || format!("{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it");
-    let mut closed = !in_array;
-    loop {
-        pos = skip_ws(s, pos);
-        if pos >= s.len() {
-            break;
+/// The values of a JSON document (a top-level array's elements, or a sequence of values), each
+/// as its byte range and, when it cannot be read, why; found by stepping over each value's text
+/// (`RawValue`, nothing parsed). `Err`: the document as a whole cannot be read.
+struct JsonValues {
+    pos: usize,
+    in_array: bool,
+    closed: bool,
+}
+
+type JsonValue = (std::ops::Range<usize>, Option<String>);
+
+impl JsonValues {
+    fn new(s: &str, label: &str) -> Result<JsonValues, String> {
+        let pos = skip_ws(s, 0);
+        if pos == s.len() {
+            return Err(format!("{label}: not a JSON document (the file is empty)"));
         }
-        if in_array && !closed && s[pos..].starts_with(']') {
-            closed = true;
-            pos += 1;
-            continue;
-        }
-        let start = pos;
-        let mut values = serde_json::Deserializer::from_str(&s[start..]).into_iter::<&serde_json::value::RawValue>();
-        match values.next() {
-            Some(Ok(_)) => {
-                let end = start + values.byte_offset();
-                out.push(text.record(label, start..end, json_payload));
-                pos = end;
+        let in_array = s[pos..].starts_with('[');
+        Ok(JsonValues { pos: pos + usize::from(in_array), in_array, closed: !in_array })
+    }
+
+    fn next(&mut self, s: &str, label: &str) -> Result<Option<JsonValue>, String> {
+        let not_closed = || {
+            format!("{label}: the JSON array is not closed (the file looks cut short); nothing was ingested from it")
+        };
+        let open = |v: &JsonValues| v.in_array && !v.closed;
+        loop {
+            self.pos = skip_ws(s, self.pos);
+            if self.pos >= s.len() {
+                return if open(self) { Err(not_closed()) } else { Ok(None) };
             }
-            Some(Err(e)) if e.is_eof() && in_array && !closed => return Err(not_closed()),
-            Some(Err(e)) => {
-                // Skip the bad value as a whole (to its closing bracket, or to the next comma)
-                // and go on with the next one.
-                let end = value_end(s, start, in_array && !closed).max(start + 1);
-                let after_document = !in_array || closed;
-                out.push(text.record(label, start..end, |_| {
-                    Err(if after_document {
-                        format!("not valid JSON after the end of the document ({e})")
-                    } else {
+            if open(self) && s[self.pos..].starts_with(']') {
+                self.closed = true;
+                self.pos += 1;
+                continue;
+            }
+            let start = self.pos;
+            let mut values =
+                serde_json::Deserializer::from_str(&s[start..]).into_iter::<&serde_json::value::RawValue>();
+            let value = match values.next() {
+                Some(Ok(_)) => {
+                    let end = start + values.byte_offset();
+                    (start..end, None)
+                }
+                Some(Err(e)) if e.is_eof() && open(self) => return Err(not_closed()),
+                Some(Err(e)) => {
+                    // Skip the bad value as a whole (to its closing bracket, or to the next comma)
+                    // and go on with the next one.
+                    let end = value_end(s, start, open(self)).max(start + 1);
+                    let reason = if open(self) {
                         format!("not valid JSON ({e})")
-                    })
-                }));
-                pos = end;
+                    } else {
+                        format!("not valid JSON after the end of the document ({e})")
+                    };
+                    (start..end, Some(reason))
+                }
+                None => return if open(self) { Err(not_closed()) } else { Ok(None) },
+            };
+            self.pos = value.0.end;
+            if open(self) {
+                self.pos = skip_ws(s, self.pos);
+                match s[self.pos..].chars().next() {
+                    Some(',') => self.pos += 1,
+                    Some(']') => {}
+                    None => return Err(not_closed()),
+                    Some(_) => {} // the next value is read (and rejected) from here
+                }
             }
-            None => break,
-        }
-        if in_array && !closed {
-            pos = skip_ws(s, pos);
-            match s[pos..].chars().next() {
-                Some(',') => pos += 1,
-                Some(']') => {}
-                None => return Err(not_closed()),
-                Some(_) => {} // the next value is read (and rejected) from here
-            }
+            return Ok(Some(value));
         }
     }
-    if in_array && !closed {
-        return Err(not_closed());
+}
+
+/// A JSON file's records, parsed one at a time from its text (whose shape was checked whole).
+struct JsonRecords {
+    text: Text<'static>,
+    values: JsonValues,
+    label: String,
+}
+
+impl Iterator for JsonRecords {
+    type Item = std::io::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (range, bad) = self.values.next(&self.text.text, &self.label).expect("checked before")?;
+        Some(Ok(match bad {
+            None => self.text.record(&self.label, range, json_payload),
+            Some(reason) => self.text.record(&self.label, range, |_| Err(reason)),
+        }))
     }
-    Ok(out)
 }
 
 fn skip_ws(s: &str, mut pos: usize) -> usize {
@@ -579,6 +640,20 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].0, "inbox/f:2");
         assert_eq!(got[1].0, "inbox/f:3");
+    }
+
+    #[test]
+    fn json_array_records_come_one_at_a_time_and_a_bad_byte_rejects_its_element_alone() {
+        let bytes = b"[\n{\"a\": 1},\n{\"b\": \"\xE3\"},\n{\"c\": 3}\n]\n";
+        let mut records = records(&bytes[..], Format::Json, "inbox/f.json").unwrap();
+        let first = records.next().unwrap().unwrap();
+        assert_eq!((first.source.as_str(), first.payload), ("inbox/f.json:2", Ok(serde_json::json!({"a": 1}))));
+        let bad = records.next().unwrap().unwrap();
+        assert_eq!(bad.source, "inbox/f.json:3");
+        assert_eq!(bad.payload, Err("not UTF-8 text: byte 0xE3 at line 3, column 8".to_owned()));
+        assert_eq!(bad.raw, "{\"b\": \"\u{FFFD}\"}");
+        assert_eq!(records.next().unwrap().unwrap().payload, Ok(serde_json::json!({"c": 3})));
+        assert!(records.next().is_none());
     }
 
     #[test]
