@@ -543,10 +543,16 @@ impl Browser {
         v.as_array().unwrap().iter().map(|e| e[ELEMENT].as_str().unwrap().to_owned()).collect()
     }
 
+    /// The first element `css` finds, waiting up to 5 s for it: after a click the next page may
+    /// still be loading (`wait_url("/review")` is already true on /review/login).
     async fn find(&self, css: &str) -> String {
-        let all = self.find_all(css).await;
-        assert!(!all.is_empty(), "no element {css} on {}", self.url().await);
-        all[0].clone()
+        for _ in 0..100 {
+            if let Some(first) = self.find_all(css).await.into_iter().next() {
+                return first;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no element {css} on {}", self.url().await);
     }
 
     async fn click(&self, css: &str) {
