@@ -160,3 +160,31 @@ async fn a_small_backlog_is_retried_whole_by_default(pool: PgPool) {
     }
     assert!(stderr(&callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await).contains("events=1 "));
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_event_reopened_by_hand_is_decided_again_though_no_call_changed(pool: PgPool) {
+    let job = TestJob::new(CALL_RULE);
+    let path = job.path();
+    let path = path.to_str().unwrap();
+    Call::new("c1", "2026-11-02T10:02:00Z", None).phone("5550000001", "a2").insert(&pool).await;
+    enqueue(&pool, sessionless("2026-11-02T10:00:00Z", Some("5550000001"), "near")).await;
+    run(&pool, &job).await;
+    assert_eq!(event(&pool, "near").await.1.as_deref(), Some("no_candidate"));
+    let id: i64 = sqlx::query_scalar("select id from events").fetch_one(&pool).await.unwrap();
+    let out = callrecon(
+        &pool,
+        &["resolve", "--job", path, &id.to_string(), "--to", "dismiss", "--by", "ana", "--note", "test"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The call becomes the event's match while the event is dismissed; the next run sees that
+    // change, but the event is not pending then.
+    sqlx::query("update calls set agent_id = 'a1' where id = 'c1'").execute(&pool).await.unwrap();
+    run(&pool, &job).await;
+    let out = callrecon(&pool, &["reopen", "--job", path, &id.to_string(), "--by", "ana"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // No call changed since that run, but the reopened event has no decision of a run's.
+    let (read, err) = run(&pool, &job).await;
+    assert_eq!(read, 1, "{err}");
+    assert_eq!(event(&pool, "near").await, ("matched".into(), None, Some("c1".into())));
+}
