@@ -320,16 +320,14 @@ pub const CHANGED_WINDOWS: usize = 256;
 /// rows written under a savepoint (`pg_visible_in_snapshot` knows top-level transactions only).
 /// Deleted rows do not count: a deletion can take a candidate away from an event, never give it
 /// one. A call of `[start, end]` can be a candidate of events from `start - before` to
-/// `end + after` (`window`: the job's widest); these are the windows.
+/// `end + after` (the job's widest window); these are the windows. A changed call group counts
+/// everywhere when the job has group rules.
 ///
 /// Reads every call's `xmin` (a sequential scan, as no index holds it), which is worth it only
 /// against reading a large backlog of pending events again (`Tuning::retry_all_below`).
-pub async fn changed_since(
-    conn: &mut PgConnection,
-    snapshot: &str,
-    group_rules: bool,
-    (before, after): (chrono::Duration, chrono::Duration),
-) -> Result<Changed> {
+pub async fn changed_since(conn: &mut PgConnection, snapshot: &str, job: &Job) -> Result<Changed> {
+    let (before, after) = job.max_window();
+    let group_rules = job.rules.iter().any(|r| r.target == Target::CallGroup);
     // Row xids are 32-bit: `age()` orders them only within 2^31 transactions of now.
     let (next, oldest): (i64, i64) = sqlx::query_as(
         "select pg_snapshot_xmax(pg_current_snapshot())::text::bigint, pg_snapshot_xmin($1::pg_snapshot)::text::bigint",

@@ -111,9 +111,9 @@ pub fn records<'r, R: BufRead + Send + 'r>(
             let text = Text::owned(bytes);
             // The document's shape first (values found, none parsed): an array cut short refuses
             // the file before any of its events is handed on. Then its records, one at a time.
-            let mut check = JsonValues::new(&text.text, label)?;
-            while check.next(&text.text, label)?.is_some() {}
             let values = JsonValues::new(&text.text, label)?;
+            let mut check = values.clone();
+            while check.next(&text.text, label)?.is_some() {}
             Ok(Box::new(JsonRecords { text, values, label: label.to_owned() }))
         }
         Format::Ndjson => {
@@ -245,6 +245,7 @@ fn json_payload(text: &str) -> Result<Value, String> {
 /// The values of a JSON document (a top-level array's elements, or a sequence of values), each
 /// as its byte range and, when it cannot be read, why; found by stepping over each value's text
 /// (`RawValue`, nothing parsed). `Err`: the document as a whole cannot be read.
+#[derive(Clone)]
 struct JsonValues {
     pos: usize,
     in_array: bool,

@@ -230,8 +230,7 @@ impl Run<'_> {
             return Ok(None);
         };
         let t = std::time::Instant::now();
-        let group_rules = job.rules.iter().any(|r| matches!(r.target, crate::job::Target::CallGroup));
-        let changed = crate::calldata::changed_since(conn, &snapshot, group_rules, job.max_window()).await?;
+        let changed = crate::calldata::changed_since(conn, &snapshot, job).await?;
         let elapsed_ms = t.elapsed().as_millis() as u64;
         match &changed {
             crate::calldata::Changed::Anywhere => tracing::info!(
