@@ -9,7 +9,7 @@ use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, Row as _};
 
 use crate::job::{Job, Normalizer, Target, TargetField};
-use crate::pgcopy;
+use crate::pgcopy::{self, Texts};
 
 /// Calls up to this long are found by the batch's `started_at` range; longer ones through the
 /// partial index `calls_long_idx` (sql/0006), whose predicate this must match.
@@ -49,12 +49,13 @@ fn field_sql(field: &TargetField) -> String {
 /// `start`/`end` are empty.
 #[derive(Default)]
 pub struct Candidates {
-    pub ids: Vec<String>,
+    /// Never null.
+    pub ids: Texts,
     pub start: Vec<i64>,
     /// `coalesce(ended_at, started_at)`.
     pub end: Vec<i64>,
     /// Raw values of every field the rules compare with.
-    pub fields: HashMap<TargetField, Vec<Option<String>>>,
+    pub fields: HashMap<TargetField, Texts>,
 }
 
 /// Which of `calls` and `groups` exist (an analyst attaching an event to one).
@@ -93,7 +94,7 @@ pub struct Hint {
 /// calls' [`Candidates::ids`]. Apply starts from it for the calls this run matches ([`Hint`]).
 #[derive(Default)]
 pub struct Placement {
-    pub group: Vec<Option<String>>,
+    pub group: Texts,
     /// `started_at`, as [`Candidates::start`] (a copy: 8 bytes a call).
     pub start: Vec<i64>,
     pub block: Vec<i64>,
@@ -102,7 +103,7 @@ pub struct Placement {
 impl Placement {
     /// Where the call at index `call` of [`Candidates::ids`] is.
     pub fn hint(&self, call: usize) -> Hint {
-        Hint { group: self.group[call].clone(), start: self.start[call], block: self.block[call] }
+        Hint { group: self.group.get(call).map(str::to_owned), start: self.start[call], block: self.block[call] }
     }
 }
 
@@ -146,7 +147,8 @@ pub async fn load_calls(
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
     let mut columns = pgcopy::read(conn, &sql, &kinds).await.context("reading calls")?.into_iter();
     let mut next = || columns.next().expect("one column per kind");
-    let ids = next().into_text().into_iter().map(|id| id.expect("calls.id is not null")).collect();
+    let ids = next().into_text();
+    anyhow::ensure!(!ids.has_nulls(), "a call without an id");
     let start: Vec<i64> = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
     let end = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
     let group = next().into_text();
@@ -200,10 +202,10 @@ pub async fn load_groups(
         q = q.bind(&f.values);
     }
     let mut t = Candidates::default();
-    let mut cols: Vec<Vec<Option<String>>> = vec![Vec::new(); fields.len()];
+    let mut cols: Vec<Texts> = vec![Texts::default(); fields.len()];
     let mut rows = q.fetch(&mut *conn);
     while let Some(row) = rows.try_next().await.context("reading call_groups")? {
-        t.ids.push(row.try_get(0)?);
+        t.ids.push(Some(row.try_get(0)?));
         for (i, col) in cols.iter_mut().enumerate() {
             col.push(row.try_get(1 + i)?);
         }

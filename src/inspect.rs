@@ -308,7 +308,7 @@ pub fn near_misses(
             let mut equal = Vec::new();
             let mut differing = Vec::new();
             for (k, v) in rule.keys.iter().zip(&values) {
-                let raw = targets.fields.get(&k.field).and_then(|c| c[row].as_deref());
+                let raw = targets.fields.get(&k.field).and_then(|c| c.get(row));
                 let theirs = raw.and_then(|r| normalize(k.normalize, r));
                 if v.is_some() && theirs == *v {
                     equal.push(k.event.join("."));
@@ -333,11 +333,11 @@ pub fn near_misses(
             }
         }
         for mut list in [outside, some] {
-            list.sort_by(|a, b| (a.0, &targets.ids[a.1]).cmp(&(b.0, &targets.ids[b.1])));
+            list.sort_by(|a, b| (a.0, targets.ids.str(a.1)).cmp(&(b.0, targets.ids.str(b.1))));
             out.extend(list.into_iter().take(NEAR_MISSES).map(|(_, row, near)| NearMiss {
                 rule: rule.name.clone(),
                 kind,
-                id: targets.ids[row].clone(),
+                id: targets.ids.str(row).to_owned(),
                 near,
             }));
         }
@@ -377,12 +377,12 @@ dir = "r"
     fn calls(rows: &[(&str, i64, i64, &str, &str)]) -> Candidates {
         let m = 60_000_000;
         Candidates {
-            ids: rows.iter().map(|r| r.0.to_owned()).collect(),
+            ids: rows.iter().map(|r| Some(r.0)).collect(),
             start: rows.iter().map(|r| r.1 * m).collect(),
             end: rows.iter().map(|r| r.2 * m).collect(),
             fields: [
-                (TargetField::Column("ani"), rows.iter().map(|r| Some(r.3.to_owned())).collect()),
-                (TargetField::Column("agent_id"), rows.iter().map(|r| Some(r.4.to_owned())).collect()),
+                (TargetField::Column("ani"), rows.iter().map(|r| Some(r.3)).collect()),
+                (TargetField::Column("agent_id"), rows.iter().map(|r| Some(r.4)).collect()),
             ]
             .into_iter()
             .collect(),

@@ -11,10 +11,11 @@ use foldhash::HashMapExt as _;
 use polars::prelude::*;
 use serde_json::{Map, Value};
 
-use super::rules::{event_value, normalize};
+use super::rules::{event_value, normalize, normalize_into};
 use super::{Decision, Reason, TargetKind};
 pub use crate::calldata::Candidates;
 use crate::job::{Ambiguous, Key, Normalizer, Rule, Target, TargetField};
+use crate::pgcopy::Texts;
 
 /// A sessionless event to match; times are microseconds since the epoch (UTC).
 pub struct EventIn<'a> {
@@ -90,18 +91,20 @@ pub fn match_events_at(
             by_event.entry(e).or_default().push((dist, c));
         }
         for (e, mut cands) in by_event {
-            cands.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| targets.ids[a.1 as usize].cmp(&targets.ids[b.1 as usize])));
+            cands.sort_by(|a, b| {
+                a.0.cmp(&b.0).then_with(|| targets.ids.str(a.1 as usize).cmp(targets.ids.str(b.1 as usize)))
+            });
             let decided = match (cands.len(), rule.ambiguous) {
                 (1, _) => true,
                 (_, Ambiguous::Nearest) => matches!(rule.target, Target::Call { .. }) && cands[0].0 < cands[1].0,
                 (_, Ambiguous::Report) => false,
             };
             decisions[e as usize] = Some(if decided {
-                let target = targets.ids[cands[0].1 as usize].clone();
+                let target = targets.ids.str(cands[0].1 as usize).to_owned();
                 (Decision::Matched { rule: rule.name.clone(), kind, target }, Some(cands[0].1))
             } else {
                 let candidates =
-                    cands.iter().take(MAX_CANDIDATES).map(|(_, c)| targets.ids[*c as usize].clone()).collect();
+                    cands.iter().take(MAX_CANDIDATES).map(|(_, c)| targets.ids.str(*c as usize).to_owned()).collect();
                 (Decision::Unmatched { reason: Reason::Ambiguous, candidates }, None)
             });
         }
@@ -126,21 +129,23 @@ pub fn event_key(metadata: &Map<String, Value>, key: &Key) -> Option<String> {
 
 /// Normalised target columns, computed once per (field, normaliser) for the batch.
 #[derive(Default)]
-struct NormCache(HashMap<(TargetField, Option<Normalizer>), Vec<Option<String>>>);
+struct NormCache(HashMap<(TargetField, Option<Normalizer>), Texts>);
 
 impl NormCache {
     /// Normalises the target column `key` compares with, unless already done for this batch.
     fn fill(&mut self, targets: &Candidates, key: &Key) {
         self.0.entry((key.field.clone(), key.normalize)).or_insert_with(|| {
-            let raw = targets.fields.get(&key.field).map(Vec::as_slice).unwrap_or(&[]);
-            let mut out: Vec<Option<String>> =
-                raw.iter().map(|v| v.as_deref().and_then(|v| normalize(key.normalize, v))).collect();
-            out.resize(targets.ids.len(), None);
+            let mut out = Texts::default();
+            let raw = targets.fields.get(&key.field);
+            for row in 0..targets.ids.len() {
+                let raw = raw.and_then(|c| c.get(row));
+                out.push_with(|buf| raw.is_some_and(|v| normalize_into(key.normalize, v, buf)));
+            }
             out
         });
     }
 
-    fn get(&self, key: &Key) -> &[Option<String>] {
+    fn get(&self, key: &Key) -> &Texts {
         &self.0[&(key.field.clone(), key.normalize)]
     }
 }
@@ -161,9 +166,9 @@ fn candidate_pairs(
     for k in &rule.keys {
         cache.fill(targets, k);
     }
-    let norm: Vec<&[Option<String>]> = rule.keys.iter().map(|k| cache.get(k)).collect();
+    let norm: Vec<&Texts> = rule.keys.iter().map(|k| cache.get(k)).collect();
     let rows: Vec<u32> =
-        (0..targets.ids.len() as u32).filter(|&r| norm.iter().all(|col| col[r as usize].is_some())).collect();
+        (0..targets.ids.len() as u32).filter(|&r| norm.iter().all(|col| col.get(r as usize).is_some())).collect();
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -194,7 +199,7 @@ fn candidate_pairs(
         Target::CallGroup => false,
     };
     for (name, col) in names.iter().zip(norm) {
-        let vals: Vec<&str> = rows.iter().map(|&r| col[r as usize].as_deref().unwrap_or_default()).collect();
+        let vals: Vec<&str> = rows.iter().map(|&r| col.str(r as usize)).collect();
         tg_cols.push(Column::new(name.clone(), vals));
     }
     let tg_df = DataFrame::new(rows.len(), tg_cols)?;

@@ -53,22 +53,22 @@ pub fn explain(
         if keys.iter().all(|k| k.1.is_some()) {
             for row in 0..targets.ids.len() {
                 let equal = rule.keys.iter().zip(&keys).all(|(k, (_, v))| {
-                    let raw = targets.fields.get(&k.field).and_then(|c| c[row].as_deref());
+                    let raw = targets.fields.get(&k.field).and_then(|c| c.get(row));
                     raw.and_then(|r| normalize(k.normalize, r)).as_deref() == v.as_deref()
                 });
                 if !equal {
                     continue;
                 }
-                step.sharing.push(targets.ids[row].clone());
+                step.sharing.push(targets.ids.str(row).to_owned());
                 match rule.target {
                     Target::Call { before, after } => {
                         let (s, e) = (targets.start[row], targets.end[row]);
                         if s - micros(before) <= time && time <= e + micros(after) {
                             let dist = (s - time).max(time - e).max(0);
-                            step.in_window.push((targets.ids[row].clone(), dist as f64 / 1e6));
+                            step.in_window.push((targets.ids.str(row).to_owned(), dist as f64 / 1e6));
                         }
                     }
-                    Target::CallGroup => step.in_window.push((targets.ids[row].clone(), 0.0)),
+                    Target::CallGroup => step.in_window.push((targets.ids.str(row).to_owned(), 0.0)),
                 }
             }
             // The decision comes from the engine itself, evaluating this rule alone.

@@ -6,6 +6,7 @@ use std::path::Path;
 use callrecon::job::{self, TargetField};
 use callrecon::matching::engine::{Candidates, EventIn, match_events};
 use callrecon::matching::{Decision, Reason, TargetKind};
+use callrecon::pgcopy::Texts;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -30,20 +31,20 @@ const GROUPS: &[(&str, &str)] = &[("g1", "C-1"), ("g2", "C-2"), ("g2b", "C-2")];
 
 fn targets() -> (Candidates, Candidates) {
     let mut calls = Candidates::default();
-    let (mut ani, mut agent) = (Vec::new(), Vec::new());
+    let (mut ani, mut agent) = (Texts::default(), Texts::default());
     for (id, start, end, a, g) in CALLS {
-        calls.ids.push(id.to_string());
+        calls.ids.push(Some(id));
         calls.start.push(t(start).timestamp_micros());
         calls.end.push(t(end.unwrap_or(start)).timestamp_micros());
-        ani.push(Some(a.to_string()));
-        agent.push(Some(g.to_string()));
+        ani.push(Some(a));
+        agent.push(Some(g));
     }
     calls.fields = HashMap::from([(TargetField::Column("ani"), ani), (TargetField::Column("agent_id"), agent)]);
     let groups = Candidates {
-        ids: GROUPS.iter().map(|g| g.0.to_string()).collect(),
+        ids: GROUPS.iter().map(|g| Some(g.0)).collect(),
         fields: HashMap::from([(
             TargetField::Metadata(vec!["caseNumber".into()]),
-            GROUPS.iter().map(|g| Some(g.1.to_string())).collect(),
+            GROUPS.iter().map(|g| Some(g.1)).collect(),
         )]),
         ..Candidates::default()
     };
