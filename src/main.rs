@@ -10,6 +10,11 @@ use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
 use callrecon::{datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, users, verify};
 
+/// mimalloc rather than glibc's allocator: a rematch of 5M calls spent a sixth of its own CPU
+/// time in malloc and free (bench/RESULTS.md, "the rematch's own CPU").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
 /// Exit status when another run of the job holds its lock.
