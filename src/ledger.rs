@@ -252,6 +252,12 @@ impl InScope {
         Ok(InScope { keep, source })
     }
 
+    /// Whether [`InScope::next`] reads from the database (a rematch's pages, a COPY each), not
+    /// from the temporary file: then it can read on another connection than the run's.
+    pub fn reads_database(&self) -> bool {
+        matches!(self.source, Source::Pages { .. })
+    }
+
     /// The next `limit` events (fewer at the end, none after it).
     pub async fn next(&mut self, conn: &mut PgConnection, limit: usize) -> Result<Vec<ToDecide<'static>>> {
         let keep = &self.keep;

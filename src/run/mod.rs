@@ -265,16 +265,34 @@ impl Run<'_> {
         let page = self.tuning.page_events();
         let t = std::time::Instant::now();
         let mut in_scope = ledger::InScope::open(conn, self.job, scope).await?;
+        let mut to_decide = in_scope.next(conn, page).await?;
         times.read_ms += t.elapsed().as_millis() as u64;
-        loop {
-            let t = std::time::Instant::now();
-            let to_decide = in_scope.next(conn, page).await?;
-            times.read_ms += t.elapsed().as_millis() as u64;
-            if to_decide.is_empty() {
-                break;
-            }
+        let mut in_scope = Some(in_scope);
+        while !to_decide.is_empty() {
             times.events += to_decide.len();
             times.read += to_decide.len();
+            let last = to_decide.len() < page;
+            // A rematch's next page is read on another connection while this one is decided:
+            // PostgreSQL extracts its keys while polars matches. Its events are not this page's,
+            // the only ones the run writes before it reads them, so it reads what the run's
+            // connection would.
+            let ahead = match in_scope.take() {
+                Some(mut scope) if !last && scope.reads_database() => {
+                    let pool = self.pool.clone();
+                    Some(AbortOnDrop(tokio::spawn(async move {
+                        let next = async {
+                            let mut other = pool.acquire().await.context("connecting to read the next events")?;
+                            scope.next(&mut other, page).await
+                        };
+                        let next = next.await;
+                        (scope, next)
+                    })))
+                }
+                other => {
+                    in_scope = other;
+                    None
+                }
+            };
             let t = std::time::Instant::now();
             let (decisions, hints) =
                 matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide).await?;
@@ -291,9 +309,19 @@ impl Run<'_> {
             times.store_ms += t.elapsed().as_millis() as u64;
             times.stored += rows.id.len();
             tally.rewrote(&rows.id);
-            if to_decide.len() < page {
+            if last {
                 break;
             }
+            let t = std::time::Instant::now();
+            to_decide = match ahead {
+                Some(mut task) => {
+                    let (scope, next) = (&mut task.0).await.context("reading the next events")?;
+                    in_scope = Some(scope);
+                    next?
+                }
+                None => in_scope.as_mut().expect("kept when not read ahead").next(conn, page).await?,
+            };
+            times.read_ms += t.elapsed().as_millis() as u64;
         }
         Ok(())
     }
@@ -505,6 +533,16 @@ impl StageTimes {
         tracing::info!(events = read, elapsed_ms = read_ms, "stored events to match read");
         tracing::info!(events, elapsed_ms = match_ms, "matched");
         tracing::info!(stored, elapsed_ms = store_ms, "decisions stored");
+    }
+}
+
+/// A task that stops when the run stops waiting for it (an error on the way): it holds a
+/// connection, which goes back to the pool.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
