@@ -10,6 +10,8 @@
 # rematch of the 30 days under the changed rules bench/run.sh uses (timed). Prints every time and,
 # per binary, the median of each, as a markdown table. Each nightly's log (JSON, debug level) is
 # kept as $work/nightly-rROUND-bBINARY.log: `bench/stages.py < LOG` prints its timeline.
+# PEER=1 also times the peer script (bench/peer.sh) in each round, on the prepared database
+# (it only reads), over the same 30 days and changed rules as the rematch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -30,6 +32,7 @@ fresh() {
   sync
 }
 
+[ "${PEER:-0}" = 1 ] && bench/peer.sh   # its venv, installed before anything is timed
 results="$work/results.txt"
 : > "$results"
 for round in $(seq "$rounds"); do
@@ -44,6 +47,11 @@ for round in $(seq "$rounds"); do
       --job "$work/job-changed.toml" --since 2026-10-01T00:00:00Z --until 2026-10-31T00:00:00Z)
     echo "round $round  binary $i ($bin)  nightly $nightly s  rematch $rematch s" | tee -a "$results" >&2
   done
+  if [ "${PEER:-0}" = 1 ]; then
+    read -r peer _ < <(python3 bench/measure.py bench/peer.sh "$SERVER/$tpl" "$work/job-changed.toml" \
+      2026-10-01T00:00:00Z 2026-10-31T00:00:00Z 2> "$work/peer-r$round.json")
+    echo "round $round  peer script  rematch $peer s" | tee -a "$results" >&2
+  fi
 done
 PSQL "$SERVER/postgres" -c "drop database if exists $copy"
 
@@ -58,4 +66,7 @@ for i, b in enumerate(sys.argv[2:]):
     r = [float(re.search(r"rematch ([0-9.]+)", l).group(1)) for l in rows]
     print(f"| `{b}` | {', '.join(f'{x:.2f}' for x in n)} | **{statistics.median(n):.2f} s** | "
           f"{', '.join(f'{x:.2f}' for x in r)} | **{statistics.median(r):.2f} s** |")
+peer = [float(re.search(r"rematch ([0-9.]+)", l).group(1)) for l in lines if " peer script " in l]
+if peer:
+    print(f"| peer script (bench/peer.sh) | | | {', '.join(f'{x:.2f}' for x in peer)} | **{statistics.median(peer):.2f} s** |")
 EOF
