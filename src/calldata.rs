@@ -101,14 +101,20 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Where the call at index `call` of [`Candidates::ids`] is.
-    pub fn hint(&self, call: usize) -> Hint {
-        Hint { group: self.group.get(call).map(str::to_owned), start: self.start[call], block: self.block[call] }
+    /// Where the call at index `call` of [`Candidates::ids`] is; `None` when placements were not
+    /// read.
+    pub fn hint(&self, call: usize) -> Option<Hint> {
+        (call < self.block.len()).then(|| Hint {
+            group: self.group.get(call).map(str::to_owned),
+            start: self.start[call],
+            block: self.block[call],
+        })
     }
 }
 
 /// Calls that a window can place an event of `[from, to]` in, given the job's widest window,
-/// with where they are.
+/// with where they are when `placed` (a rematch, which confirms most matches, leaves the group
+/// and the heap block out: 2 of 7 columns, and apply finds the few calls it touches by id).
 ///
 /// Read with binary `COPY … TO STDOUT` (several times faster than row-by-row fetching on
 /// millions of rows) and decoded straight into columns. COPY takes no bind parameters: the
@@ -119,12 +125,14 @@ pub async fn load_calls(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     (before, after): (chrono::Duration, chrono::Duration),
+    placed: bool,
 ) -> Result<(Candidates, Placement)> {
     let exprs: Vec<String> = fields.iter().map(field_sql).collect();
     let ts = |t: DateTime<Utc>| pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     // The group and the ctid cost the COPY little (55 → 59 ms for the nightly's 166k calls).
     let columns = format!(
-        "id, started_at, coalesce(ended_at, started_at), call_group_id, ctid{}{}",
+        "id, started_at, coalesce(ended_at, started_at){}{}{}",
+        if placed { ", call_group_id, ctid" } else { "" },
         if exprs.is_empty() { "" } else { ", " },
         exprs.join(", ")
     );
@@ -137,13 +145,10 @@ pub async fn load_calls(
                where started_at < {lo} and ended_at - started_at > interval '2 hours' and ended_at >= {end})
          to stdout (format binary)"
     );
-    let mut kinds = vec![
-        pgcopy::Kind::Text,
-        pgcopy::Kind::Timestamp,
-        pgcopy::Kind::Timestamp,
-        pgcopy::Kind::Text,
-        pgcopy::Kind::Block,
-    ];
+    let mut kinds = vec![pgcopy::Kind::Text, pgcopy::Kind::Timestamp, pgcopy::Kind::Timestamp];
+    if placed {
+        kinds.extend([pgcopy::Kind::Text, pgcopy::Kind::Block]);
+    }
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
     let mut columns = pgcopy::read(conn, &sql, &kinds).await.context("reading calls")?.into_iter();
     let mut next = || columns.next().expect("one column per kind");
@@ -151,10 +156,15 @@ pub async fn load_calls(
     anyhow::ensure!(!ids.has_nulls(), "a call without an id");
     let start: Vec<i64> = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
     let end = next().into_micros().into_iter().map(|t| t.expect("not null")).collect();
-    let group = next().into_text();
-    let block = next().into_blocks().into_iter().map(|b| b.expect("ctid is not null")).collect();
+    let placement = if placed {
+        let group = next().into_text();
+        let block = next().into_blocks().into_iter().map(|b| b.expect("ctid is not null")).collect();
+        Placement { group, start: start.clone(), block }
+    } else {
+        Placement::default()
+    };
     let fields = fields.iter().cloned().zip(columns.map(pgcopy::Column::into_text)).collect();
-    Ok((Candidates { ids, start: start.clone(), end, fields }, Placement { group, start, block }))
+    Ok((Candidates { ids, start, end, fields }, placement))
 }
 
 /// Restricts the call groups read to those whose value of `field`, normalised, is one of

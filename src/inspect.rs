@@ -131,7 +131,7 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
     let (before, after) = job.max_window();
     let time = event.event_time;
     let (calls, _) =
-        calldata::load_calls(&mut conn, &call_fields, time, time, (before + look_around, after + look_around))
+        calldata::load_calls(&mut conn, &call_fields, time, time, (before + look_around, after + look_around), false)
             .await
             .context("reading calls around the event")?;
     let filters = crate::matching::decide::group_filters(job, &[&event.metadata]);

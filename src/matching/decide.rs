@@ -17,13 +17,14 @@ use crate::progress;
 
 /// Decisions for `events`, in their order: SessionId and MasterId attaches, then the rule
 /// cascade over the others (sessionless) in time-ordered chunks of `chunk_events`. With them,
-/// where each matched call was when read.
+/// where each matched call was when read (for sessionless events, only when `placed`).
 pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     conn: &mut PgConnection,
     pool: &PgPool,
     job: &Job,
     chunk_events: usize,
     events: &[E],
+    placed: bool,
 ) -> Result<(Vec<Decision>, foldhash::HashMap<String, Hint>)> {
     let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
     let events = events.as_slice();
@@ -57,7 +58,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         let masters: HashSet<&str> = with_master.iter().filter_map(|&i| events[i].master_id.as_deref()).collect();
         let existing =
             if masters.is_empty() { Default::default() } else { calldata::existing_groups(conn, &masters).await? };
-        let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied()).await?;
+        let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied(), placed).await?;
         anyhow::Ok((by_session, existing, calls))
     };
     let (groups, (by_session, existing_groups, mut calls)) = tokio::try_join!(groups, calls)?;
@@ -112,7 +113,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                     std::thread::scope(|s| {
                         let matching = s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups));
                         let next_calls =
-                            handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied()));
+                            handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied(), placed));
                         (matching.join(), next_calls)
                     })
                 })
@@ -120,14 +121,16 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 let decided = std::thread::scope(|s| {
                     s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups)).join()
                 });
-                (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied()).await)
+                (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied(), placed).await)
             };
             let decided = decided
                 .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
                 .context("matching sessionless events")?;
             for (&i, (o, at)) in chunk.iter().zip(decided) {
-                if let (Decision::Matched { kind: TargetKind::Call, target, .. }, Some(at)) = (&o, at) {
-                    hints.insert(target.clone(), calls.1.hint(at as usize));
+                if let (Decision::Matched { kind: TargetKind::Call, target, .. }, Some(hint)) =
+                    (&o, at.and_then(|at| calls.1.hint(at as usize)))
+                {
+                    hints.insert(target.clone(), hint);
                 }
                 decisions[i] = Some(o);
             }
@@ -147,11 +150,12 @@ async fn calls_for(
     fields: &[crate::job::TargetField],
     events: &[&Subject<'_>],
     chunk: Option<&[usize]>,
+    placed: bool,
 ) -> Result<(calldata::Candidates, calldata::Placement)> {
     match chunk {
         Some(c) if !fields.is_empty() => {
             let (from, to) = (events[c[0]].time, events[*c.last().expect("non-empty chunk")].time);
-            calldata::load_calls(conn, fields, from, to, job.max_window()).await
+            calldata::load_calls(conn, fields, from, to, job.max_window(), placed).await
         }
         _ => Ok(Default::default()),
     }

@@ -202,7 +202,7 @@ impl Run<'_> {
         let to_decide: Vec<ToDecide> = events.iter().enumerate().map(|(i, e)| ToDecide::fresh(i as i64, e)).collect();
         let t = std::time::Instant::now();
         let (decisions, hints) =
-            matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide).await?;
+            matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, true).await?;
         times.match_ms += t.elapsed().as_millis() as u64;
         times.events += to_decide.len();
         let mut rows = DecisionRows::default();
@@ -263,6 +263,10 @@ impl Run<'_> {
         times: &mut StageTimes,
     ) -> Result<()> {
         let page = self.tuning.page_events();
+        // Where matched calls are helps apply start: worth reading for pending events, which a
+        // run decides for the first time or which find their call now; a rematch confirms most
+        // of its matches, and apply finds the few calls it touches by id.
+        let placed = matches!(scope, Scope::Pending { .. });
         let t = std::time::Instant::now();
         let mut in_scope = ledger::InScope::open(conn, self.job, scope).await?;
         let mut to_decide = in_scope.next(conn, page).await?;
@@ -295,7 +299,7 @@ impl Run<'_> {
             };
             let t = std::time::Instant::now();
             let (decisions, hints) =
-                matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide).await?;
+                matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, placed).await?;
             times.match_ms += t.elapsed().as_millis() as u64;
 
             let mut rows = DecisionRows::default();
