@@ -129,7 +129,8 @@ pub async fn load_calls(
 ) -> Result<(Candidates, Placement)> {
     let exprs: Vec<String> = fields.iter().map(field_sql).collect();
     let ts = |t: DateTime<Utc>| pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
-    // The group and the ctid cost the COPY little (55 → 59 ms for the nightly's 166k calls).
+    // The group and the ctid cost a run's COPY little (55 → 59 ms for the nightly's 166k calls);
+    // left out of a rematch's, they saved 14% of it at 5M calls (bench/RESULTS.md).
     let columns = format!(
         "id, started_at, coalesce(ended_at, started_at){}{}{}",
         if placed { ", call_group_id, ctid" } else { "" },

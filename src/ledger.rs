@@ -560,10 +560,7 @@ impl DecisionRows {
         if unchanged && write == Write::IfChanged {
             return;
         }
-        let part: Map<String, Value> = match kind {
-            Some(kind) => group_part(&e.subject.metadata, kind, group_fields),
-            None => Map::new(),
-        };
+        let part = kind.map(|kind| group_part(&e.subject.metadata, kind, group_fields)).unwrap_or_default();
         self.id.push(e.subject.id);
         self.state.push(state.as_str());
         self.kind.push(kind);
