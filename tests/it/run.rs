@@ -307,3 +307,35 @@ async fn callrecons_connections_run_without_jit(pool: PgPool) {
     let jit: String = sqlx::query_scalar("show jit").fetch_one(&ours).await.unwrap();
     assert_eq!(jit, "off");
 }
+
+/// The process turns transparent huge pages off for itself (mimalloc asks for them on what it
+/// maps; bench/RESULTS.md, "huge pages": a rematch spent 3.4 s in the kernel against 1.2 s). Read
+/// from /proc while a run waits for a server that never answers.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_process_runs_without_transparent_huge_pages() {
+    let job = TestJob::new(RULES);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || listener.incoming().take(4).collect::<Vec<_>>());
+    let url = format!("postgres://postgres@127.0.0.1:{port}/callrecon");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+        .args(["--database-url", &url, "--connect-timeout", "10s", "run", "--job", job.path().to_str().unwrap()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id().unwrap());
+    // Set first thing in main; give the process a moment to get there.
+    let mut thp = String::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&status).unwrap();
+        thp = text.lines().find(|l| l.starts_with("THP_enabled:")).expect("a kernel that reports it").to_owned();
+        if thp.ends_with('0') {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
+    drop(held);
+    assert_eq!(thp.split_whitespace().collect::<Vec<_>>(), ["THP_enabled:", "0"]);
+}
