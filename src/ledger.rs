@@ -190,6 +190,8 @@ pub struct InScope {
 enum Source {
     Pages {
         select: String,
+        /// The condition of `select`.
+        filter: String,
         after: Option<(DateTime<Utc>, i64)>,
         done: bool,
     },
@@ -211,9 +213,8 @@ impl InScope {
         let keep = kept_keys(job);
         // COPY takes no bind parameters: names and times go in as literals, numbers as numbers.
         let extract: String = keep.iter().map(|k| format!(", (metadata -> {})::text", Literal::new(k))).collect();
-        let select = |filter: &str| {
-            format!("select {TO_DECIDE}{extract} from events where job = {} and {filter}", Literal::new(&job.name))
-        };
+        let condition = |filter: &str| format!("job = {} and {filter}", Literal::new(&job.name));
+        let select = |filter: &str| format!("select {TO_DECIDE}{extract} from events where {}", condition(filter));
         let source = match scope {
             Scope::Rematch { since, until } => {
                 let mut f = "session_id is null and master_id is null and decided_by is null".to_owned();
@@ -223,7 +224,7 @@ impl InScope {
                 if let Some(until) = until {
                     f.push_str(&format!(" and event_time < {}::timestamptz", time_literal(until)));
                 }
-                Source::Pages { select: select(&f), after: None, done: false }
+                Source::Pages { select: select(&f), filter: condition(&f), after: None, done: false }
             }
             Scope::Pending { run_id, unchanged } => {
                 let mut filter = format!("state = 'pending' and decided_run is distinct from {run_id}");
@@ -258,23 +259,34 @@ impl InScope {
         matches!(self.source, Source::Pages { .. })
     }
 
+    /// The EventTimes of the first and the `n`th of the next events (of the last when fewer),
+    /// without reading them: from the time index, for a rematch's pages; `None` when there are
+    /// no more, and for pending events (their COPY into the file has read them all).
+    pub async fn next_span(&self, conn: &mut PgConnection, n: usize) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+        let Source::Pages { filter, after, done: false, .. } = &self.source else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "select min(event_time), max(event_time)
+             from (select event_time from events where {filter}{} order by event_time, id limit {n}) s",
+            after_sql(*after)
+        );
+        let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(conn).await.context("reading the next events' times")?;
+        Ok(first.zip(last))
+    }
+
     /// The next `limit` events (fewer at the end, none after it).
     pub async fn next(&mut self, conn: &mut PgConnection, limit: usize) -> Result<Vec<ToDecide<'static>>> {
         let keep = &self.keep;
         match &mut self.source {
-            Source::Pages { select, after, done } => {
+            Source::Pages { select, after, done, .. } => {
                 if *done {
                     return Ok(Vec::new());
                 }
-                let after_sql = match after {
-                    None => String::new(),
-                    Some((t, id)) => {
-                        let t = time_literal(*t);
-                        format!(" and event_time >= {t}::timestamptz and (event_time, id) > ({t}::timestamptz, {id})")
-                    }
-                };
                 let sql = format!(
-                    "copy ({select}{after_sql} order by event_time, id limit {limit}) to stdout (format binary)"
+                    "copy ({select}{} order by event_time, id limit {limit}) to stdout (format binary)",
+                    after_sql(*after)
                 );
                 let mut page = Vec::new();
                 crate::pgcopy::for_each_row(conn, &sql, TO_DECIDE_FIELDS + keep.len(), |f| {
@@ -310,6 +322,17 @@ impl InScope {
                 decoded.shrink_to_fit();
                 Ok(page)
             }
+        }
+    }
+}
+
+/// The condition that leaves out a rematch's events up to the last one read, `after`.
+fn after_sql(after: Option<(DateTime<Utc>, i64)>) -> String {
+    match after {
+        None => String::new(),
+        Some((t, id)) => {
+            let t = time_literal(t);
+            format!(" and event_time >= {t}::timestamptz and (event_time, id) > ({t}::timestamptz, {id})")
         }
     }
 }

@@ -5,6 +5,7 @@ use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::{PgConnection, PgPool};
 
@@ -15,9 +16,34 @@ use crate::job::Job;
 use crate::job::{Normalizer, Target};
 use crate::progress;
 
-/// Decisions for `events`, in their order: SessionId and MasterId attaches, then the rule
-/// cascade over the others (sessionless) in time-ordered chunks of `chunk_events`. With them,
-/// where each matched call was when read (for sessionless events, only when `placed`).
+/// A span of event times: a chunk's first and last sessionless event.
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// The calls a page's first chunk can match, read while the page before it was matched.
+pub struct CallsAhead {
+    span: Span,
+    calls: (calldata::Candidates, calldata::Placement),
+}
+
+/// What a page is decided with besides its events: the calls read ahead for its first chunk,
+/// and the span of the next page's first chunk, sent by whoever reads that page (then its calls
+/// are read while this page's last chunk is matched).
+#[derive(Default)]
+pub struct Ahead {
+    pub calls: Option<CallsAhead>,
+    pub next_page: Option<tokio::sync::oneshot::Receiver<Option<Span>>>,
+}
+
+/// What `decide` hands back: a decision per event, in their order; where each matched call was
+/// when read (for sessionless events, only when `placed`); the calls read for the next page.
+pub struct Decided {
+    pub decisions: Vec<Decision>,
+    pub hints: foldhash::HashMap<String, Hint>,
+    pub ahead: Option<CallsAhead>,
+}
+
+/// Decisions for `events`: SessionId and MasterId attaches, then the rule cascade over the
+/// others (sessionless) in time-ordered chunks of `chunk_events`.
 pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -25,7 +51,8 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     chunk_events: usize,
     events: &[E],
     placed: bool,
-) -> Result<(Vec<Decision>, foldhash::HashMap<String, Hint>)> {
+    ahead: Ahead,
+) -> Result<Decided> {
     let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
     let events = events.as_slice();
     let mut decisions: Vec<Option<Decision>> = vec![None; events.len()];
@@ -34,9 +61,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
     let with_master: Vec<usize> =
         (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_some()).collect();
-    let mut sessionless: Vec<usize> =
-        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_none()).collect();
-    sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
+    let sessionless = sessionless(events);
     let (call_fields, group_fields) = calldata::fields(job);
     let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
 
@@ -58,7 +83,18 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         let masters: HashSet<&str> = with_master.iter().filter_map(|&i| events[i].master_id.as_deref()).collect();
         let existing =
             if masters.is_empty() { Default::default() } else { calldata::existing_groups(conn, &masters).await? };
-        let calls = calls_for(conn, job, &call_fields, events, chunks.first().copied(), placed).await?;
+        let first = chunks.first().map(|c| span(events, c));
+        let calls = match ahead.calls {
+            // Read for the same span of event times: the calls this chunk would read now (the
+            // run writes no call data before apply).
+            Some(read) if Some(read.span) == first => read.calls,
+            read => {
+                if let Some(read) = read {
+                    tracing::debug!(ahead = ?read.span, first = ?first, "calls read ahead for another span: read again");
+                }
+                calls_for(conn, job, &call_fields, first, placed).await?
+            }
+        };
         anyhow::Ok((by_session, existing, calls))
     };
     let (groups, (by_session, existing_groups, mut calls)) = tokio::try_join!(groups, calls)?;
@@ -84,6 +120,8 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         }
     }
 
+    let mut next_page = ahead.next_page;
+    let mut read_ahead = None;
     if !sessionless.is_empty() {
         let pb = progress::bar("match", sessionless.len() as u64, "events");
         // On a multi-threaded runtime the next chunk's calls are read while this chunk is
@@ -105,15 +143,26 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 })
                 .collect();
             pb.set_message(format!("matching against {} calls", calls.0.ids.len()));
-            let next = chunks.get(k + 1);
+            // The next chunk's calls; after the last chunk, those of the next page's first
+            // chunk, once its span is known.
+            let next_span = chunks.get(k + 1).map(|c| span(events, c));
+            let next_page = if next_span.is_none() { next_page.take() } else { None };
+            let reads = next_span.is_some() || next_page.is_some();
+            let next_calls = async {
+                let span = match next_page {
+                    Some(page) => page.await.ok().flatten(),
+                    None => next_span,
+                };
+                let calls = calls_for(&mut *conn, job, &call_fields, span, placed).await?;
+                anyhow::Ok((span, calls))
+            };
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
-            let (decided, next_calls) = if overlap && next.is_some() {
+            let (decided, next_calls) = if overlap && reads {
                 let handle = tokio::runtime::Handle::current();
                 tokio::task::block_in_place(|| {
                     std::thread::scope(|s| {
                         let matching = s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups));
-                        let next_calls =
-                            handle.block_on(calls_for(&mut *conn, job, &call_fields, events, next.copied(), placed));
+                        let next_calls = handle.block_on(next_calls);
                         (matching.join(), next_calls)
                     })
                 })
@@ -121,7 +170,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 let decided = std::thread::scope(|s| {
                     s.spawn(|| engine::match_events_at(&job.rules, &input, &calls.0, &groups)).join()
                 });
-                (decided, calls_for(&mut *conn, job, &call_fields, events, next.copied(), placed).await)
+                (decided, next_calls.await)
             };
             let decided = decided
                 .map_err(|_| anyhow::anyhow!("the matching thread panicked"))?
@@ -135,26 +184,53 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 decisions[i] = Some(o);
             }
             pb.inc(chunk.len() as u64);
-            calls = next_calls?;
+            let (span, next_calls) = next_calls?;
+            match (next_span, span) {
+                (None, Some(span)) => read_ahead = Some(CallsAhead { span, calls: next_calls }),
+                _ => calls = next_calls,
+            }
         }
         pb.finish_and_clear();
     }
-    Ok((decisions.into_iter().map(|o| o.expect("every event decided")).collect(), hints))
+    Ok(Decided {
+        decisions: decisions.into_iter().map(|o| o.expect("every event decided")).collect(),
+        hints,
+        ahead: read_ahead,
+    })
 }
 
-/// The calls a chunk of sessionless events can match; none to read without a chunk or when no
-/// rule targets calls.
+/// The indices of `events` the rules decide (neither SessionId nor MasterId), in (EventTime,
+/// id) order: the order their chunks are matched in.
+fn sessionless(events: &[&Subject]) -> Vec<usize> {
+    let mut sessionless: Vec<usize> =
+        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_none()).collect();
+    sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
+    sessionless
+}
+
+/// The span of event times of a chunk (indices into `events`, in time order).
+fn span(events: &[&Subject], chunk: &[usize]) -> Span {
+    (events[chunk[0]].time, events[*chunk.last().expect("non-empty chunk")].time)
+}
+
+/// The calls a first chunk spanning `span` can match, read ahead of its page.
+pub async fn calls_ahead(conn: &mut PgConnection, job: &Job, span: Span, placed: bool) -> Result<CallsAhead> {
+    let (call_fields, _) = calldata::fields(job);
+    let calls = calls_for(conn, job, &call_fields, Some(span), placed).await?;
+    Ok(CallsAhead { span, calls })
+}
+
+/// The calls a chunk of sessionless events spanning `span` can match; none to read without a
+/// chunk or when no rule targets calls.
 async fn calls_for(
     conn: &mut PgConnection,
     job: &Job,
     fields: &[crate::job::TargetField],
-    events: &[&Subject<'_>],
-    chunk: Option<&[usize]>,
+    span: Option<Span>,
     placed: bool,
 ) -> Result<(calldata::Candidates, calldata::Placement)> {
-    match chunk {
-        Some(c) if !fields.is_empty() => {
-            let (from, to) = (events[c[0]].time, events[*c.last().expect("non-empty chunk")].time);
+    match span {
+        Some((from, to)) if !fields.is_empty() => {
             calldata::load_calls(conn, fields, from, to, job.max_window(), placed).await
         }
         _ => Ok(Default::default()),

@@ -201,8 +201,9 @@ impl Run<'_> {
         // Until they are stored they have no id: their position stands in for it.
         let to_decide: Vec<ToDecide> = events.iter().enumerate().map(|(i, e)| ToDecide::fresh(i as i64, e)).collect();
         let t = std::time::Instant::now();
-        let (decisions, hints) =
-            matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, true).await?;
+        let matching::Decided { decisions, hints, .. } =
+            matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, true, Default::default())
+                .await?;
         times.match_ms += t.elapsed().as_millis() as u64;
         times.events += to_decide.len();
         let mut rows = DecisionRows::default();
@@ -269,7 +270,21 @@ impl Run<'_> {
         let placed = matches!(scope, Scope::Pending { .. });
         let t = std::time::Instant::now();
         let mut in_scope = ledger::InScope::open(conn, self.job, scope).await?;
-        let mut to_decide = in_scope.next(conn, page).await?;
+        // A rematch reads its first page on another connection while the run's connection
+        // reads the calls for the page's first chunk, whose span the time index tells: every
+        // event of a rematch's scope is sessionless (and `decide` checks the span).
+        let (mut to_decide, mut calls_ahead) = match in_scope.next_span(conn, self.tuning.chunk_events).await? {
+            Some(span) => {
+                let first_page = async {
+                    let mut other = self.pool.acquire().await.context("connecting to read the events")?;
+                    in_scope.next(&mut other, page).await
+                };
+                let calls = matching::calls_ahead(conn, self.job, span, placed);
+                let (events, calls) = tokio::try_join!(first_page, calls)?;
+                (events, Some(calls))
+            }
+            None => (in_scope.next(conn, page).await?, None),
+        };
         times.read_ms += t.elapsed().as_millis() as u64;
         let mut in_scope = Some(in_scope);
         while !to_decide.is_empty() {
@@ -279,13 +294,20 @@ impl Run<'_> {
             // A rematch's next page is read on another connection while this one is decided:
             // PostgreSQL extracts its keys while polars matches. Its events are not this page's,
             // the only ones the run writes before it reads them, so it reads what the run's
-            // connection would.
-            let ahead = match in_scope.take() {
+            // connection would. First it finds what the page's first chunk spans, and the calls
+            // for that chunk are read while this page's last chunk is matched.
+            let (chunk_events, mut next_page) = (self.tuning.chunk_events, None);
+            let reading = match in_scope.take() {
                 Some(mut scope) if !last && scope.reads_database() => {
                     let pool = self.pool.clone();
+                    let (span, spanned) = tokio::sync::oneshot::channel();
+                    next_page = Some(spanned);
                     Some(AbortOnDrop(tokio::spawn(async move {
                         let next = async {
                             let mut other = pool.acquire().await.context("connecting to read the next events")?;
+                            // Unheard when this page has no sessionless events: nothing to read
+                            // ahead; unsent on an error, which the page's read then returns.
+                            let _ = span.send(scope.next_span(&mut other, chunk_events).await?);
                             scope.next(&mut other, page).await
                         };
                         let next = next.await;
@@ -298,8 +320,10 @@ impl Run<'_> {
                 }
             };
             let t = std::time::Instant::now();
-            let (decisions, hints) =
-                matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, placed).await?;
+            let ahead = matching::Ahead { calls: calls_ahead.take(), next_page };
+            let matching::Decided { decisions, hints, ahead } =
+                matching::decide(conn, self.pool, self.job, chunk_events, &to_decide, placed, ahead).await?;
+            calls_ahead = ahead;
             times.match_ms += t.elapsed().as_millis() as u64;
 
             let mut rows = DecisionRows::default();
@@ -317,7 +341,7 @@ impl Run<'_> {
                 break;
             }
             let t = std::time::Instant::now();
-            to_decide = match ahead {
+            to_decide = match reading {
                 Some(mut task) => {
                     let (scope, next) = (&mut task.0).await.context("reading the next events")?;
                     in_scope = Some(scope);
