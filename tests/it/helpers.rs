@@ -200,6 +200,17 @@ pub fn callrecon_at(url: &str, args: &[&str], cwd: Option<&Path>) -> Output {
     cmd.output().unwrap()
 }
 
+/// A PostgreSQL URL whose server accepts up to `connections` connections and never says a
+/// word, and the thread that holds them open until the last has come.
+pub fn silent_server(
+    connections: usize,
+) -> (String, std::thread::JoinHandle<Vec<std::io::Result<std::net::TcpStream>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || listener.incoming().take(connections).collect::<Vec<_>>());
+    (format!("postgres://postgres@127.0.0.1:{port}/callrecon"), held)
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -254,11 +254,7 @@ async fn losing_run_says_since_when_the_other_runs(pool: PgPool) {
 #[tokio::test]
 async fn an_unresponsive_server_ends_the_run_within_the_connect_timeout() {
     let job = TestJob::new(RULES);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Accepts every connection and never says a word.
-    let held = std::thread::spawn(move || listener.incoming().take(8).collect::<Vec<_>>());
-    let url = format!("postgres://postgres@127.0.0.1:{port}/callrecon");
+    let (url, held) = silent_server(8);
     let started = Instant::now();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
         .args(["--database-url", &url, "--connect-timeout", "2s", "run", "--job", job.path().to_str().unwrap()])

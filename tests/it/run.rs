@@ -315,10 +315,7 @@ async fn callrecons_connections_run_without_jit(pool: PgPool) {
 #[tokio::test]
 async fn the_process_runs_without_transparent_huge_pages() {
     let job = TestJob::new(RULES);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let held = std::thread::spawn(move || listener.incoming().take(4).collect::<Vec<_>>());
-    let url = format!("postgres://postgres@127.0.0.1:{port}/callrecon");
+    let (url, held) = silent_server(4);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
         .args(["--database-url", &url, "--connect-timeout", "10s", "run", "--job", job.path().to_str().unwrap()])
         .kill_on_drop(true)
