@@ -285,6 +285,8 @@ impl Run<'_> {
             }
             None => (in_scope.next(conn, page).await?, None),
         };
+        // For a rematch, the first page's read and the first chunk's calls beside it: the time
+        // before matching can start.
         times.read_ms += t.elapsed().as_millis() as u64;
         let mut in_scope = Some(in_scope);
         while !to_decide.is_empty() {
