@@ -31,6 +31,9 @@ pub struct Job {
     /// Text identifying the rules, recorded with every decision so a rematch can tell which
     /// rules made it.
     pub rules_fingerprint: String,
+    /// Text identifying `group_fields` (as a set), recorded with every decision: a stored event
+    /// with this one has the group part these fields give ([`group_fields_fingerprint`]).
+    pub group_fields_fingerprint: String,
 }
 
 /// `[report] keep`: report folders kept after a successful run (the runs themselves are
@@ -364,6 +367,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
     };
 
     let rules_fingerprint = fingerprint(&rules);
+    let group_fields_fingerprint = group_fields_fingerprint(&raw.apply.group_fields);
     Ok(Job {
         name,
         path: path.to_path_buf(),
@@ -379,6 +383,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         webhook,
         keep,
         rules_fingerprint,
+        group_fields_fingerprint,
     })
 }
 
@@ -419,6 +424,14 @@ fn fingerprint(rules: &[Rule]) -> String {
     use sha2::Digest as _;
     let text = format!("{rules:?}");
     hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}
+
+/// Text identifying a job's group fields as a set (their order and repeats give the same group
+/// parts): stored with each decision as `events.group_fields_fingerprint`.
+pub fn group_fields_fingerprint(group_fields: &[String]) -> String {
+    use sha2::Digest as _;
+    let set: std::collections::BTreeSet<&String> = group_fields.iter().collect();
+    hex::encode(&sha2::Sha256::digest(format!("{set:?}").as_bytes())[..8])
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -55,7 +55,10 @@ pub struct Previous {
     pub state: State,
     pub reason: Option<Reason>,
     pub candidates: Vec<String>,
-    pub group_part: Map<String, Value>,
+    /// The stored group part; `None` when it is known to be the one the job's group fields give
+    /// for the stored target (stored with the same `group_fields_fingerprint`, or not matched to
+    /// a call): then neither it nor the group fields' values were read.
+    pub group_part: Option<Map<String, Value>>,
 }
 
 impl Previous {
@@ -67,7 +70,7 @@ impl Previous {
             state: State::Pending,
             reason: None,
             candidates: Vec::new(),
-            group_part: Map::new(),
+            group_part: Some(Map::new()),
         }
     }
 }
@@ -157,19 +160,30 @@ pub async fn pending_at_least(conn: &mut PgConnection, job: &str, n: usize) -> R
 }
 
 /// The top-level metadata keys matching and apply look at: the first segment of every rule
-/// key, and the job's group fields, in a stable order. Most of an event's metadata is never
-/// looked at here.
-fn kept_keys(job: &Job) -> Vec<String> {
-    let keys: std::collections::BTreeSet<&String> =
-        job.rules.iter().flat_map(|r| r.keys.iter().filter_map(|k| k.event.first())).chain(&job.group_fields).collect();
-    keys.into_iter().cloned().collect()
+/// key, and the job's group fields, in a stable order, each with whether only the group part
+/// needs it (then it is read only with the stored group part: see [`PART_KNOWN`]). Most of an
+/// event's metadata is never looked at here.
+fn kept_keys(job: &Job) -> Vec<(String, bool)> {
+    let rule_keys: std::collections::BTreeSet<&String> =
+        job.rules.iter().flat_map(|r| r.keys.iter().filter_map(|k| k.event.first())).collect();
+    let keys: std::collections::BTreeSet<&String> = rule_keys.iter().copied().chain(&job.group_fields).collect();
+    keys.into_iter().map(|k| (k.clone(), !rule_keys.contains(k))).collect()
 }
+
+/// The condition (on an `events` row, given the job's `group_fields_fingerprint` as `{fp}`)
+/// under which the stored group part is the one the job's group fields give for the stored
+/// target: none for a target other than a call, and for a call, taken with the same group
+/// fields. Then neither the group part nor the fields' values are read (a third of the read's
+/// time in PostgreSQL): a decision that keeps its call keeps its group part, and one that
+/// changes has it taken from the metadata by the statement that stores it (`group_part_sql!`).
+const PART_KNOWN: &str = "(target_kind is distinct from 'call' or group_fields_fingerprint = {fp})";
 
 /// The columns every read of events to decide selects, in this order, before one column per
 /// kept metadata key: that key's value as JSON text, extracted by PostgreSQL (null when the
 /// event has no such key). Reading and parsing whole metadata was most of this stage's time.
 const TO_DECIDE: &str = "id, session_id, event_time, received_at, target_kind, target_id, rule, state, reason,
-                         array_to_json(coalesce(candidates, '{}'))::text, group_part::text, master_id";
+                         array_to_json(coalesce(candidates, '{}'))::text,
+                         case when {known} then null else group_part::text end, master_id";
 const TO_DECIDE_FIELDS: usize = 12;
 
 /// The stored events in `scope`, in (EventTime, id) order, with only the metadata keys
@@ -183,7 +197,7 @@ const TO_DECIDE_FIELDS: usize = 12;
 ///   from it a page at a time. A query per page found them through the partial index of
 ///   unmatched events and sorted all of them again for each page (2 s a page at 1M pending).
 pub struct InScope {
-    keep: Vec<String>,
+    keep: Vec<(String, bool)>,
     source: Source,
 }
 
@@ -212,9 +226,17 @@ impl InScope {
         use std::io::{Seek, Write};
         let keep = kept_keys(job);
         // COPY takes no bind parameters: names and times go in as literals, numbers as numbers.
-        let extract: String = keep.iter().map(|k| format!(", (metadata -> {})::text", Literal::new(k))).collect();
+        let known = PART_KNOWN.replace("{fp}", &Literal::new(&job.group_fields_fingerprint).to_string());
+        let extract: String = keep
+            .iter()
+            .map(|(k, part_only)| match part_only {
+                false => format!(", (metadata -> {})::text", Literal::new(k)),
+                true => format!(", case when {known} then null else (metadata -> {})::text end", Literal::new(k)),
+            })
+            .collect();
+        let columns = TO_DECIDE.replace("{known}", &known);
         let condition = |filter: &str| format!("job = {} and {filter}", Literal::new(&job.name));
-        let select = |filter: &str| format!("select {TO_DECIDE}{extract} from events where {}", condition(filter));
+        let select = |filter: &str| format!("select {columns}{extract} from events where {}", condition(filter));
         let source = match scope {
             Scope::Rematch { since, until } => {
                 let mut f = "session_id is null and master_id is null and decided_by is null".to_owned();
@@ -347,7 +369,7 @@ fn time_text(t: DateTime<Utc>) -> String {
 }
 
 /// An event to decide from its fields in the binary form of [`InScope`]'s COPY.
-fn decode_to_decide(f: &[Option<&[u8]>], keep: &[String]) -> Result<ToDecide<'static>> {
+fn decode_to_decide(f: &[Option<&[u8]>], keep: &[(String, bool)]) -> Result<ToDecide<'static>> {
     use crate::pgcopy::{datetime, int8, text};
     let id = int8(f[0].context("an event without an id")?)?;
     let opt = |i: usize| -> Result<Option<String>> { f[i].map(|b| text(b).map(str::to_owned)).transpose() };
@@ -358,7 +380,7 @@ fn decode_to_decide(f: &[Option<&[u8]>], keep: &[String]) -> Result<ToDecide<'st
     // Sized for the kept keys: grown one key at a time, the bench job's five left room for seven
     // (128 bytes more an event, a page of 300k held twice during a rematch).
     let mut metadata = Map::with_capacity(keep.len());
-    for (i, key) in keep.iter().enumerate() {
+    for (i, (key, _)) in keep.iter().enumerate() {
         if let Some(b) = f[TO_DECIDE_FIELDS + i] {
             let value = serde_json::from_str(text(b)?).with_context(|| format!("metadata of event {id}"))?;
             metadata.insert(key.clone(), value);
@@ -382,7 +404,9 @@ fn decode_to_decide(f: &[Option<&[u8]>], keep: &[String]) -> Result<ToDecide<'st
             state: State::parse(state).with_context(|| format!("event {id} has state {state:?}"))?,
             reason: reason.as_deref().and_then(Reason::parse),
             candidates: serde_json::from_str(req(9)?).with_context(|| format!("candidates of event {id}"))?,
-            group_part: serde_json::from_str(req(10)?).with_context(|| format!("group part of event {id}"))?,
+            group_part: opt(10)?
+                .map(|p| serde_json::from_str(&p).with_context(|| format!("group part of event {id}")))
+                .transpose()?,
         },
     })
 }
@@ -531,8 +555,17 @@ impl Fresh {
     /// Stores the events with their decisions, in arrival order (their ids follow it: arrival
     /// order breaks merge ties).
     pub async fn store(&self, conn: &mut PgConnection, job: &Job, run_id: i64) -> Result<()> {
-        self.rows.insert(conn, &job.name, run_id, &job.rules_fingerprint, &self.events).await
+        self.rows.insert(conn, job, run_id, &self.events).await
     }
+}
+
+/// The group part of the event `e` matched to a call, taken from its stored metadata, the job's
+/// group fields being parameter `$11` (as [`group_part`] takes it from the metadata in memory).
+macro_rules! group_part_sql {
+    () => {
+        "(select coalesce(jsonb_object_agg(f, e.metadata -> f), '{}') from unnest($11::text[]) f
+          where jsonb_typeof(e.metadata) = 'object' and e.metadata ? f)"
+    };
 }
 
 /// Decisions as columns, written with one statement per batch.
@@ -543,7 +576,9 @@ pub struct DecisionRows {
     kind: Vec<Option<TargetKind>>,
     target: Vec<Option<String>>,
     rule: Vec<Option<String>>,
-    group_part: Vec<String>,
+    /// `None`: taken from the stored metadata by the statement that stores the decision (a
+    /// stored event read without its group fields).
+    group_part: Vec<Option<String>>,
     reason: Vec<Option<&'static str>>,
     candidates: Vec<String>,
 }
@@ -558,9 +593,16 @@ pub enum Write {
 }
 
 impl DecisionRows {
-    /// Adds the event's new decision (see [`Write`]); `expired` for an unmatched event past
-    /// its job's `pending_for`.
-    pub fn push(&mut self, e: &ToDecide, decision: &Decision, expired: bool, group_fields: &[String], write: Write) {
+    /// Adds the event's new decision (see [`Write`]), and says whether it did; `expired` for an
+    /// unmatched event past its job's `pending_for`.
+    pub fn push(
+        &mut self,
+        e: &ToDecide,
+        decision: &Decision,
+        expired: bool,
+        group_fields: &[String],
+        write: Write,
+    ) -> bool {
         let (state, kind, target, rule, reason, candidates): (_, _, _, _, _, &[String]) = match decision {
             Decision::Matched { rule, kind, target } => {
                 (State::Matched, Some(*kind), Some(target), Some(rule), None, &[])
@@ -579,35 +621,42 @@ impl DecisionRows {
             && rule == p.rule.as_ref()
             && reason == p.reason
             && candidates == p.candidates.as_slice()
-            && same_group_part(&e.subject.metadata, part_fields, &p.group_part);
+            && match &p.group_part {
+                Some(stored) => same_group_part(&e.subject.metadata, part_fields, stored),
+                // The one the group fields give for the stored target's kind, from the same
+                // metadata: the same for the same kind.
+                None => kind == p.target.as_ref().map(|(k, _)| *k),
+            };
         if unchanged && write == Write::IfChanged {
-            return;
+            return false;
         }
-        let part = kind.map(|kind| group_part(&e.subject.metadata, kind, group_fields)).unwrap_or_default();
+        let part = match (kind, &p.group_part) {
+            (Some(kind), Some(_)) => {
+                Some(Value::Object(group_part(&e.subject.metadata, kind, group_fields)).to_string())
+            }
+            // Read without the group fields: the statement storing it takes them.
+            (Some(_), None) if !part_fields.is_empty() => None,
+            _ => Some("{}".to_owned()),
+        };
         self.id.push(e.subject.id);
         self.state.push(state.as_str());
         self.kind.push(kind);
         self.target.push(target.cloned());
         self.rule.push(rule.cloned());
-        self.group_part.push(Value::Object(part).to_string());
+        self.group_part.push(part);
         self.reason.push(reason.map(Reason::as_str));
         // A Postgres array literal, bound as a parameter; ids are quoted.
         let quoted: Vec<String> =
             candidates.iter().map(|c| format!("\"{}\"", c.replace('\\', "\\\\").replace('"', "\\\""))).collect();
         self.candidates.push(format!("{{{}}}", quoted.join(",")));
+        true
     }
 
     /// Inserts `events` (this run's fresh ones, in the order they were pushed) with their
     /// decisions; ids are assigned in that order.
-    async fn insert(
-        &self,
-        conn: &mut PgConnection,
-        job: &str,
-        run_id: i64,
-        fingerprint: &str,
-        events: &[NewEvent],
-    ) -> Result<()> {
+    async fn insert(&self, conn: &mut PgConnection, job: &Job, run_id: i64, events: &[NewEvent]) -> Result<()> {
         debug_assert_eq!(self.id.len(), events.len());
+        debug_assert!(self.group_part.iter().all(Option::is_some), "fresh events have all their metadata");
         for start in (0..events.len()).step_by(STORE_CHUNK) {
             let range = start..(start + STORE_CHUNK).min(events.len());
             let columns = EventColumns::of(&events[range.clone()])?;
@@ -616,19 +665,20 @@ impl DecisionRows {
             let statement = sqlx::query(
                 "insert into events (job, source, session_id, event_time, received_at, metadata, master_id,
                                      ingested_run, state, target_kind, target_id, rule, group_part, reason,
-                                     candidates, decided_run, rules_fingerprint)
+                                     candidates, decided_run, rules_fingerprint, group_fields_fingerprint)
                  select $1, s, sid, t, r, m::jsonb, mid, $2, st, k, tg, ru, gp::jsonb, re,
-                        case when re is null then null else c::text[] end, $2, $3
+                        case when re is null then null else c::text[] end, $2, $3, $17
                  from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[],
                              $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
                       with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, ord)
                  order by ord",
             )
-            .bind(job)
+            .bind(&job.name)
             .bind(run_id)
-            .bind(fingerprint);
+            .bind(&job.rules_fingerprint);
             let statement = columns.bind(statement);
-            self.bind_decisions(statement, range).execute(&mut *conn).await.context("storing events")?;
+            let statement = self.bind_decisions(statement, range).bind(&job.group_fields_fingerprint);
+            statement.execute(&mut *conn).await.context("storing events")?;
         }
         Ok(())
     }
@@ -653,28 +703,32 @@ impl DecisionRows {
     }
 
     /// Updates stored events with their new decisions.
-    pub async fn store(&self, conn: &mut PgConnection, run_id: i64, fingerprint: &str) -> Result<()> {
+    pub async fn store(&self, conn: &mut PgConnection, run_id: i64, job: &Job) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
             keep_first_decisions(conn, &self.id[range.clone()]).await?;
             // One primary-key probe per decision, not a scan of every event per batch.
             // With each change in the events' history, in the same statement.
-            let statement = sqlx::query(
+            let statement = sqlx::query(concat!(
                 "with changed as (
                      update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
-                            group_part = u.part::jsonb, reason = u.reason,
+                            group_part = coalesce(u.part::jsonb, ",
+                group_part_sql!(),
+                "), reason = u.reason,
                             candidates = case when u.reason is null then null else u.cands::text[] end,
-                            decided_run = $1, rules_fingerprint = $2, decided_by = null, note = null
+                            decided_run = $1, rules_fingerprint = $2, group_fields_fingerprint = $12,
+                            decided_by = null, note = null
                      from unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
                           as u(id, state, kind, target, rule, part, reason, cands)
                      where e.id = u.id
                      returning e.id, e.state, e.target_kind, e.target_id, e.rule, e.reason)
                  insert into event_history (event_id, run_id, state, target_kind, target_id, rule, reason)
                  select id, $1, state, target_kind, target_id, rule, reason from changed",
-            )
+            ))
             .bind(run_id)
-            .bind(fingerprint)
+            .bind(&job.rules_fingerprint)
             .bind(&self.id[range.clone()]);
-            let statement = self.bind_decisions(statement, range);
+            let statement =
+                self.bind_decisions(statement, range).bind(&job.group_fields).bind(&job.group_fields_fingerprint);
             crate::db::with_index_probes(conn, statement).await.context("storing match decisions")?;
         }
         Ok(())
@@ -842,22 +896,21 @@ pub async fn write_decisions(
             By::Person(p) => (None, Some(p)),
         };
         keep_first_decisions(conn, &ids).await?;
-        let done = sqlx::query(
+        let done = sqlx::query(concat!(
             "with changed as (
                  update events e set state = u.state, target_kind = u.kind, target_id = u.target, rule = u.rule,
                         reason = u.reason, candidates = null, decided_by = u.person, note = u.note,
                         decided_run = coalesce($9, e.decided_run),
-                        group_part = case when u.kind = 'call' then
-                            (select coalesce(jsonb_object_agg(f, e.metadata -> f), '{}') from unnest($11::text[]) f
-                             where jsonb_typeof(e.metadata) = 'object' and e.metadata ? f)
-                            else '{}' end
+                        group_part = case when u.kind = 'call' then ",
+            group_part_sql!(),
+            " else '{}' end, group_fields_fingerprint = $12
                  from unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
                       as u(id, state, kind, target, rule, reason, person, note)
                  where e.id = u.id
                  returning e.id, e.state, e.target_kind, e.target_id, e.rule, e.reason, e.note)
              insert into event_history (event_id, run_id, person, state, target_kind, target_id, rule, reason, note)
              select id, $9, $10, state, target_kind, target_id, rule, reason, note from changed",
-        )
+        ))
         .bind(&ids)
         .bind(&states)
         .bind(col(|d| d.target.as_ref().map(|(k, _)| k.as_str().to_owned())))
@@ -869,6 +922,7 @@ pub async fn write_decisions(
         .bind(run_id)
         .bind(person)
         .bind(group_fields)
+        .bind(crate::job::group_fields_fingerprint(group_fields))
         .execute(&mut *conn)
         .await
         .context("storing decisions")?;

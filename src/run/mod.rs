@@ -331,11 +331,13 @@ impl Run<'_> {
             let mut rows = DecisionRows::default();
             for (e, decision) in to_decide.iter().zip(&decisions) {
                 let expired = tally.book(e, decision);
-                rows.push(e, decision, expired, &self.job.group_fields, Write::IfChanged);
+                if rows.push(e, decision, expired, &self.job.group_fields, Write::IfChanged) {
+                    tally.rewritten(decision);
+                }
             }
             tally.keep_hints(hints);
             let t = std::time::Instant::now();
-            rows.store(conn, self.run_id, &self.job.rules_fingerprint).await?;
+            rows.store(conn, self.run_id, self.job).await?;
             times.store_ms += t.elapsed().as_millis() as u64;
             times.stored += rows.id.len();
             tally.rewrote(&rows.id);

@@ -81,6 +81,15 @@ impl Tally {
         }
     }
 
+    /// Notes a stored event's decision rewritten: its target is recomputed even when it kept
+    /// it, its rule or group part changed (the group part reaches the other calls of its group:
+    /// a change of `group_fields` rewrites group parts alone).
+    pub fn rewritten(&mut self, decision: &Decision) {
+        if let Decision::Matched { kind, target, .. } = decision {
+            self.touch(&None, &Some((*kind, target.clone())));
+        }
+    }
+
     /// A rematch's count of events in its scope kept as they are: decided by hand.
     pub fn kept_manual(&mut self, n: u64) {
         if let Some(diff) = &mut self.diff {

@@ -367,6 +367,63 @@ crate::both_layouts! {
     }
 }
 
+crate::both_layouts! {
+    /// A rematch reads a stored event's group part and group fields only when they were taken
+    /// with other group fields than the job's (events.group_fields_fingerprint): a moved event
+    /// gets its group part from its stored metadata, and a change of group fields reaches every
+    /// event, including those decided before the fingerprint was recorded.
+    async fn a_rematch_takes_group_parts_with_the_job_s_group_fields(pool: PgPool) {
+        add_group(&pool, "g1", json!({})).await;
+        add_group(&pool, "g2", json!({})).await;
+        Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).phone("5551234567", "a1").group("g1").insert(&pool).await;
+        Call::new("c-a2", "2026-11-02T10:20:00Z", Some("2026-11-02T10:25:00Z")).phone("5551234567", "a2").group("g2").insert(&pool).await;
+        Call::new("g1-other", "2026-11-02T12:00:00Z", None).group("g1").insert(&pool).await;
+        Call::new("g2-other", "2026-11-02T12:00:00Z", None).group("g2").insert(&pool).await;
+        let job = TestJob::new(RULES);
+        let meta = json!({"customerPhone": "5551234567", "agentId": "a1", "accountTier": "gold", "crmAccountId": 7, "note": "x"});
+        enqueue(&pool, json!({"EventTime": "2026-11-02T10:14:00Z", "Metadata": meta})).await;
+        job.run(&pool).await;
+        let both = json!({"accountTier": "gold", "crmAccountId": 7});
+        assert_eq!(call_meta(&pool, "g1-other").await, both);
+        let stored = |pool: PgPool| async move {
+            sqlx::query_as::<_, (Option<String>, serde_json::Value, Option<String>)>(
+                "select target_id, group_part, group_fields_fingerprint from events",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+
+        // The same group fields: the moved event's group part comes from its stored metadata.
+        let rematch = |job: callrecon::job::Job, pool: PgPool| async move {
+            run::execute(&pool, &job, Mode::Rematch { since: None, until: None }, false).await.unwrap()
+        };
+        let new_rules = phone_only(&job);
+        assert_eq!(rematch(new_rules.clone(), pool.clone()).await.report.diff.unwrap().moved, 1);
+        let (target, part, fp) = stored(pool.clone()).await;
+        assert_eq!((target.as_deref(), &part), (Some("c-a2"), &both));
+        assert_eq!(fp.as_deref(), Some(new_rules.group_fields_fingerprint.as_str()));
+        assert_eq!(call_meta(&pool, "g2-other").await, both);
+        assert_eq!(call_meta(&pool, "g1-other").await, json!({}));
+
+        // Fewer group fields: no decision changes, every group part does.
+        let text = std::fs::read_to_string(job.path()).unwrap();
+        std::fs::write(job.path(), text.replace("[\"accountTier\", \"crmAccountId\"]", "[\"accountTier\"]")).unwrap();
+        let fewer = callrecon::job::load(&job.path()).unwrap();
+        assert_ne!(fewer.group_fields_fingerprint, new_rules.group_fields_fingerprint);
+        let done = rematch(fewer.clone(), pool.clone()).await;
+        assert_eq!(done.report.diff.unwrap().unchanged, 1);
+        assert_eq!(stored(pool.clone()).await.1, json!({"accountTier": "gold"}));
+        assert_eq!(call_meta(&pool, "g2-other").await, json!({"accountTier": "gold"}));
+
+        // An event decided before the fingerprint was recorded, with other group fields.
+        sqlx::query("update events set group_fields_fingerprint = null, group_part = $1").bind(&both).execute(&pool).await.unwrap();
+        rematch(fewer.clone(), pool.clone()).await;
+        let (_, part, fp) = stored(pool.clone()).await;
+        assert_eq!((part, fp), (json!({"accountTier": "gold"}), Some(fewer.group_fields_fingerprint.clone())));
+    }
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: PgPool) {
     let job = two_agents(&pool).await;
