@@ -73,6 +73,10 @@ for factor in $FACTORS; do
   theirs=$(python3 -c "import json, sys; d = json.loads(sys.argv[1]); print(f\"{d['matched']} matched, {d['ambiguous']} ambiguous\")" "$peer_out")
   # Its own time from connecting to the last match, without Python's start and imports.
   peer_inner=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['seconds']['total'])" "$peer_out")
+  # The rematch's read floor as issue 23 puts it: the calls' key columns on two connections and
+  # the events' key fields beside them, which is the peer's own read step.
+  peer_read=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['seconds']['read'])" "$peer_out")
+  read_ratio=$(python3 -c "print(f'{$rematch_secs / $peer_read:.2f}')")
   agree=$([ "$ours" = "$theirs" ] && echo "same: $ours" || echo "differ: callrecon $ours, peer $theirs")
   echo "${factor}x: peer script ${peer_secs}s ($peer_out); $agree" >&2
 
@@ -91,7 +95,7 @@ for factor in $FACTORS; do
   ratio=$(python3 -c "print(f'{$baseline_secs / $rematch_secs:.1f}')")
   floor=$(python3 -c "print(f'{$rematch_secs / ($copy_secs + $update_secs):.1f}')")
   echo "${factor}x: nightly ${nightly_secs}s (floor ${nightly_floor}s), rematch ${rematch_secs}s (baseline ${baseline_secs}s, ${ratio}x), floor $copy_secs+$update_secs s" >&2
-  rows+=("| ${factor}x | $calls | $sessionless | $gen_secs | $load_secs | $nightly_secs | $nightly_floor | $nightly_ratio× | $rematch_secs | $peer_secs (in-script $peer_inner; $peer_rss MiB) | **$peer_ratio×** | $agree | $baseline_secs | **$ratio×** | $copy_secs + $update_secs | $floor× | $(( nightly_rss > rematch_rss ? nightly_rss : rematch_rss )) (load $load_rss) |")
+  rows+=("| ${factor}x | $calls | $sessionless | $gen_secs | $load_secs | $nightly_secs | $nightly_floor | $nightly_ratio× | $rematch_secs | $peer_secs (in-script $peer_inner; $peer_rss MiB) | **$peer_ratio×** | $agree | $baseline_secs | **$ratio×** | $copy_secs + $update_secs | $floor× | $peer_read | $read_ratio× | $(( nightly_rss > rematch_rss ? nightly_rss : rematch_rss )) (load $load_rss) |")
   PSQL "$SERVER/postgres" -c "drop database $db"
 done
 
@@ -101,7 +105,7 @@ done
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(PSQL "$SERVER/postgres" -tAc 'show server_version' | cut -d' ' -f1) PostgreSQL. Layout of calls: $LAYOUT. Call groups: $GEN_GROUPS, MasterId events: $MASTER_SHARE%. Times in seconds, RSS in MiB."
   echo
-  echo "| data | calls | sessionless events | generate | first run (ingest + match all) | nightly ($NIGHTLY events) | nightly I/O floor | nightly / floor | rematch 30 days | peer script (polars + connectorx) | peer / rematch | peer's phone-and-agent decisions vs callrecon's | pure-SQL baseline | baseline / rematch | I/O floor (COPY out + UPDATE) | rematch / floor | peak RSS |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| data | calls | sessionless events | generate | first run (ingest + match all) | nightly ($NIGHTLY events) | nightly I/O floor | nightly / floor | rematch 30 days | peer script (polars + connectorx) | peer / rematch | peer's phone-and-agent decisions vs callrecon's | pure-SQL baseline | baseline / rematch | I/O floor (COPY out + UPDATE) | rematch / floor | read floor (the peer's read step) | rematch / read floor | peak RSS |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
 } | tee -a bench/RESULTS.md
