@@ -118,7 +118,8 @@ impl Placement {
 ///
 /// Read with binary `COPY … TO STDOUT` (several times faster than row-by-row fetching on
 /// millions of rows) and decoded straight into columns. COPY takes no bind parameters: the
-/// timestamps are our own values and metadata paths are quoted as literals.
+/// timestamps are our own values and metadata paths are quoted as literals. `expected`: how many
+/// calls the caller guesses there are (the chunk before's), for the columns' first capacity.
 pub async fn load_calls(
     conn: &mut PgConnection,
     fields: &[TargetField],
@@ -126,6 +127,7 @@ pub async fn load_calls(
     to: DateTime<Utc>,
     (before, after): (chrono::Duration, chrono::Duration),
     placed: bool,
+    expected: usize,
 ) -> Result<(Candidates, Placement)> {
     let exprs: Vec<String> = fields.iter().map(field_sql).collect();
     let ts = |t: DateTime<Utc>| pgcopy::Literal::new(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
@@ -151,7 +153,9 @@ pub async fn load_calls(
         kinds.extend([pgcopy::Kind::Text, pgcopy::Kind::Block]);
     }
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
-    let mut columns = pgcopy::read(conn, &sql, &kinds).await.context("reading calls")?.into_iter();
+    // A little over the guess: a chunk's calls vary by a few percent.
+    let mut columns =
+        pgcopy::read(conn, &sql, &kinds, expected + expected / 8).await.context("reading calls")?.into_iter();
     let mut next = || columns.next().expect("one column per kind");
     let ids = next().into_text();
     anyhow::ensure!(!ids.has_nulls(), "a call without an id");

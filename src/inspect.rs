@@ -130,10 +130,17 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
     let (call_fields, group_fields) = calldata::fields(job);
     let (before, after) = job.max_window();
     let time = event.event_time;
-    let (calls, _) =
-        calldata::load_calls(&mut conn, &call_fields, time, time, (before + look_around, after + look_around), false)
-            .await
-            .context("reading calls around the event")?;
+    let (calls, _) = calldata::load_calls(
+        &mut conn,
+        &call_fields,
+        time,
+        time,
+        (before + look_around, after + look_around),
+        false,
+        0,
+    )
+    .await
+    .context("reading calls around the event")?;
     let filters = crate::matching::decide::group_filters(job, &[&event.metadata]);
     let groups = calldata::load_groups(&mut conn, &group_fields, filters.as_deref()).await?;
     let micros_time = time.timestamp_micros();

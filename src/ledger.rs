@@ -310,7 +310,9 @@ impl InScope {
                     "copy ({select}{} order by event_time, id limit {limit}) to stdout (format binary)",
                     after_sql(*after)
                 );
-                let mut page = Vec::new();
+                // Its whole size at once: grown by doubling, a page is copied into ever larger
+                // buffers, each in fresh pages the kernel zeroes first.
+                let mut page = Vec::with_capacity(limit);
                 crate::pgcopy::for_each_row(conn, &sql, TO_DECIDE_FIELDS + keep.len(), |f| {
                     page.push(decode_to_decide(f, keep)?);
                     Ok(())

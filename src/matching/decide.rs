@@ -92,7 +92,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 if let Some(read) = read {
                     tracing::debug!(ahead = ?read.span, first = ?first, "calls read ahead for another span: read again");
                 }
-                calls_for(conn, job, &call_fields, first, placed).await?
+                calls_for(conn, job, &call_fields, first, placed, 0).await?
             }
         };
         anyhow::Ok((by_session, existing, calls))
@@ -148,12 +148,13 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
             let next_span = chunks.get(k + 1).map(|c| span(events, c));
             let next_page = if next_span.is_none() { next_page.take() } else { None };
             let reads = next_span.is_some() || next_page.is_some();
+            let expected = calls.0.ids.len();
             let next_calls = async {
                 let span = match next_page {
                     Some(page) => page.await.ok().flatten(),
                     None => next_span,
                 };
-                let calls = calls_for(&mut *conn, job, &call_fields, span, placed).await?;
+                let calls = calls_for(&mut *conn, job, &call_fields, span, placed, expected).await?;
                 anyhow::Ok((span, calls))
             };
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
@@ -216,7 +217,7 @@ fn span(events: &[&Subject], chunk: &[usize]) -> Span {
 /// The calls a first chunk spanning `span` can match, read ahead of its page.
 pub async fn calls_ahead(conn: &mut PgConnection, job: &Job, span: Span, placed: bool) -> Result<CallsAhead> {
     let (call_fields, _) = calldata::fields(job);
-    let calls = calls_for(conn, job, &call_fields, Some(span), placed).await?;
+    let calls = calls_for(conn, job, &call_fields, Some(span), placed, 0).await?;
     Ok(CallsAhead { span, calls })
 }
 
@@ -228,10 +229,11 @@ async fn calls_for(
     fields: &[crate::job::TargetField],
     span: Option<Span>,
     placed: bool,
+    expected: usize,
 ) -> Result<(calldata::Candidates, calldata::Placement)> {
     match span {
         Some((from, to)) if !fields.is_empty() => {
-            calldata::load_calls(conn, fields, from, to, job.max_window(), placed).await
+            calldata::load_calls(conn, fields, from, to, job.max_window(), placed, expected).await
         }
         _ => Ok(Default::default()),
     }
