@@ -173,7 +173,7 @@ fn kept_keys(job: &Job) -> Vec<(String, bool)> {
 /// The condition (on an `events` row, given the job's `group_fields_fingerprint` as `{fp}`)
 /// under which the stored group part is the one the job's group fields give for the stored
 /// target: none for a target other than a call, and for a call, taken with the same group
-/// fields. Then neither the group part nor the fields' values are read (a third of the read's
+/// fields. Then neither the group part nor the fields' values are read (about 40% of the read's
 /// time in PostgreSQL): a decision that keeps its call keeps its group part, and one that
 /// changes has it taken from the metadata by the statement that stores it (`group_part_sql!`).
 const PART_KNOWN: &str = "(target_kind is distinct from 'call' or group_fields_fingerprint = {fp})";

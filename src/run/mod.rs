@@ -332,7 +332,7 @@ impl Run<'_> {
             for (e, decision) in to_decide.iter().zip(&decisions) {
                 let expired = tally.book(e, decision);
                 if rows.push(e, decision, expired, &self.job.group_fields, Write::IfChanged) {
-                    tally.rewritten(decision);
+                    tally.recompute_target(decision);
                 }
             }
             tally.keep_hints(hints);

@@ -84,7 +84,7 @@ impl Tally {
     /// Notes a stored event's decision rewritten: its target is recomputed even when it kept
     /// it, its rule or group part changed (the group part reaches the other calls of its group:
     /// a change of `group_fields` rewrites group parts alone).
-    pub fn rewritten(&mut self, decision: &Decision) {
+    pub fn recompute_target(&mut self, decision: &Decision) {
         if let Decision::Matched { kind, target, .. } = decision {
             self.touch(&None, &Some((*kind, target.clone())));
         }
