@@ -51,9 +51,9 @@ for round in $(seq "$rounds"); do
     read -r nightly _ < <(RUST_LOG=callrecon=debug python3 bench/measure.py "$bin" --log-format json \
       --database-url "$SERVER/$copy" run --job "$work/job.toml" 2> "$work/nightly-r$round-b$i.log")
     fresh "$bin"
-    read -r rematch _ < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" rematch \
+    read -r rematch rss < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$copy" rematch \
       --job "$work/job-changed.toml" --since 2026-10-01T00:00:00Z --until 2026-10-31T00:00:00Z)
-    echo "round $round  binary $i ($bin)  nightly $nightly s  rematch $rematch s" | tee -a "$results" >&2
+    echo "round $round  binary $i ($bin)  nightly $nightly s  rematch $rematch s  rss $rss MiB" | tee -a "$results" >&2
   done
   if [ "${PEER:-0}" = 1 ]; then
     read -r peer _ < <(python3 bench/measure.py bench/peer.sh "$SERVER/$tpl" "$work/job-changed.toml" \
@@ -66,14 +66,15 @@ PSQL "$SERVER/postgres" -c "drop database if exists $copy"
 python3 - "$results" "$@" <<'EOF'
 import re, statistics, sys
 lines = open(sys.argv[1]).read().splitlines()
-print("| binary | nightly (each round) | nightly median | rematch (each round) | rematch median |")
-print("| --- | --- | --- | --- | --- |")
+print("| binary | nightly (each round) | nightly median | rematch (each round) | rematch median | rematch peak RSS (MiB) |")
+print("| --- | --- | --- | --- | --- | --- |")
 for i, b in enumerate(sys.argv[2:]):
     rows = [l for l in lines if f" binary {i} (" in l]
     n = [float(re.search(r"nightly ([0-9.]+)", l).group(1)) for l in rows]
     r = [float(re.search(r"rematch ([0-9.]+)", l).group(1)) for l in rows]
+    m = [int(re.search(r"rss ([0-9]+)", l).group(1)) for l in rows]
     print(f"| `{b}` | {', '.join(f'{x:.2f}' for x in n)} | **{statistics.median(n):.2f} s** | "
-          f"{', '.join(f'{x:.2f}' for x in r)} | **{statistics.median(r):.2f} s** |")
+          f"{', '.join(f'{x:.2f}' for x in r)} | **{statistics.median(r):.2f} s** | {', '.join(map(str, m))} |")
 peer = [float(re.search(r"rematch ([0-9.]+)", l).group(1)) for l in lines if " peer script " in l]
 if peer:
     print(f"| peer script (bench/peer.sh) | | | {', '.join(f'{x:.2f}' for x in peer)} | **{statistics.median(peer):.2f} s** |")
