@@ -8,7 +8,7 @@ use clap::Parser;
 use callrecon::cli::{Cli, Command, GenCommand, HistoryFormat, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, users, verify};
+use callrecon::{datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, tuning, users, verify};
 
 /// mimalloc rather than glibc's allocator: a rematch of 5M calls spent a sixth of its own CPU
 /// time in malloc and free (bench/RESULTS.md, "the rematch's own CPU").
@@ -29,6 +29,24 @@ fn no_huge_pages() {
     }
 }
 
+/// A one-shot command keeps freed memory mapped for [`tuning::PURGE_DELAY_MS`] rather than
+/// mimalloc's second, so a rematch's next chunk reuses the pages the last one freed.
+fn keep_freed_memory(command: &Command) {
+    if matches!(command, Command::Serve(_) | Command::Schedule { .. }) {
+        return;
+    }
+    if let Some(ms) = tuning::purge_delay_ms() {
+        // mimalloc's `mi_option_purge_delay` (its option 15 in v3, include/mimalloc.h); the Rust
+        // bindings name only some options.
+        const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+        unsafe extern "C" {
+            fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+        }
+        // SAFETY: sets one of mimalloc's options, a plain integer it reads when it next purges.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, ms as std::ffi::c_long) };
+    }
+}
+
 /// Exit status when the job file is refused.
 const EXIT_BAD_JOB: u8 = 2;
 /// Exit status when another run of the job holds its lock.
@@ -39,6 +57,7 @@ const EXIT_DIFFERENCES: u8 = 4;
 fn main() -> ExitCode {
     no_huge_pages();
     let cli = Cli::parse();
+    keep_freed_memory(&cli.command);
     init_tracing(cli.log_format);
     db::set_timeouts(db::Timeouts {
         connect: cli.connect_timeout,

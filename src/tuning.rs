@@ -31,6 +31,20 @@ pub const REPORT_CSV_KEY_COLUMNS: usize = 100;
 /// deciding this many events again does.
 pub const RETRY_ALL_BELOW: usize = 100_000;
 
+/// How long a one-shot command's allocator keeps freed memory mapped before returning it to the
+/// OS, in milliseconds (mimalloc's `purge_delay`, 1,000 by default). A rematch frees a chunk's
+/// calls and polars' join buffers and allocates the next chunk's a second or so later: returned
+/// to the OS, they are faulted in and zeroed again (bench/RESULTS.md, "freed memory kept
+/// mapped"). The daemons (`serve`, `schedule`) keep mimalloc's default: they idle between
+/// runs, and memory they no longer use should go back.
+pub const PURGE_DELAY_MS: i64 = 10_000;
+
+/// [`PURGE_DELAY_MS`], unless the operator set mimalloc's own `MIMALLOC_PURGE_DELAY`, which
+/// mimalloc has read already: `None` then.
+pub fn purge_delay_ms() -> Option<i64> {
+    std::env::var_os("MIMALLOC_PURGE_DELAY").is_none().then_some(PURGE_DELAY_MS)
+}
+
 /// The values a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
