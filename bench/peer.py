@@ -18,6 +18,9 @@ It stores no decision, applies nothing, and does no group rule, no SessionId or 
 attach, no report: what it leaves out is callrecon's job. Calls longer than two hours (none in
 the bench's data) are left out of its read, as callrecon reads them through `calls_long_idx`.
 
+`PEER_READ_ONLY=1` stops after the read step (the read floor bench/run.sh reports), so that
+what the read alone costs the machine can be measured from outside.
+
 Prints one JSON object: the counts (matched, ambiguous, no_candidate, missing_key, calls read,
 events) and the seconds of each step and in total.
 """
@@ -128,6 +131,11 @@ def main():
         reading_events = pool.submit(timed, "read_events", events_sql)
         calls, events = reading_calls.result(), reading_events.result()
     timings["read"] = time.monotonic() - step
+    if os.environ.get("PEER_READ_ONLY") == "1":
+        # The read step alone (its CPU, measured from outside, is the read floor's).
+        print(json.dumps({"calls_read": calls.height, "events": events.height,
+                          "seconds": {k: round(v, 2) for k, v in timings.items()}}))
+        return
 
     step = time.monotonic()
     keyed = events.lazy().with_columns(
