@@ -507,3 +507,36 @@ crate::both_layouts! {
         assert_eq!(call_meta(&pool, "marathon").await["customerPhone"], "5551234567");
     }
 }
+
+/// A batch's call groups are read with a plan for that batch's key values. A statement cached on
+/// the connection is planned generically from its sixth execution on, and PostgreSQL then
+/// compares every group with each key value in turn: in a 4× rematch in pages of 60k events,
+/// each page's group read went from 0.3 s to 12–14 s from the sixth page on (bench/RESULTS.md).
+/// So that statement is never cached on the connection that runs it.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_group_read_by_key_values_is_planned_for_its_values_each_time(pool: PgPool) {
+    for i in 0..20 {
+        add_group(&pool, &format!("g{i}"), json!({"ref": format!("R-{i}")})).await;
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let fields = [TargetField::Metadata(vec!["ref".into()])];
+    for page in 0..7 {
+        let filters = [callrecon::calldata::GroupFilter {
+            field: fields[0].clone(),
+            normalize: None,
+            values: vec![format!("R-{page}"), "R-none".into()],
+        }];
+        let groups = callrecon::calldata::load_groups(&mut conn, &fields, Some(&filters)).await.unwrap();
+        assert_eq!(groups.ids.len(), 1, "page {page}");
+        assert_eq!(groups.ids.str(0), format!("g{page}"));
+    }
+    // Unnamed itself, so that it does not list itself.
+    let cached: Vec<String> = sqlx::query_scalar(
+        "select statement from pg_prepared_statements where statement like '%from call_groups where%'",
+    )
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert!(cached.is_empty(), "cached on the connection: {cached:?}");
+}
