@@ -421,17 +421,20 @@ fn target_field(spec: &str, allowed: &[&'static str]) -> Result<TargetField, Str
 }
 
 fn fingerprint(rules: &[Rule]) -> String {
-    use sha2::Digest as _;
-    let text = format!("{rules:?}");
-    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+    short_digest(&format!("{rules:?}"))
 }
 
 /// Text identifying a job's group fields as a set (their order and repeats give the same group
 /// parts): stored with each decision as `events.group_fields_fingerprint`.
 pub fn group_fields_fingerprint(group_fields: &[String]) -> String {
-    use sha2::Digest as _;
     let set: std::collections::BTreeSet<&String> = group_fields.iter().collect();
-    hex::encode(&sha2::Sha256::digest(format!("{set:?}").as_bytes())[..8])
+    short_digest(&format!("{set:?}"))
+}
+
+/// The first 8 bytes of `text`'s SHA-256, in hex: the form of both fingerprints.
+fn short_digest(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
