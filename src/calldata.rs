@@ -6,8 +6,10 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt as _;
-use sqlx::{PgConnection, Row as _};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres, Row as _};
 
+use crate::db::AbortOnDrop;
 use crate::job::{Job, Normalizer, Target, TargetField};
 use crate::pgcopy::{self, Texts};
 
@@ -120,11 +122,16 @@ impl Placement {
 /// millions of rows) and decoded straight into columns. COPY takes no bind parameters: the
 /// timestamps are our own values and metadata paths are quoted as literals. `expected`: how many
 /// calls the caller guesses there are (the chunk before's), for the columns' first capacity.
+///
+/// With `second`, the later half of the range of starts is read on that connection and decoded
+/// on a task of its own while `conn` reads the earlier half (with the long calls): one COPY
+/// keeps one PostgreSQL backend and one decoding thread busy, and a rematch's chunks waited on
+/// both (bench/RESULTS.md). Committed call data either way: the run writes none before apply.
 pub async fn load_calls(
     conn: &mut PgConnection,
+    second: Option<PoolConnection<Postgres>>,
     fields: &[TargetField],
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
     (before, after): (chrono::Duration, chrono::Duration),
     placed: bool,
     expected: usize,
@@ -139,23 +146,53 @@ pub async fn load_calls(
         if exprs.is_empty() { "" } else { ", " },
         exprs.join(", ")
     );
-    let (lo, hi, end) = (ts(from - after - LONG_CALL), ts(to + before), ts(from - after));
-    let sql = format!(
-        "copy (select {columns} from calls
-               where started_at >= {lo} and started_at <= {hi} and coalesce(ended_at, started_at) >= {end}
-               union all
-               select {columns} from calls
-               where started_at < {lo} and ended_at - started_at > interval '2 hours' and ended_at >= {end})
-         to stdout (format binary)"
-    );
+    let (lo, hi, end) = (from - after - LONG_CALL, to + before, from - after);
+    // Calls starting in `[lo, hi)`, or `[lo, hi]` for the last part, and with the long calls
+    // started before `lo` for the first.
+    let sql = |lo: DateTime<Utc>, hi: DateTime<Utc>, first: bool, last: bool| {
+        let (lo_sql, hi_sql, end) = (ts(lo), ts(hi), ts(end));
+        let below = if last { "<=" } else { "<" };
+        let long = if first {
+            format!(
+                " union all
+                 select {columns} from calls
+                 where started_at < {lo_sql} and ended_at - started_at > interval '2 hours' and ended_at >= {end}"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "copy (select {columns} from calls
+                   where started_at >= {lo_sql} and started_at {below} {hi_sql} and coalesce(ended_at, started_at) >= {end}
+                   {long})
+             to stdout (format binary)"
+        )
+    };
     let mut kinds = vec![pgcopy::Kind::Text, pgcopy::Kind::Timestamp, pgcopy::Kind::Timestamp];
     if placed {
         kinds.extend([pgcopy::Kind::Text, pgcopy::Kind::Block]);
     }
     kinds.extend(fields.iter().map(|_| pgcopy::Kind::Text));
     // A little over the guess: a chunk's calls vary by a few percent.
-    let mut columns =
-        pgcopy::read(conn, &sql, &kinds, expected + expected / 8).await.context("reading calls")?.into_iter();
+    let rows = expected + expected / 8;
+    let columns = match second {
+        None => pgcopy::read(conn, &sql(lo, hi, true, true), &kinds, rows).await.context("reading calls")?,
+        Some(mut other) => {
+            let mid = lo + (hi - lo) / 2;
+            let (later, later_kinds) = (sql(mid, hi, false, true), kinds.clone());
+            let mut later = AbortOnDrop(tokio::spawn(async move {
+                pgcopy::read(&mut other, &later, &later_kinds, rows / 2).await.context("reading calls")
+            }));
+            let mut columns =
+                pgcopy::read(conn, &sql(lo, mid, true, false), &kinds, rows).await.context("reading calls")?;
+            let later = (&mut later.0).await.context("reading calls")??;
+            for (column, later) in columns.iter_mut().zip(later) {
+                column.append(later);
+            }
+            columns
+        }
+    };
+    let mut columns = columns.into_iter();
     let mut next = || columns.next().expect("one column per kind");
     let ids = next().into_text();
     anyhow::ensure!(!ids.has_nulls(), "a call without an id");

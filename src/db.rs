@@ -15,6 +15,16 @@ use sqlx::{ConnectOptions as _, Connection as _, PgConnection, PgPool, Postgres}
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
 
+/// A task holding a connection that stops when its caller stops waiting for it (an error on
+/// the way): the connection goes back to the pool.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The default of `--database-url`.
 pub const DEFAULT_URL: &str = "postgres://localhost:5432/callrecon";
 

@@ -132,9 +132,9 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
     let time = event.event_time;
     let (calls, _) = calldata::load_calls(
         &mut conn,
+        None,
         &call_fields,
-        time,
-        time,
+        (time, time),
         (before + look_around, after + look_around),
         false,
         0,

@@ -82,6 +82,14 @@ impl Texts {
     pub fn iter(&self) -> impl Iterator<Item = Option<&str>> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
+
+    /// Appends `other`'s values after this column's.
+    pub fn append(&mut self, other: Texts) {
+        let base = self.bytes.len();
+        self.bytes.push_str(&other.bytes);
+        self.ends.extend(other.ends.into_iter().map(|end| end + base));
+        self.null.extend(other.null);
+    }
 }
 
 impl<S: AsRef<str>> FromIterator<Option<S>> for Texts {
@@ -114,6 +122,14 @@ impl Column {
         match self {
             Column::Timestamp(v) => v,
             other => unreachable!("a timestamp column was decoded as {other:?}"),
+        }
+    }
+    /// Appends `other`'s values after this column's; both are decoded as the same kind.
+    pub fn append(&mut self, other: Column) {
+        match (self, other) {
+            (Column::Text(a), Column::Text(b)) => a.append(b),
+            (Column::Timestamp(a), Column::Timestamp(b)) | (Column::Block(a), Column::Block(b)) => a.extend(b),
+            (a, b) => unreachable!("a {a:?} column appended with a {b:?} one"),
         }
     }
     /// The values of a column decoded as [`Kind::Block`]: block numbers.
@@ -394,6 +410,24 @@ mod tests {
             let texts: Texts = [Some("c1"), None, Some("é")].into_iter().collect();
             assert_eq!(cols[0], Column::Text(texts), "split at {split}");
             assert_eq!(cols[1], Column::Timestamp(vec![Some(1_700_000_000_000_000), None, Some(0)]));
+        }
+    }
+
+    #[test]
+    fn columns_decoded_apart_and_appended_are_the_columns_decoded_at_once() {
+        let rows = [(Some("c1"), Some(1)), (None, None), (Some(""), Some(2)), (Some("é"), Some(3)), (Some("c5"), None)];
+        let decode = |rows: &[(Option<&str>, Option<i64>)]| {
+            let mut d = Decoder::new(&[Kind::Text, Kind::Timestamp]);
+            d.feed(&stream(rows)).unwrap();
+            d.finish().unwrap()
+        };
+        let whole = decode(&rows);
+        for split in 0..=rows.len() {
+            let mut first = decode(&rows[..split]);
+            for (column, later) in first.iter_mut().zip(decode(&rows[split..])) {
+                column.append(later);
+            }
+            assert_eq!(first, whole, "split at {split}");
         }
     }
 

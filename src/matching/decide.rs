@@ -26,11 +26,13 @@ pub struct CallsAhead {
 }
 
 /// What a page is decided with besides its events: the calls read ahead for its first chunk,
-/// and the span of the next page's first chunk, sent by whoever reads that page (then its calls
-/// are read while this page's last chunk is matched).
+/// its call groups when whoever read the page read them too ([`groups_for`]), and the span of
+/// the next page's first chunk, sent by whoever reads that page (then its calls are read while
+/// this page's last chunk is matched).
 #[derive(Default)]
 pub struct Ahead {
     pub calls: Option<CallsAhead>,
+    pub groups: Option<calldata::Candidates>,
     pub next_page: Option<tokio::sync::oneshot::Receiver<Option<Span>>>,
 }
 
@@ -65,16 +67,19 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     let (call_fields, group_fields) = calldata::fields(job);
     let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
 
-    // The call groups are read on a second connection while the run's connection reads the
-    // calls: committed call data either way (the run writes none before apply).
+    let Ahead { calls: calls_ahead, groups: groups_ahead, next_page } = ahead;
+    // The call groups, unless read with the page, are read on a second connection while the
+    // run's connection reads the calls: committed call data either way (the run writes none
+    // before apply).
     let groups = async {
+        if let Some(groups) = groups_ahead {
+            return Ok(groups);
+        }
         if sessionless.is_empty() || group_fields.is_empty() {
             return Ok(Default::default());
         }
-        let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
-        let filters = group_filters(job, &metas);
         let mut other = pool.acquire().await.context("connecting to read call groups")?;
-        calldata::load_groups(&mut other, &group_fields, filters.as_deref()).await
+        read_groups(&mut other, job, events, &sessionless).await
     };
     let calls = async {
         let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
@@ -84,7 +89,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         let existing =
             if masters.is_empty() { Default::default() } else { calldata::existing_groups(conn, &masters).await? };
         let first = chunks.first().map(|c| span(events, c));
-        let calls = match ahead.calls {
+        let calls = match calls_ahead {
             // Read for the same span of event times: the calls this chunk would read now (the
             // run writes no call data before apply).
             Some(read) if Some(read.span) == first => read.calls,
@@ -92,7 +97,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                 if let Some(read) = read {
                     tracing::debug!(ahead = ?read.span, first = ?first, "calls read ahead for another span: read again");
                 }
-                calls_for(conn, job, &call_fields, first, placed, 0).await?
+                calls_for(conn, split(pool, placed), job, &call_fields, first, placed, 0).await?
             }
         };
         anyhow::Ok((by_session, existing, calls))
@@ -120,7 +125,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         }
     }
 
-    let mut next_page = ahead.next_page;
+    let mut next_page = next_page;
     let mut read_ahead = None;
     if !sessionless.is_empty() {
         let pb = progress::bar("match", sessionless.len() as u64, "events");
@@ -154,7 +159,8 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
                     Some(page) => page.await.ok().flatten(),
                     None => next_span,
                 };
-                let calls = calls_for(&mut *conn, job, &call_fields, span, placed, expected).await?;
+                let calls =
+                    calls_for(&mut *conn, split(pool, placed), job, &call_fields, span, placed, expected).await?;
                 anyhow::Ok((span, calls))
             };
             // CPU-bound, and polars may block on its own runtime: run it off the async worker.
@@ -200,6 +206,34 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     })
 }
 
+/// The call groups the sessionless events of a page can match, read where the page is read
+/// (a rematch's next page, while this one is matched), for [`Ahead::groups`].
+pub async fn groups_for<'e, E: Borrow<Subject<'e>>>(
+    conn: &mut PgConnection,
+    job: &Job,
+    events: &[E],
+) -> Result<calldata::Candidates> {
+    let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
+    let sessionless = sessionless(&events);
+    if sessionless.is_empty() || calldata::fields(job).1.is_empty() {
+        return Ok(Default::default());
+    }
+    read_groups(conn, job, &events, &sessionless).await
+}
+
+/// The call groups the events at `sessionless` can match: only those passing the group rules'
+/// filters on their key values when the rules allow one ([`group_filters`]).
+async fn read_groups(
+    conn: &mut PgConnection,
+    job: &Job,
+    events: &[&Subject<'_>],
+    sessionless: &[usize],
+) -> Result<calldata::Candidates> {
+    let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
+    let filters = group_filters(job, &metas);
+    calldata::load_groups(conn, &calldata::fields(job).1, filters.as_deref()).await
+}
+
 /// The indices of `events` the rules decide (neither SessionId nor MasterId), in (EventTime,
 /// id) order: the order their chunks are matched in.
 fn sessionless(events: &[&Subject]) -> Vec<usize> {
@@ -214,17 +248,34 @@ fn span(events: &[&Subject], chunk: &[usize]) -> Span {
     (events[chunk[0]].time, events[*chunk.last().expect("non-empty chunk")].time)
 }
 
-/// The calls a first chunk spanning `span` can match, read ahead of its page.
-pub async fn calls_ahead(conn: &mut PgConnection, job: &Job, span: Span, placed: bool) -> Result<CallsAhead> {
+/// The calls a first chunk spanning `span` can match, read ahead of its page (on two
+/// connections unless `placed`: [`calls_for`]).
+pub async fn calls_ahead(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    job: &Job,
+    span: Span,
+    placed: bool,
+) -> Result<CallsAhead> {
     let (call_fields, _) = calldata::fields(job);
-    let calls = calls_for(conn, job, &call_fields, Some(span), placed, 0).await?;
+    let calls = calls_for(conn, split(pool, placed), job, &call_fields, Some(span), placed, 0).await?;
     Ok(CallsAhead { span, calls })
 }
 
+/// The pool to take a second connection for reading calls from ([`calldata::load_calls`]): a
+/// rematch's chunks (not `placed`) read several times more calls than a nightly's, on a
+/// multi-threaded runtime, where the two halves are decoded at once.
+fn split(pool: &PgPool, placed: bool) -> Option<&PgPool> {
+    let threads = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+    (threads && !placed).then_some(pool)
+}
+
 /// The calls a chunk of sessionless events spanning `span` can match; none to read without a
-/// chunk or when no rule targets calls.
+/// chunk or when no rule targets calls. With `split`, on two connections when a second one is
+/// free (idle, or within the pool's size) within a second; on `conn` alone otherwise.
 async fn calls_for(
     conn: &mut PgConnection,
+    split: Option<&PgPool>,
     job: &Job,
     fields: &[crate::job::TargetField],
     span: Option<Span>,
@@ -233,7 +284,23 @@ async fn calls_for(
 ) -> Result<(calldata::Candidates, calldata::Placement)> {
     match span {
         Some((from, to)) if !fields.is_empty() => {
-            calldata::load_calls(conn, fields, from, to, job.max_window(), placed, expected).await
+            // Waited for only when one is idle or can be opened: never for another's to be freed.
+            let free = |pool: &PgPool| pool.num_idle() > 0 || pool.size() < pool.options().get_max_connections();
+            let second = match split.filter(|pool| free(pool)) {
+                Some(pool) => match tokio::time::timeout(std::time::Duration::from_secs(1), pool.acquire()).await {
+                    Ok(Ok(other)) => Some(other),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "no second connection to read calls on: reading on one");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!("no second connection free to read calls on: reading on one");
+                        None
+                    }
+                },
+                None => None,
+            };
+            calldata::load_calls(conn, second, fields, (from, to), job.max_window(), placed, expected).await
         }
         _ => Ok(Default::default()),
     }

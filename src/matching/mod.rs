@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-pub use decide::{Ahead, Decided, Span, calls_ahead, decide};
+pub use decide::{Ahead, Decided, Span, calls_ahead, decide, groups_for};
 
 /// An event as matching sees it.
 #[derive(Debug, Clone)]

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
 use crate::apply::{self, Applied};
+use crate::db::AbortOnDrop;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
 use crate::ledger::{self, Arrivals, DecisionRows, Fresh, Scope, ToDecide, Write};
@@ -279,7 +280,7 @@ impl Run<'_> {
                     let mut other = self.pool.acquire().await.context("connecting to read the events")?;
                     in_scope.next(&mut other, page).await
                 };
-                let calls = matching::calls_ahead(conn, self.job, span, placed);
+                let calls = matching::calls_ahead(conn, self.pool, self.job, span, placed);
                 let (events, calls) = tokio::try_join!(first_page, calls)?;
                 (events, Some(calls))
             }
@@ -289,6 +290,7 @@ impl Run<'_> {
         // before matching can start.
         times.read_ms += t.elapsed().as_millis() as u64;
         let mut in_scope = Some(in_scope);
+        let mut groups_ahead = None;
         while !to_decide.is_empty() {
             times.events += to_decide.len();
             times.read += to_decide.len();
@@ -297,11 +299,12 @@ impl Run<'_> {
             // PostgreSQL extracts its keys while polars matches. Its events are not this page's,
             // the only ones the run writes before it reads them, so it reads what the run's
             // connection would. First it finds what the page's first chunk spans, and the calls
-            // for that chunk are read while this page's last chunk is matched.
+            // for that chunk are read while this page's last chunk is matched; after the page,
+            // the call groups it can match, which its first chunk would otherwise wait for.
             let (chunk_events, mut next_page) = (self.tuning.chunk_events, None);
             let reading = match in_scope.take() {
                 Some(mut scope) if !last && scope.reads_database() => {
-                    let pool = self.pool.clone();
+                    let (pool, job) = (self.pool.clone(), self.job.clone());
                     let (span, spanned) = tokio::sync::oneshot::channel();
                     next_page = Some(spanned);
                     Some(AbortOnDrop(tokio::spawn(async move {
@@ -310,7 +313,9 @@ impl Run<'_> {
                             // Unheard when this page has no sessionless events: nothing to read
                             // ahead; unsent on an error, which the page's read then returns.
                             let _ = span.send(scope.next_span(&mut other, chunk_events).await?);
-                            scope.next(&mut other, page).await
+                            let events = scope.next(&mut other, page).await?;
+                            let groups = matching::groups_for(&mut other, &job, &events).await?;
+                            anyhow::Ok((events, Some(groups)))
                         };
                         let next = next.await;
                         (scope, next)
@@ -322,7 +327,7 @@ impl Run<'_> {
                 }
             };
             let t = std::time::Instant::now();
-            let ahead = matching::Ahead { calls: calls_ahead.take(), next_page };
+            let ahead = matching::Ahead { calls: calls_ahead.take(), groups: groups_ahead.take(), next_page };
             let matching::Decided { decisions, hints, ahead } =
                 matching::decide(conn, self.pool, self.job, chunk_events, &to_decide, placed, ahead).await?;
             calls_ahead = ahead;
@@ -345,13 +350,13 @@ impl Run<'_> {
                 break;
             }
             let t = std::time::Instant::now();
-            to_decide = match reading {
+            (to_decide, groups_ahead) = match reading {
                 Some(mut task) => {
                     let (scope, next) = (&mut task.0).await.context("reading the next events")?;
                     in_scope = Some(scope);
                     next?
                 }
-                None => in_scope.as_mut().expect("kept when not read ahead").next(conn, page).await?,
+                None => (in_scope.as_mut().expect("kept when not read ahead").next(conn, page).await?, None),
             };
             times.read_ms += t.elapsed().as_millis() as u64;
         }
@@ -565,16 +570,6 @@ impl StageTimes {
         tracing::info!(events = read, elapsed_ms = read_ms, "stored events to match read");
         tracing::info!(events, elapsed_ms = match_ms, "matched");
         tracing::info!(stored, elapsed_ms = store_ms, "decisions stored");
-    }
-}
-
-/// A task that stops when the run stops waiting for it (an error on the way): it holds a
-/// connection, which goes back to the pool.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

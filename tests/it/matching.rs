@@ -508,6 +508,57 @@ crate::both_layouts! {
     }
 }
 
+/// A chunk's calls read on two connections (a rematch's: the later half of the range of starts
+/// on the second) are the calls read on one: the calls at either end and at the midpoint once,
+/// the long calls started before the range with the first half, the same columns with them.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn calls_read_on_two_connections_are_the_calls_read_on_one(pool: PgPool) {
+    // An event at 12:00 with windows 1 h either side: starts 09:00 (12:00 − 1 h − the 2 h a call
+    // may last) to 13:00, halved at 11:00; a call must end at 11:00 or later.
+    let calls = [
+        ("at-lo", "2026-11-02T09:00:00Z", Some("2026-11-02T11:05:00Z")),
+        ("ended-early", "2026-11-02T09:30:00Z", Some("2026-11-02T10:00:00Z")),
+        ("at-mid", "2026-11-02T11:00:00Z", None),
+        ("late", "2026-11-02T12:00:00Z", Some("2026-11-02T12:05:00Z")),
+        ("at-hi", "2026-11-02T13:00:00Z", Some("2026-11-02T13:05:00Z")),
+        ("after-hi", "2026-11-02T13:00:00.000001Z", None),
+        ("long", "2026-11-02T07:00:00Z", Some("2026-11-02T11:30:00Z")),
+        ("long-ended-early", "2026-11-02T07:00:00Z", Some("2026-11-02T10:30:00Z")),
+    ];
+    for g in ["g0", "g1"] {
+        add_group(&pool, g, json!({})).await;
+    }
+    for (i, (id, start, end)) in calls.into_iter().enumerate() {
+        Call::new(id, start, end).group(&format!("g{}", i % 2)).phone(&format!("555{i}"), "a1").insert(&pool).await;
+    }
+    let fields = [TargetField::Column("ani"), TargetField::Column("agent_id")];
+    let at = t("2026-11-02T12:00:00Z");
+    let hour = chrono::Duration::hours(1);
+    for placed in [false, true] {
+        let mut reads = Vec::new();
+        for second in [false, true] {
+            let mut conn = pool.acquire().await.unwrap();
+            let other = if second { Some(pool.acquire().await.unwrap()) } else { None };
+            let (calls, placement) =
+                callrecon::calldata::load_calls(&mut conn, other, &fields, (at, at), (hour, hour), placed, 0)
+                    .await
+                    .unwrap();
+            let mut rows: Vec<String> = (0..calls.ids.len())
+                .map(|i| {
+                    let values: Vec<&str> = fields.iter().map(|f| calls.fields[f].str(i)).collect();
+                    let hint = placement.hint(i).map(|h| (h.group, h.start));
+                    format!("{} {} {} {values:?} {hint:?}", calls.ids.str(i), calls.start[i], calls.end[i])
+                })
+                .collect();
+            rows.sort();
+            reads.push(rows);
+        }
+        let ids: Vec<&str> = reads[1].iter().map(|r| r.split(' ').next().unwrap()).collect();
+        assert_eq!(ids, ["at-hi", "at-lo", "at-mid", "late", "long"], "placed: {placed}");
+        assert_eq!(reads[0], reads[1], "placed: {placed}");
+    }
+}
+
 /// A batch's call groups are read with a plan for that batch's key values. A statement cached on
 /// the connection is planned generically from its sixth execution on, and PostgreSQL then
 /// compares every group with each key value in turn: in a 4× rematch in pages of 60k events,
