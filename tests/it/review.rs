@@ -606,7 +606,25 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Ends the WebDriver session first, so that chromedriver closes Chromium (killed alone, it
+    /// left Chromium's processes running after the tests), then stops chromedriver.
     fn drop(&mut self) {
+        use std::io::{Read as _, Write as _};
+        let quit = || -> std::io::Result<()> {
+            let url = reqwest::Url::parse(&self.session).expect("a session URL");
+            let addr = (url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(80));
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                stream,
+                "DELETE {} HTTP/1.1\r\nHost: {}:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                url.path(),
+                addr.0,
+                addr.1
+            )?;
+            stream.read_to_end(&mut Vec::new()).map(drop)
+        };
+        let _ = quit();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
