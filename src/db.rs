@@ -25,6 +25,17 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// A further connection from `pool` for work beside the run's own, within `wait`; otherwise
+/// why not (the pool cannot open one, or none was freed in time), for the caller to log before
+/// it does the work on its own connection.
+pub async fn spare_connection(pool: &PgPool, wait: Duration) -> Result<sqlx::pool::PoolConnection<Postgres>, String> {
+    match tokio::time::timeout(wait, pool.acquire()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("none free within {wait:?}")),
+    }
+}
+
 /// The default of `--database-url`.
 pub const DEFAULT_URL: &str = "postgres://localhost:5432/callrecon";
 

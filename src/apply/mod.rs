@@ -79,17 +79,10 @@ pub async fn start(
     let batch_groups = tuning.apply_batch_groups;
     let reader = match &rewritten {
         Some(stale) if stale.len() + new_matches <= tuning.page_events() && tuning.apply_reader => {
-            match tokio::time::timeout(std::time::Duration::from_secs(2), pool.acquire()).await {
-                Ok(Ok(reader)) => Some(reader),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "no second connection for apply's reads; reading after storing");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!("no second connection free for apply's reads; reading after storing");
-                    None
-                }
-            }
+            crate::db::spare_connection(pool, std::time::Duration::from_secs(2))
+                .await
+                .map_err(|why| tracing::warn!(why, "no second connection for apply's reads; reading after storing"))
+                .ok()
         }
         _ => None,
     };

@@ -287,17 +287,10 @@ async fn calls_for(
             // Waited for only when one is idle or can be opened: never for another's to be freed.
             let free = |pool: &PgPool| pool.num_idle() > 0 || pool.size() < pool.options().get_max_connections();
             let second = match split.filter(|pool| free(pool)) {
-                Some(pool) => match tokio::time::timeout(std::time::Duration::from_secs(1), pool.acquire()).await {
-                    Ok(Ok(other)) => Some(other),
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "no second connection to read calls on: reading on one");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!("no second connection free to read calls on: reading on one");
-                        None
-                    }
-                },
+                Some(pool) => crate::db::spare_connection(pool, std::time::Duration::from_secs(1))
+                    .await
+                    .map_err(|why| tracing::debug!(why, "no second connection to read calls on; reading on one"))
+                    .ok(),
                 None => None,
             };
             calldata::load_calls(conn, second, fields, (from, to), job.max_window(), placed, expected).await
