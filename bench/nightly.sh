@@ -9,15 +9,17 @@
 #   bench/nightly.sh drop      # drops the prepared database
 #
 # CALLS, EVENTS and NIGHTLY change the sizes of `prepare` (defaults: the full bench's 1x);
-# GEN_GROUPS=mixed prepares (and then times) the stress shape of call groups (bench/lib.sh).
+# GEN_GROUPS=mixed prepares (and then times) the stress shape of call groups, LAYOUT=partitioned
+# (with PARTITION_BY) a partitioned `calls` (bench/lib.sh), each in a database of its own.
 # Each copy is made with `create database … strategy file_copy`, which checkpoints: every page
 # the nightly changes gets a full-page image in the WAL, as it would in a real nightly.
 # The last run's log (JSON, debug level): ${TMPDIR:-/tmp}/callrecon-nightly/run.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-tpl=callrecon_bench_nightly_$GEN_GROUPS
-copy=callrecon_bench_nightly_${GEN_GROUPS}_copy
+layout=$([ "$LAYOUT" = partitioned ] && echo "_partitioned_$PARTITION_BY" || true)
+tpl=callrecon_bench_nightly_$GEN_GROUPS$layout
+copy=${tpl}_copy
 work="${TMPDIR:-/tmp}/callrecon-nightly"
 mkdir -p "$work"
 bench_jobs "$work"
@@ -29,7 +31,8 @@ case "${1:-3}" in
     url="$SERVER/$tpl"
     PSQL "$SERVER/postgres" -c "drop database if exists $tpl" -c "create database $tpl"
     "$BIN" --database-url "$url" migrate >/dev/null
-    "$BIN" --database-url "$url" gen calls --calls "$calls" --days 30 --groups "$GEN_GROUPS" >&2
+    "$BIN" --database-url "$url" gen calls --calls "$calls" --days 30 --groups "$GEN_GROUPS" \
+      --layout "$LAYOUT" --partition-by "$PARTITION_BY" >&2
     PSQL "$url" -c "vacuum analyze calls, call_groups"
     "$BIN" --database-url "$url" gen events --calls "$calls" --days 30 --groups "$GEN_GROUPS" --master-share "$MASTER_SHARE" \
       --from 2026-10-01T00:00:00Z --to 2026-10-31T00:00:00Z --count "$events" >&2
