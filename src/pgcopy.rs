@@ -129,7 +129,7 @@ impl Column {
         match (self, other) {
             (Column::Text(a), Column::Text(b)) => a.append(b),
             (Column::Timestamp(a), Column::Timestamp(b)) | (Column::Block(a), Column::Block(b)) => a.extend(b),
-            (a, b) => unreachable!("a {a:?} column appended with a {b:?} one"),
+            _ => unreachable!("columns are appended to columns of the same kinds"),
         }
     }
     /// The values of a column decoded as [`Kind::Block`]: block numbers.

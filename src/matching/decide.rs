@@ -67,7 +67,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     let (call_fields, group_fields) = calldata::fields(job);
     let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
 
-    let Ahead { calls: calls_ahead, groups: groups_ahead, next_page } = ahead;
+    let Ahead { calls: calls_ahead, groups: groups_ahead, mut next_page } = ahead;
     // The call groups, unless read with the page, are read on a second connection while the
     // run's connection reads the calls: committed call data either way (the run writes none
     // before apply).
@@ -125,7 +125,6 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         }
     }
 
-    let mut next_page = next_page;
     let mut read_ahead = None;
     if !sessionless.is_empty() {
         let pb = progress::bar("match", sessionless.len() as u64, "events");
