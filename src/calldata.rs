@@ -183,6 +183,7 @@ pub async fn load_calls(
             let mut later = AbortOnDrop(tokio::spawn(async move {
                 pgcopy::read(&mut other, &later, &later_kinds, rows / 2).await.context("reading calls")
             }));
+            // Room for both halves in the earlier one's columns: the later one is appended to them.
             let mut columns =
                 pgcopy::read(conn, &sql(lo, mid, true, false), &kinds, rows).await.context("reading calls")?;
             let later = (&mut later.0).await.context("reading calls")??;

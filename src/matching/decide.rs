@@ -78,8 +78,9 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         if sessionless.is_empty() || group_fields.is_empty() {
             return Ok(Default::default());
         }
+        let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
         let mut other = pool.acquire().await.context("connecting to read call groups")?;
-        read_groups(&mut other, job, events, &sessionless).await
+        read_groups(&mut other, job, &group_fields, &metas).await
     };
     let calls = async {
         let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
@@ -212,32 +213,37 @@ pub async fn groups_for<'e, E: Borrow<Subject<'e>>>(
     job: &Job,
     events: &[E],
 ) -> Result<calldata::Candidates> {
-    let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
-    let sessionless = sessionless(&events);
-    if sessionless.is_empty() || calldata::fields(job).1.is_empty() {
+    // The filters take the key values as a set: no need for the time order `decide` sorts in.
+    let metas: Vec<&Map<String, Value>> =
+        events.iter().map(Borrow::borrow).filter(|e| is_sessionless(e)).map(|e| &*e.metadata).collect();
+    let (_, group_fields) = calldata::fields(job);
+    if metas.is_empty() || group_fields.is_empty() {
         return Ok(Default::default());
     }
-    read_groups(conn, job, &events, &sessionless).await
+    read_groups(conn, job, &group_fields, &metas).await
 }
 
-/// The call groups the events at `sessionless` can match: only those passing the group rules'
-/// filters on their key values when the rules allow one ([`group_filters`]).
+/// The call groups events with the metadata `metas` can match: only those passing the group
+/// rules' filters on their key values when the rules allow one ([`group_filters`]).
 async fn read_groups(
     conn: &mut PgConnection,
     job: &Job,
-    events: &[&Subject<'_>],
-    sessionless: &[usize],
+    group_fields: &[crate::job::TargetField],
+    metas: &[&Map<String, Value>],
 ) -> Result<calldata::Candidates> {
-    let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
-    let filters = group_filters(job, &metas);
-    calldata::load_groups(conn, &calldata::fields(job).1, filters.as_deref()).await
+    let filters = group_filters(job, metas);
+    calldata::load_groups(conn, group_fields, filters.as_deref()).await
+}
+
+/// Whether the rules decide `event`: it has neither SessionId nor MasterId.
+fn is_sessionless(event: &Subject) -> bool {
+    event.session_id.is_none() && event.master_id.is_none()
 }
 
 /// The indices of `events` the rules decide (neither SessionId nor MasterId), in (EventTime,
 /// id) order: the order their chunks are matched in.
 fn sessionless(events: &[&Subject]) -> Vec<usize> {
-    let mut sessionless: Vec<usize> =
-        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_none()).collect();
+    let mut sessionless: Vec<usize> = (0..events.len()).filter(|&i| is_sessionless(events[i])).collect();
     sessionless.sort_by_key(|&i| (events[i].time, events[i].id));
     sessionless
 }
