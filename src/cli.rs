@@ -1,51 +1,59 @@
 //! Command-line definitions only (clap); `main.rs` dispatches.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// `callrecon --version`: the crate's version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CALLRECON_COMMIT"), ")");
 
 #[derive(Debug, Parser)]
-#[command(name = "callrecon", version, about = "Attach async metadata events to calls and report what did not match")]
+#[command(name = "callrecon", version = VERSION, about = "Attach async metadata events to calls and report what did not match")]
 pub struct Cli {
     /// PostgreSQL URL; the database is created if missing and migrated before any command.
-    #[arg(long, env = "DATABASE_URL", default_value = crate::db::DEFAULT_URL, global = true)]
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", default_value = crate::db::DEFAULT_URL, global = true, help_heading = GLOBAL)]
     pub database_url: String,
 
     /// Give up when the database cannot be reached or does not answer within this time
     /// (connecting, logging in, waiting for a free connection).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration, global = true, help_heading = GLOBAL)]
     pub connect_timeout: Duration,
 
     /// Give up on any one statement that runs longer (PostgreSQL's statement_timeout).
-    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration, global = true, help_heading = GLOBAL)]
     pub statement_timeout: Duration,
 
     /// Give up waiting for a lock someone else holds (PostgreSQL's lock_timeout): rows of calls,
     /// another job's apply.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration, global = true, help_heading = GLOBAL)]
     pub lock_timeout: Duration,
 
     /// Schema of callrecon's own tables and functions (created by `migrate` when missing).
-    #[arg(long = "schema", env = "CALLRECON_SCHEMA", default_value = "callrecon", global = true)]
+    #[arg(long = "schema", env = "CALLRECON_SCHEMA", value_name = "NAME", default_value = "callrecon", global = true, help_heading = GLOBAL)]
     pub schema: String,
 
     /// Schema of the platform's calls, call_groups and event_queue.
-    #[arg(long, env = "CALLRECON_PLATFORM_SCHEMA", default_value = "public", global = true)]
+    #[arg(long, env = "CALLRECON_PLATFORM_SCHEMA", value_name = "NAME", default_value = "public", global = true, help_heading = GLOBAL)]
     pub platform_schema: String,
 
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, help_heading = GLOBAL)]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The heading of the options every command takes, listed in a command's help after its own.
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
+    /// One line a message, for a person.
     Human,
+    /// One JSON object a line, for a log collector.
     Json,
 }
 
@@ -55,10 +63,14 @@ pub enum Command {
     Migrate,
     /// Print the SQL that gives ROLE the privileges callrecon needs to run (every command but
     /// `migrate`, `demo` and `gen`), for the configured schemas; connects to nothing.
-    Grants { role: String },
+    Grants {
+        /// The PostgreSQL role to grant to.
+        role: String,
+    },
     /// One reconciliation run: ingest, match, apply, report.
     Run {
-        #[arg(long)]
+        /// The job file.
+        #[arg(long, value_name = "FILE")]
         job: PathBuf,
         /// Compute and report everything, change no call data, consume no event.
         #[arg(long)]
@@ -72,21 +84,23 @@ pub enum Command {
     /// Re-evaluate rule-based matches of events with EventTime in [--since, --until) under the
     /// job's current rules and apply the differences.
     Rematch {
-        #[arg(long)]
+        /// The job file, with the rules to decide by.
+        #[arg(long, value_name = "FILE")]
         job: PathBuf,
         /// Start of the EventTime range (inclusive); a time without offset is in the job's timezone.
-        #[arg(long)]
+        #[arg(long, value_name = "TIME")]
         since: Option<String>,
         /// End of the EventTime range (exclusive).
-        #[arg(long)]
+        #[arg(long, value_name = "TIME")]
         until: Option<String>,
+        /// Compute and report the changes, write none.
         #[arg(long)]
         dry_run: bool,
     },
     /// Long-running: each job at its cron times in its time zone, one run at a time per job.
     Schedule {
         /// A job file with a `schedule`; repeat for several jobs.
-        #[arg(long = "job", required = true)]
+        #[arg(long = "job", value_name = "FILE", required = true)]
         jobs: Vec<PathBuf>,
         /// Serve Prometheus metrics at http://ADDR/metrics and a health check at /healthz
         /// (port 0: a free port; the address is printed on stdout).
@@ -95,29 +109,32 @@ pub enum Command {
     },
     /// Why an event did or did not match: each rule, its keys, candidates and decision.
     Explain {
-        #[arg(long)]
+        /// The job file, with the rules to explain by.
+        #[arg(long, value_name = "FILE")]
         job: PathBuf,
+        /// The event's id (the report's first column).
         event_id: i64,
     },
     /// Decide an unmatched event by hand (attach it to a call or group, or dismiss it), or apply
     /// the filled-in `resolve_to` column of a report's unmatched.csv; all or nothing.
     Resolve {
-        #[arg(long)]
+        /// The job file of the event's job.
+        #[arg(long, value_name = "FILE")]
         job: PathBuf,
         /// The event (without --file).
         #[arg(required_unless_present = "file", conflicts_with = "file")]
         event_id: Option<i64>,
         /// call:ID, group:ID or dismiss (without --file).
-        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        #[arg(long, value_name = "DECISION", required_unless_present = "file", conflicts_with = "file")]
         to: Option<String>,
         /// An unmatched.csv with resolve_to (and note) filled in where decided.
-        #[arg(long)]
+        #[arg(long, value_name = "CSV")]
         file: Option<PathBuf>,
         /// Why (needed to dismiss).
         #[arg(long, conflicts_with = "file")]
         note: Option<String>,
-        /// Who decides (recorded with the decision).
-        #[arg(long, env = "USER")]
+        /// Who decides, recorded with the decision (default: the operating-system user).
+        #[arg(long, env = "USER", value_name = "NAME")]
         by: Option<String>,
         /// Check and show what would change; change nothing.
         #[arg(long)]
@@ -125,27 +142,35 @@ pub enum Command {
     },
     /// Undo a manual decision: the event is pending again, decided by the rules at the next run.
     Reopen {
-        #[arg(long)]
+        /// The job file of the event's job.
+        #[arg(long, value_name = "FILE")]
         job: PathBuf,
+        /// The event whose manual decision to undo.
         event_id: i64,
+        /// Why, recorded in the event's history.
         #[arg(long)]
         note: Option<String>,
-        #[arg(long, env = "USER")]
+        /// Who reopens, recorded with it (default: the operating-system user).
+        #[arg(long, env = "USER", value_name = "NAME")]
         by: Option<String>,
     },
     /// Every change of an event's decision, oldest first.
     History {
+        /// The event.
         event_id: i64,
+        /// Text for a person, JSON for tools.
         #[arg(long, value_enum, default_value_t = HistoryFormat::Text)]
         format: HistoryFormat,
     },
     /// Revert the decisions run RUN made that are still as it left them; a recorded run with a
     /// report.
     Undo {
+        /// The run (or rematch) whose decisions to revert (`report list` shows the runs).
         run: i64,
         /// The job file (default: the one RUN was started with).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         job: Option<PathBuf>,
+        /// Show what would be reverted; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -153,7 +178,7 @@ pub enum Command {
     /// the rows that differ; exit 4 when some do (and are not repaired).
     Verify {
         /// Check only the rows this job's matched events reach (values still merge every job's events).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         job: Option<PathBuf>,
         /// Write the expected values, all or nothing, holding the apply lock.
         #[arg(long)]
@@ -161,7 +186,8 @@ pub enum Command {
     },
     /// Put the events of files (inbox formats) on event_queue.
     Enqueue {
-        #[arg(required = true)]
+        /// Files in the inbox formats: .json, .ndjson/.jsonl, .csv.
+        #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
     /// Past runs and their reports.
@@ -176,34 +202,60 @@ pub enum Command {
     },
     /// Load samples/ into the database and run jobs/demo.toml.
     Demo {
-        #[arg(long, default_value = "samples")]
+        /// The sample data's folder.
+        #[arg(long, value_name = "DIR", default_value = "samples")]
         samples: PathBuf,
-        #[arg(long, default_value = "jobs/demo.toml")]
+        /// The demo's job file.
+        #[arg(long, value_name = "FILE", default_value = "jobs/demo.toml")]
         job: PathBuf,
     },
     /// The intake API: POST /token, POST /callevent/v1/outofband/event and …/masterCall,
     /// GET /healthz, /metrics, /openapi.json; and the analysts' review desk at /review.
     Serve(ServeArgs),
-    /// Users of the intake API.
+    /// Users of the intake API and analysts of the review desk.
     Users {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Write a man page per command and the shell completions into DIR (scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write `man/*.1` and `completions/` (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// Writes a man page per command (`man/callrecon.1`, `man/callrecon-run.1`, …) and the shell
+/// completions (`completions/callrecon.bash`, `completions/_callrecon`,
+/// `completions/callrecon.fish`) into `dir`, from the definitions above.
+pub fn generate_docs(dir: &Path) -> std::io::Result<()> {
+    let man = dir.join("man");
+    std::fs::create_dir_all(&man)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "callrecon", &completions)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ReportCommand {
     /// Recent runs, newest first.
     List {
-        /// Only this job's runs.
-        #[arg(long)]
+        /// Only this job's runs (its name).
+        #[arg(long, value_name = "NAME")]
         job: Option<String>,
+        /// How many runs.
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
     /// One run's report.
     Show {
+        /// The run's id (`report list`).
         run: i64,
+        /// Which of the report's files to print: text is a summary of report.json.
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
     },
@@ -211,15 +263,21 @@ pub enum ReportCommand {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum HistoryFormat {
+    /// A table for a person.
     Text,
+    /// JSON for tools.
     Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ReportFormat {
+    /// The summary and the unmatched events, for a terminal.
     Text,
+    /// report.json.
     Json,
+    /// unmatched.csv.
     Csv,
+    /// report.html.
     Html,
 }
 
@@ -232,8 +290,10 @@ pub struct GenScale {
     /// Days the calls span, ending at --until.
     #[arg(long, default_value_t = 30)]
     pub days: u32,
+    /// End of the calls' span.
     #[arg(long, default_value = "2026-10-31T00:00:00Z")]
     pub until: chrono::DateTime<chrono::Utc>,
+    /// Seed of the random generator: the same seed gives the same data.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// How calls are put in call groups.
@@ -259,10 +319,13 @@ pub enum GenCommand {
     Events {
         #[command(flatten)]
         scale: GenScale,
+        /// Start of the calls' range the events are about (RFC 3339).
         #[arg(long)]
         from: chrono::DateTime<chrono::Utc>,
+        /// End of that range (exclusive).
         #[arg(long)]
         to: chrono::DateTime<chrono::Utc>,
+        /// How many events.
         #[arg(long)]
         count: u64,
         /// Distinguishes batches generated over the same range.
@@ -322,14 +385,18 @@ impl Default for ReviewArgs {
 pub enum UsersCommand {
     /// Create an API user; prints its client id and secret (the only time the secret is shown).
     Add {
+        /// The user's name (a customer system, or an analyst's login).
         name: String,
         /// A role to grant (repeatable): AsyncMetaData may post events; Analyst (a person) signs
         /// in to the review desk with the name and secret.
-        #[arg(long = "role", value_parser = ["AsyncMetaData", "Analyst"])]
+        #[arg(long = "role", value_name = "AsyncMetaData|Analyst", required = true, value_parser = ["AsyncMetaData", "Analyst"])]
         roles: Vec<String>,
     },
     /// Every API user, active and revoked.
     List,
     /// Revoke a user: its secret and tokens stop working at once.
-    Revoke { name: String },
+    Revoke {
+        /// The user's name.
+        name: String,
+    },
 }

@@ -146,13 +146,13 @@ pub async fn connect(url: &str) -> Result<PgPool> {
     let options = session(url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?);
     let exists = within(async { Ok(Postgres::database_exists(url).await?) })
         .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(url)))?;
+        .with_context(|| format!("cannot reach PostgreSQL at {}", which_url(url)))?;
     if !exists {
         let created = within(async { Ok(Postgres::create_database(url).await?) }).await;
         if let Err(e) = created {
             // Another process may have created it meanwhile.
             if !within(async { Ok(Postgres::database_exists(url).await?) }).await.unwrap_or(false) {
-                return Err(e).with_context(|| format!("cannot create database {}", redact(url)));
+                return Err(e).with_context(|| format!("cannot create database {}", which_url(url)));
             }
         }
         tracing::info!(database = %redact(url), "created database");
@@ -325,6 +325,17 @@ pub const OWN_TABLES: [&str; 10] = [
     // 0014
     "review_sessions",
 ];
+
+/// The URL a connection failed with (without its password), and how to give another: a role or
+/// database that does not exist is most often the wrong URL (the default one, or a URL without a
+/// user, which logs in as the operating-system user).
+fn which_url(url: &str) -> String {
+    let default = if url == DEFAULT_URL { "the default; " } else { "" };
+    format!(
+        "{} ({default}set DATABASE_URL or --database-url to postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
+        redact(url)
+    )
+}
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {

@@ -114,6 +114,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         print!("{}", db::grants(&db::schemas(), role));
         return Ok(());
     }
+    if let Command::GenerateDocs { dir } = &cli.command {
+        return callrecon::cli::generate_docs(dir).with_context(|| format!("writing into {}", dir.display()));
+    }
     let pool = match db::connect(&cli.database_url).await {
         Ok(pool) => pool,
         Err(e) => {
@@ -125,7 +128,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
     };
     match cli.command {
-        Command::Schedule { .. } | Command::Grants { .. } => unreachable!("handled above"),
+        Command::Schedule { .. } | Command::Grants { .. } | Command::GenerateDocs { .. } => {
+            unreachable!("handled above")
+        }
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
         Command::Run { dry_run, metrics_file, .. } => {
             let job = job.expect("loaded above");

@@ -4,6 +4,7 @@
 mod apply;
 mod backlog;
 mod browser;
+mod cli;
 mod crash;
 mod demo;
 mod docs;

@@ -188,7 +188,7 @@ async fn users_cli_adds_lists_and_revokes(pool: PgPool) {
     assert_eq!(again.status.code(), Some(1));
     assert!(stderr(&again).contains("no active API user named \"acme\""), "{}", stderr(&again));
     // The name is free again.
-    assert!(callrecon(&pool, &["users", "add", "acme"]).await.status.success());
+    assert!(callrecon(&pool, &["users", "add", "acme", "--role", "AsyncMetaData"]).await.status.success());
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]
