@@ -226,8 +226,8 @@ fn links(text: &str) -> Vec<(usize, String)> {
 /// and every `jobs/*.toml` it names anywhere (absolute paths, an installation's, aside).
 #[test]
 fn every_file_link_and_anchor_the_docs_name_exists() {
-    const TOP: [&str; 10] =
-        ["jobs/", "docs/", "scripts/", "bench/", "samples/", "sql/", "src/", "tests/", "examples/", ".ci/"];
+    const TOP: [&str; 11] =
+        ["jobs/", "docs/", "scripts/", "bench/", "samples/", "sql/", "src/", "tests/", "examples/", ".ci/", "pkg/"];
     let mut problems = Vec::new();
     for (file, text) in docs() {
         let dir = Path::new(&file).parent().unwrap().to_owned();
@@ -272,6 +272,20 @@ fn every_file_link_and_anchor_the_docs_name_exists() {
         }
     }
     assert!(problems.is_empty(), "the docs name files or anchors that do not exist:\n{}", problems.join("\n"));
+}
+
+/// The job files the repository ships (the demo's, the package's example) are valid jobs.
+#[test]
+fn every_job_file_shipped_is_valid() {
+    let mut files: Vec<PathBuf> =
+        walk(&root().join("jobs")).into_iter().chain(walk(&root().join("pkg/examples"))).collect();
+    files.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+    assert!(files.len() >= 2, "{files:?}");
+    for file in files {
+        if let Err(e) = callrecon::job::load(&file) {
+            panic!("{e}");
+        }
+    }
 }
 
 /// Every `CALLRECON_*` variable the docs name is read by the code (or the scripts).
