@@ -354,6 +354,12 @@ fn normalised(text: &str, job_dir: &Path) -> String {
         .join("\n")
 }
 
+/// The number in `text` right after `before`.
+fn number_after(text: &str, before: &str) -> u64 {
+    let at = text.find(before).unwrap_or_else(|| panic!("{before:?} in {text}")) + before.len();
+    text[at..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
 /// The demo's first and second run as the docs quote them, `explain` of the event the README
 /// names, the rematch after the README's rule change, and samples/README.md's figures.
 #[sqlx::test(migrator = "MIGRATOR")]
@@ -373,12 +379,17 @@ async fn the_demo_output_the_docs_quote_is_what_it_prints(pool: PgPool) {
         let to = part[from..].find("report.html").unwrap() + from + "report.html".len();
         normalised(&part[from..to], dir.path())
     };
+    // The sample data as the README describes it.
+    let loaded = demo.lines().find_map(|l| l.strip_prefix("loaded ")).expect("the demo loads the samples");
+    let (groups, calls) = (number_after(loaded, ""), number_after(loaded, "call groups and "));
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let prose = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(prose.contains(&format!("is {calls} calls in {groups} call groups")), "README: {loaded}");
     let mut actual = BTreeMap::new();
     actual.insert("demo first run", summary(runs[0]));
     actual.insert("demo second run", summary(runs[1]));
 
     // The event the README explains: the first of the demo's ambiguous events.
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let explained: i64 = readme
         .lines()
         .find_map(|l| l.strip_prefix("callrecon explain --job jobs/demo.toml "))
@@ -423,10 +434,6 @@ async fn the_demo_output_the_docs_quote_is_what_it_prints(pool: PgPool) {
 
     // samples/README.md: what the demo queues, rejects and ingests.
     let samples_readme = std::fs::read_to_string(root().join("samples/README.md")).unwrap();
-    let number_after = |text: &str, before: &str| -> u64 {
-        let at = text.find(before).unwrap_or_else(|| panic!("{before:?} in {text}")) + before.len();
-        text[at..].split_whitespace().next().unwrap().parse().unwrap()
-    };
     let first = sqlx::query_scalar::<_, sqlx::types::Json<callrecon::report::Summary>>(
         "select summary from runs order by id limit 1",
     )
@@ -435,6 +442,7 @@ async fn the_demo_output_the_docs_quote_is_what_it_prints(pool: PgPool) {
     .unwrap()
     .0;
     let prose = samples_readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let prose = prose.as_str();
     assert_eq!(number_after(&prose, "the demo queues "), number_after(&demo, "queued "));
     assert_eq!(number_after(&prose, "its first run reports "), first.rejected);
     assert_eq!(number_after(&prose, "It ingests the "), first.ingested);
