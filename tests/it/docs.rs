@@ -443,7 +443,7 @@ async fn the_demo_output_the_docs_quote_is_what_it_prints(pool: PgPool) {
     .0;
     let prose = samples_readme.split_whitespace().collect::<Vec<_>>().join(" ");
     let prose = prose.as_str();
-    assert_eq!(number_after(&prose, "the demo queues "), number_after(&demo, "queued "));
-    assert_eq!(number_after(&prose, "its first run reports "), first.rejected);
-    assert_eq!(number_after(&prose, "It ingests the "), first.ingested);
+    assert_eq!(number_after(prose, "the demo queues "), number_after(&demo, "queued "));
+    assert_eq!(number_after(prose, "its first run reports "), first.rejected);
+    assert_eq!(number_after(prose, "It ingests the "), first.ingested);
 }
