@@ -22,6 +22,7 @@ mod retry;
 mod review;
 mod run;
 mod schedule;
+mod sdk;
 mod serve;
 mod tidy;
 mod verify;
