@@ -41,7 +41,6 @@ use axum::routing::{any, get, post};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 
 use crate::cli::ServeArgs;
@@ -94,7 +93,7 @@ const IDEMPOTENCY_KEYS_KEPT: &str = "24 hours";
 /// accepted and stops.
 pub async fn run(pool: &PgPool, args: &ServeArgs) -> Result<()> {
     // A pool of its own: one connection per writer plus tokens and health checks.
-    let pool = PgPoolOptions::new()
+    let pool = crate::db::pool_options()
         .max_connections(args.writers + 4)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with((*pool.connect_options()).clone())
@@ -158,6 +157,14 @@ fn router(
         issued: metrics.tokens_issued.clone(),
     };
     let app = App { pool, writer, max_body: args.max_body, metrics: metrics.clone() };
+    // Behind a transaction pooler the desk's statements would have no search path: it needs a
+    // session (docs/database.md).
+    let desk = match crate::db::pooler() {
+        crate::db::Pooler::Session => review::router(desk),
+        crate::db::Pooler::Transaction => Router::new()
+            .route("/review", any(desk_needs_a_session))
+            .route("/review/{*rest}", any(desk_needs_a_session)),
+    };
     let routes = Router::new()
         .route(EVENT_PATH, post(post_event))
         .route(MASTER_CALL_PATH, post(post_master_call))
@@ -167,7 +174,7 @@ fn router(
         .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .with_state(app)
         .merge(Router::new().route(TOKEN_PATH, post(auth::token)).with_state(issuer))
-        .merge(review::router(desk))
+        .merge(desk)
         .layer(DefaultBodyLimit::max(args.max_body))
         .layer(axum::middleware::from_fn_with_state(metrics, metrics::track));
     // The paths are made canonical before routing.
@@ -181,6 +188,11 @@ async fn case_not_handled() -> Response {
     let endpoints = [TOKEN_PATH, EVENT_PATH, MASTER_CALL_PATH].map(|p| format!("POST {p}"));
     (StatusCode::NOT_FOUND, axum::Json(json!({"error": "not_found", "message": message, "endpoints": endpoints})))
         .into_response()
+}
+
+async fn desk_needs_a_session() -> Response {
+    let message = "the review desk needs sessions of its own: serve it with --pooler session (docs/database.md)";
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "unavailable", "message": message}))).into_response()
 }
 
 async fn post_event(State(app): State<App>, request: Request) -> Response {
@@ -315,7 +327,8 @@ fn bad_request(field: Option<&str>, message: &str) -> Response {
 }
 
 async fn healthz(State(app): State<App>) -> Response {
-    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&app.pool);
+    let ping =
+        async { sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut *crate::db::begin(&app.pool).await?).await };
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => axum::Json(json!({"status": "ok"})).into_response(),
         Ok(Err(e)) => unavailable(&format!("database: {e}")),
@@ -332,17 +345,24 @@ async fn housekeeping(pool: PgPool) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         every.tick().await;
-        let tokens =
-            sqlx::query("delete from api_tokens where expires_at < now() - interval '1 day'").execute(&pool).await;
-        let keys = sqlx::query("delete from api_idempotency where created_at < now() - $1::interval")
-            .bind(IDEMPOTENCY_KEYS_KEPT)
-            .execute(&pool)
-            .await;
+        let tokens = crate::db::execute(
+            &pool,
+            sqlx::query("delete from api_tokens where expires_at < now() - interval '1 day'"),
+        )
+        .await;
+        let keys = crate::db::execute(
+            &pool,
+            sqlx::query("delete from api_idempotency where created_at < now() - $1::interval")
+                .bind(IDEMPOTENCY_KEYS_KEPT),
+        )
+        .await;
         match (tokens, keys) {
             (Ok(t), Ok(k)) => tracing::debug!(tokens = t.rows_affected(), keys = k.rows_affected(), "housekeeping"),
             (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "housekeeping failed; will retry in an hour"),
         }
-        if let Err(e) = review::housekeeping(&pool).await {
+        if crate::db::pooler() == crate::db::Pooler::Session
+            && let Err(e) = review::housekeeping(&pool).await
+        {
             tracing::warn!(error = %crate::db::error_line(&e), "forgetting expired review sessions failed; will retry in an hour");
         }
     }
