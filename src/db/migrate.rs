@@ -15,8 +15,8 @@
 //!   attached.
 //!
 //! Nothing is created or locked when every migration is applied already: a role that may only
-//! read call data and use callrecon's tables (docs, "Privileges") runs every command but
-//! `migrate` after the owner migrated.
+//! read call data and use callrecon's tables (docs/database.md, "Privileges") runs every command
+//! but `migrate` after the owner migrated.
 
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@ mod backlog;
 mod browser;
 mod crash;
 mod demo;
+mod docs;
 mod footprint;
 mod fuzz;
 mod helpers;
