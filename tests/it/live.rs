@@ -171,6 +171,8 @@ async fn triggers_wait_out_a_long_transaction_without_holding_up_the_platforms_i
     let mut long = pool.begin().await.unwrap();
     sqlx::query("insert into calls (id, started_at) values ('long', now())").execute(&mut *long).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // Each of migrate's lock requests waits at most 200 ms, and the writer's inserts queued behind
+    // it as long, with the moment the migration then holds its lock: 500 ms leaves room for both.
     let writing = writer(&pool, &stop, Duration::from_millis(500));
     let url = database_url(&pool).await;
     let migrating = tokio::spawn(async move { callrecon_url(&url, &["migrate"], &[OWN_SCHEMA]).await });

@@ -48,14 +48,7 @@ async fn migrate_enqueue_run_rematch_and_the_api_work_in_transaction_pooling(poo
     assert_eq!(applied as usize, callrecon::db::MIGRATOR.iter().count());
 
     // The platform's calls; events from a file, enqueued and run through the pooler.
-    Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
-        .phone("5551234567", "a1")
-        .insert(&pool)
-        .await;
-    Call::new("c-a2", "2026-11-02T10:20:00Z", Some("2026-11-02T10:25:00Z"))
-        .phone("5551234567", "a2")
-        .insert(&pool)
-        .await;
+    crate::apply::two_agent_calls(&pool).await;
     add_group(&pool, "g1", json!({})).await;
     Call::new("c-s1", "2026-11-02T11:00:00Z", None).session("s1").group("g1").insert(&pool).await;
     let job = TestJob::new(RULES);
