@@ -300,6 +300,9 @@ async fn create_if_missing(options: &PgConnectOptions, url: &str) -> Result<()> 
         };
     }
     let name = options.get_database().unwrap_or(options.get_username()).to_owned();
+    if !auto_migrate() {
+        bail!("database {} does not exist and --no-migrate is given: `callrecon migrate` creates it", ident(&name));
+    }
     let maintenance = options.clone().database(if name == "postgres" { "template1" } else { "postgres" });
     let created = within(async {
         let mut conn = maintenance.connect().await?;

@@ -205,6 +205,18 @@ async fn with_no_migrate_commands_refuse_while_migrations_are_pending(pool: PgPo
     let out = callrecon_env(&pool, &["report", "list"], &[OWN_SCHEMA, ("CALLRECON_NO_MIGRATE", "1")]).await;
     assert_eq!(out.status.code(), Some(1), "the setting in the environment: {}", stderr(&out));
 
+    // Nor is a missing database created.
+    let mut missing = url::Url::parse(&database_url(&pool).await).unwrap();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    missing.set_path(&format!("callrecon_absent_{}_{nanos}", std::process::id()));
+    let missing = missing.to_string();
+    let out = callrecon_url(&missing, &["--no-migrate", "report", "list"], &[OWN_SCHEMA]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist and --no-migrate is given"), "{}", stderr(&out));
+    let name = missing.rsplit('/').next().unwrap().to_owned();
+    let created = count(&pool, &format!("select count(*) from pg_database where datname = '{name}'")).await;
+    assert_eq!(created, 0);
+
     let out = callrecon_env(&pool, &["--no-migrate", "migrate"], &[OWN_SCHEMA]).await;
     assert!(out.status.success(), "`migrate` migrates: {}", stderr(&out));
     let out = callrecon_env(&pool, &["--no-migrate", "report", "list"], &[OWN_SCHEMA]).await;
