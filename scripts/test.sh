@@ -17,5 +17,11 @@ if ! command -v promtool >/dev/null; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >&2
 fi
+# The pooler tests put Debian's PgBouncer in front of the test server (each test starts its own).
+if [ ! -x /usr/sbin/pgbouncer ]; then
+  echo "test.sh: installing Debian's pgbouncer for the connection-pooler tests" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends pgbouncer >&2
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo test --all-targets "$@"

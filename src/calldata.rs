@@ -181,6 +181,7 @@ pub async fn load_calls(
             let mid = lo + (hi - lo) / 2;
             let (later, later_kinds) = (sql(mid, hi, false, true), kinds.clone());
             let mut later = AbortOnDrop(tokio::spawn(async move {
+                let mut other = crate::db::begin_on(&mut other).await.context("reading calls")?;
                 pgcopy::read(&mut other, &later, &later_kinds, rows / 2).await.context("reading calls")
             }));
             // Room for both halves in the earlier one's columns: the later one is appended to them.

@@ -12,7 +12,9 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CALL
 #[derive(Debug, Parser)]
 #[command(name = "callrecon", version = VERSION, about = "Attach async metadata events to calls and report what did not match")]
 pub struct Cli {
-    /// PostgreSQL URL; the database is created if missing and migrated before any command.
+    /// PostgreSQL URL; the database is created if missing and migrated before any command. TLS
+    /// as libpq's URLs say it: `sslmode=disable|prefer|require|verify-ca|verify-full`,
+    /// `sslrootcert`, `sslcert`, `sslkey`.
     #[arg(long, env = "DATABASE_URL", value_name = "URL", default_value = crate::db::DEFAULT_URL, global = true, help_heading = GLOBAL)]
     pub database_url: String,
 
@@ -29,6 +31,18 @@ pub struct Cli {
     /// another job's apply.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration, global = true, help_heading = GLOBAL)]
     pub lock_timeout: Duration,
+
+    /// How connections reach PostgreSQL: `session` (directly, or PgBouncer in session pooling)
+    /// or `transaction` (PgBouncer in transaction pooling: every statement in a transaction that
+    /// sets callrecon's settings itself; `migrate`, `run`, `rematch`, `undo`, `enqueue`,
+    /// `schedule`, `verify` and `serve`'s intake API only).
+    #[arg(long, value_enum, env = "CALLRECON_POOLER", default_value_t = crate::db::Pooler::Session, global = true, help_heading = GLOBAL)]
+    pub pooler: crate::db::Pooler,
+
+    /// Do not apply pending migrations: refuse to work while any is pending, naming them (apply
+    /// them with `callrecon migrate`, in a maintenance window of your choosing).
+    #[arg(long, env = "CALLRECON_NO_MIGRATE", global = true, value_parser = clap::builder::FalseyValueParser::new(), help_heading = GLOBAL)]
+    pub no_migrate: bool,
 
     /// Schema of callrecon's own tables and functions (created by `migrate` when missing).
     #[arg(long = "schema", env = "CALLRECON_SCHEMA", value_name = "NAME", default_value = "callrecon", global = true, help_heading = GLOBAL)]

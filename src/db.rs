@@ -4,12 +4,12 @@
 //! platform's `calls`, `call_groups` and `event_queue` in theirs ([`Schemas::platform`]); every
 //! connection's `search_path` names both, ours first, so queries name tables unqualified.
 
+pub mod migrate;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use sqlx::migrate::MigrateDatabase;
-use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection, PgPool, Postgres};
 
@@ -110,24 +110,143 @@ fn search_path(s: &Schemas) -> String {
     format!("{}, {}", ident(&s.own), ident(&s.platform))
 }
 
-/// callrecon's settings for its connections.
-pub fn session(options: PgConnectOptions) -> PgConnectOptions {
+/// How callrecon's connections reach PostgreSQL (`--pooler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Pooler {
+    /// Each connection is a session of its own: a direct connection, or PgBouncer in session
+    /// pooling. callrecon's settings are `SET` once, after connecting.
+    #[default]
+    Session,
+    /// PgBouncer (or another pooler) in transaction pooling: a connection is a PostgreSQL session
+    /// only for the length of a transaction. Every statement runs in a transaction that sets
+    /// callrecon's settings with `SET LOCAL` first and drops prepared statements it did not make;
+    /// statements are never cached across transactions. Commands that need a session are refused.
+    Transaction,
+}
+
+static POOLER: OnceLock<Pooler> = OnceLock::new();
+
+/// Sets how this process's connections reach PostgreSQL; once, at start (later calls are
+/// ignored). Without it, [`Pooler::Session`].
+pub fn set_pooler(pooler: Pooler) {
+    let _ = POOLER.set(pooler);
+}
+
+pub fn pooler() -> Pooler {
+    POOLER.get().copied().unwrap_or_default()
+}
+
+static MIGRATE: OnceLock<bool> = OnceLock::new();
+
+/// Whether [`connect`] applies pending migrations (the default) or, with `--no-migrate`, refuses
+/// to work while any is pending. Once, at start.
+pub fn set_auto_migrate(migrate: bool) {
+    let _ = MIGRATE.set(migrate);
+}
+
+fn auto_migrate() -> bool {
+    MIGRATE.get().copied().unwrap_or(true)
+}
+
+/// callrecon's settings as statements: `SET` (`scope` empty) or `SET LOCAL` (`scope` "local").
+/// The values are our own (timeouts, the schemas given on the command line, quoted).
+fn settings_sql(scope: &str) -> String {
     let t = timeouts();
+    // Our big statements are many index probes, costed high enough for PostgreSQL to
+    // JIT-compile them on every run: compiling costs more than it saves.
+    format!(
+        "set {scope} search_path = {}; set {scope} statement_timeout = {}; set {scope} lock_timeout = {}; \
+         set {scope} jit = off",
+        search_path(&schemas()),
+        t.statement.as_millis(),
+        t.lock.as_millis(),
+    )
+}
+
+/// The options of callrecon's connections to `url`: its TLS settings (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`) as given, `application_name = callrecon` (a startup parameter PgBouncer
+/// passes on in every pooling mode), and no statement cache across transactions behind a
+/// transaction pooler. The other settings are `SET` after connecting ([`pool_options`], [`open`]),
+/// never sent as startup `options`, which PgBouncer refuses.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options: PgConnectOptions = url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?;
     // Long statements are expected (bulk matching and apply): sqlx's per-statement warnings
     // with their full SQL would drown the run's own log. Available with RUST_LOG=sqlx=debug.
-    options
+    let options = options
         // Operators (and the fault tests) can tell callrecon's sessions in pg_stat_activity.
         .application_name("callrecon")
         .log_statements(log::LevelFilter::Trace)
-        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1))
-        // Our big statements are many index probes, costed high enough for PostgreSQL to
-        // JIT-compile them on every run: compiling costs more than it saves.
-        .options([
-            ("jit", "off".to_owned()),
-            ("statement_timeout", format!("{}ms", t.statement.as_millis())),
-            ("lock_timeout", format!("{}ms", t.lock.as_millis())),
-            ("search_path", search_path(&schemas())),
-        ])
+        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1));
+    Ok(match pooler() {
+        Pooler::Session => options,
+        // A cached statement lives on the server connection it was prepared on, which the
+        // pooler hands to another client after the transaction.
+        Pooler::Transaction => options.statement_cache_capacity(0),
+    })
+}
+
+/// Sets callrecon's settings on a new connection: for the session in [`Pooler::Session`]; behind
+/// a transaction pooler nothing (each transaction sets them: [`begin`]).
+async fn set_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    if pooler() == Pooler::Session {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(settings_sql(""))).execute(conn).await?;
+    }
+    Ok(())
+}
+
+/// Pool options with callrecon's settings set on every connection the pool opens (reconnects
+/// included); the caller sizes it.
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().after_connect(|conn, _| Box::pin(set_session(conn)))
+}
+
+/// One connection outside a pool, with callrecon's settings, within the connect timeout.
+pub async fn open(options: &PgConnectOptions) -> Result<PgConnection> {
+    within(async {
+        let mut conn = options.connect().await?;
+        set_session(&mut conn).await?;
+        Ok(conn)
+    })
+    .await
+}
+
+/// How a transaction starts: `BEGIN` with its isolation, then, behind a transaction pooler,
+/// callrecon's settings for this transaction and no prepared statement of another.
+pub(crate) fn begin_sql(isolation: &str) -> String {
+    match pooler() {
+        Pooler::Session => format!("begin{isolation}"),
+        // Prepared statements outlive a transaction on the server's connection, which the pooler
+        // then hands to another client: one of callrecon's own, say, preparing the same name.
+        Pooler::Transaction => format!("begin{isolation}; {}; deallocate all", settings_sql("local")),
+    }
+}
+
+/// A transaction on a connection from `pool`: what every statement of callrecon runs in (or on
+/// a connection holding one), so that behind a transaction pooler it has its settings. Dropped
+/// without a commit, it rolls back: for reads, dropping it is the end.
+pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with(sqlx::AssertSqlSafe(begin_sql(""))).await
+}
+
+/// [`begin`] on a connection of one's own.
+pub async fn begin_on(conn: &mut PgConnection) -> Result<sqlx::Transaction<'_, Postgres>, sqlx::Error> {
+    conn.begin_with(sqlx::AssertSqlSafe(begin_sql(""))).await
+}
+
+/// [`begin_on`] for reads in one snapshot: repeatable read, read only.
+pub async fn begin_snapshot(conn: &mut PgConnection) -> Result<sqlx::Transaction<'_, Postgres>, sqlx::Error> {
+    conn.begin_with(sqlx::AssertSqlSafe(begin_sql(" isolation level repeatable read, read only"))).await
+}
+
+/// Runs `statement` alone in a transaction of its own ([`begin`]) and commits it.
+pub async fn execute(
+    pool: &PgPool,
+    statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    let mut tx = begin(pool).await?;
+    let done = statement.execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(done)
 }
 
 /// `f`, or an error saying that it did not finish within the connect timeout.
@@ -139,148 +258,66 @@ pub async fn within<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
     }
 }
 
-/// Connects to `url`, creating the database if it does not exist, and applies pending migrations.
-/// Every step is bounded by the connect timeout: a server that accepts connections and never
-/// answers is an error, not a hang.
+/// Whether `e` is PostgreSQL's error `code` (SQLSTATE).
+pub fn is_code(e: &sqlx::Error, code: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+}
+
+/// Connects to `url`, creating the database if it does not exist, and applies pending migrations
+/// (or, with `--no-migrate`, refuses while any is pending). Every step is bounded by the connect
+/// timeout: a server that accepts connections and never answers is an error, not a hang.
 pub async fn connect(url: &str) -> Result<PgPool> {
-    let options = session(url.parse().with_context(|| format!("invalid database URL {}", redact(url)))?);
-    let exists = within(async { Ok(Postgres::database_exists(url).await?) })
-        .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", which_url(url)))?;
-    if !exists {
-        let created = within(async { Ok(Postgres::create_database(url).await?) }).await;
-        if let Err(e) = created {
-            // Another process may have created it meanwhile.
-            if !within(async { Ok(Postgres::database_exists(url).await?) }).await.unwrap_or(false) {
-                return Err(e).with_context(|| format!("cannot create database {}", which_url(url)));
-            }
-        }
-        tracing::info!(database = %redact(url), "created database");
-    }
-    let pool = PgPoolOptions::new()
+    let options = connect_options(url)?;
+    create_if_missing(&options, url).await?;
+    let pool = pool_options()
         .max_connections(4)
         .acquire_timeout(timeouts().connect)
         .connect_with(options.clone())
         .await
         .with_context(|| format!("cannot connect to {}", redact(url)))?;
-    // Bounded by the statement and lock timeouts.
-    migrate(&options).await.context("applying migrations from sql/")?;
+    if auto_migrate() {
+        // Bounded by the statement and lock timeouts.
+        migrate::run(&options).await.context("applying migrations from sql/")?;
+    } else {
+        migrate::refuse_pending(&options).await?;
+    }
     Ok(pool)
 }
 
-/// The last migration written before callrecon had a schema of its own: it and those before it
-/// run with the platform's schema first, as they always did (0001 creates the platform's tables
-/// there when absent, and callrecon's beside them); 0010 moves callrecon's to its schema.
-const LAST_IN_PLATFORM_SCHEMA: i64 = 9;
-
-/// Applies pending migrations on a connection of its own, the migrations table in our schema.
-///
-/// Nothing is created or locked when every migration is applied already: a role that may only
-/// read call data and use callrecon's tables (docs/database.md, "Privileges") runs every
-/// command but `migrate` after the owner migrated.
-async fn migrate(options: &PgConnectOptions) -> Result<()> {
-    let s = schemas();
-    let table = format!("{}._sqlx_migrations", ident(&s.own));
-    let mut conn = within(async { Ok(options.clone().connect().await?) }).await?;
-    if up_to_date(&mut conn, &table).await? {
-        return Ok(conn.close().await?);
-    }
-    // One migrating process at a time, from adopting the old history to the last migration.
-    sqlx::query("select pg_advisory_lock(hashtextextended('callrecon.migrate', 0))").execute(&mut conn).await?;
-    adopt_history(&mut conn, &s).await?;
-    let migrator = Migrator {
-        migrations: MIGRATOR.migrations.clone(),
-        ignore_missing: MIGRATOR.ignore_missing,
-        locking: true,
-        no_tx: MIGRATOR.no_tx,
-        table_name: table.into(),
-        create_schemas: Default::default(),
+/// Creates the database when connecting to it says it does not exist (through a pooler too,
+/// which knows no maintenance database): on the server's maintenance database, `postgres` (or
+/// `template1` for a database named `postgres`), as `createdb` does.
+async fn create_if_missing(options: &PgConnectOptions, url: &str) -> Result<()> {
+    let first = within(async { Ok(options.connect().await?) }).await;
+    let missing = match &first {
+        Ok(_) => false,
+        Err(e) => e.downcast_ref::<sqlx::Error>().is_some_and(|e| is_code(e, "3D000")),
     };
-    sqlx::query("select set_config('search_path', $1, false), set_config('callrecon.schema', $2, false)")
-        .bind(ident(&s.platform))
-        .bind(&s.own)
-        .execute(&mut conn)
-        .await?;
-    migrator.run_to(LAST_IN_PLATFORM_SCHEMA, &mut conn).await?;
-    sqlx::query("select set_config('search_path', $1, false)").bind(search_path(&s)).execute(&mut conn).await?;
-    migrator.run(&mut conn).await?;
-    Ok(conn.close().await?)
-}
-
-/// Whether every migration is applied, unchanged (as sqlx's migrator would check).
-async fn up_to_date(conn: &mut PgConnection, table: &str) -> Result<bool> {
-    let exists: Option<String> =
-        sqlx::query_scalar("select to_regclass($1)::text").bind(table).fetch_one(&mut *conn).await?;
-    if exists.is_none() {
-        return Ok(false);
+    if !missing {
+        return match first {
+            Ok(conn) => Ok(conn.close().await?),
+            Err(e) => Err(e).with_context(|| format!("cannot reach PostgreSQL at {}", which_url(url))),
+        };
     }
-    let applied: Vec<(i64, Vec<u8>, bool)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("select version, checksum, success from {table}")))
-            .fetch_all(&mut *conn)
-            .await?;
-    let applied: std::collections::HashMap<i64, (Vec<u8>, bool)> =
-        applied.into_iter().map(|(v, c, ok)| (v, (c, ok))).collect();
-    Ok(applied.len() == MIGRATOR.iter().count()
-        && MIGRATOR.iter().all(|m| applied.get(&m.version).is_some_and(|(c, ok)| *ok && c[..] == m.checksum[..])))
-}
-
-/// Creates our schema when missing, and takes over the migration history an install older
-/// than migration 0010 kept in the platform's schema (otherwise every migration would run
-/// again): the table moves to our schema, or, where the platform's own sqlx migrations share
-/// it, our rows do.
-async fn adopt_history(conn: &mut PgConnection, s: &Schemas) -> Result<()> {
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_namespace where nspname = $1)")
-        .bind(&s.own)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !exists {
-        sqlx::query(sqlx::AssertSqlSafe(format!("create schema {}", ident(&s.own)))).execute(&mut *conn).await?;
+    let name = options.get_database().unwrap_or(options.get_username()).to_owned();
+    if !auto_migrate() {
+        bail!("database {} does not exist and --no-migrate is given: `callrecon migrate` creates it", ident(&name));
     }
-    let ours = format!("{}._sqlx_migrations", ident(&s.own));
-    let old = format!("{}._sqlx_migrations", ident(&s.platform));
-    if s.own == s.platform
-        || sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
-            .bind(&ours)
-            .fetch_one(&mut *conn)
-            .await?
-            .is_some()
-        || sqlx::query_scalar::<_, Option<String>>("select to_regclass($1)::text")
-            .bind(&old)
-            .fetch_one(&mut *conn)
-            .await?
-            .is_none()
-    {
-        return Ok(());
-    }
-    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("select version, checksum from {old}")))
-        .fetch_all(&mut *conn)
-        .await?;
-    let mine: Vec<i64> = rows
-        .iter()
-        .filter(|(v, c)| MIGRATOR.iter().any(|m| m.version == *v && m.checksum[..] == c[..]))
-        .map(|(v, _)| *v)
-        .collect();
-    if mine.is_empty() {
-        return Ok(());
-    }
-    let mut tx = conn.begin().await?;
-    if mine.len() == rows.len() {
-        sqlx::query(sqlx::AssertSqlSafe(format!("alter table {old} set schema {}", ident(&s.own))))
-            .execute(&mut *tx)
-            .await?;
-    } else {
-        sqlx::query(sqlx::AssertSqlSafe(format!("create table {ours} (like {old} including all)")))
-            .execute(&mut *tx)
-            .await?;
-        for statement in [
-            format!("insert into {ours} select * from {old} where version = any($1)"),
-            format!("delete from {old} where version = any($1)"),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(statement)).bind(&mine).execute(&mut *tx).await?;
+    let maintenance = options.clone().database(if name == "postgres" { "template1" } else { "postgres" });
+    let created = within(async {
+        let mut conn = maintenance.connect().await?;
+        let created =
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {}", ident(&name)))).execute(&mut conn).await;
+        let _ = conn.close().await;
+        match created {
+            // Another process created it meanwhile.
+            Err(e) if is_code(&e, "42P04") => Ok(()),
+            other => Ok(other.map(drop)?),
         }
-    }
-    tx.commit().await?;
-    tracing::info!(from = %s.platform, to = %s.own, "moved callrecon's migration history to its schema");
+    })
+    .await;
+    created.with_context(|| format!("cannot create database {}", which_url(url)))?;
+    tracing::info!(database = %redact(url), "created database");
     Ok(())
 }
 

@@ -90,15 +90,16 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
     for (key, value) in fields {
         let slot = match key.to_ascii_lowercase().as_str() {
             "sessionid" => &mut session_id,
-            "masterid" => &mut master_id,
+            // `masterCallId`: the platform SDK's name for it (its MasterInteractionMetadata).
+            "masterid" | "mastercallid" => &mut master_id,
             "eventtime" => &mut event_time,
             "metadata" => &mut metadata,
             _ => {
                 return Err(invalid(
                     key,
                     format!(
-                        "unknown top-level field `{key}`: only SessionId, MasterId, EventTime and \
-                         Metadata are allowed; put custom fields inside Metadata"
+                        "unknown top-level field `{key}`: only SessionId, MasterId (or MasterCallId), \
+                         EventTime and Metadata are allowed; put custom fields inside Metadata"
                     ),
                 ));
             }
@@ -425,7 +426,7 @@ mod tests {
 
     #[test]
     fn master_id_names_a_call_group_in_any_spelling() {
-        for key in ["MasterId", "masterId", "masterID", "MASTERID"] {
+        for key in ["MasterId", "masterId", "masterID", "MASTERID", "masterCallId", "MasterCallID"] {
             let e = parse(&json!({key: " grp-7 ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY).unwrap();
             assert_eq!((e.master_id.as_deref(), e.session_id), (Some("grp-7"), None), "{key}");
         }
@@ -440,6 +441,9 @@ mod tests {
             parse(&json!({"SessionId": "", "MasterId": "g", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY)
                 .unwrap();
         assert_eq!((e.session_id, e.master_id.as_deref()), (None, Some("g")));
+        // The platform SDK's name and ours for the same field: one too many.
+        let both = json!({"MasterId": "g", "masterCallId": "g", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}});
+        assert!(parse_naming_field(&both, NY).unwrap_err().reason.contains("given twice"));
     }
 
     #[test]

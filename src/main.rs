@@ -65,6 +65,8 @@ fn main() -> ExitCode {
         lock: cli.lock_timeout,
     });
     db::set_schemas(db::Schemas { own: cli.schema.clone(), platform: cli.platform_schema.clone() });
+    db::set_pooler(cli.pooler);
+    db::set_auto_migrate(!cli.no_migrate || matches!(cli.command, Command::Migrate));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +108,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         | Command::Verify { job: Some(job), .. } => Some(job::load(job)?),
         _ => None,
     };
+    if db::pooler() == db::Pooler::Transaction {
+        refuse_without_session(&cli.command)?;
+    }
     if let Command::Schedule { jobs, metrics_listen } = &cli.command {
         // Long-running: connects (and reconnects) to the database itself.
         return callrecon::schedule::daemon(&cli.database_url, jobs, *metrics_listen).await;
@@ -263,6 +268,35 @@ async fn dispatch(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Behind a transaction pooler (`--pooler transaction`), the commands whose statements do not
+/// all run in transactions that set callrecon's settings themselves are refused, by name.
+fn refuse_without_session(command: &Command) -> Result<()> {
+    let name = match command {
+        Command::Migrate
+        | Command::Grants { .. }
+        | Command::Run { .. }
+        | Command::Rematch { .. }
+        | Command::Undo { .. }
+        | Command::Enqueue { .. }
+        | Command::Schedule { .. }
+        | Command::Verify { .. }
+        | Command::Serve(_)
+        | Command::GenerateDocs { .. } => return Ok(()),
+        Command::Explain { .. } => "explain",
+        Command::Resolve { .. } => "resolve",
+        Command::Reopen { .. } => "reopen",
+        Command::History { .. } => "history",
+        Command::Gen { .. } => "gen",
+        Command::Report { .. } => "report",
+        Command::Demo { .. } => "demo",
+        Command::Users { .. } => "users",
+    };
+    anyhow::bail!(
+        "`callrecon {name}` needs a session of its own: run it with --pooler session, over a direct connection or \
+         a session-pooling PgBouncer database (docs/database.md, \"Behind PgBouncer\")"
+    )
+}
+
 /// Who decides: `--by` (or `$USER`), else the process's user by its uid, as the system's user
 /// database names it (cron, systemd units and containers often set no `$USER`), else `uid N`.
 fn who(by: Option<String>) -> String {
@@ -313,7 +347,9 @@ fn print_finished(done: &run::Finished) {
 /// the exit status non-zero, after the others are on the queue.
 async fn enqueue(pool: &sqlx::PgPool, files: &[std::path::PathBuf]) -> Result<()> {
     let (payloads, unreadable) = ingest::inbox::payloads_of(files)?;
-    let n = ingest::queue::enqueue(&mut *pool.acquire().await?, &payloads).await?;
+    let mut tx = db::begin(pool).await?;
+    let n = ingest::queue::enqueue(&mut tx, &payloads).await?;
+    tx.commit().await.context("committing the events to event_queue")?;
     println!("enqueued {n} events");
     if !unreadable.is_empty() {
         for u in &unreadable {

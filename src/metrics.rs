@@ -102,10 +102,11 @@ impl QueueGauges {
 
     /// Reads the queue (one statement, index-free: `count(*)` and `min(received_at)`).
     pub async fn refresh(&self, pool: &PgPool) -> Result<()> {
-        let (n, age): (i64, Option<f64>) = timed(
+        let (n, age): (i64, Option<f64>) = timed(async {
             sqlx::query_as("select count(*), extract(epoch from now() - min(received_at))::float8 from event_queue")
-                .fetch_one(pool),
-        )
+                .fetch_one(&mut *crate::db::begin(pool).await?)
+                .await
+        })
         .await
         .context("reading event_queue's depth")?;
         self.events.set(n);
@@ -340,7 +341,7 @@ impl RunMetrics {
     /// later of the database's and this process's), and how many runs in a row the backlog grew.
     pub async fn refresh(&self, pool: &PgPool, jobs: &[String]) -> Result<()> {
         type Row = (String, i64, Option<f64>, Option<f64>, Option<f64>, Vec<i64>);
-        let rows: Vec<Row> = timed(
+        let rows: Vec<Row> = timed(async {
             sqlx::query_as(
                 "select j,
                         (select count(*) from events where job = j and state = 'pending'),
@@ -356,8 +357,9 @@ impl RunMetrics {
                  from unnest($1::text[]) as j",
             )
             .bind(jobs)
-            .fetch_all(pool),
-        )
+            .fetch_all(&mut *crate::db::begin(pool).await?)
+            .await
+        })
         .await
         .context("reading the jobs' backlog and last runs")?;
         for (name, pending, oldest, success, failure, recent) in rows {
@@ -542,7 +544,7 @@ async fn healthz(State(e): State<Endpoint>) -> Response {
             .into_response()
     };
     let Some(pool) = e.pool.get() else { return unavailable("connecting to the database".to_owned()) };
-    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(pool);
+    let ping = async { sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut *crate::db::begin(pool).await?).await };
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => axum::Json(json!({"status": "ok", "jobs": e.jobs.as_slice()})).into_response(),
         Ok(Err(err)) => unavailable(format!("database: {err}")),

@@ -26,7 +26,7 @@ use chrono::{DateTime, Offset, TimeDelta, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use cron::TimeUnitSpec;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::watch;
 
 use crate::db;
@@ -115,9 +115,7 @@ pub async fn daemon(database_url: &str, paths: &[PathBuf], metrics_listen: Optio
         }
         jobs.push(s);
     }
-    let options: PgConnectOptions = db::session(
-        database_url.parse().with_context(|| format!("invalid database URL {}", db::redact(database_url)))?,
-    );
+    let options: PgConnectOptions = db::connect_options(database_url)?;
     let endpoint = match metrics_listen {
         Some(addr) => {
             let endpoint = metrics::Endpoint::new(jobs.iter().map(|s| s.job.name.clone()).collect());
@@ -220,7 +218,7 @@ async fn connect(url: &str, options: PgConnectOptions, jobs: usize, mut stop: wa
         }
     }
     Some(
-        PgPoolOptions::new()
+        db::pool_options()
             .max_connections(3 * jobs as u32 + 2)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options),
@@ -475,7 +473,7 @@ async fn missed_fire(pool: &PgPool, s: &Scheduled, now: DateTime<Utc>) -> Result
          from runs where job = $1 and kind = 'run' and not dry_run",
     )
     .bind(&s.job.name)
-    .fetch_one(pool)
+    .fetch_one(&mut *db::begin(pool).await?)
     .await?;
     Ok(succeeded.or(first).and_then(|since| s.next_fire(since)).filter(|t| *t <= now))
 }
@@ -500,14 +498,17 @@ async fn fire(
     match trigger {
         Trigger::Scheduled(at) => {
             // Another scheduler (a second replica) or a manual run may have served this fire time.
-            let other: Option<(i64, String)> = sqlx::query_as(
-                "select id, status from runs
-                 where job = $1 and kind = 'run' and not dry_run and started_at >= $2
-                 order by id desc limit 1",
-            )
-            .bind(name)
-            .bind(at)
-            .fetch_optional(pool)
+            let other: Option<(i64, String)> = async {
+                sqlx::query_as(
+                    "select id, status from runs
+                     where job = $1 and kind = 'run' and not dry_run and started_at >= $2
+                     order by id desc limit 1",
+                )
+                .bind(name)
+                .bind(at)
+                .fetch_optional(&mut *db::begin(pool).await?)
+                .await
+            }
             .await
             .unwrap_or(None);
             if let Some((id, status)) = other {

@@ -101,17 +101,14 @@ pub async fn verify(pool: &PgPool, job: Option<&str>, repair: bool) -> Result<Ve
     let started = std::time::Instant::now();
     let mut writer = match repair {
         true => {
-            let mut tx = pool.begin().await.context("starting the repair's transaction")?;
+            let mut tx = crate::db::begin(pool).await.context("starting the repair's transaction")?;
             apply::lock(&mut tx).await?;
             Some(tx)
         }
         false => None,
     };
-    let mut reader = pool.begin().await.context("starting verify's transaction")?;
-    sqlx::query("set transaction isolation level repeatable read, read only")
-        .execute(&mut *reader)
-        .await
-        .context("starting verify's transaction")?;
+    let mut reader = pool.acquire().await.context("starting verify's transaction")?;
+    let mut reader = crate::db::begin_snapshot(&mut reader).await.context("starting verify's transaction")?;
     let record = Record::read(&mut reader, job).await?;
     let total = estimate_rows(&mut reader).await?;
     let progress = crate::progress::bar("verify", total, "rows");

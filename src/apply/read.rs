@@ -45,11 +45,7 @@ impl Reader {
         let (send, receive) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
             let mut tx =
-                sqlx::Connection::begin(&mut *reader).await.context("starting the apply reader's transaction")?;
-            sqlx::query("set transaction isolation level repeatable read, read only")
-                .execute(&mut *tx)
-                .await
-                .context("starting the apply reader's transaction")?;
+                crate::db::begin_snapshot(&mut reader).await.context("starting the apply reader's transaction")?;
             sqlx::query(NO_MEMOIZE).execute(&mut *tx).await?;
             let mut plan = targets.resolve(&mut tx, batch_groups).await?;
             while let Some(batch) = plan.next(&mut tx, &stale).await? {

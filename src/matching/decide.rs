@@ -79,7 +79,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
             return Ok(Default::default());
         }
         let metas: Vec<&Map<String, Value>> = sessionless.iter().map(|&i| &*events[i].metadata).collect();
-        let mut other = pool.acquire().await.context("connecting to read call groups")?;
+        let mut other = crate::db::begin(pool).await.context("connecting to read call groups")?;
         read_groups(&mut other, job, &group_fields, &metas).await
     };
     let calls = async {

@@ -31,7 +31,7 @@ async fn prune_inner(pool: &PgPool, job: &Job, run_id: i64) -> Result<()> {
          order by id desc",
     )
     .bind(&job.name)
-    .fetch_all(pool)
+    .fetch_all(&mut *crate::db::begin(pool).await?)
     .await
     .context("reading the job's reports")?;
     let now = Utc::now();
@@ -58,11 +58,8 @@ async fn prune_inner(pool: &PgPool, job: &Job, run_id: i64) -> Result<()> {
         }
     }
     if !pruned.is_empty() {
-        sqlx::query("update runs set report_pruned_at = now() where id = any($1)")
-            .bind(&pruned)
-            .execute(pool)
-            .await
-            .context("recording pruned reports")?;
+        let statement = sqlx::query("update runs set report_pruned_at = now() where id = any($1)").bind(&pruned);
+        crate::db::execute(pool, statement).await.context("recording pruned reports")?;
         tracing::info!(reports = pruned.len(), job = %job.name, "pruned old reports");
     }
     Ok(())
@@ -77,7 +74,7 @@ async fn remove_stale_partials(pool: &PgPool, report_dir: &Path) -> Result<()> {
         let Ok(id) = id.parse::<i64>() else { continue };
         let running: Option<bool> = sqlx::query_scalar("select status = 'running' from runs where id = $1")
             .bind(id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *crate::db::begin(pool).await?)
             .await?;
         if running != Some(true)
             && let Err(e) = std::fs::remove_dir_all(entry.path())

@@ -73,7 +73,7 @@ pub struct AlreadyRunning {
 pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
     let tuning = Tuning::from_env();
     let kind = mode.kind();
-    let mut tx = pool.begin().await.context("starting the run's transaction")?;
+    let mut tx = crate::db::begin(pool).await.context("starting the run's transaction")?;
     let undoes = match mode {
         Mode::Undo { run } => Some(run),
         _ => None,
@@ -277,7 +277,7 @@ impl Run<'_> {
         let (mut to_decide, mut calls_ahead) = match in_scope.next_span(conn, self.tuning.chunk_events).await? {
             Some(span) => {
                 let first_page = async {
-                    let mut other = self.pool.acquire().await.context("connecting to read the events")?;
+                    let mut other = crate::db::begin(self.pool).await.context("connecting to read the events")?;
                     in_scope.next(&mut other, page).await
                 };
                 let calls = matching::calls_ahead(conn, self.pool, self.job, span, placed);
@@ -309,7 +309,8 @@ impl Run<'_> {
                     next_page = Some(spanned);
                     Some(AbortOnDrop(tokio::spawn(async move {
                         let next = async {
-                            let mut other = pool.acquire().await.context("connecting to read the next events")?;
+                            let mut other =
+                                crate::db::begin(&pool).await.context("connecting to read the next events")?;
                             // Unheard when this page has no sessionless events: nothing to read
                             // ahead; unsent on an error, which the page's read then returns.
                             let _ = span.send(scope.next_span(&mut other, chunk_events).await?);

@@ -23,15 +23,15 @@ pub async fn start(
     undoes: Option<i64>,
 ) -> Result<(i64, DateTime<Utc>)> {
     lock_job(pool, tx, job).await?;
-    sqlx::query(
+    let abandoned = sqlx::query(
         "update runs set status = 'abandoned', finished_at = now(),
                 error = 'the process ended before the run finished; nothing it did was kept'
          where job = $1 and status = 'running'",
     )
-    .bind(&job.name)
-    .execute(pool)
-    .await?;
-    sqlx::query_as(
+    .bind(&job.name);
+    crate::db::execute(pool, abandoned).await?;
+    let mut tx = crate::db::begin(pool).await?;
+    let started = sqlx::query_as(
         "insert into runs (job, kind, dry_run, rules_fingerprint, job_file, undoes, calls_snapshot)
          values ($1, $2, $3, $4, $5, $6, pg_current_snapshot()::text)
          returning id, started_at",
@@ -42,9 +42,11 @@ pub async fn start(
     .bind(&job.rules_fingerprint)
     .bind(job.path.to_string_lossy().as_ref())
     .bind(undoes)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
-    .context("recording the run")
+    .context("recording the run")?;
+    tx.commit().await.context("recording the run")?;
+    Ok(started)
 }
 
 /// Takes the job's advisory lock in the transaction `tx`, until it ends, or says who holds it:
@@ -73,7 +75,7 @@ pub async fn past(pool: &PgPool, run_id: i64) -> Result<Option<Past>> {
     let row: Option<(String, String, Option<String>, bool)> =
         sqlx::query_as("select job, kind, job_file, status = 'succeeded' and not dry_run from runs where id = $1")
             .bind(run_id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *crate::db::begin(pool).await?)
             .await
             .context("reading runs")?;
     Ok(row.map(|(job, kind, job_file, committed)| Past { job, kind, job_file, committed }))
@@ -123,8 +125,11 @@ pub async fn succeeded_in(tx: &mut PgConnection, run_id: i64, summary: &Summary)
 
 /// Whether run `run_id` committed, read on another connection (`None`: it cannot be told).
 pub async fn committed(pool: &PgPool, run_id: i64) -> Option<bool> {
-    let status: Option<String> =
-        sqlx::query_scalar("select status from runs where id = $1").bind(run_id).fetch_optional(pool).await.ok()?;
+    let status: Option<String> = sqlx::query_scalar("select status from runs where id = $1")
+        .bind(run_id)
+        .fetch_optional(&mut *crate::db::begin(pool).await.ok()?)
+        .await
+        .ok()?;
     Some(status.as_deref() == Some("succeeded"))
 }
 
@@ -138,38 +143,36 @@ pub async fn finished(
     report_dir: &str,
     problem: Option<String>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let statement = sqlx::query(
         "update runs set status = 'succeeded', finished_at = $2, summary = $3, report_dir = $4, error = $5 where id = $1",
     )
     .bind(run_id)
     .bind(at)
     .bind(serde_json::to_value(summary).unwrap_or(Value::Null))
     .bind(report_dir)
-    .bind(problem)
-    .execute(pool)
-    .await
-    .map(drop)
+    .bind(problem);
+    crate::db::execute(pool, statement).await.map(drop)
 }
 
 /// Records a failed run (best effort: the error itself is what the caller reports).
 pub async fn failed(pool: &PgPool, run_id: i64, error: &str) {
-    let _ = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
+    let statement = sqlx::query("update runs set status = 'failed', finished_at = now(), error = $2 where id = $1")
         .bind(run_id)
-        .bind(error)
-        .execute(pool)
-        .await;
+        .bind(error);
+    let _ = crate::db::execute(pool, statement).await;
 }
 
 /// Notes something about a run on its `error` column, shown by `report list` (the scheduler
 /// notes that it ran the last good version of a job file now refused). Best effort.
 pub async fn note(pool: &PgPool, run_id: i64, note: &str) {
-    let _ = sqlx::query("update runs set error = $2 where id = $1").bind(run_id).bind(note).execute(pool).await;
+    let statement = sqlx::query("update runs set error = $2 where id = $1").bind(run_id).bind(note);
+    let _ = crate::db::execute(pool, statement).await;
 }
 
 /// Records the outcome of the webhook notification.
 pub async fn notification(pool: &PgPool, run_id: i64, outcome: &str) {
-    let recorded =
-        sqlx::query("update runs set notification = $2 where id = $1").bind(run_id).bind(outcome).execute(pool).await;
+    let statement = sqlx::query("update runs set notification = $2 where id = $1").bind(run_id).bind(outcome);
+    let recorded = crate::db::execute(pool, statement).await;
     if let Err(e) = recorded {
         tracing::error!(error = %e, run_id, "could not record the webhook outcome");
     }
@@ -178,13 +181,14 @@ pub async fn notification(pool: &PgPool, run_id: i64, outcome: &str) {
 /// When the run holding the job's lock started: its transaction's start, from the lock itself
 /// (its `runs` row may not be written yet), for the "already running" message.
 async fn lock_holder_since(pool: &PgPool, job: &str) -> String {
+    let Ok(mut tx) = crate::db::begin(pool).await else { return "a moment ago".to_owned() };
     let since: Result<Option<DateTime<Utc>>, _> = sqlx::query_scalar(
         "select min(a.xact_start) from pg_locks l join pg_stat_activity a on a.pid = l.pid
          where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg_database where datname = current_database())
            and (l.classid::bigint << 32 | l.objid::bigint) = hashtextextended($1, 0)",
     )
     .bind(crate::db::job_lock_key(job))
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await;
     match since {
         Ok(Some(t)) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -153,7 +153,7 @@ async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::R
     let user: Option<(i64, String)> =
         sqlx::query_as("select id, secret_hash from api_users where client_id = $1 and revoked_at is null")
             .bind(client_id)
-            .fetch_optional(&issuer.pool)
+            .fetch_optional(&mut *crate::db::begin(&issuer.pool).await?)
             .await?;
     let known = user.is_some();
     let (user_id, hash) = user.unwrap_or((0, DUMMY_HASH.clone()));
@@ -170,15 +170,14 @@ async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::R
     let token = users::random_string(32);
     let ttl = chrono::Duration::from_std(issuer.ttl)?;
     // The user may have been revoked while we verified: issue only to a still-active user.
-    let issued = sqlx::query(
+    let insert = sqlx::query(
         "insert into api_tokens (token_sha256, user_id, expires_at)
          select $1, id, now() + $3::interval from api_users where id = $2 and revoked_at is null",
     )
     .bind(&users::token_digest(&token)[..])
     .bind(user_id)
-    .bind(ttl)
-    .execute(&issuer.pool)
-    .await?;
+    .bind(ttl);
+    let issued = crate::db::execute(&issuer.pool, insert).await?;
     Ok((issued.rows_affected() == 1).then_some(token))
 }
 

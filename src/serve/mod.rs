@@ -7,6 +7,10 @@
 //!   parses it again in the job's zone), stored by the group-commit writer ([`queue_writer`]).
 //! - `POST /callevent/v1/outofband/masterCall`: the same, for an event addressed to a call group
 //!   by its `MasterId`, which it requires.
+//! - `/callevent/v1/outofband/case`: the platform SDK's case endpoint, answered with a JSON 404
+//!   (cases are not handled here).
+//! - These paths match without regard to case, as on the platform, whose .NET SDK posts `/Token`
+//!   and `/callEvent/…` ([`canonical_path`], before routing); the other routes keep theirs.
 //! - `GET /healthz`: 200 while the database answers.
 //! - `GET /metrics`: Prometheus metrics ([`metrics`]); `GET /openapi.json`: this API described
 //!   in OpenAPI 3.1 (`docs/openapi.json`, compiled in).
@@ -33,11 +37,10 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 
 use crate::cli::ServeArgs;
@@ -50,6 +53,30 @@ pub const EVENT_PATH: &str = "/callevent/v1/outofband/event";
 
 /// The platform SDK's path for events addressed to a master call (a call group) by `MasterId`.
 pub const MASTER_CALL_PATH: &str = "/callevent/v1/outofband/masterCall";
+
+/// The token endpoint (the platform's SDK posts `/Token`).
+pub const TOKEN_PATH: &str = "/token";
+
+/// The platform SDK's path for metadata addressed to a case by its reference id: not handled here.
+pub const CASE_PATH: &str = "/callevent/v1/outofband/case";
+
+/// The intake API's paths, matched without regard to case as on the platform (its SDK posts
+/// `/Token` and `/callEvent/…`); the other routes (the review desk's) keep theirs.
+const API_PATHS: [&str; 4] = [TOKEN_PATH, EVENT_PATH, MASTER_CALL_PATH, CASE_PATH];
+
+/// The request with an API path written in any case rewritten to the path routed.
+fn canonical_path(mut request: Request) -> Request {
+    let path = request.uri().path();
+    if let Some(api) = API_PATHS.iter().find(|api| api.eq_ignore_ascii_case(path) && **api != path) {
+        let query = request.uri().query().map_or(String::new(), |q| format!("?{q}"));
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = format!("{api}{query}").parse().ok();
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
+}
 
 /// Which endpoint a body was posted to: what it must hold besides a valid event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +93,7 @@ const IDEMPOTENCY_KEYS_KEPT: &str = "24 hours";
 /// accepted and stops.
 pub async fn run(pool: &PgPool, args: &ServeArgs) -> Result<()> {
     // A pool of its own: one connection per writer plus tokens and health checks.
-    let pool = PgPoolOptions::new()
+    let pool = crate::db::pool_options()
         .max_connections(args.writers + 4)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with((*pool.connect_options()).clone())
@@ -130,17 +157,42 @@ fn router(
         issued: metrics.tokens_issued.clone(),
     };
     let app = App { pool, writer, max_body: args.max_body, metrics: metrics.clone() };
-    Router::new()
+    // Behind a transaction pooler the desk's statements would have no search path: it needs a
+    // session (docs/database.md).
+    let desk = match crate::db::pooler() {
+        crate::db::Pooler::Session => review::router(desk),
+        crate::db::Pooler::Transaction => Router::new()
+            .route("/review", any(desk_needs_a_session))
+            .route("/review/{*rest}", any(desk_needs_a_session)),
+    };
+    let routes = Router::new()
         .route(EVENT_PATH, post(post_event))
         .route(MASTER_CALL_PATH, post(post_master_call))
+        .route(CASE_PATH, any(case_not_handled))
         .route("/healthz", get(healthz))
         .route("/metrics", get(|State(app): State<App>| async move { app.metrics.scrape(&app.pool).await }))
         .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .with_state(app)
-        .merge(Router::new().route("/token", post(auth::token)).with_state(issuer))
-        .merge(review::router(desk))
+        .merge(Router::new().route(TOKEN_PATH, post(auth::token)).with_state(issuer))
+        .merge(desk)
         .layer(DefaultBodyLimit::max(args.max_body))
-        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
+        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track));
+    // The paths are made canonical before routing.
+    Router::new().fallback_service(tower::ServiceExt::map_request(routes, canonical_path))
+}
+
+/// The platform SDK's case endpoint: a JSON 404 saying what is handled here.
+async fn case_not_handled() -> Response {
+    let message = "cases are not handled here: callrecon attaches async metadata to calls (by SessionId, or by \
+                   its matching rules) and to call groups (by MasterId); send case metadata to the platform itself";
+    let endpoints = [TOKEN_PATH, EVENT_PATH, MASTER_CALL_PATH].map(|p| format!("POST {p}"));
+    (StatusCode::NOT_FOUND, axum::Json(json!({"error": "not_found", "message": message, "endpoints": endpoints})))
+        .into_response()
+}
+
+async fn desk_needs_a_session() -> Response {
+    let message = "the review desk needs sessions of its own: serve it with --pooler session (docs/database.md)";
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "unavailable", "message": message}))).into_response()
 }
 
 async fn post_event(State(app): State<App>, request: Request) -> Response {
@@ -275,7 +327,8 @@ fn bad_request(field: Option<&str>, message: &str) -> Response {
 }
 
 async fn healthz(State(app): State<App>) -> Response {
-    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&app.pool);
+    let ping =
+        async { sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut *crate::db::begin(&app.pool).await?).await };
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => axum::Json(json!({"status": "ok"})).into_response(),
         Ok(Err(e)) => unavailable(&format!("database: {e}")),
@@ -292,17 +345,24 @@ async fn housekeeping(pool: PgPool) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         every.tick().await;
-        let tokens =
-            sqlx::query("delete from api_tokens where expires_at < now() - interval '1 day'").execute(&pool).await;
-        let keys = sqlx::query("delete from api_idempotency where created_at < now() - $1::interval")
-            .bind(IDEMPOTENCY_KEYS_KEPT)
-            .execute(&pool)
-            .await;
+        let tokens = crate::db::execute(
+            &pool,
+            sqlx::query("delete from api_tokens where expires_at < now() - interval '1 day'"),
+        )
+        .await;
+        let keys = crate::db::execute(
+            &pool,
+            sqlx::query("delete from api_idempotency where created_at < now() - $1::interval")
+                .bind(IDEMPOTENCY_KEYS_KEPT),
+        )
+        .await;
         match (tokens, keys) {
             (Ok(t), Ok(k)) => tracing::debug!(tokens = t.rows_affected(), keys = k.rows_affected(), "housekeeping"),
             (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "housekeeping failed; will retry in an hour"),
         }
-        if let Err(e) = review::housekeeping(&pool).await {
+        if crate::db::pooler() == crate::db::Pooler::Session
+            && let Err(e) = review::housekeeping(&pool).await
+        {
             tracing::warn!(error = %crate::db::error_line(&e), "forgetting expired review sessions failed; will retry in an hour");
         }
     }

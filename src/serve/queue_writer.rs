@@ -84,7 +84,7 @@ pub async fn start(
     batch_sizes: Histogram,
 ) -> Result<(Writer, tokio::task::JoinHandle<()>)> {
     let sequence: Option<String> = sqlx::query_scalar("select pg_get_serial_sequence('event_queue', 'id')")
-        .fetch_one(&pool)
+        .fetch_one(&mut *crate::db::begin(&pool).await?)
         .await
         .context("finding the id sequence of event_queue")?;
     let sequence = sequence.context("event_queue.id has no sequence (expected bigserial)")?;
@@ -191,7 +191,7 @@ async fn store(
     subs: &[Submission],
     early: &mut impl FnMut(usize, Verdict),
 ) -> Result<Vec<Verdict>> {
-    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let mut tx = crate::db::begin(pool).await.context("starting a transaction")?;
 
     // Who is asking: the distinct tokens of the batch, in one query.
     let mut tokens: Vec<&[u8]> = subs.iter().map(|s| &s.token_sha256[..]).collect();

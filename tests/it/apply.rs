@@ -301,7 +301,7 @@ async fn a_new_event_tied_with_a_stored_one_wins_as_the_later_arrival(pool: PgPo
 }
 
 /// Two calls of the same caller, 15 minutes apart, to agents a1 and a2.
-async fn two_agent_calls(pool: &PgPool) {
+pub async fn two_agent_calls(pool: &PgPool) {
     Call::new("c-a1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z"))
         .phone("5551234567", "a1")
         .insert(pool)

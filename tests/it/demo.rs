@@ -75,13 +75,19 @@ async fn misapplied(pool: &PgPool) -> (Vec<String>, Vec<String>) {
 
 /// Runs the demo and checks its outcomes; returns the folder holding its job file.
 async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) -> tempfile::TempDir {
+    demo_matches_expected_at(pool, &database_url(pool).await, env).await
+}
+
+/// [`demo_matches_expected`] with the binary connecting to `url`; `pool`'s sessions see
+/// callrecon's tables and the platform's.
+pub async fn demo_matches_expected_at(pool: &PgPool, url: &str, env: &[(&str, &str)]) -> tempfile::TempDir {
     let root = env!("CARGO_MANIFEST_DIR");
     // The demo job, in a temporary folder so its inbox, archive and reports stay out of the repo.
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(format!("{root}/jobs/demo.toml"), dir.path().join("demo.toml")).unwrap();
     let samples = format!("{root}/samples");
     let job = dir.path().join("demo.toml");
-    let out = callrecon_env(pool, &["demo", "--samples", &samples, "--job", job.to_str().unwrap()], env).await;
+    let out = callrecon_url(url, &["demo", "--samples", &samples, "--job", job.to_str().unwrap()], env).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
 

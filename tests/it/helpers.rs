@@ -178,7 +178,11 @@ pub async fn callrecon(pool: &PgPool, args: &[&str]) -> Output {
 
 /// [`callrecon`] with extra environment variables.
 pub async fn callrecon_env(pool: &PgPool, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let url = database_url(pool).await;
+    callrecon_url(&database_url(pool).await, args, env).await
+}
+
+/// [`callrecon_env`] with the database at `url` (through a pooler, say).
+pub async fn callrecon_url(url: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
         .arg("--database-url")
         .arg(url)
