@@ -112,14 +112,7 @@ async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
 
 /// The intake API in-process on a free port; stopped by dropping the sender.
 pub async fn start_server(pool: &PgPool) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let args = ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_body: 4096,
-        token_ttl: Duration::from_secs(1800),
-        max_batch: 1024,
-        writers: 2,
-        review: Default::default(),
-    };
+    let args = ServeArgs { max_body: 4096, ..ServeArgs::default() };
     let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

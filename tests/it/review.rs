@@ -27,12 +27,9 @@ struct Desk {
 impl Desk {
     async fn start(pool: &PgPool, job: &TestJob, session_ttl: Duration) -> Desk {
         let args = ServeArgs {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            max_body: 1024 * 1024,
-            token_ttl: Duration::from_secs(1800),
-            max_batch: 1024,
             writers: 1,
             review: ReviewArgs { jobs: vec![job.path()], session_ttl, secure_cookies: false },
+            ..ServeArgs::default()
         };
         let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -132,6 +129,37 @@ fn unescape(s: &str) -> String {
 fn csrf_in(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
     html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+/// Issue 43: the policy allowed any inline script (`'unsafe-inline'`), so it would not have
+/// stopped an injection. Now it names each inline script and style of the page by its sha256,
+/// and the page has no inline event handler or style attribute (which hashes cannot allow).
+fn assert_only_own_inline_code(html: &str, csp: &str) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe"), "{csp}");
+    let directive = |name: &str| {
+        csp.split(';')
+            .map(str::trim)
+            .find(|d| d.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {csp}"))
+    };
+    for (tag, directive) in [("script", directive("script-src")), ("style", directive("style-src"))] {
+        let bodies = callrecon::report::html::inline_elements(html, tag);
+        for body in bodies {
+            let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body.as_bytes()));
+            assert!(directive.contains(&format!("'sha256-{hash}'")), "{tag} {hash} not in {directive}");
+        }
+        assert_eq!(
+            html.matches(&format!("<{tag}")).count(),
+            html.matches(&format!("<{tag}>")).count(),
+            "{tag} with attributes"
+        );
+    }
+    assert!(!html.contains(" style="), "a style attribute");
+    let handler = html.split_whitespace().find(|w| w.starts_with("on") && w.contains("=\""));
+    assert_eq!(handler, None, "an inline event handler");
 }
 
 async fn analyst(pool: &PgPool, name: &str) -> String {
@@ -243,8 +271,10 @@ async fn review_pages_refuse_api_tokens_and_analysts_cannot_post_events(pool: Pg
     let page = desk.get("/review", Some(&session)).await;
     assert_eq!(page.status(), StatusCode::OK);
     assert_eq!(page.headers()["x-frame-options"], "DENY");
-    assert!(page.headers()["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     assert_eq!(page.headers()["cache-control"], "no-store");
+    assert_only_own_inline_code(&page.text().await.unwrap(), &csp);
     let resp = desk
         .http
         .post(format!("{}{}", desk.base, callrecon::serve::EVENT_PATH))
@@ -450,19 +480,27 @@ async fn event_pages_explain_the_rules_and_list_the_near_misses(pool: PgPool) {
     }
     assert!(html.contains("ambiguous between c-t1, c-t2"));
 
-    // A typed target that does not exist: refused, nothing changed, said on the page.
+    // A typed target that does not exist: refused, nothing changed, said on the page the form
+    // redirects to (once: the message is the server's, kept for the session, not in the URL).
     let csrf = desk.csrf(&session).await;
     let path = format!("/review/events/{}", b.tied);
     let resp =
         desk.post(&path, Some(&session), &[("action", "attach"), ("typed", "call:c-none"), ("csrf", &csrf)]).await;
     let back = resp.headers()[LOCATION].to_str().unwrap().to_owned();
-    assert!(back.starts_with(&format!("{path}?error=")), "{back}");
-    assert!(desk.get(&back, Some(&session)).await.text().await.unwrap().contains("there is no call c-none"));
-    let resp = desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", ""), ("csrf", &csrf)]).await;
-    assert!(resp.headers()[LOCATION].to_str().unwrap().contains("error="));
+    assert_eq!(back, path);
+    let message = |html: String, id: &str| {
+        html.split(&format!("id=\"{id}\">")).nth(1).map(|s| s[..s.find('<').unwrap()].to_owned())
+    };
+    let html = desk.get(&back, Some(&session)).await.text().await.unwrap();
+    assert!(message(html, "error").unwrap().contains("there is no call c-none"));
+    let again = desk.get(&back, Some(&session)).await.text().await.unwrap();
+    assert_eq!(message(again, "error"), None, "shown once");
+    desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", ""), ("csrf", &csrf)]).await;
+    assert!(message(desk.get(&back, Some(&session)).await.text().await.unwrap(), "error").is_some());
     assert_eq!(event_state(&pool, b.tied).await.0, "pending");
-    let resp = desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", "test call"), ("csrf", &csrf)]).await;
-    assert!(resp.headers()[LOCATION].to_str().unwrap().contains("msg="));
+    desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", "test call"), ("csrf", &csrf)]).await;
+    let done = message(desk.get(&back, Some(&session)).await.text().await.unwrap(), "msg").unwrap();
+    assert!(done.contains("dismissed"), "{done}");
     assert_eq!(event_state(&pool, b.tied).await, ("dismissed".to_owned(), None, Some("ana".to_owned())));
 }
 
@@ -472,12 +510,21 @@ async fn the_runs_page_charts_each_run_and_serves_its_report(pool: PgPool) {
     b.job.run(&pool).await;
     let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
     let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
-    let html = desk.get("/review/runs", Some(&session)).await.text().await.unwrap();
+    let page = desk.get("/review/runs", Some(&session)).await;
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    let html = page.text().await.unwrap();
+    assert_only_own_inline_code(&html, &csp);
     assert_eq!(html.matches("<g class=\"run\"").count(), 2);
     assert!(html.contains("<tr id=\"run-1\">") && html.contains("href=\"/review/runs/1/report\""));
+    // The report is served under its own policy, the one its <meta> states.
     let report = desk.get("/review/runs/1/report", Some(&session)).await;
     assert_eq!(report.status(), StatusCode::OK);
-    assert!(report.text().await.unwrap().contains("Reconciliation report"));
+    let csp = report.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    let html = report.text().await.unwrap();
+    assert!(html.contains("Reconciliation report"));
+    let meta = html.split("<meta http-equiv=\"Content-Security-Policy\" content=\"").nth(1).expect("a <meta> policy");
+    assert_eq!(unescape(&meta[..meta.find('"').unwrap()]), csp);
+    assert_only_own_inline_code(&html, &csp);
     assert_eq!(desk.get("/review/runs/99/report", Some(&session)).await.status(), StatusCode::NOT_FOUND);
 }
 
@@ -592,6 +639,20 @@ impl Browser {
         std::fs::write(path, bytes).unwrap();
     }
 
+    /// Waits until the element `css` (of the page a form's post redirected to) holds `part`.
+    async fn wait_text(&self, css: &str, part: &str) -> String {
+        for _ in 0..100 {
+            if let Some(e) = self.find_all(css).await.into_iter().next() {
+                let text = self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await;
+                if text.as_str().is_some_and(|t| t.contains(part)) {
+                    return text.as_str().unwrap().to_owned();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {css} saying {part:?} on {}", self.url().await);
+    }
+
     /// Waits until the page's URL contains `part` (after a click that navigates).
     async fn wait_url(&self, part: &str) -> String {
         for _ in 0..100 {
@@ -668,8 +729,8 @@ async fn an_analyst_attaches_an_event_to_a_near_miss_and_reopens_it_in_a_real_br
     // Attach it to the near miss (same phone, other agent): choose it, press `a`.
     browser.click("tr[data-to='call:c-near'] input[type=radio]").await;
     browser.press("a").await;
-    browser.wait_url("msg=").await;
-    assert!(browser.text("#msg").await.contains("matched call c-near by ana"), "{}", browser.text("#msg").await);
+    browser.wait_text("#msg", "matched call c-near by ana").await;
+    assert!(!browser.url().await.contains("msg"), "the message is the server's, not in the URL");
     let meta = call_meta(&pool, "c-near").await;
     assert_eq!(meta, json!({"customerPhone": "(555) 123-0000", "agentId": "a2", "note": "from the CRM"}));
     assert_eq!(event_state(&pool, b.other_agent).await.2.as_deref(), Some("ana"));
@@ -677,7 +738,7 @@ async fn an_analyst_attaches_an_event_to_a_near_miss_and_reopens_it_in_a_real_br
 
     // Reopen: pending again, the call's metadata gone.
     browser.click("#reopen").await;
-    browser.wait_url("msg=event").await;
+    browser.wait_text("#msg", "-> pending").await;
     for _ in 0..100 {
         if event_state(&pool, b.other_agent).await.0 == "pending" {
             break;
@@ -739,7 +800,7 @@ async fn an_analyst_clears_a_backlog_of_mixed_reasons_with_the_keyboard(pool: Pg
             // `a` attaches to the selected option, the first listed.
             browser.press("a").await;
         }
-        browser.wait_url(&format!("/review/events/{id}?msg=")).await;
+        browser.wait_text("#msg", &format!("event {id}: ")).await;
         if i + 1 < queue.len() {
             browser.press("j").await;
         }
