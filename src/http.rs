@@ -11,8 +11,9 @@
 //! - a connection with no request in flight and no byte read or written for the idle timeout is
 //!   closed;
 //! - at most `max_connections` are open; past it the connection idle the longest (keep-alive, or
-//!   still sending its head) is closed to make room, and when every connection has a request in
-//!   flight the new one is answered 503 and closed (never an `accept` error);
+//!   still sending its head a second after it opened) is closed to make room, and when there is
+//!   none (every connection has a request in flight or has just opened) the new one is answered
+//!   503 and closed (never an `accept` error);
 //! - on shutdown the listener closes, connections without a request in flight are closed at
 //!   once, and the requests in flight get the shutdown timeout to finish.
 //!
@@ -87,6 +88,9 @@ const REFUSING: usize = 64;
 const REFUSE_READ: Duration = Duration::from_millis(500);
 /// How long the accept loop waits for an evicted connection's slot.
 const EVICT_WAIT: Duration = Duration::from_millis(200);
+/// A connection is never evicted this soon after it was accepted: its request may be on its way
+/// (closing it unanswered would fail a client that did nothing wrong).
+const EVICT_AGE: Duration = Duration::from_secs(1);
 
 /// Raises the soft limit on open files to the hard limit (systemd's default soft limit, 1024,
 /// would otherwise cap the connections), and returns the limit now in force.
@@ -125,6 +129,8 @@ pub fn connections_within(max_connections: usize, open_files: Option<u64>, reser
 
 /// One open connection, as the accept loop and its own task see it.
 struct Conn {
+    /// Milliseconds since the server started, when it was accepted.
+    opened: u64,
     /// Requests whose response has not been written out yet.
     in_flight: AtomicUsize,
     /// Milliseconds since the server started, at the last byte read or written.
@@ -151,11 +157,15 @@ impl Server {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Tells the connection idle the longest to close; false when every one has a request in
-    /// flight.
+    /// Tells the connection idle the longest to close (one without a request in flight, open for
+    /// a second at least: idle, or slow to send its request); false when there is none.
     fn evict_one(&self) -> bool {
+        let old_enough = self.now_ms().saturating_sub(EVICT_AGE.as_millis() as u64);
         let conns = self.conns.lock().expect("not poisoned");
-        let victim = conns.values().filter(|c| c.idle()).min_by_key(|c| c.last_active.load(Ordering::Relaxed));
+        let victim = conns
+            .values()
+            .filter(|c| c.idle() && c.opened <= old_enough)
+            .min_by_key(|c| c.last_active.load(Ordering::Relaxed));
         match victim {
             Some(c) => {
                 c.evict.notify_one();
@@ -216,6 +226,7 @@ pub async fn serve(
         };
         next_id += 1;
         let conn = Arc::new(Conn {
+            opened: server.now_ms(),
             in_flight: AtomicUsize::new(0),
             last_active: AtomicU64::new(server.now_ms()),
             evict: Notify::new(),

@@ -4,6 +4,7 @@
 mod apply;
 mod backlog;
 mod browser;
+mod connections;
 mod crash;
 mod demo;
 mod footprint;
