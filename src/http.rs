@@ -279,7 +279,8 @@ impl AcceptErrors {
 async fn refuse(mut stream: TcpStream) {
     let mut buf = [0u8; 4096];
     let _ = tokio::time::timeout(REFUSE_READ, tokio::io::AsyncReadExt::read(&mut stream, &mut buf)).await;
-    let body = r#"{"status":"unavailable","message":"too many connections; retry shortly"}"#;
+    // An `Error` and a `Health` body of the OpenAPI document at once.
+    let body = r#"{"error":"unavailable","status":"unavailable","message":"too many connections; retry shortly"}"#;
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
          x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
