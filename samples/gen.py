@@ -997,6 +997,14 @@ events): the `sess-late0001` event attaches to `call-late-01`, and the MasterId 
 
 {table(second)}
 
+## What `callrecon demo` prints
+
+`callrecon demo` puts the queue file's records on `event_queue` as a producer would. Of its
+{facts['queue_records']} records, {facts['queue_not_json']} {"is" if facts['queue_not_json'] == 1 else "are"} not JSON and cannot be stored in `event_queue.payload` (a
+`jsonb` column): the demo queues {facts['queue_records'] - facts['queue_not_json']} events, and its first run reports
+{facts['bad'] - facts['queue_not_json']} rejected records where the tables above count {facts['bad']} bad ones. It ingests the
+{facts['valid']} valid events; every other count is the tables'.
+
 ## Cases worth looking at
 
 - Merge order: `{facts['merge_call']}` gets two queue events setting `customerDataField1` /
@@ -1129,6 +1137,10 @@ def main():
                  f"(`{crm_lines[local]['EventTime']}` -> `{crm[local][1][2]}`)",
         "master": at(lambda d: d["outcome"] in ("master_id", "unknown_group")),
         "late_call_group": late_call["call_group_id"],
+        "queue_records": sum(1 for d in first if d["file"] == files[0]),
+        "queue_not_json": sum(1 for d in first if d["file"] == files[0] and d.get("why") == "not JSON"),
+        "bad": sum(1 for d in first if d["outcome"] == "bad"),
+        "valid": sum(1 for d in first if d["outcome"] != "bad"),
     }
     assert len(merge_lines) == 2 and merge_lines[0] < merge_lines[1]
 

@@ -176,7 +176,7 @@ const LAST_IN_PLATFORM_SCHEMA: i64 = 9;
 /// Applies pending migrations on a connection of its own, the migrations table in our schema.
 ///
 /// Nothing is created or locked when every migration is applied already: a role that may only
-/// read call data and use callrecon's tables (README, "For the platform's DBA") runs every
+/// read call data and use callrecon's tables (docs/database.md, "Privileges") runs every
 /// command but `migrate` after the owner migrated.
 async fn migrate(options: &PgConnectOptions) -> Result<()> {
     let s = schemas();

@@ -17,7 +17,10 @@ pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finish
     let loaded: bool =
         sqlx::query_scalar("select exists (select 1 from calls where id = 'call-0001')").fetch_one(pool).await?;
     if loaded {
-        println!("samples are already in this database: running the demo job again (nothing new to ingest)");
+        println!(
+            "samples are already in this database: running the demo job again (nothing new to ingest; \
+             scripts/demo.sh without DATABASE_URL starts over in an empty demo database)"
+        );
     } else {
         let groups = load_groups(pool, &samples.join("call_groups.csv")).await?;
         let calls = load_calls(pool, &samples.join("calls.csv")).await?;
@@ -41,18 +44,48 @@ pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finish
     }
 
     let mut runs = Vec::new();
-    println!("\n== run 1: ingest and match ==");
+    println!("\n== the first run: ingest and match ==");
     runs.push(run::execute(pool, job, Mode::Run, false).await?);
     println!("{}", crate::report::history::summary_text(&runs[0].report, &runs[0].dir));
 
     let late_groups = load_groups(pool, &samples.join("call_groups_late.csv")).await?;
     let late = load_calls(pool, &samples.join("calls_late.csv")).await?;
     println!(
-        "\n== a late call group and call land ({late_groups} new group, {late} new call), run 2 attaches the events waiting for them =="
+        "\n== a late call group and call land ({late_groups} new group, {late} new call): the next run attaches the events waiting for them =="
     );
     runs.push(run::execute(pool, job, Mode::Run, false).await?);
     println!("{}", crate::report::history::summary_text(&runs[1].report, &runs[1].dir));
     Ok(runs)
+}
+
+/// What to do after the demo, for this machine: the database and binary it used, and the README's
+/// next commands with the job file as given and one of the events the demo left ambiguous.
+pub async fn next_steps(pool: &PgPool, url: &str, job: &Job) -> Result<String> {
+    let ambiguous: Option<i64> =
+        sqlx::query_scalar("select min(id) from events where job = $1 and state = 'pending' and reason = 'ambiguous'")
+            .bind(&job.name)
+            .fetch_one(pool)
+            .await?;
+    let event = ambiguous.map_or_else(|| "EVENT_ID".to_owned(), |id| id.to_string());
+    let job = job.path.display();
+    let mut out = String::from("\n== what next (README.md, \"What to do next\") ==\n");
+    let redacted = crate::db::redact(url);
+    let note = if redacted == url { "" } else { "   # with your password in place of ***" };
+    out += &format!("export DATABASE_URL={redacted}{note}\n");
+    if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(Path::parent) {
+        out += &format!("export PATH=\"{}:$PATH\"\n", dir.display());
+    }
+    let next = [
+        (format!("callrecon explain --job {job} {event}"), "why this event did not match"),
+        ("callrecon users add ana --role Analyst".to_owned(), "a login to the review desk (prints its secret)"),
+        (format!("callrecon serve --job {job}"), "the desk: http://127.0.0.1:8080/review/login"),
+        (format!("callrecon rematch --job {job} --dry-run"), "after a rule change: what would change"),
+    ];
+    let width = next.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+    for (command, what) in next {
+        out += &format!("{command:width$}   # {what}\n");
+    }
+    Ok(out)
 }
 
 #[derive(serde::Deserialize)]

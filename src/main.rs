@@ -150,7 +150,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Resolve { event_id, to, file, note, by, dry_run, .. } => {
             let job = job.expect("loaded above");
-            let by = who(by)?;
+            let by = who(by);
             let requests = match (file, event_id, to) {
                 (Some(file), _, _) => resolve::read_file(&file)?,
                 (None, Some(event_id), Some(to)) => {
@@ -164,7 +164,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Reopen { event_id, note, by, .. } => {
             let job = job.expect("loaded above");
-            let by = who(by)?;
+            let by = who(by);
             let requests =
                 [resolve::Request { line: None, event_id, to: resolve::To::Reopen, note, reported_reason: None }];
             print!("{}", resolve::text(&resolve::resolve(&pool, &job, &requests, &by, false).await?, false));
@@ -243,6 +243,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let runs = demo::demo(&pool, &samples, &job).await?;
             let last = runs.last().expect("demo runs");
             println!("\nOpen the report in a browser: {}", last.dir.join("report.html").display());
+            print!("{}", demo::next_steps(&pool, &cli.database_url, &job).await?);
         }
         Command::Serve(args) => serve::run(&pool, &args).await?,
         Command::Users { command: UsersCommand::Add { name, roles } } => {
@@ -257,11 +258,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Who decides: `--by`, or the operating-system user.
-fn who(by: Option<String>) -> Result<String> {
-    by.map(|b| b.trim().to_owned())
-        .filter(|b| !b.is_empty())
-        .context("say who decides with --by NAME (no operating-system user is known here)")
+/// Who decides: `--by` (or `$USER`), else the process's user by its uid, as the system's user
+/// database names it (cron, systemd units and containers often set no `$USER`), else `uid N`.
+fn who(by: Option<String>) -> String {
+    by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()).unwrap_or_else(|| {
+        whoami::username().unwrap_or_else(|_| {
+            // SAFETY: getuid takes nothing and cannot fail.
+            format!("uid {}", unsafe { libc::getuid() })
+        })
+    })
 }
 
 /// Runs the job and logs its summary as one structured line.

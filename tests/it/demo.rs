@@ -108,7 +108,7 @@ async fn demo_matches_expected(pool: &PgPool, env: &[(&str, &str)]) -> tempfile:
     assert_eq!(second.by_rule.len(), 2, "{:?}", second.by_rule);
     assert_eq!(second.by_reason["unknown_session"], expected("after_calls_late", "unknown_session"));
     assert_eq!(second.by_reason["unknown_group"], expected("after_calls_late", "unknown_group"));
-    let report = text.lines().last().unwrap().strip_prefix("Open the report in a browser: ").unwrap();
+    let report = text.lines().find_map(|l| l.strip_prefix("Open the report in a browser: ")).unwrap();
     assert!(std::path::Path::new(report).exists(), "{report}");
     dir
 }

@@ -7,6 +7,7 @@ mod browser;
 mod connections;
 mod crash;
 mod demo;
+mod docs;
 mod footprint;
 mod fuzz;
 mod helpers;

@@ -425,3 +425,23 @@ async fn resolve_waits_for_no_one_a_run_or_another_resolve_holding_the_job_gives
     assert!(first.status.success(), "{}", stderr(&first));
     assert_eq!(state(&pool, id).await.1.as_deref(), Some("c1"));
 }
+
+/// Under cron, systemd or in a container $USER is often unset: the decision is recorded as the
+/// process's user, as the system's user database names its uid.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn without_user_a_decision_is_recorded_as_the_processs_user(pool: PgPool) {
+    let (job, id) = two_calls_and_a_lost_event(&pool).await;
+    let url = database_url(&pool).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_callrecon"))
+        .args(["--database-url", &url, "resolve", "--job", &job_arg(&job), &id.to_string()])
+        .args(["--to", "dismiss", "--note", "from a systemd unit"])
+        .env("CALLRECON_SCHEMA", LEGACY_SCHEMA)
+        .env_remove("USER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let me = whoami::username().unwrap();
+    assert!(!me.is_empty());
+    assert_eq!(state(&pool, id).await.3.as_deref(), Some(me.as_str()));
+    assert!(stdout(&out).contains(&format!("dismissed by {me}")), "{}", stdout(&out));
+}
