@@ -109,10 +109,11 @@ pub async fn token(
         }
     };
     let address = super::throttle::client_address(peer.ip(), &headers, &issuer.trusted_proxies);
-    if let Err(throttled) = issuer.throttle.check(address, &client_id) {
-        return too_many(throttled);
-    }
-    match issue(&issuer, &client_id, &secret).await {
+    let passed = match issuer.throttle.check(address, &client_id) {
+        Ok(passed) => passed,
+        Err(throttled) => return too_many(throttled),
+    };
+    match issue(&issuer, &client_id, &secret, passed).await {
         Ok(Ok(Some(token))) => {
             issuer.throttle.succeeded(address, &client_id);
             issuer.issued.inc();
@@ -213,7 +214,12 @@ fn checks_busy() -> Response {
 }
 
 /// A new token for the active user with these credentials, `None` for wrong ones, or [`Busy`].
-async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::Result<Result<Option<String>, Busy>> {
+async fn issue(
+    issuer: &TokenIssuer,
+    client_id: &str,
+    secret: &str,
+    passed: bool,
+) -> anyhow::Result<Result<Option<String>, Busy>> {
     let user: Option<(i64, String)> =
         sqlx::query_as("select id, secret_hash from api_users where client_id = $1 and revoked_at is null")
             .bind(client_id)
@@ -221,7 +227,7 @@ async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::R
             .await?;
     let known = user.is_some();
     let (user_id, hash) = user.unwrap_or((0, DUMMY_HASH.clone()));
-    let ok = match issuer.checks.verify(secret, hash).await {
+    let ok = match issuer.checks.verify(secret, hash, passed).await {
         Ok(ok) => ok,
         Err(busy) => return Ok(Err(busy)),
     };

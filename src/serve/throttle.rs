@@ -11,7 +11,7 @@
 //!   signed in from its address before (a wrong secret from that pair ends the pass).
 //! - [`Checks`]: the argon2 checks themselves, at most two at a time with at most
 //!   [`QUEUED`] waiting; past that a request is answered 503 at once rather than queued behind
-//!   the flood.
+//!   the flood, unless its (name, address) pair has a pass: a known client waits its turn.
 //!
 //! State is in memory, per `serve` process, bounded to [`MAX_KEYS`] addresses and names.
 
@@ -154,13 +154,14 @@ impl Throttle {
         labels
     }
 
-    /// Whether a secret for `name` from `ip` may be checked now.
-    pub fn check(&self, ip: IpAddr, name: &str) -> Result<(), Throttled> {
+    /// Whether a secret for `name` from `ip` may be checked now: `Ok(true)` when the pair has
+    /// a pass (it authenticated from there within a day), `Ok(false)` for others.
+    pub fn check(&self, ip: IpAddr, name: &str) -> Result<bool, Throttled> {
         let (ip, name) = (address_key(ip), name_key(name));
         let now = Instant::now();
         let state = self.state.lock().expect("not poisoned");
         if state.passes.get(&(name.clone(), ip)).is_some_and(|at| now.duration_since(*at) < PASS) {
-            return Ok(());
+            return Ok(true);
         }
         for (key, by) in [(Key::Address(ip), "address"), (Key::Name(name), "name")] {
             let until = state.failures.get(&key).and_then(Failures::wait_until);
@@ -169,7 +170,7 @@ impl Throttle {
                 return Err(Throttled { retry_after: until - now, by });
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A wrong secret (or unknown name) for `name` from `ip`.
@@ -254,12 +255,13 @@ impl Checks {
         Checks { running: Arc::new(Semaphore::new(running)), waiting: Arc::default(), queued }
     }
 
-    /// Whether `secret` matches `hash`, checked in turn, or [`Busy`] when too many wait.
-    pub async fn verify(&self, secret: &str, hash: String) -> Result<bool, Busy> {
+    /// Whether `secret` matches `hash`, checked in turn, or [`Busy`] when too many wait (never
+    /// for a `known` client: one whose name and address have a pass).
+    pub async fn verify(&self, secret: &str, hash: String, known: bool) -> Result<bool, Busy> {
         let permit = match self.running.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queued {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queued && !known {
                     self.waiting.fetch_sub(1, Ordering::AcqRel);
                     return Err(Busy);
                 }
@@ -305,7 +307,7 @@ mod tests {
         let (attacker, home): (IpAddr, IpAddr) = ("10.0.0.9".parse().unwrap(), "10.0.0.1".parse().unwrap());
         t.succeeded(home, "acme");
         for i in 0..FREE {
-            assert_eq!(t.check(attacker, &format!("guess-{i}")), Ok(()));
+            assert_eq!(t.check(attacker, &format!("guess-{i}")), Ok(false));
             t.failed(attacker, &format!("guess-{i}"));
         }
         t.failed(attacker, "acme");
@@ -313,12 +315,12 @@ mod tests {
         assert_eq!(refused.by, "address");
         assert_eq!(refused.retry_after_secs(), 1);
         // Another address is not refused, and neither is the name's known pair.
-        assert_eq!(t.check(home, "other"), Ok(()));
+        assert_eq!(t.check(home, "other"), Ok(false));
         for _ in 0..FREE + 3 {
             t.failed("10.0.0.7".parse().unwrap(), "acme");
         }
         assert_eq!(t.check("10.0.0.8".parse().unwrap(), "acme").unwrap_err().by, "name");
-        assert_eq!(t.check(home, "acme"), Ok(()));
+        assert_eq!(t.check(home, "acme"), Ok(true));
     }
 
     #[test]
@@ -356,10 +358,12 @@ mod tests {
     async fn checks_past_the_queue_are_refused() {
         let checks = Checks::new(1, 1);
         let hash = crate::users::hash_secret("s").unwrap();
-        let (a, b, c) =
-            tokio::join!(checks.verify("s", hash.clone()), checks.verify("x", hash.clone()), checks.verify("s", hash));
-        let mut outcomes = [a, b, c];
-        outcomes.sort_by_key(|o| format!("{o:?}"));
-        assert_eq!(outcomes.iter().filter(|o| **o == Err(Busy)).count(), 1, "{outcomes:?}");
+        let (a, b, c, known) = tokio::join!(
+            checks.verify("s", hash.clone(), false),
+            checks.verify("x", hash.clone(), false),
+            checks.verify("s", hash.clone(), false),
+            checks.verify("s", hash, true)
+        );
+        assert_eq!((a, b, c, known), (Ok(true), Ok(false), Err(Busy), Ok(true)), "a known client waits its turn");
     }
 }

@@ -322,17 +322,11 @@ async fn login(
     let next = safe_next(f.get("next"));
     let (name, secret) = (f.get("name").unwrap_or_default(), f.raw("secret"));
     let address = super::throttle::client_address(peer.ip(), &headers, &desk.trusted_proxies);
-    if let Err(throttled) = desk.throttle.check(address, name) {
-        let error = format!(
-            "Too many wrong secrets for this {}: wait {} s, then sign in again.",
-            if throttled.by == "name" { "name" } else { "address" },
-            throttled.retry_after_secs()
-        );
-        let mut resp = login_form(&desk, next, Some(&error), StatusCode::TOO_MANY_REQUESTS);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(throttled.retry_after_secs()));
-        return resp;
-    }
-    match session::sign_in(&desk.pool, &desk.checks, name, secret, desk.session_ttl).await {
+    let passed = match desk.throttle.check(address, name) {
+        Ok(passed) => passed,
+        Err(throttled) => return too_many_sign_ins(&desk, next, throttled),
+    };
+    match session::sign_in(&desk.pool, &desk.checks, (name, passed), secret, desk.session_ttl).await {
         Ok(Ok(Some(token))) => {
             desk.throttle.succeeded(address, name);
             let mut resp = redirect(&next);
@@ -354,6 +348,18 @@ async fn login(
         }
         Err(e) => failed(&e),
     }
+}
+
+/// 429: the sign-in form again, saying how long to wait.
+fn too_many_sign_ins(desk: &Desk, next: String, throttled: super::throttle::Throttled) -> Response {
+    let error = format!(
+        "Too many wrong secrets for this {}: wait {} s, then sign in again.",
+        if throttled.by == "name" { "name" } else { "address" },
+        throttled.retry_after_secs()
+    );
+    let mut resp = login_form(desk, next, Some(&error), StatusCode::TOO_MANY_REQUESTS);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(throttled.retry_after_secs()));
+    resp
 }
 
 async fn logout(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, body: Result<Posted, BodyError>) -> Response {

@@ -146,12 +146,12 @@ pub async fn current(pool: &PgPool, headers: &HeaderMap) -> Result<Option<Analys
 
 /// Signs `name` in with `secret` when it is an active user with the Analyst role: a new session
 /// that expires after `ttl`, whose token is returned (for the cookie); `Ok(Err(Busy))` when the
-/// queue of password checks is full. The secret is checked with argon2 off the async threads,
+/// queue of password checks is full (never for a name and address with a pass: see [`Checks`]). The secret is checked with argon2 off the async threads,
 /// against a dummy hash for an unknown name (the time does not tell which names exist).
 pub async fn sign_in(
     pool: &PgPool,
     checks: &Checks,
-    name: &str,
+    (name, passed): (&str, bool),
     secret: &str,
     ttl: Duration,
 ) -> Result<Result<Option<String>, Busy>> {
@@ -165,7 +165,7 @@ pub async fn sign_in(
     .context("reading the user")?;
     let known = user.is_some();
     let (user_id, hash) = user.unwrap_or((0, crate::serve::auth::DUMMY_HASH.clone()));
-    let ok = match checks.verify(secret, hash).await {
+    let ok = match checks.verify(secret, hash, passed).await {
         Ok(ok) => ok,
         Err(busy) => return Ok(Err(busy)),
     };
