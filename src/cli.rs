@@ -381,3 +381,16 @@ pub enum UsersCommand {
     /// Revoke a user: its secret and tokens stop working at once.
     Revoke { name: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ServeArgs::default()` (tests, embedding) is what `callrecon serve` gets with no option.
+    #[test]
+    fn serve_defaults_are_the_command_lines() {
+        let cli = Cli::try_parse_from(["callrecon", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(parsed) = cli.command else { panic!("not serve") };
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", ServeArgs::default()));
+    }
+}

@@ -493,30 +493,7 @@ async fn an_unknown_event_is_a_plain_404_logged_at_info(pool: PgPool) {
     let secret = callrecon::users::add(&pool, "ana", &["Analyst".to_owned()]).await.unwrap().client_secret;
     let mut server = Process::start(&pool, &[]).await;
     let client = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let page = client.get(format!("{}/review/login", server.base)).send().await.unwrap();
-    let nonce = page.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
-    let html = page.text().await.unwrap();
-    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
-    let csrf = &html[at..at + html[at..].find('"').unwrap()];
-    let signed_in = client
-        .post(format!("{}/review/login", server.base))
-        .header("cookie", &nonce)
-        .form(&[("name", "ana"), ("secret", &secret), ("csrf", csrf)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signed_in.status(), StatusCode::SEE_OTHER);
-    let session = signed_in
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|v| v.starts_with("callrecon_review="))
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let session = desk_session(&server.base, "ana", &secret).await;
     for path in ["/review/events/0", "/review/events/99999"] {
         let resp = client.get(format!("{}{path}", server.base)).header("cookie", &session).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::helpers::desk_session;
 use crate::metrics::{client, start_server};
 
 const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
@@ -356,7 +357,8 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
         .json()
         .await
         .unwrap();
-    let session = sign_in(&base, "ana", &analyst.client_secret).await;
+    let session = desk_session(&base, "ana", &analyst.client_secret).await;
+    let session = session.trim_start_matches("callrecon_review=");
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("schemathesis.toml");
@@ -388,29 +390,4 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
     assert!(text.contains("passed") && !text.contains("0 passed"), "schemathesis tested nothing:\n{text}");
     stop.send(()).unwrap();
     task.await.unwrap();
-}
-
-/// An analyst's session cookie value, signed in through the desk's form.
-async fn sign_in(base: &str, name: &str, secret: &str) -> String {
-    let http = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let page = http.get(format!("{base}/review/login")).send().await.unwrap();
-    let nonce = page.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
-    let html = page.text().await.unwrap();
-    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
-    let csrf = &html[at..at + html[at..].find('"').unwrap()];
-    let resp = http
-        .post(format!("{base}/review/login"))
-        .header("cookie", nonce)
-        .form(&[("name", name), ("secret", secret), ("csrf", csrf)])
-        .send()
-        .await
-        .unwrap();
-    let cookie = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|v| v.starts_with("callrecon_review="))
-        .expect("a session");
-    cookie.split(';').next().unwrap().trim_start_matches("callrecon_review=").to_owned()
 }
