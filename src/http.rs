@@ -9,7 +9,7 @@
 //! - a request's body must arrive within the body timeout of its head (a deadline on the body:
 //!   reading it fails with [`BodyError::TimedOut`], answered 408);
 //! - a connection with no request in flight and no byte read or written for the idle timeout is
-//!   closed;
+//!   closed, and so is one whose client stops reading its response for the body timeout;
 //! - at most `max_connections` are open; past it the connection idle the longest (keep-alive, or
 //!   still sending its head a second after it opened) is closed to make room, and when there is
 //!   none (every connection has a request in flight or has just opened) the new one is answered
@@ -133,6 +133,8 @@ struct Conn {
     opened: u64,
     /// Requests whose response has not been written out yet.
     in_flight: AtomicUsize,
+    /// Responses being written (their handler has answered).
+    writing: AtomicUsize,
     /// Milliseconds since the server started, at the last byte read or written.
     last_active: AtomicU64,
     /// Told to close (to make room for a new connection).
@@ -228,6 +230,7 @@ pub async fn serve(
         let conn = Arc::new(Conn {
             opened: server.now_ms(),
             in_flight: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
             last_active: AtomicU64::new(server.now_ms()),
             evict: Notify::new(),
         });
@@ -322,7 +325,10 @@ async fn connection(
             draining = true;
         }
         let quiet_since = Duration::from_millis(conn.last_active.load(Ordering::Relaxed));
-        let idle_at = server.started.checked_add(quiet_since + limits.idle_timeout).unwrap_or_else(far_future);
+        let wait = limits.idle_timeout.min(limits.body_timeout);
+        let check_at = server.started.checked_add(quiet_since + wait).unwrap_or_else(far_future);
+        // Past it with a request still running: look again a while later, not at once.
+        let check_at = check_at.max(Instant::now() + wait.min(Duration::from_secs(1)));
         tokio::select! {
             done = http.as_mut() => {
                 if let Err(e) = done {
@@ -341,10 +347,14 @@ async fn connection(
                     return;
                 }
             }
-            () = tokio::time::sleep_until(idle_at) => {
+            () = tokio::time::sleep_until(check_at) => {
                 let quiet = Duration::from_millis(server.now_ms().saturating_sub(conn.last_active.load(Ordering::Relaxed)));
                 if conn.idle() && quiet >= limits.idle_timeout {
                     tracing::debug!(%peer, "idle connection closed");
+                    return;
+                }
+                if conn.writing.load(Ordering::Acquire) > 0 && quiet >= limits.body_timeout {
+                    tracing::info!(%peer, "connection closed: the client stopped reading its response");
                     return;
                 }
             }
@@ -385,7 +395,7 @@ async fn handle(
         }
     };
     response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    Ok(response.map(|body| Tracked { inner: body, _guard: guard }))
+    Ok(response.map(|body| Tracked { inner: body, _writing: Writing::new(&guard.0), _guard: guard }))
 }
 
 /// Counts a request in flight from its head until its response's body is dropped (written out,
@@ -405,9 +415,26 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body holding its request's [`InFlight`].
+/// Counts a response being written, until its body is dropped.
+struct Writing(Arc<Conn>);
+
+impl Writing {
+    fn new(conn: &Arc<Conn>) -> Writing {
+        conn.writing.fetch_add(1, Ordering::AcqRel);
+        Writing(conn.clone())
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.writing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body holding its request's [`InFlight`] and [`Writing`].
 struct Tracked {
     inner: Body,
+    _writing: Writing,
     _guard: InFlight,
 }
 

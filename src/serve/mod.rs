@@ -194,7 +194,6 @@ async fn post_master_call(State(app): State<App>, request: Request) -> Response 
 /// Both endpoints: the same auth, statuses, idempotency and group commit; only what the body must
 /// hold differs ([`check_body`]).
 async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
-    let deadline = tokio::time::Instant::now() + app.request_timeout;
     let token = match caller(&app, request.headers()).await {
         Ok(token) => token,
         Err(refused) => return refused,
@@ -216,6 +215,8 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
         }
         Err(e) => return bad_request(None, &e.message()),
     };
+    // The body is bounded by --body-timeout; from here on, the wait for the database.
+    let deadline = tokio::time::Instant::now() + app.request_timeout;
     let (body_text, check) = check_body(&body, endpoint);
     let submission = Submission {
         token_sha256: token,

@@ -172,6 +172,33 @@ async fn a_half_sent_body_gets_408_and_an_idle_connection_is_closed(pool: PgPool
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after {took:?}");
 }
 
+/// A client that stops reading its responses (here: a hundred of the OpenAPI document
+/// pipelined, 7 MB, more than the kernel's buffers take) holds its connection only for the body
+/// timeout.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_client_that_stops_reading_is_closed_at_the_body_timeout(pool: PgPool) {
+    let args = ServeArgs {
+        body_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(2),
+        ..ServeArgs::default()
+    };
+    let server = Server::start(&pool, args).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(server.addr).await.unwrap();
+    let one = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n";
+    slow.write_all(&one.repeat(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Now read what the server got out before it closed the connection.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was still open at the idle timeout");
+    let whole = 100 * callrecon::serve::OPENAPI.len();
+    assert!(got.len() < whole / 2, "read {} of {whole} bytes: the server kept writing", got.len());
+    // Everyone else is served meanwhile.
+    assert_eq!(healthz(&server.base).await.0, StatusCode::OK);
+}
+
 /// Finding 1 again: 300 sockets made `/healthz` time out for everyone (`accept error: Too many
 /// open files`). With a cap, the connections idle the longest make room for a new client; when
 /// every connection has a request in flight, a new one is answered 503 at once.
