@@ -9,7 +9,8 @@
 #
 # --token-flood T measures a genuine client's POST /token while T tasks flood it with wrong
 # secrets (examples/serve_load.rs says which floods), N genuine requests each (default 150), and
-# replaces the section "/token under a flood of wrong secrets" of bench/RESULTS-serve.md;
+# replaces the section "/token under a flood of wrong secrets, PROFILE build" of
+# bench/RESULTS-serve.md;
 # --compare runs the same against OLD_BINARY first (the previous version, side by side).
 #
 # Uses the PostgreSQL of scripts/pg.sh; the database is $BENCH_DATABASE_URL or
@@ -94,7 +95,7 @@ if [ -n "$flood" ]; then
     tables+=$'\n'"### $name"$'\n\n'"$table"$'\n'
     echo "$table"
   done
-  section="## /token under a flood of wrong secrets (\`scripts/bench-serve.sh --token-flood $flood\`)
+  section="## /token under a flood of wrong secrets, $profile build (\`scripts/bench-serve.sh --token-flood $flood\`)
 
 - date: $(date -u +"%Y-%m-%d %H:%M UTC")
 - commit: $commit
@@ -105,12 +106,12 @@ if [ -n "$flood" ]; then
   in a row while $flood tasks send wrong secrets as fast as they are answered; \`genuine not 200\`
   counts its requests that were refused
 $tables"
-  python3 - "$section" <<'PY'
+  python3 - "$section" "$profile" <<'PY'
 import re, sys
 path = "bench/RESULTS-serve.md"
 text = open(path).read()
 section = sys.argv[1].rstrip() + "\n"
-pattern = re.compile(r"^## /token under a flood of wrong secrets.*?(?=^## |\Z)", re.S | re.M)
+pattern = re.compile(r"^## /token under a flood of wrong secrets, " + sys.argv[2] + r" build.*?(?=^## |\Z)", re.S | re.M)
 text = pattern.sub(lambda m: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
 open(path, "w").write(text)
 PY
@@ -128,7 +129,7 @@ echo "$table"
 stop_server
 
 mkdir -p bench
-flood_section=$(python3 -c 'import re,sys; t=open("bench/RESULTS-serve.md").read() if __import__("os").path.exists("bench/RESULTS-serve.md") else ""; m=re.search(r"^## /token under a flood of wrong secrets.*?(?=^## |\Z)", t, re.S | re.M); print(m.group(0).rstrip() if m else "")')
+flood_section=$(python3 -c 'import re,sys; t=open("bench/RESULTS-serve.md").read() if __import__("os").path.exists("bench/RESULTS-serve.md") else ""; print("\n\n".join(m.group(0).rstrip() for m in re.finditer(r"^## /token under a flood of wrong secrets.*?(?=^## |\Z)", t, re.S | re.M)))')
 cat >bench/RESULTS-serve.md <<EOF
 # Intake API load test (\`scripts/bench-serve.sh\`)
 
@@ -144,5 +145,5 @@ cat >bench/RESULTS-serve.md <<EOF
 $table
 EOF
 echo "bench-serve.sh: wrote bench/RESULTS-serve.md" >&2
-# The flood section is kept (it is written by --token-flood).
+# The flood sections are kept (they are written by --token-flood).
 if [ -n "$flood_section" ]; then printf '\n%s\n' "$flood_section" >>bench/RESULTS-serve.md; fi
