@@ -255,6 +255,8 @@ async fn idle_and_slow_connections_past_the_cap_do_not_stop_new_clients(pool: Pg
 /// client's `/healthz` or event POST.
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_thousand_slow_clients_do_not_stop_healthz_or_an_event_post(pool: PgPool) {
+    // Both ends of 1,000 sockets are in this process: room for them, as `serve` makes at start.
+    callrecon::http::raise_open_file_limit();
     let server = Server::start(&pool, ServeArgs { max_connections: 256, ..ServeArgs::default() }).await;
     let token = poster_token(&pool, &server.base).await;
     let mut slow = Vec::new();
