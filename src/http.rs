@@ -210,14 +210,7 @@ pub async fn serve(
             },
         };
         while tasks.try_join_next().is_some() {}
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) if server.evict_one() => {
-                tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
-            }
-            Err(_) => None,
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = slot(&server, &slots).await else {
             if let Ok(permit) = refusing.clone().try_acquire_owned() {
                 tasks.spawn(async move {
                     refuse(stream).await;
@@ -244,19 +237,36 @@ pub async fn serve(
     }
     drop(listener);
     let _ = stop.send(true);
+    drain(tasks, limits.shutdown_timeout).await;
+    Ok(())
+}
+
+/// A slot for a new connection: a free one, or the one an evicted connection gives up.
+async fn slot(server: &Server, slots: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match slots.clone().try_acquire_owned() {
+        Ok(slot) => Some(slot),
+        Err(_) if server.evict_one() => {
+            tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned()).await.ok().and_then(Result::ok)
+        }
+        Err(_) => None,
+    }
+}
+
+/// Waits for the connections to close (told to: idle ones at once, busy ones after their
+/// request) for `timeout`, then closes the rest.
+async fn drain(mut tasks: JoinSet<()>, timeout: Duration) {
     let open = tasks.len();
     let drained = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(limits.shutdown_timeout, drained).await.is_err() {
+    if tokio::time::timeout(timeout, drained).await.is_err() {
         tracing::warn!(
             connections = tasks.len(),
             of = open,
-            timeout = ?limits.shutdown_timeout,
+            ?timeout,
             "requests still in flight at the shutdown timeout: closing their connections"
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    Ok(())
 }
 
 /// Logs failed accepts (out of file descriptors, say) at most once a second.
