@@ -387,7 +387,13 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis:\n{text}");
-    assert!(text.contains("passed") && !text.contains("0 passed"), "schemathesis tested nothing:\n{text}");
+    let generated: u64 = text
+        .split(" generated,")
+        .next()
+        .and_then(|s| s.rsplit(char::is_whitespace).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(generated >= 100, "schemathesis generated {generated} test cases:\n{text}");
     stop.send(()).unwrap();
     task.await.unwrap();
 }
