@@ -111,7 +111,10 @@ pub async fn token(
     let address = super::throttle::client_address(peer.ip(), &headers, &issuer.trusted_proxies);
     let passed = match issuer.throttle.check(address, &client_id) {
         Ok(passed) => passed,
-        Err(throttled) => return too_many(throttled),
+        Err(throttled) => {
+            throttled.pause().await;
+            return too_many(throttled);
+        }
     };
     match issue(&issuer, &client_id, &secret, passed).await {
         Ok(Ok(Some(token))) => {

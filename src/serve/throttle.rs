@@ -8,7 +8,9 @@
 //!   without any check. A failure is forgotten [`FORGET`] after the last one. A right secret
 //!   clears the name's count, and its (name, address) pair passes both waits for a day, so a
 //!   flood under someone's name or from their network does not lock out a client that has
-//!   signed in from its address before (a wrong secret from that pair ends the pass).
+//!   signed in from its address before (a wrong secret from that pair ends the pass). A 429 is
+//!   sent after a pause ([`PAUSE`], or the wait if shorter): a client flooding as fast as it is
+//!   answered then costs the server a few requests a second instead of thousands.
 //! - [`Checks`]: the argon2 checks themselves, at most two at a time with at most
 //!   [`QUEUED`] waiting; past that a request is answered 503 at once rather than queued behind
 //!   the flood, unless its (name, address) pair has a pass: a known client waits its turn.
@@ -39,6 +41,8 @@ const FORGET: Duration = Duration::from_secs(30 * 60);
 const PASS: Duration = Duration::from_secs(24 * 3600);
 /// Addresses, names and passes remembered at most (each); the oldest are forgotten first.
 pub const MAX_KEYS: usize = 100_000;
+/// How long a throttled request is held before its 429, at most.
+pub const PAUSE: Duration = Duration::from_millis(500);
 /// Password checks run at once (argon2 is CPU-bound).
 const RUNNING: usize = 2;
 /// Password checks waiting at most; past that, 503.
@@ -77,6 +81,11 @@ impl Throttled {
     /// `Retry-After`, in whole seconds (at least one).
     pub fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0)
+    }
+
+    /// Holds the request a moment before its 429 ([`PAUSE`] at most, never past the wait).
+    pub async fn pause(&self) {
+        tokio::time::sleep(self.retry_after.min(PAUSE)).await;
     }
 }
 

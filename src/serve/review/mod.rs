@@ -324,7 +324,10 @@ async fn login(
     let address = super::throttle::client_address(peer.ip(), &headers, &desk.trusted_proxies);
     let passed = match desk.throttle.check(address, name) {
         Ok(passed) => passed,
-        Err(throttled) => return too_many_sign_ins(&desk, next, throttled),
+        Err(throttled) => {
+            throttled.pause().await;
+            return too_many_sign_ins(&desk, next, throttled);
+        }
     };
     match session::sign_in(&desk.pool, &desk.checks, (name, passed), secret, desk.session_ttl).await {
         Ok(Ok(Some(token))) => {
