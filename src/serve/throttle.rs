@@ -11,9 +11,12 @@
 //!   signed in from its address before (a wrong secret from that pair ends the pass). A 429 is
 //!   sent after a pause ([`PAUSE`], or the wait if shorter): a client flooding as fast as it is
 //!   answered then costs the server a few requests a second instead of thousands.
-//! - [`Checks`]: the argon2 checks themselves, at most two at a time with at most
-//!   [`QUEUED`] waiting; past that a request is answered 503 at once rather than queued behind
-//!   the flood, unless its (name, address) pair has a pass: a known client waits its turn.
+//! - [`Checks`]: the argon2 checks themselves, in two lanes of one check at a time each: clients
+//!   whose (name, address) pair has a pass in one (they wait their turn, never refused), all
+//!   others in the other, with at most [`QUEUED`] waiting; past that a request is answered 503
+//!   (after the same pause as a 429) rather than queued behind the flood. So a flood of unknown
+//!   clients keeps at most one core checking secrets, and a known client waits for no check of
+//!   theirs.
 //!
 //! State is in memory, per `serve` process, bounded to [`MAX_KEYS`] addresses and names.
 
@@ -43,9 +46,10 @@ const PASS: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_KEYS: usize = 100_000;
 /// How long a throttled request is held before its 429, at most.
 pub const PAUSE: Duration = Duration::from_millis(500);
-/// Password checks run at once (argon2 is CPU-bound).
-const RUNNING: usize = 2;
-/// Password checks waiting at most; past that, 503.
+/// Password checks of unknown clients run at once (argon2 is CPU-bound); known clients have a
+/// lane of one check of their own.
+const RUNNING: usize = 1;
+/// Password checks of unknown clients waiting at most; past that, 503.
 pub const QUEUED: usize = 4;
 
 /// What a throttle counts a failure against.
@@ -241,10 +245,12 @@ pub fn client_address(peer: IpAddr, headers: &axum::http::HeaderMap, trusted: &[
     forwarded.into_iter().rev().find(|a| !trusted.contains(a)).unwrap_or(peer)
 }
 
-/// The password checks: [`RUNNING`] at once on blocking threads, [`QUEUED`] waiting at most.
+/// The password checks: [`RUNNING`] at once on blocking threads for unknown clients, with
+/// [`QUEUED`] waiting at most, and one at a time for known ones.
 #[derive(Clone)]
 pub struct Checks {
     running: Arc<Semaphore>,
+    known: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     queued: usize,
 }
@@ -261,7 +267,12 @@ impl Default for Checks {
 
 impl Checks {
     pub fn new(running: usize, queued: usize) -> Checks {
-        Checks { running: Arc::new(Semaphore::new(running)), waiting: Arc::default(), queued }
+        Checks {
+            running: Arc::new(Semaphore::new(running)),
+            known: Arc::new(Semaphore::new(1)),
+            waiting: Arc::default(),
+            queued,
+        }
     }
 
     /// Whether `secret` matches `hash`, checked in turn, or [`Busy`] when too many wait (never
@@ -269,9 +280,11 @@ impl Checks {
     pub async fn verify(&self, secret: &str, hash: String, known: bool) -> Result<bool, Busy> {
         let permit = match self.running.clone().try_acquire_owned() {
             Ok(permit) => permit,
+            Err(_) if known => self.known.clone().acquire_owned().await.expect("the semaphore is never closed"),
             Err(_) => {
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queued && !known {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queued {
                     self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    tokio::time::sleep(PAUSE).await;
                     return Err(Busy);
                 }
                 let permit = self.running.clone().acquire_owned().await;
