@@ -23,5 +23,8 @@ if [ ! -x /usr/sbin/pgbouncer ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends pgbouncer >&2
 fi
+# The OpenAPI document is checked with schemathesis (PyPI) against a live server: installed into a
+# virtualenv under the cache dir once (the test runs this script itself too).
+bash scripts/schemathesis.sh >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo test --all-targets "$@"

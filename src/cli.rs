@@ -369,8 +369,56 @@ pub struct ServeArgs {
     /// Transactions storing events in flight at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
     pub writers: u32,
+    /// Close a connection whose request head (request line and headers) has not arrived whole
+    /// within this time; it also bounds how long a keep-alive connection waits for its next request.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Answer 408 (and close) when a request's body has not arrived whole within this time of its head.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+    /// Close a keep-alive connection that has been idle (no request in flight, nothing sent or
+    /// received) this long.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most connections open at once. Past it the connection idle the longest is closed to make
+    /// room; when every one has a request in flight, new connections are answered 503.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Answer an event 503 (with Retry-After; nothing stored) when the database has not
+    /// committed it within this time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// On SIGTERM or SIGINT: idle connections close at once; requests in flight get this long to
+    /// finish, then their connections are closed too and the process exits.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// A TLS-terminating proxy in front of serve (repeatable): for requests from this address
+    /// the client's address is read from `X-Forwarded-For` (throttling, logs).
+    #[arg(long = "trusted-proxy", value_name = "IP")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     #[command(flatten)]
     pub review: ReviewArgs,
+}
+
+impl Default for ServeArgs {
+    /// The command line's defaults (for tests and embedding), listening on a free loopback port.
+    fn default() -> Self {
+        ServeArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_body: 1024 * 1024,
+            token_ttl: Duration::from_secs(30 * 60),
+            max_batch: 1024,
+            writers: 2,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15),
+            max_connections: 1024,
+            request_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(20),
+            trusted_proxies: Vec::new(),
+            review: ReviewArgs::default(),
+        }
+    }
 }
 
 /// The review desk's options (`serve`).
@@ -413,4 +461,17 @@ pub enum UsersCommand {
         /// The user's name.
         name: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ServeArgs::default()` (tests, embedding) is what `callrecon serve` gets with no option.
+    #[test]
+    fn serve_defaults_are_the_command_lines() {
+        let cli = Cli::try_parse_from(["callrecon", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(parsed) = cli.command else { panic!("not serve") };
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", ServeArgs::default()));
+    }
 }

@@ -348,7 +348,7 @@ pub fn grants(s: &Schemas, role: &str) -> String {
 }
 
 /// callrecon's own tables (those of migrations 0001-0009, moved to its schema by 0010, and later ones).
-pub const OWN_TABLES: [&str; 10] = [
+pub const OWN_TABLES: [&str; 11] = [
     "runs",
     "inbox_files",
     "events",
@@ -361,6 +361,8 @@ pub const OWN_TABLES: [&str; 10] = [
     "event_history",
     // 0014
     "review_sessions",
+    // 0018
+    "installation_keys",
 ];
 
 /// The URL a connection failed with (without its password), and how to give another: a role or

@@ -9,6 +9,7 @@ pub mod datagen;
 pub mod db;
 pub mod demo;
 pub mod event;
+pub mod http;
 pub mod ingest;
 pub mod inspect;
 pub mod job;

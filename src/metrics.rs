@@ -507,18 +507,25 @@ impl Endpoint {
         Endpoint { registry: Arc::new(registry), runs, queue, pool: Arc::default(), jobs: Arc::new(jobs) }
     }
 
-    /// Binds `addr` (port 0: a free port) and serves until the process ends; returns the address.
-    pub async fn listen(self, addr: SocketAddr) -> Result<SocketAddr> {
+    /// Binds `addr` (port 0: a free port) and serves (every wait on a client bounded, as
+    /// `serve`'s) until `stop` completes; returns the address and the serving task, which ends
+    /// within a few seconds of `stop`.
+    pub async fn listen(
+        self,
+        addr: SocketAddr,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        crate::http::raise_open_file_limit();
         let listener =
             TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen: cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
         let app = Router::new().route("/metrics", get(scrape)).route("/healthz", get(healthz)).with_state(self);
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+        let task = tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listener, app, crate::http::Limits::METRICS, stop).await {
                 tracing::error!(error = %e, "the metrics endpoint stopped");
             }
         });
-        Ok(bound)
+        Ok((bound, task))
     }
 }
 

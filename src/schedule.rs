@@ -116,20 +116,29 @@ pub async fn daemon(database_url: &str, paths: &[PathBuf], metrics_listen: Optio
         jobs.push(s);
     }
     let options: PgConnectOptions = db::connect_options(database_url)?;
-    let endpoint = match metrics_listen {
+    // The metrics endpoint serves until the scheduler has stopped.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (endpoint, metrics_task) = match metrics_listen {
         Some(addr) => {
             let endpoint = metrics::Endpoint::new(jobs.iter().map(|s| s.job.name.clone()).collect());
-            let bound = endpoint.clone().listen(addr).await?;
+            let (bound, task) = endpoint.clone().listen(addr, async { metrics_stopped.await.unwrap_or(()) }).await?;
             println!("callrecon schedule: metrics on http://{bound}/metrics");
             std::io::Write::flush(&mut std::io::stdout())?;
             tracing::info!(addr = %bound, "serving /metrics and /healthz");
-            Some(endpoint)
+            (Some(endpoint), Some(task))
         }
-        None => None,
+        None => (None, None),
     };
     let stop = watch_signals()?;
+    let stopped = |stop_metrics: tokio::sync::oneshot::Sender<()>, task: Option<tokio::task::JoinHandle<()>>| async move {
+        let _ = stop_metrics.send(());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    };
 
     let Some(pool) = connect(database_url, options, jobs.len(), stop.clone()).await else {
+        stopped(stop_metrics, metrics_task).await;
         tracing::info!("stopped before the database was reached");
         return Ok(());
     };
@@ -153,6 +162,7 @@ pub async fn daemon(database_url: &str, paths: &[PathBuf], metrics_listen: Optio
     if *stop.borrow() < 2 {
         pool.close().await;
     }
+    stopped(stop_metrics, metrics_task).await;
     anyhow::ensure!(!panicked, "a job's scheduling task failed; see the log above");
     tracing::info!("scheduler stopped");
     Ok(())

@@ -2,8 +2,10 @@
 //! whatever the backlog: counts and charts over every event, tables capped.
 
 use anyhow::Result;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 
 use super::Report;
 use super::unmatched::AGE_BUCKETS;
@@ -26,6 +28,52 @@ const REASONS: &[(&str, &str)] = &[
     ("ambiguous", "several calls or groups are equally good candidates"),
     ("expired", "unmatched past the job's pending_for: no longer retried, but by a rematch"),
 ];
+
+/// The Content-Security-Policy of HTML made from `templates`: nothing loaded from elsewhere, and
+/// no script or style but the inline `<script>` and `<style>` elements of the templates, each
+/// allowed by its sha256 (their text is static: no template expression inside, which a test
+/// checks); `extra` adds directives (a `<meta>` policy cannot hold `frame-ancestors`).
+pub fn content_security_policy<'t>(templates: impl IntoIterator<Item = &'t str>, extra: &str) -> String {
+    let (mut scripts, mut styles) = (Vec::new(), Vec::new());
+    for text in templates {
+        for (tag, hashes) in [("script", &mut scripts), ("style", &mut styles)] {
+            for body in inline_elements(text, tag) {
+                let digest = Sha256::digest(body.as_bytes());
+                hashes.push(format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(digest)));
+            }
+        }
+    }
+    let list = |h: Vec<String>| if h.is_empty() { "'none'".to_owned() } else { h.join(" ") };
+    let mut policy = format!(
+        "default-src 'none'; script-src {}; style-src {}; img-src data:; base-uri 'none'",
+        list(scripts),
+        list(styles)
+    );
+    if !extra.is_empty() {
+        policy.push_str("; ");
+        policy.push_str(extra);
+    }
+    policy
+}
+
+/// The text inside each `<tag>…</tag>` of `html` (elements written without attributes).
+pub fn inline_elements<'h>(html: &'h str, tag: &str) -> Vec<&'h str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut found = Vec::new();
+    let mut rest = html;
+    while let Some(at) = rest.find(&open) {
+        let body = &rest[at + open.len()..];
+        let Some(end) = body.find(&close) else { break };
+        found.push(&body[..end]);
+        rest = &body[end + close.len()..];
+    }
+    found
+}
+
+/// report.html's policy, in its `<meta>` and in the header of the review desk serving it.
+pub fn csp() -> String {
+    content_security_policy([HTML], "form-action 'none'")
+}
 
 /// The page (no network needed) for analysts.
 pub fn render_html(report: &Report) -> Result<String> {
@@ -103,6 +151,7 @@ pub fn render_html(report: &Report) -> Result<String> {
         table_rows => TABLE_ROWS,
         started,
         took,
+        csp => csp(),
     })?)
 }
 

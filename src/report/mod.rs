@@ -2,7 +2,7 @@
 //! `<report dir>/<run id>/`, and the run history.
 
 pub mod history;
-mod html;
+pub mod html;
 pub mod manual;
 pub mod retention;
 pub mod unmatched;

@@ -4,19 +4,20 @@
 //! (known, not expired, user not revoked) is decided where the event is stored, in the writer's
 //! transaction.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
 
+use super::throttle::{Busy, Checks, Throttle, Throttled};
+use crate::http::Posted;
 use crate::users;
 
 /// A hash to verify against when the client id is unknown, so that the answer takes as long as
@@ -29,9 +30,13 @@ pub(crate) static DUMMY_HASH: std::sync::LazyLock<String> =
 pub struct TokenIssuer {
     pub pool: PgPool,
     pub ttl: Duration,
-    /// Bounds the argon2 verifications running at once (each takes tens of ms and ~19 MiB), so
-    /// a flood of token requests cannot starve event intake.
-    pub verifications: Arc<Semaphore>,
+    /// The argon2 checks (each takes tens of ms and ~19 MiB): a bounded queue shared with the
+    /// desk's sign-in, so a flood of token requests cannot starve event intake.
+    pub checks: Checks,
+    /// Repeated wrong secrets per address and client id.
+    pub throttle: Throttle,
+    /// `--trusted-proxy`: whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<Vec<IpAddr>>,
     /// `callrecon_intake_tokens_issued_total`.
     pub issued: prometheus_client::metrics::counter::Counter,
 }
@@ -84,54 +89,36 @@ pub fn unauthorized(error: Option<&str>, message: &str) -> Response {
 
 /// `POST /token`: `grant_type=client_credentials` with `client_id`/`client_secret` as form
 /// fields or HTTP Basic.
-pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: Bytes) -> Response {
-    let mut grant_type = None;
-    let mut form_id = None;
-    let mut form_secret = None;
-    for (k, v) in url::form_urlencoded::parse(&body) {
-        match &*k {
-            "grant_type" => grant_type = Some(v.into_owned()),
-            "client_id" => form_id = Some(v.into_owned()),
-            "client_secret" => form_secret = Some(v.into_owned()),
-            _ => {} // `scope` and extensions: not used
-        }
-    }
-    let basic = match headers.get(header::AUTHORIZATION).map(basic_credentials) {
-        None => None,
-        Some(Some(pair)) => Some(pair),
-        Some(None) => {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "unreadable Authorization header");
-        }
+pub async fn token(
+    State(issuer): State<TokenIssuer>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Posted, crate::http::BodyError>,
+) -> Response {
+    let body = match body {
+        Ok(Posted(body)) => body,
+        Err(e) => return e.closing(oauth_error(e.status(), "invalid_request", &e.message())),
     };
-    match grant_type.as_deref() {
-        Some("client_credentials") => {}
-        None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "missing grant_type"),
-        Some(other) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                &format!("grant_type {other:?} is not supported; use client_credentials"),
-            );
+    let (client_id, secret, used_basic) = match credentials(&headers, &body) {
+        Ok(c) => c,
+        Err(BadCredentials::Request(error, description)) => {
+            return oauth_error(StatusCode::BAD_REQUEST, error, &description);
         }
-    }
-    let used_basic = basic.is_some();
-    let (client_id, secret) = match (basic, form_id, form_secret) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "give the client credentials either as HTTP Basic or as form fields, not both",
-            );
-        }
-        (Some(pair), None, None) => pair,
-        (None, Some(id), Some(secret)) => (id, secret),
-        (None, _, _) => {
+        Err(BadCredentials::Missing) => {
             return invalid_client(false, "missing client_id and client_secret (form fields or HTTP Basic)");
         }
     };
-
-    match issue(&issuer, &client_id, &secret).await {
-        Ok(Some(token)) => {
+    let address = super::throttle::client_address(peer.ip(), &headers, &issuer.trusted_proxies);
+    let passed = match issuer.throttle.check(address, &client_id) {
+        Ok(passed) => passed,
+        Err(throttled) => {
+            throttled.pause().await;
+            return too_many(throttled);
+        }
+    };
+    match issue(&issuer, &client_id, &secret, passed).await {
+        Ok(Ok(Some(token))) => {
+            issuer.throttle.succeeded(address, &client_id);
             issuer.issued.inc();
             let expires_in = issuer.ttl.as_secs().saturating_sub(1);
             let mut resp = axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": expires_in}))
@@ -140,7 +127,12 @@ pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: 
             resp.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
             resp
         }
-        Ok(None) => invalid_client(used_basic, "unknown client, wrong secret, or revoked user"),
+        Ok(Ok(None)) => {
+            issuer.throttle.failed(address, &client_id);
+            tracing::info!(client_id, %address, "token refused: unknown client, wrong secret, or revoked user");
+            invalid_client(used_basic, "unknown client, wrong secret, or revoked user")
+        }
+        Ok(Err(Busy)) => checks_busy(),
         Err(e) => {
             tracing::error!(error = crate::db::error_line(&e), "issuing a token failed");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "could not issue a token; retry")
@@ -148,8 +140,89 @@ pub async fn token(State(issuer): State<TokenIssuer>, headers: HeaderMap, body: 
     }
 }
 
-/// A new token for the active user with these credentials, or `None`.
-async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::Result<Option<String>> {
+/// Why a token request names no client.
+enum BadCredentials {
+    /// 400: an OAuth error code and its description.
+    Request(&'static str, String),
+    /// 401: no client id and secret.
+    Missing,
+}
+
+/// The client id, secret, and whether they came as HTTP Basic.
+fn credentials(headers: &HeaderMap, body: &[u8]) -> Result<(String, String, bool), BadCredentials> {
+    let mut grant_type = None;
+    let mut form_id = None;
+    let mut form_secret = None;
+    for (k, v) in url::form_urlencoded::parse(body) {
+        match &*k {
+            "grant_type" => grant_type = Some(v.into_owned()),
+            "client_id" => form_id = Some(v.into_owned()),
+            "client_secret" => form_secret = Some(v.into_owned()),
+            _ => {} // `scope` and extensions: not used
+        }
+    }
+    let bad = |error: &'static str, description: &str| Err(BadCredentials::Request(error, description.to_owned()));
+    let basic = match headers.get(header::AUTHORIZATION).map(basic_credentials) {
+        None => None,
+        Some(Some(pair)) => Some(pair),
+        Some(None) => return bad("invalid_request", "unreadable Authorization header"),
+    };
+    match grant_type.as_deref() {
+        Some("client_credentials") => {}
+        None => return bad("invalid_request", "missing grant_type"),
+        Some(other) => {
+            let description = format!("grant_type {other:?} is not supported; use client_credentials");
+            return bad("unsupported_grant_type", &description);
+        }
+    }
+    let used_basic = basic.is_some();
+    let (id, secret) = match (basic, form_id, form_secret) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return bad(
+                "invalid_request",
+                "give the client credentials either as HTTP Basic or as form fields, not both",
+            );
+        }
+        (Some(pair), None, None) => pair,
+        (None, Some(id), Some(secret)) => (id, secret),
+        (None, _, _) => return Err(BadCredentials::Missing),
+    };
+    if id.contains('\0') || secret.contains('\0') {
+        return bad("invalid_request", "client_id and client_secret cannot contain U+0000");
+    }
+    Ok((id, secret, used_basic))
+}
+
+/// 429: too many wrong secrets from this address or for this client id.
+pub(crate) fn too_many(throttled: Throttled) -> Response {
+    let description = format!(
+        "too many wrong secrets for this client {}; retry in {} s",
+        if throttled.by == "name" { "id" } else { "address" },
+        throttled.retry_after_secs()
+    );
+    let mut resp = oauth_error(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable", &description);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(throttled.retry_after_secs()));
+    resp
+}
+
+/// 503: the queue of password checks is full.
+fn checks_busy() -> Response {
+    let mut resp = oauth_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+        "too many secrets are being checked right now; retry in a second",
+    );
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// A new token for the active user with these credentials, `None` for wrong ones, or [`Busy`].
+async fn issue(
+    issuer: &TokenIssuer,
+    client_id: &str,
+    secret: &str,
+    passed: bool,
+) -> anyhow::Result<Result<Option<String>, Busy>> {
     let user: Option<(i64, String)> =
         sqlx::query_as("select id, secret_hash from api_users where client_id = $1 and revoked_at is null")
             .bind(client_id)
@@ -157,15 +230,12 @@ async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::R
             .await?;
     let known = user.is_some();
     let (user_id, hash) = user.unwrap_or((0, DUMMY_HASH.clone()));
-    let permit = issuer.verifications.clone().acquire_owned().await?;
-    let secret = secret.to_owned();
-    let ok = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        users::verify_secret(&secret, &hash)
-    })
-    .await?;
+    let ok = match issuer.checks.verify(secret, hash, passed).await {
+        Ok(ok) => ok,
+        Err(busy) => return Ok(Err(busy)),
+    };
     if !(known && ok) {
-        return Ok(None);
+        return Ok(Ok(None));
     }
     let token = users::random_string(32);
     let ttl = chrono::Duration::from_std(issuer.ttl)?;
@@ -178,7 +248,7 @@ async fn issue(issuer: &TokenIssuer, client_id: &str, secret: &str) -> anyhow::R
     .bind(user_id)
     .bind(ttl);
     let issued = crate::db::execute(&issuer.pool, insert).await?;
-    Ok((issued.rows_affected() == 1).then_some(token))
+    Ok(Ok((issued.rows_affected() == 1).then_some(token)))
 }
 
 /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1); `None` if

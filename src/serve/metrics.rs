@@ -1,5 +1,6 @@
 //! The intake API's metrics, served at `/metrics`: requests by route and status, their latency,
-//! group-commit batch sizes, tokens issued, and `event_queue` (read when scraped).
+//! group-commit batch sizes, tokens issued, wrong secrets and throttled requests, and
+//! `event_queue` (read when scraped).
 
 use std::time::Instant;
 
@@ -29,6 +30,8 @@ pub struct IntakeMetrics {
     /// Events per group-commit transaction.
     pub batch_events: Histogram,
     pub tokens_issued: Counter,
+    /// Wrong secrets, requests throttled and refused (token endpoint and desk sign-in).
+    pub auth: super::throttle::AuthMetrics,
     queue: QueueGauges,
 }
 
@@ -60,8 +63,17 @@ impl IntakeMetrics {
             "Access tokens issued by POST /token",
             tokens_issued.clone(),
         );
+        let auth = super::throttle::AuthMetrics::register(&mut registry);
         let queue = QueueGauges::register(&mut registry);
-        IntakeMetrics { registry: std::sync::Arc::new(registry), requests, latency, batch_events, tokens_issued, queue }
+        IntakeMetrics {
+            registry: std::sync::Arc::new(registry),
+            requests,
+            latency,
+            batch_events,
+            tokens_issued,
+            auth,
+            queue,
+        }
     }
 
     /// `GET /metrics`: the counters, and `event_queue` as it is now.

@@ -11,7 +11,8 @@
 //!   (cases are not handled here).
 //! - These paths match without regard to case, as on the platform, whose .NET SDK posts `/Token`
 //!   and `/callEvent/…` ([`canonical_path`], before routing); the other routes keep theirs.
-//! - `GET /healthz`: 200 while the database answers.
+//! - `GET /healthz`: 200 while the database answers and commits; 503 `degraded` while commits
+//!   stall.
 //! - `GET /metrics`: Prometheus metrics ([`metrics`]); `GET /openapi.json`: this API described
 //!   in OpenAPI 3.1 (`docs/openapi.json`, compiled in).
 //! - `/review`: the analysts' review desk ([`review`]).
@@ -19,12 +20,15 @@
 //! **Architecture invariant:** the API never writes anything but `event_queue` and its own
 //! `api_*` tables, and a 200 means the event's transaction has committed; the review desk writes
 //! `review_sessions`, and decisions only through `resolve`. Bearer tokens open no review page,
-//! and an analyst's session posts no event.
+//! and an analyst's session posts no event. Every connection is served by [`crate::http`], so
+//! every wait on a client is bounded; every wait on the database is bounded too (an event's by
+//! `--request-timeout`).
 
 pub mod auth;
 pub mod metrics;
 pub mod queue_writer;
 pub mod review;
+pub mod throttle;
 
 use std::future::Future;
 use std::io::Write as _;
@@ -33,7 +37,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +48,7 @@ use tokio::net::TcpListener;
 
 use crate::cli::ServeArgs;
 use crate::event::{self, Invalid};
+use crate::http::{BodyError, Posted};
 use crate::users;
 use queue_writer::{Submission, Verdict, Writer};
 
@@ -89,9 +93,16 @@ enum Endpoint {
 /// How long an `Idempotency-Key` is remembered.
 const IDEMPOTENCY_KEYS_KEPT: &str = "24 hours";
 
-/// `callrecon serve`: listens until SIGTERM or SIGINT, then answers the requests already
-/// accepted and stops.
+/// `callrecon serve`: listens until SIGTERM or SIGINT, then answers the requests in flight
+/// (within `--shutdown-timeout`) and stops.
 pub async fn run(pool: &PgPool, args: &ServeArgs) -> Result<()> {
+    let open_files = crate::http::raise_open_file_limit();
+    // The pool's connections, files, the listener: what the open-file limit must leave room for.
+    let reserve = args.writers as usize + 64;
+    let args = &ServeArgs {
+        max_connections: crate::http::connections_within(args.max_connections as usize, open_files, reserve) as u32,
+        ..args.clone()
+    };
     // A pool of its own: one connection per writer plus tokens and health checks.
     let pool = crate::db::pool_options()
         .max_connections(args.writers + 4)
@@ -103,14 +114,18 @@ pub async fn run(pool: &PgPool, args: &ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     println!("callrecon serve: listening on http://{addr}");
     std::io::stdout().flush()?;
-    tracing::info!(%addr, max_body = args.max_body, writers = args.writers, "intake API listening");
+    tracing::info!(
+        %addr, max_body = args.max_body, writers = args.writers, max_connections = args.max_connections,
+        open_files, "intake API listening"
+    );
     serve(pool, args, listener, shutdown_signal()).await?;
-    tracing::info!("intake API stopped; every accepted request was answered");
+    tracing::info!("intake API stopped");
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` completes, then stops accepting connections, answers
-/// every request in flight (their events committed or refused), and returns.
+/// Serves on `listener` until `shutdown` completes, then stops accepting connections, closes
+/// the idle ones, answers the requests in flight (their events committed or refused) within
+/// `--shutdown-timeout`, and returns.
 pub async fn serve(
     pool: PgPool,
     args: &ServeArgs,
@@ -120,10 +135,27 @@ pub async fn serve(
     let metrics = metrics::IntakeMetrics::new();
     let (writer, writer_task) =
         queue_writer::start(pool.clone(), args.max_batch, args.writers, metrics.batch_events.clone()).await?;
-    let desk = review::Desk::new(pool.clone(), &args.review)?;
+    // One queue of password checks for the token endpoint and the desk's sign-in.
+    let checks = throttle::Checks::default();
+    let trusted_proxies = Arc::new(args.trusted_proxies.clone());
+    let guards = review::Guards {
+        checks: checks.clone(),
+        throttle: throttle::Throttle::new("sign_in", metrics.auth.clone()),
+        trusted_proxies: trusted_proxies.clone(),
+        login_key: review::session::LoginKey::read(&pool).await?,
+    };
+    let desk = review::Desk::new(pool.clone(), &args.review, guards)?;
+    let issuer = auth::TokenIssuer {
+        pool: pool.clone(),
+        ttl: args.token_ttl,
+        checks,
+        throttle: throttle::Throttle::new("token", metrics.auth.clone()),
+        trusted_proxies,
+        issued: metrics.tokens_issued.clone(),
+    };
     let housekeeping = tokio::spawn(housekeeping(pool.clone()));
-    let app = router(pool, writer, args, metrics, desk);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+    let app = router(pool, writer, args, metrics, desk, issuer);
+    crate::http::serve(listener, app, limits(args), shutdown).await.context("serving HTTP")?;
     // Every connection is closed, so every handler (and its writer handle) is gone: wait for
     // the writer to answer the last batches.
     writer_task.await.context("the queue writer")?;
@@ -131,11 +163,23 @@ pub async fn serve(
     Ok(())
 }
 
+/// The connections' limits of `args`.
+fn limits(args: &ServeArgs) -> crate::http::Limits {
+    crate::http::Limits {
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections as usize,
+        shutdown_timeout: args.shutdown_timeout,
+    }
+}
+
 #[derive(Clone)]
 struct App {
     pool: PgPool,
     writer: Writer,
     max_body: usize,
+    request_timeout: Duration,
     metrics: metrics::IntakeMetrics,
 }
 
@@ -149,14 +193,10 @@ fn router(
     args: &ServeArgs,
     metrics: metrics::IntakeMetrics,
     desk: review::Desk,
+    issuer: auth::TokenIssuer,
 ) -> Router {
-    let issuer = auth::TokenIssuer {
-        pool: pool.clone(),
-        ttl: args.token_ttl,
-        verifications: Arc::new(tokio::sync::Semaphore::new(2)),
-        issued: metrics.tokens_issued.clone(),
-    };
-    let app = App { pool, writer, max_body: args.max_body, metrics: metrics.clone() };
+    let app =
+        App { pool, writer, max_body: args.max_body, request_timeout: args.request_timeout, metrics: metrics.clone() };
     // Behind a transaction pooler the desk's statements would have no search path: it needs a
     // session (docs/database.md).
     let desk = match crate::db::pooler() {
@@ -168,7 +208,7 @@ fn router(
     let routes = Router::new()
         .route(EVENT_PATH, post(post_event))
         .route(MASTER_CALL_PATH, post(post_master_call))
-        .route(CASE_PATH, any(case_not_handled))
+        .route(CASE_PATH, post(case_not_handled))
         .route("/healthz", get(healthz))
         .route("/metrics", get(|State(app): State<App>| async move { app.metrics.scrape(&app.pool).await }))
         .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
@@ -206,41 +246,29 @@ async fn post_master_call(State(app): State<App>, request: Request) -> Response 
 /// Both endpoints: the same auth, statuses, idempotency and group commit; only what the body must
 /// hold differs ([`check_body`]).
 async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
-    // The caller first: no body is read for a request without a token.
-    let token = match auth::bearer(request.headers()) {
-        Ok(token) => users::token_digest(token),
-        Err(no_token) => {
-            // An analyst's session is no API credential: said plainly, as a 403.
-            if let Ok(Some(analyst)) = review::session::current(&app.pool, request.headers()).await {
-                let message = format!(
-                    "{} is signed in to the review desk as an analyst; posting events needs an API user's bearer token ({} role)",
-                    analyst.name,
-                    users::ROLE_ASYNC_METADATA
-                );
-                return (StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
-                    .into_response();
-            }
-            return no_token.into_response();
-        }
+    let token = match caller(&app, request.headers()).await {
+        Ok(token) => token,
+        Err(refused) => return refused,
     };
     let idempotency_key = match idempotency_key(request.headers()) {
         Ok(key) => key,
         Err(message) => return bad_request(Some("Idempotency-Key"), message),
     };
-    let body = match Bytes::from_request(request, &()).await {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+    let body = match Posted::from_request(request, &()).await {
+        Ok(Posted(body)) => body,
+        Err(BodyError::TooLarge) => {
             let message = format!("the request body is larger than {} bytes", app.max_body);
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                axum::Json(json!({"error": "payload_too_large", "message": message})),
-            )
-                .into_response();
+            let body = axum::Json(json!({"error": "payload_too_large", "message": message}));
+            return BodyError::TooLarge.closing((StatusCode::PAYLOAD_TOO_LARGE, body).into_response());
         }
-        Err(rejection) => {
-            return bad_request(None, &format!("could not read the request body: {}", rejection.body_text()));
+        Err(e @ BodyError::TimedOut) => {
+            let body = axum::Json(json!({"error": "request_timeout", "message": e.message()}));
+            return e.closing((StatusCode::REQUEST_TIMEOUT, body).into_response());
         }
+        Err(e) => return bad_request(None, &e.message()),
     };
+    // The body is bounded by --body-timeout; from here on, the wait for the database.
+    let deadline = tokio::time::Instant::now() + app.request_timeout;
     let (body_text, check) = check_body(&body, endpoint);
     let submission = Submission {
         token_sha256: token,
@@ -248,8 +276,35 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
         body: body_text,
         body_sha256: Sha256::digest(&body).into(),
         check,
+        deadline,
     };
-    match app.writer.submit(submission).await {
+    answer(app.writer.submit(submission).await, app.request_timeout)
+}
+
+/// The digest of the request's bearer token, or its 401 (or 403 for an analyst's session: no
+/// body is read for a request without a token).
+async fn caller(app: &App, headers: &HeaderMap) -> Result<[u8; 32], Response> {
+    let no_token = match auth::bearer(headers) {
+        Ok(token) => return Ok(users::token_digest(token)),
+        Err(no_token) => no_token,
+    };
+    // An analyst's session is no API credential: said plainly, as a 403.
+    if let Ok(Some(analyst)) = review::session::current(&app.pool, headers).await {
+        let message = format!(
+            "{} is signed in to the review desk as an analyst; posting events needs an API user's bearer token ({} role)",
+            analyst.name,
+            users::ROLE_ASYNC_METADATA
+        );
+        return Err((StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
+            .into_response());
+    }
+    Err(no_token.into_response())
+}
+
+/// The answer to a posted event.
+fn answer(verdict: Verdict, request_timeout: Duration) -> Response {
+    let error = |status: StatusCode, body: Value| (status, axum::Json(body)).into_response();
+    match verdict {
         Verdict::Stored { queue_id, replayed } => {
             let mut resp = axum::Json(json!({"status": "accepted", "id": queue_id})).into_response();
             if replayed {
@@ -263,9 +318,7 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
         ),
         Verdict::Forbidden { user } => {
             let message = format!("API user {user} lacks the {} role", users::ROLE_ASYNC_METADATA);
-            let mut resp =
-                (StatusCode::FORBIDDEN, axum::Json(json!({"error": "insufficient_scope", "message": message})))
-                    .into_response();
+            let mut resp = error(StatusCode::FORBIDDEN, json!({"error": "insufficient_scope", "message": message}));
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"callrecon\", error=\"insufficient_scope\""),
@@ -273,22 +326,33 @@ async fn post_to(endpoint: Endpoint, app: App, request: Request) -> Response {
             resp
         }
         Verdict::Invalid(invalid) => bad_request(invalid.field.as_deref(), &invalid.reason),
-        Verdict::KeyReused => (
+        Verdict::KeyReused => error(
             StatusCode::UNPROCESSABLE_ENTITY,
-            axum::Json(json!({
+            json!({
                 "error": "idempotency_key_reused",
                 "field": "Idempotency-Key",
                 "message": "this Idempotency-Key was used before with a different body; use a new key for a new event",
-            })),
-        )
-            .into_response(),
-        Verdict::Failed => (
+            }),
+        ),
+        Verdict::Failed => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            axum::Json(json!({"error": "storage_failed", "message": "the event could not be stored (nothing was stored); retry"})),
-        )
-            .into_response(),
+            json!({"error": "storage_failed", "message": "the event could not be stored (nothing was stored); retry"}),
+        ),
+        Verdict::TimedOut => {
+            let message = format!(
+                "the database did not store the event within {} (nothing was stored); retry after the Retry-After seconds",
+                humantime::format_duration(request_timeout)
+            );
+            let mut resp =
+                error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "storage_timeout", "message": message}));
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+            resp
+        }
     }
 }
+
+/// `Retry-After` of an event the database did not store in time, in seconds.
+const RETRY_AFTER: &str = "5";
 
 /// The body as text and what the event parser says of it (and, for the masterCall endpoint,
 /// whether it names a MasterId). Times are read in UTC here only to check them: the stored body
@@ -326,18 +390,23 @@ fn bad_request(field: Option<&str>, message: &str) -> Response {
         .into_response()
 }
 
+/// 200 while the database answers and commits; 503 `unavailable` when it does not answer, and
+/// `degraded` while commits stall (a transaction waiting over a second, or a request timed out
+/// in the last 30 seconds: events are being refused 503).
 async fn healthz(State(app): State<App>) -> Response {
     let ping =
         async { sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut *crate::db::begin(&app.pool).await?).await };
+    let status = |status: &str, message: &str| {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": status, "message": message}))).into_response()
+    };
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => axum::Json(json!({"status": "ok"})).into_response(),
-        Ok(Err(e)) => unavailable(&format!("database: {e}")),
-        Err(_) => unavailable("database: no answer within 2s"),
+        Ok(Ok(_)) => match app.writer.stalled() {
+            None => axum::Json(json!({"status": "ok"})).into_response(),
+            Some(why) => status("degraded", &format!("database: {why}")),
+        },
+        Ok(Err(e)) => status("unavailable", &format!("database: {e}")),
+        Err(_) => status("unavailable", "database: no answer within 2s"),
     }
-}
-
-fn unavailable(message: &str) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "unavailable", "message": message}))).into_response()
 }
 
 /// Forgets expired tokens and old idempotency keys, hourly.
@@ -388,7 +457,7 @@ async fn shutdown_signal() {
         () = interrupt => {}
         () = terminate => {}
     }
-    tracing::info!("shutting down: no new connections; answering the requests in flight");
+    tracing::info!("shutting down: no new connections, idle ones closed; answering the requests in flight");
 }
 
 #[cfg(test)]

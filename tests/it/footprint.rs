@@ -66,7 +66,7 @@ async fn objects(pool: &PgPool, schema: &str) -> Vec<String> {
     all
 }
 
-const OWN_OBJECTS: [&str; 19] = [
+const OWN_OBJECTS: [&str; 20] = [
     "_sqlx_migrations",
     "api_idempotency",
     "api_tokens",
@@ -79,6 +79,7 @@ const OWN_OBJECTS: [&str; 19] = [
     "events",
     "events_id_seq",
     "inbox_files",
+    "installation_keys",
     "review_sessions",
     "runs",
     "runs_id_seq",

@@ -327,3 +327,30 @@ macro_rules! both_layouts {
         }
     };
 }
+
+/// An analyst's session cookie (`callrecon_review=…`), signed in through the desk's own form at
+/// `base` (`http://ADDR`).
+pub async fn desk_session(base: &str, name: &str, secret: &str) -> String {
+    let http = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let page = http.get(format!("{base}/review/login")).send().await.unwrap();
+    let nonce = page.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let html = page.text().await.unwrap();
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = &html[at..at + html[at..].find('"').unwrap()];
+    let resp = http
+        .post(format!("{base}/review/login"))
+        .header("cookie", nonce)
+        .form(&[("name", name), ("secret", secret), ("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::SEE_OTHER, "signing in as {name}");
+    let cookie = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .find(|v| v.starts_with("callrecon_review="))
+        .expect("a session");
+    cookie.split(';').next().unwrap().to_owned()
+}

@@ -5,6 +5,7 @@ mod apply;
 mod backlog;
 mod browser;
 mod cli;
+mod connections;
 mod crash;
 mod demo;
 mod docs;

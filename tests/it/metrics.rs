@@ -112,14 +112,7 @@ async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
 
 /// The intake API in-process on a free port; stopped by dropping the sender.
 pub async fn start_server(pool: &PgPool) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let args = ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_body: 4096,
-        token_ttl: Duration::from_secs(1800),
-        max_batch: 1024,
-        writers: 2,
-        review: Default::default(),
-    };
+    let args = ServeArgs { max_body: 4096, ..ServeArgs::default() };
     let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -419,6 +412,44 @@ async fn schedule_serves_metrics_while_it_waits_and_after_a_run(pool: PgPool) {
     // `waits` is still waiting; the queue is still there for it.
     assert_eq!(value(&m, "callrecon_runs_total", &[w, ("status", "succeeded")]), None);
     expect(&m, "callrecon_event_queue_events", &[], 1.0);
+}
+
+/// Issue 43: the scheduler's metrics endpoint is served like `serve` (every answer `nosniff`),
+/// and stops with the scheduler on SIGTERM, whatever its clients hold open: an idle keep-alive
+/// connection and a request head never finished.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_schedulers_metrics_endpoint_stops_with_it_whatever_its_clients_hold(pool: PgPool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let job = TestJob::new(RULES);
+    std::fs::write(job.path(), std::fs::read_to_string(job.path()).unwrap().replace("0 0 2 * * *", "0 0 0 1 1 *"))
+        .unwrap();
+    let mut daemon = Daemon::start(&database_url(&pool).await, &[job.path()]);
+    let resp = client().get(format!("{}/healthz", daemon.base)).send().await.unwrap();
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    let addr = daemon.base.trim_start_matches("http://").to_owned();
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    assert!(idle.read(&mut buf).await.unwrap() > 0);
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let id = daemon.child.id().to_string();
+    assert!(Command::new("sh").args(["-c", "kill -TERM \"$1\"", "sh", &id]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "schedule still running 10 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    for s in [&mut idle, &mut half] {
+        let closed = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    }
 }
 
 #[sqlx::test(migrator = "MIGRATOR")]

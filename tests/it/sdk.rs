@@ -134,14 +134,7 @@ async fn the_platforms_sdk_works_unchanged(pool: PgPool) {
     assert!(user.client_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)), "{}", user.client_id);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let args = ServeArgs {
-        listen: addr,
-        max_body: 1024 * 1024,
-        token_ttl: Duration::from_secs(1800),
-        max_batch: 64,
-        writers: 1,
-        review: Default::default(),
-    };
+    let args = ServeArgs { listen: addr, max_batch: 64, writers: 1, ..ServeArgs::default() };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = pool.clone();
     let server = tokio::spawn(async move {

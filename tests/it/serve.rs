@@ -21,14 +21,7 @@ const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
 const ARTICLE_EXAMPLE: &str = r#"{"SessionId": "abc123", "EventTime": "2018/10/15T09:00:00.000Z", "Metadata": {"customerDataField1": "someData"}}"#;
 
 fn args() -> ServeArgs {
-    ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_body: 1024 * 1024,
-        token_ttl: Duration::from_secs(1800),
-        max_batch: 1024,
-        writers: 2,
-        review: Default::default(),
-    }
+    ServeArgs::default()
 }
 
 fn client() -> reqwest::Client {

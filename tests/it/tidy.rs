@@ -155,3 +155,23 @@ fn stages_do_not_import_the_conductor_or_a_later_stage() {
         }
     }
 }
+
+/// Issue 43: the runs chart was built with `format!` and its own escaper and inserted with
+/// `from_safe_string`, the one bypass of autoescaping. Every page goes through its templates'
+/// autoescaping; nothing is marked safe.
+#[test]
+fn pages_are_rendered_only_through_autoescaping_templates() {
+    assert_eq!(files_with(&["from_safe_string", "value::from_safe"]), BTreeSet::new());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["src/serve/review/templates", "src/report/templates"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap().replace(' ', "");
+            assert!(
+                !text.contains("|safe") && !text.contains("autoescape"),
+                "{} bypasses autoescaping",
+                path.display()
+            );
+        }
+    }
+}

@@ -10,26 +10,31 @@
 //!   a run's report.html.
 //!
 //! Server-rendered HTML (minijinja, templates compiled in), working without JavaScript; a small
-//! inline script adds keyboard shortcuts. Every form is a POST carrying the session's CSRF token,
-//! answered with a redirect (post/redirect/get). Handlers are thin: they parse the request, call
-//! what the CLI calls (`resolve::resolve`, `inspect::examine`, `ledger::history`), and render.
+//! inline script adds keyboard shortcuts. The Content-Security-Policy allows exactly the inline
+//! scripts and styles of the templates, by their sha256, and nothing else. Every form is a POST
+//! carrying the session's CSRF token, answered with a redirect (post/redirect/get) and a one-time
+//! message the server chose ([`session::Flash`]); no text on a page comes from the URL. Every
+//! query and form parameter is checked first ([`params`]: 400 naming it). Handlers are thin: they
+//! parse the request, call what the CLI calls (`resolve::resolve`, `inspect::examine`,
+//! `ledger::history`), and render.
 //!
 //! **Architecture invariant:** the desk writes nothing itself but `review_sessions`: decisions go
 //! through `resolve`, and so through the ledger and apply under the job's lock. An API token never
 //! opens a page, and a page never takes a bearer token in place of a session.
 
+pub mod params;
 pub mod queue;
 pub mod runs;
 pub mod session;
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,15 +43,18 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
+use super::throttle::{Checks, Throttle};
 use crate::cli::ReviewArgs;
+use crate::http::{BodyError, Posted};
 use crate::inspect::{self, Near};
 use crate::job::{self, Job, Target};
 use crate::ledger;
 use crate::matching::{Decision, TargetKind};
 use crate::resolve::{self, Refused, Request, To};
 use minijinja::value::Serde;
+use params::{BadParam, Params};
 use queue::{At, Filters};
-use session::Analyst;
+use session::{Analyst, Flash, LoginKey};
 
 /// How far around an event its page looks for calls sharing its keys: a day is enough to show
 /// a near miss outside the window, and keeps the page fast on a busy platform.
@@ -61,12 +69,26 @@ pub struct Desk {
     given: Arc<BTreeMap<String, std::path::PathBuf>>,
     session_ttl: Duration,
     secure: bool,
-    verifications: Arc<tokio::sync::Semaphore>,
+    /// The password checks (shared with the token endpoint) and the sign-in's throttle.
+    checks: Checks,
+    throttle: Throttle,
+    trusted_proxies: Arc<Vec<IpAddr>>,
+    login_key: LoginKey,
+    /// The pages' Content-Security-Policy: the templates' inline scripts and styles by hash.
+    csp: HeaderValue,
+}
+
+/// What the desk shares with the rest of `serve`.
+pub struct Guards {
+    pub checks: Checks,
+    pub throttle: Throttle,
+    pub trusted_proxies: Arc<Vec<IpAddr>>,
+    pub login_key: LoginKey,
 }
 
 impl Desk {
     /// Loads the job files given (refusing a bad one) and compiles the templates.
-    pub fn new(pool: PgPool, args: &ReviewArgs) -> Result<Desk> {
+    pub fn new(pool: PgPool, args: &ReviewArgs, guards: Guards) -> Result<Desk> {
         let mut given = BTreeMap::new();
         for path in &args.jobs {
             let job = job::load(path)?;
@@ -77,13 +99,21 @@ impl Desk {
         for (name, text) in TEMPLATES {
             env.add_template(name, text)?;
         }
+        let csp = HeaderValue::from_str(&crate::report::html::content_security_policy(
+            TEMPLATES.iter().map(|(_, text)| *text),
+            "form-action 'self'; frame-ancestors 'none'",
+        ))?;
         Ok(Desk {
             pool,
             templates: Arc::new(env),
             given: Arc::new(given),
             session_ttl: args.session_ttl,
             secure: args.secure_cookies,
-            verifications: Arc::new(tokio::sync::Semaphore::new(2)),
+            checks: guards.checks,
+            throttle: guards.throttle,
+            trusted_proxies: guards.trusted_proxies,
+            login_key: guards.login_key,
+            csp,
         })
     }
 
@@ -114,7 +144,7 @@ impl Desk {
 
     fn render(&self, name: &str, ctx: minijinja::Value) -> Response {
         match self.templates.get_template(name).and_then(|t| t.render(ctx)) {
-            Ok(html) => no_store(Html(html).into_response()),
+            Ok(html) => no_store(Html(html).into_response(), &self.csp),
             Err(e) => {
                 tracing::error!(error = %e, template = name, "review desk: rendering failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "the page could not be rendered; see the server's log")
@@ -158,17 +188,12 @@ fn redirect(to: &str) -> Response {
 }
 
 /// A page's headers: never cached (it shows a session's data), never framed (a decision button
-/// under someone else's page), nothing loaded from elsewhere (the pages are self-contained).
-fn no_store(mut resp: Response) -> Response {
+/// under someone else's page), nothing loaded from elsewhere and no script or style but the
+/// page's own (`csp`: the pages are self-contained).
+fn no_store(mut resp: Response, csp: &HeaderValue) -> Response {
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:; \
-             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, csp.clone());
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     resp
@@ -202,21 +227,42 @@ async fn gate(desk: &Desk, headers: &HeaderMap, uri: &Uri) -> Result<Analyst, Re
     }
 }
 
-/// A posted form's fields.
-fn form(body: &[u8]) -> BTreeMap<String, String> {
-    url::form_urlencoded::parse(body).into_owned().collect()
+/// The parameters of `uri`'s query, only `known` ones, each checked.
+fn query(uri: &Uri, known: &[&str]) -> Result<Params, BadParam> {
+    Params::parse(uri.query().unwrap_or_default().as_bytes(), known)
 }
 
-/// [`gate`] for a form: also checks its CSRF token (403 when wrong or missing).
-async fn gate_form(
-    desk: &Desk,
-    headers: &HeaderMap,
-    uri: &Uri,
-    fields: &BTreeMap<String, String>,
-) -> Result<Analyst, Response> {
+/// Why a form was not read.
+enum BadForm {
+    Body(BodyError),
+    Param(BadParam),
+}
+
+impl IntoResponse for BadForm {
+    fn into_response(self) -> Response {
+        match self {
+            BadForm::Body(e) => e.into_response(),
+            BadForm::Param(e) => e.into_response(),
+        }
+    }
+}
+
+/// A posted form's fields, only `known` ones, each checked.
+fn form(body: Result<Posted, BodyError>, known: &[&str]) -> Result<Params, BadForm> {
+    let Posted(body) = body.map_err(BadForm::Body)?;
+    Params::parse(&body, known).map_err(BadForm::Param)
+}
+
+/// [`gate`] for a form: also checks that the browser posted it from the desk's own pages, and
+/// its CSRF token (403 when wrong or missing).
+async fn gate_form(desk: &Desk, headers: &HeaderMap, uri: &Uri, fields: &Params) -> Result<Analyst, Response> {
     let analyst = gate(desk, headers, uri).await?;
     let token = session::cookie(headers, session::COOKIE).unwrap_or_default();
-    if !session::csrf_ok(token, fields.get("csrf").map_or("", String::as_str)) {
+    if let Err(why) = session::same_site(headers) {
+        tracing::warn!(user = %analyst.name, path = uri.path(), why, "review desk: form refused");
+        return Err(forbidden(&format!("{why}: open the desk at its own address and submit the form there")));
+    }
+    if !session::csrf_ok(token, fields.raw("csrf")) {
         tracing::warn!(user = %analyst.name, path = uri.path(), "review desk: form refused, bad CSRF token");
         return Err(forbidden("this form's CSRF token is missing or wrong: reload the page and submit it again"));
     }
@@ -224,66 +270,106 @@ async fn gate_form(
 }
 
 /// A path of the desk to go to after signing in (never another site).
-fn safe_next(next: Option<&String>) -> String {
+fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with("/review") && !n.contains("//") && !n.contains('\\') => n.clone(),
+        Some(n) if n.starts_with("/review") && !n.contains("//") && !n.contains('\\') => n.to_owned(),
         _ => "/review".to_owned(),
     }
 }
 
-fn query_map(uri: &Uri) -> BTreeMap<String, String> {
-    url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes()).into_owned().collect()
-}
-
 async fn login_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Response {
+    let q = match query(&uri, &["next"]) {
+        Ok(q) => q,
+        Err(bad) => return bad.into_response(),
+    };
     if let Ok(Some(_)) = session::current(&desk.pool, &headers).await {
         return redirect("/review");
     }
-    let q = query_map(&uri);
     login_form(&desk, safe_next(q.get("next")), None, StatusCode::OK)
 }
 
-/// The sign-in form, with a fresh CSRF cookie of its own.
+/// The sign-in form, with a fresh nonce in a cookie of its own.
 fn login_form(desk: &Desk, next: String, error: Option<&str>, status: StatusCode) -> Response {
-    let token = crate::users::random_string(32);
-    let ctx = minijinja::context! { csrf => session::csrf_of(&token), next, error, title => "Sign in" };
+    let nonce = crate::users::random_string(32);
+    let ctx = minijinja::context! { csrf => desk.login_key.csrf_of(&nonce), next, error, title => "Sign in" };
     let mut resp = desk.render("login.html", ctx);
     *resp.status_mut() = status;
     resp.headers_mut().append(
         header::SET_COOKIE,
-        session::set_cookie(session::LOGIN_COOKIE, &token, Duration::from_secs(3600), desk.secure),
+        session::set_cookie(session::LOGIN_COOKIE, &nonce, Duration::from_secs(3600), desk.secure),
     );
     resp
 }
 
-async fn login(State(desk): State<Desk>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = form(&body);
-    let login_token = session::cookie(&headers, session::LOGIN_COOKIE).unwrap_or_default();
-    if login_token.is_empty() || !session::csrf_ok(login_token, f.get("csrf").map_or("", String::as_str)) {
+async fn login(
+    State(desk): State<Desk>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Posted, BodyError>,
+) -> Response {
+    let f = match form(body, &["csrf", "next", "name", "secret"]) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let nonce = session::cookie(&headers, session::LOGIN_COOKIE).unwrap_or_default();
+    if let Err(why) = session::same_site(&headers) {
+        tracing::warn!(why, "review desk: sign-in form refused");
+        return forbidden(&format!("{why}: open /review/login at the desk's own address and sign in there"));
+    }
+    if !desk.login_key.csrf_ok(nonce, f.raw("csrf")) {
         return forbidden("this sign-in form's CSRF token is missing or wrong: reload /review/login and sign in again");
     }
     let next = safe_next(f.get("next"));
-    let (name, secret) = (f.get("name").map_or("", |s| s.trim()), f.get("secret").map_or("", String::as_str));
-    match session::sign_in(&desk.pool, &desk.verifications, name, secret, desk.session_ttl).await {
-        Ok(Some(token)) => {
+    let (name, secret) = (f.get("name").unwrap_or_default(), f.raw("secret"));
+    let address = super::throttle::client_address(peer.ip(), &headers, &desk.trusted_proxies);
+    let passed = match desk.throttle.check(address, name) {
+        Ok(passed) => passed,
+        Err(throttled) => {
+            throttled.pause().await;
+            return too_many_sign_ins(&desk, next, throttled);
+        }
+    };
+    match session::sign_in(&desk.pool, &desk.checks, (name, passed), secret, desk.session_ttl).await {
+        Ok(Ok(Some(token))) => {
+            desk.throttle.succeeded(address, name);
             let mut resp = redirect(&next);
             let h = resp.headers_mut();
             h.append(header::SET_COOKIE, session::set_cookie(session::COOKIE, &token, desk.session_ttl, desk.secure));
             h.append(header::SET_COOKIE, session::set_cookie(session::LOGIN_COOKIE, "", Duration::ZERO, desk.secure));
             resp
         }
-        Ok(None) => login_form(
-            &desk,
-            next,
-            Some("Wrong name or secret, or this user is not an analyst (role Analyst)."),
-            StatusCode::UNAUTHORIZED,
-        ),
+        Ok(Ok(None)) => {
+            desk.throttle.failed(address, name);
+            let error = "Wrong name or secret, or this user is not an analyst (role Analyst).";
+            login_form(&desk, next, Some(error), StatusCode::UNAUTHORIZED)
+        }
+        Ok(Err(_busy)) => {
+            let error = "Too many sign-ins are being checked right now: wait a second, then sign in again.";
+            let mut resp = login_form(&desk, next, Some(error), StatusCode::SERVICE_UNAVAILABLE);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
         Err(e) => failed(&e),
     }
 }
 
-async fn logout(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
-    let f = form(&body);
+/// 429: the sign-in form again, saying how long to wait.
+fn too_many_sign_ins(desk: &Desk, next: String, throttled: super::throttle::Throttled) -> Response {
+    let error = format!(
+        "Too many wrong secrets for this {}: wait {} s, then sign in again.",
+        if throttled.by == "name" { "name" } else { "address" },
+        throttled.retry_after_secs()
+    );
+    let mut resp = login_form(desk, next, Some(&error), StatusCode::TOO_MANY_REQUESTS);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(throttled.retry_after_secs()));
+    resp
+}
+
+async fn logout(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, body: Result<Posted, BodyError>) -> Response {
+    let f = match form(body, &["csrf"]) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
     let analyst = match gate_form(&desk, &headers, &uri, &f).await {
         Ok(a) => a,
         Err(resp) => return resp,
@@ -336,23 +422,29 @@ async fn queue_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> R
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    match queue_view(&desk, &analyst, &uri).await {
+    let (filters, at) = match queue_request(&uri) {
+        Ok(request) => request,
+        Err(bad) => return bad.into_response(),
+    };
+    match queue_view(&desk, &analyst, filters, at).await {
         Ok(resp) => resp,
         Err(e) => failed(&e),
     }
 }
 
-async fn queue_view(desk: &Desk, analyst: &Analyst, uri: &Uri) -> Result<Response> {
-    let q = query_map(uri);
-    let filters = Filters::parse(uri.query().unwrap_or_default());
-    let at = match (
-        q.get("after").and_then(|c| queue::Cursor::parse(c)),
-        q.get("before").and_then(|c| queue::Cursor::parse(c)),
-    ) {
+/// The queue's filters and page, from its query string.
+fn queue_request(uri: &Uri) -> Result<(Filters, At), BadParam> {
+    const KEYS: [&str; 8] = ["job", "reason", "min_days", "expiring_hours", "source", "q", "after", "before"];
+    let p = Params::parse(uri.query().unwrap_or_default().as_bytes(), &KEYS)?;
+    let at = match (queue::Cursor::param(&p, "after")?, queue::Cursor::param(&p, "before")?) {
         (Some(c), _) => At::After(c),
         (None, Some(c)) => At::Before(c),
         _ => At::First,
     };
+    Ok((Filters::parse(&p)?, at))
+}
+
+async fn queue_view(desk: &Desk, analyst: &Analyst, filters: Filters, at: At) -> Result<Response> {
     let jobs = desk.jobs().await?;
     let pending_for: queue::PendingFor = jobs.iter().map(|(n, j)| (n.clone(), j.pending_for)).collect();
     let started = std::time::Instant::now();
@@ -460,23 +552,47 @@ async fn event_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, Path
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    match event_view(&desk, &analyst, &uri, id).await {
+    let filters = match query(&uri, &Filters::KEYS).and_then(|p| Filters::parse(&p)) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
+    let flash = match session::take_flash(&desk.pool, &headers, id).await {
+        Ok(flash) => flash,
+        Err(e) => return failed(&e),
+    };
+    match event_view(&desk, &analyst, id, filters, flash).await {
         Ok(resp) => resp,
         Err(e) => failed(&e),
     }
 }
 
-async fn event_view(desk: &Desk, analyst: &Analyst, uri: &Uri, id: i64) -> Result<Response> {
-    let q = query_map(uri);
-    let filters = Filters::parse(uri.query().unwrap_or_default());
+/// A plain 404 for an id that names nothing: the analyst's typo, logged as such.
+fn not_found(desk: &Desk, analyst: &Analyst, what: &str, flash: Option<Flash>) -> Response {
+    tracing::info!(user = %analyst.name, what, "review desk: not found");
+    let ctx = minijinja::context! {
+        title => "Not found", missing => what, analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str(),
+        error => flash.filter(|f| f.kind == "error").map(|f| f.text),
+    };
+    let mut resp = desk.render("event.html", ctx);
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp
+}
+
+async fn event_view(
+    desk: &Desk,
+    analyst: &Analyst,
+    id: i64,
+    filters: Filters,
+    flash: Option<Flash>,
+) -> Result<Response> {
     let jobs = desk.jobs().await?;
     let Some(job_name) = inspect::job_of(&desk.pool, id).await? else {
-        let mut resp = desk.render(
-            "event.html",
-            minijinja::context! { title => "No such event", missing => id, analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str() },
-        );
-        *resp.status_mut() = StatusCode::NOT_FOUND;
-        return Ok(resp);
+        return Ok(not_found(desk, analyst, &format!("event {id}"), flash));
+    };
+    let (msg, error) = match flash {
+        Some(f) if f.kind == "error" => (None, Some(f.text)),
+        Some(f) => (Some(f.text), None),
+        None => (None, None),
     };
     let job = jobs.get(&job_name);
     let examined = match job {
@@ -519,7 +635,7 @@ async fn event_view(desk: &Desk, analyst: &Analyst, uri: &Uri, id: i64) -> Resul
         let ctx = minijinja::context! {
             title => format!("Event {id}"), analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str(), id,
             no_job => job_name, history => Serde(&history), next => next.map(event_link), prev => prev.map(event_link),
-            filter_query, msg => q.get("msg"),
+            filter_query, msg, error,
         };
         return Ok(desk.render("event.html", ctx));
     };
@@ -674,8 +790,8 @@ async fn event_view(desk: &Desk, analyst: &Analyst, uri: &Uri, id: i64) -> Resul
         next => next.map(event_link),
         prev => prev.map(event_link),
         filter_query,
-        msg => q.get("msg"),
-        error => q.get("error"),
+        msg,
+        error,
     };
     Ok(desk.render("event.html", ctx))
 }
@@ -689,58 +805,76 @@ fn span_secs(s: i64) -> String {
 }
 
 /// `POST /review/events/{id}`: `action` = attach (to the chosen `to`, or the call/group id
-/// typed in `typed`), dismiss (with a `note`) or reopen; through `resolve`, as the analyst.
-async fn decide(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, Path(id): Path<i64>, body: Bytes) -> Response {
-    let f = form(&body);
+/// typed in `typed`), dismiss (with a `note`) or reopen; through `resolve`, as the analyst. The
+/// outcome is left as the session's one-time message for the event page it redirects to.
+async fn decide(
+    State(desk): State<Desk>,
+    headers: HeaderMap,
+    uri: Uri,
+    Path(id): Path<i64>,
+    body: Result<Posted, BodyError>,
+) -> Response {
+    let f = match form(body, &["csrf", "filters", "action", "to", "typed", "note"]) {
+        Ok(f) => f,
+        Err(bad) => return bad.into_response(),
+    };
     let analyst = match gate_form(&desk, &headers, &uri, &f).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    let back = |key: &str, text: &str| {
-        let mut s = url::form_urlencoded::Serializer::new(f.get("filters").cloned().unwrap_or_default());
-        s.append_pair(key, text);
-        redirect(&format!("/review/events/{id}?{}", s.finish()))
+    let filters = match Filters::from_query(f.raw("filters")) {
+        Ok(filters) => filters,
+        Err(bad) => return BadParam::new("filters", bad.to_string()).into_response(),
     };
-    let field = |k: &str| f.get(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-    let to = match f.get("action").map(String::as_str) {
-        Some("attach") => {
-            let target = field("typed").or_else(|| field("to"));
-            match target.map(|t| t.parse::<To>()) {
-                Some(Ok(to @ To::Attach(..))) => to,
-                Some(Ok(_)) | Some(Err(_)) => return back("error", "type the target as call:ID or group:ID"),
-                None => return back("error", "choose a call or group to attach the event to, or type one"),
-            }
-        }
+    let (kind, text) = decision(&desk, &analyst, id, &f).await;
+    let flash = Flash { event: id, kind: kind.to_owned(), text };
+    if let Err(e) = session::set_flash(&desk.pool, &headers, &flash).await {
+        return failed(&e);
+    }
+    let query = filters.to_query();
+    redirect(&if query.is_empty() { format!("/review/events/{id}") } else { format!("/review/events/{id}?{query}") })
+}
+
+/// What an analyst's form decided: `("msg", what changed)` or `("error", why nothing did)`.
+async fn decision(desk: &Desk, analyst: &Analyst, id: i64, f: &Params) -> (&'static str, String) {
+    let refused = |text: &str| ("error", text.to_owned());
+    let to = match f.get("action") {
+        Some("attach") => match f.get("typed").or_else(|| f.get("to")).map(|t| t.parse::<To>()) {
+            Some(Ok(to @ To::Attach(..))) => to,
+            Some(Ok(_) | Err(_)) => return refused("type the target as call:ID or group:ID"),
+            None => return refused("choose a call or group to attach the event to, or type one"),
+        },
         Some("dismiss") => To::Dismiss,
         Some("reopen") => To::Reopen,
-        _ => return back("error", "unknown action"),
+        _ => return refused("unknown action"),
     };
     let jobs = match desk.jobs().await {
         Ok(j) => j,
-        Err(e) => return failed(&e),
+        Err(e) => return ("error", format!("nothing was changed: {}", crate::db::error_line(&e))),
     };
     let job = match inspect::job_of(&desk.pool, id).await {
         Ok(Some(name)) => match jobs.get(&name) {
             Some(job) => job.clone(),
-            None => return back("error", &format!("no job file is known for job {name}: start serve with --job FILE")),
+            None => return ("error", format!("no job file is known for job {name}: start serve with --job FILE")),
         },
-        Ok(None) => return back("error", "no such event"),
-        Err(e) => return failed(&e),
+        Ok(None) => return refused("no such event"),
+        Err(e) => return ("error", format!("nothing was changed: {}", crate::db::error_line(&e))),
     };
-    let request = Request { line: None, event_id: id, to, note: field("note"), reported_reason: None };
+    let request =
+        Request { line: None, event_id: id, to, note: f.get("note").map(str::to_owned), reported_reason: None };
     match resolve::resolve(&desk.pool, &job, &[request], &analyst.name, false).await {
         Ok(done) => {
             let text = done.first().map_or("nothing changed".to_owned(), |r| {
                 format!("event {}: {} -> {}", r.event_id, r.before.describe(), r.after.describe())
             });
-            back("msg", &text)
+            ("msg", text)
         }
         Err(e) => match e.downcast_ref::<Refused>() {
-            Some(refused) => back("error", &refused.problems.join("; ")),
+            Some(refused) => ("error", refused.problems.join("; ")),
             // A run of the job holding its lock, the database: said on the page, and logged.
             None => {
                 tracing::warn!(user = %analyst.name, event = id, error = crate::db::error_line(&e), "review desk: decision failed");
-                back("error", &format!("nothing was changed: {}", crate::db::error_line(&e)))
+                ("error", format!("nothing was changed: {}", crate::db::error_line(&e)))
             }
         },
     }
@@ -751,13 +885,16 @@ async fn runs_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Re
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    let q = query_map(&uri);
-    let job = q.get("job").filter(|j| !j.is_empty());
-    let (runs, jobs) = match (runs::latest(&desk.pool, job.map(String::as_str)).await, queue::jobs(&desk.pool).await) {
+    let q = match query(&uri, &["job"]) {
+        Ok(q) => q,
+        Err(bad) => return bad.into_response(),
+    };
+    let job = q.get("job");
+    let (runs, jobs) = match (runs::latest(&desk.pool, job).await, queue::jobs(&desk.pool).await) {
         (Ok(r), Ok(j)) => (r, j),
         (Err(e), _) | (_, Err(e)) => return failed(&e),
     };
-    let chart = runs::chart_svg(&runs);
+    let chart = runs::chart(&runs);
     #[derive(Serialize)]
     struct RunView<'r> {
         #[serde(flatten)]
@@ -775,25 +912,31 @@ async fn runs_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Re
         .collect();
     let ctx = minijinja::context! {
         title => "Runs", analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str(), runs => Serde(&rows), jobs => Serde(&jobs), job,
-        chart => minijinja::Value::from_safe_string(chart), n => runs.len(),
+        chart => Serde(&chart), n => runs.len(),
     };
     desk.render("runs.html", ctx)
 }
 
 async fn run_report(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, Path(id): Path<i64>) -> Response {
-    if let Err(resp) = gate(&desk, &headers, &uri).await {
-        return resp;
-    }
+    let analyst = match gate(&desk, &headers, &uri).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
     let path = match runs::report_file(&desk.pool, id).await {
         Ok(Some(p)) => p,
         Ok(None) => {
+            tracing::info!(user = %analyst.name, run = id, "review desk: no report for this run");
             return (StatusCode::NOT_FOUND, "this run has no report (failed, still running, or pruned)")
                 .into_response();
         }
         Err(e) => return failed(&e),
     };
     match tokio::fs::read(&path).await {
-        Ok(html) => no_store(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()),
+        // The report's own policy (its scripts and styles by hash), as its <meta> says.
+        Ok(html) => no_store(
+            ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
+            &HeaderValue::from_str(&crate::report::html::csp()).expect("ASCII"),
+        ),
         Err(e) => {
             tracing::warn!(run = id, file = %path.display(), error = %e, "review desk: report not readable");
             (StatusCode::NOT_FOUND, format!("the report of run {id} cannot be read on this server ({e})"))

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
+use super::params::{BadParam, Params};
+
 /// Events per page.
 pub const PAGE: usize = 50;
 /// Characters of metadata shown in a row.
@@ -31,27 +33,32 @@ pub struct Filters {
     pub search: Option<String>,
 }
 
+/// The largest `min_days` taken (a century; a larger one is taken as this).
+pub const MAX_DAYS: u32 = 36_500;
+/// The largest `expiring_hours` taken (a century).
+pub const MAX_HOURS: u32 = 876_000;
+
 impl Filters {
-    /// From a query string; empty and unreadable values are no filter.
-    pub fn parse(query: &str) -> Filters {
-        let mut f = Filters::default();
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let v = v.trim();
-            if v.is_empty() {
-                continue;
-            }
-            let text = Some(v.chars().take(200).collect::<String>());
-            match &*k {
-                "job" => f.job = text,
-                "reason" => f.reason = text,
-                "min_days" => f.min_days = v.parse().ok(),
-                "expiring_hours" => f.expiring_hours = v.parse().ok(),
-                "source" => f.source = text,
-                "q" => f.search = text,
-                _ => {}
-            }
-        }
-        f
+    /// The parameters [`Filters::parse`] reads.
+    pub const KEYS: [&'static str; 6] = ["job", "reason", "min_days", "expiring_hours", "source", "q"];
+
+    /// From checked parameters; empty values are no filter, numbers are whole and clamped to a
+    /// century ([`MAX_DAYS`], [`MAX_HOURS`]), text is cut at 200 characters.
+    pub fn parse(p: &Params) -> Result<Filters, BadParam> {
+        let text = |k: &str| p.get(k).map(|v| v.chars().take(200).collect::<String>());
+        Ok(Filters {
+            job: text("job"),
+            reason: text("reason"),
+            min_days: p.number("min_days", MAX_DAYS, "days")?,
+            expiring_hours: p.number("expiring_hours", MAX_HOURS, "hours")?,
+            source: text("source"),
+            search: text("q"),
+        })
+    }
+
+    /// From a query string holding only filters (the `filters` field of an event page's forms).
+    pub fn from_query(query: &str) -> Result<Filters, BadParam> {
+        Filters::parse(&Params::parse(query.as_bytes(), &Filters::KEYS)?)
     }
 
     /// As a query string (without `?`), for links that keep the filters.
@@ -87,9 +94,19 @@ impl Cursor {
         format!("{}.{}", self.received_at.timestamp_micros(), self.id)
     }
 
+    /// A cursor of a link, within PostgreSQL's (and chrono's) range of times: years 1 to 9999.
     pub fn parse(s: &str) -> Option<Cursor> {
         let (t, id) = s.split_once('.')?;
-        Some(Cursor { received_at: DateTime::from_timestamp_micros(t.parse().ok()?)?, id: id.parse().ok()? })
+        let received_at = DateTime::from_timestamp_micros(t.parse().ok()?)?;
+        (1..=9999).contains(&chrono::Datelike::year(&received_at)).then_some(())?;
+        Some(Cursor { received_at, id: id.parse().ok()? })
+    }
+
+    /// The cursor parameter `name` of `p`, if given; a 400 when it is not a cursor.
+    pub fn param(p: &Params, name: &str) -> Result<Option<Cursor>, BadParam> {
+        p.get(name)
+            .map(|c| Cursor::parse(c).ok_or_else(|| BadParam::new(name, "is not a place in the queue (MICROS.ID)")))
+            .transpose()
     }
 }
 
@@ -263,7 +280,9 @@ fn bind_filters<'q, O>(
     pending_for: &PendingFor,
 ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
     let now = Utc::now();
-    let received_before = f.min_days.map(|d| now - chrono::Duration::days(d.into()));
+    // Checked: the filters are clamped to a century, but a panic must not hang on that.
+    let ago = |d: chrono::Duration| now.checked_sub_signed(d).unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let received_before = f.min_days.map(|d| ago(chrono::Duration::days(d.into())));
     let source = f.source.as_deref().map(|s| format!("{}%", like_escape(s)));
     let (search, search_id) = match search {
         Search::None => (None, None),
@@ -276,7 +295,12 @@ fn bind_filters<'q, O>(
         None => (None, None),
         Some(h) => {
             let horizon = chrono::Duration::hours(h.into());
-            let (j, c) = pending_for.iter().map(|(job, p)| (job.clone(), now - *p + horizon)).unzip();
+            let cutoff = |p: &chrono::Duration| {
+                now.checked_sub_signed(*p)
+                    .and_then(|t| t.checked_add_signed(horizon))
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            };
+            let (j, c) = pending_for.iter().map(|(job, p)| (job.clone(), cutoff(p))).unzip();
             (Some(j), Some(c))
         }
     };
@@ -358,13 +382,29 @@ mod tests {
 
     #[test]
     fn filters_round_trip_through_the_query_string() {
-        let f = Filters::parse("job=nightly&reason=ambiguous&min_days=2&expiring_hours=&source=inbox%2F&q=C-7%25&x=1");
+        let f = Filters::from_query("job=nightly&reason=ambiguous&min_days=2&expiring_hours=&source=inbox%2F&q=C-7%25")
+            .unwrap();
         assert_eq!(f.job.as_deref(), Some("nightly"));
         assert_eq!(f.min_days, Some(2));
         assert_eq!(f.expiring_hours, None);
         assert_eq!(f.search.as_deref(), Some("C-7%"));
-        assert_eq!(Filters::parse(&f.to_query()), f);
-        assert_eq!(Filters::parse("min_days=lots"), Filters::default());
+        assert_eq!(Filters::from_query(&f.to_query()), Ok(f));
+    }
+
+    /// Issue 43: an unknown parameter and `min_days=lots` were silently ignored, a NUL reached
+    /// PostgreSQL (500), and a huge `min_days` overflowed the date arithmetic (a panic).
+    #[test]
+    fn bad_filters_are_refused_naming_the_parameter_and_huge_ones_clamped() {
+        let refused = |q: &str| Filters::from_query(q).unwrap_err().name;
+        assert_eq!(refused("min_days=lots"), "min_days");
+        assert_eq!(refused("x=1"), "x");
+        assert_eq!(refused("q=%00"), "q");
+        assert_eq!(refused("source=%C3%28"), "source");
+        let huge = Filters::from_query("min_days=106751991&expiring_hours=4294967295").unwrap();
+        assert_eq!((huge.min_days, huge.expiring_hours), (Some(MAX_DAYS), Some(MAX_HOURS)));
+        let pending_for: PendingFor = [("j".to_owned(), chrono::Duration::days(36_500))].into();
+        // Binding them computes the dates: no panic.
+        let _ = bind_filters(sqlx::query_as::<_, (i64,)>("select 1"), &huge, Search::None, &pending_for);
     }
 
     #[test]
@@ -372,6 +412,8 @@ mod tests {
         let c = Cursor { received_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: 42 };
         assert_eq!(Cursor::parse(&c.text()), Some(c));
         assert_eq!(Cursor::parse("x.1"), None);
+        assert_eq!(Cursor::parse("-9000000000000000000.1"), None);
+        assert_eq!(Cursor::parse("253402300800000000.1"), None, "year 10000");
         assert_eq!(like_escape(r"50%_a\b"), r"50\%\_a\\b");
     }
 }

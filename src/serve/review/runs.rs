@@ -2,7 +2,6 @@
 //! unmatched / expired per run (inline SVG, so a bad night stands out without JavaScript), and
 //! where each run's report is.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -94,9 +93,41 @@ pub async fn report_file(pool: &sqlx::PgPool, id: i64) -> Result<Option<PathBuf>
     Ok(dir.flatten().map(|d| PathBuf::from(d).join("report.html")))
 }
 
-/// Stacked bars, oldest run on the left: matched, unmatched (pending), expired. Dry and failed
-/// runs (no counts) leave a gap. Each bar links to its run's row.
-pub fn chart_svg(runs: &[RunRow]) -> String {
+/// The chart of `/review/runs` (drawn by `runs.html`): stacked bars, oldest run on the left:
+/// matched, unmatched (pending), expired. Dry and failed runs (no counts) leave a gap. Each bar
+/// links to its run's row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Chart {
+    pub width: usize,
+    pub height: usize,
+    /// A bar's width.
+    pub bar: String,
+    /// The largest run's events (the chart's full height).
+    pub max: u64,
+    pub bars: Vec<Bar>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Bar {
+    pub id: i64,
+    pub job: String,
+    pub kind: String,
+    pub matched: u64,
+    pub pending: u64,
+    pub expired: u64,
+    pub x: String,
+    pub rects: Vec<Rect>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rect {
+    pub class: &'static str,
+    pub y: String,
+    pub height: String,
+}
+
+/// The chart of `runs` (newest first, as listed).
+pub fn chart(runs: &[RunRow]) -> Chart {
     const W: usize = 900;
     const H: usize = 180;
     let runs: Vec<&RunRow> = runs.iter().rev().collect();
@@ -104,48 +135,32 @@ pub fn chart_svg(runs: &[RunRow]) -> String {
     let max = runs.iter().map(|r| total(r)).max().unwrap_or(0).max(1);
     let slot = W as f64 / runs.len().max(1) as f64;
     let bar = (slot * 0.8).max(1.0);
-    let mut svg = format!(
-        "<svg id=\"chart\" role=\"img\" aria-label=\"matched, unmatched and expired per run\" viewBox=\"0 0 {W} {}\" \
-         width=\"100%\" xmlns=\"http://www.w3.org/2000/svg\">",
-        H + 20
-    );
-    for (i, r) in runs.iter().enumerate() {
-        let x = i as f64 * slot + (slot - bar) / 2.0;
-        let mut y = H as f64;
-        let _ = write!(svg, "<a href=\"#run-{}\"><g class=\"run\" data-run=\"{}\">", r.id, r.id);
-        let _ = write!(
-            svg,
-            "<title>{} {} {}: {} matched, {} unmatched, {} expired</title>",
-            escape(&r.job),
-            escape(&r.kind),
-            r.id,
-            r.matched.unwrap_or(0),
-            r.pending.unwrap_or(0),
-            r.expired.unwrap_or(0)
-        );
-        for (n, class) in [(r.matched, "matched"), (r.pending, "unmatched"), (r.expired, "expired")] {
-            let h = n.unwrap_or(0) as f64 * H as f64 / max as f64;
-            if h > 0.0 {
-                y -= h;
-                let _ = write!(
-                    svg,
-                    "<rect class=\"{class}\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar:.1}\" height=\"{h:.1}\"/>"
-                );
+    let bars = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut y = H as f64;
+            let mut rects = Vec::new();
+            for (n, class) in [(r.matched, "matched"), (r.pending, "unmatched"), (r.expired, "expired")] {
+                let h = n.unwrap_or(0) as f64 * H as f64 / max as f64;
+                if h > 0.0 {
+                    y -= h;
+                    rects.push(Rect { class, y: format!("{y:.1}"), height: format!("{h:.1}") });
+                }
             }
-        }
-        svg.push_str("</g></a>");
-    }
-    let _ = write!(
-        svg,
-        "<line x1=\"0\" y1=\"{H}\" x2=\"{W}\" y2=\"{H}\" stroke=\"#8a93a3\"/><text x=\"0\" y=\"{}\" font-size=\"11\">max {max} events</text></svg>",
-        H + 15
-    );
-    svg
-}
-
-/// Text for the SVG's markup.
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+            Bar {
+                id: r.id,
+                job: r.job.clone(),
+                kind: r.kind.clone(),
+                matched: r.matched.unwrap_or(0),
+                pending: r.pending.unwrap_or(0),
+                expired: r.expired.unwrap_or(0),
+                x: format!("{:.1}", i as f64 * slot + (slot - bar) / 2.0),
+                rects,
+            }
+        })
+        .collect();
+    Chart { width: W, height: H, bar: format!("{bar:.1}"), max, bars }
 }
 
 #[cfg(test)]
@@ -173,10 +188,12 @@ mod tests {
 
     #[test]
     fn the_chart_has_a_bar_per_run_oldest_first() {
-        let svg = chart_svg(&[run(3, 10, 90, 0), run(2, 100, 0, 5)]);
-        assert!(svg.find("data-run=\"2\"").unwrap() < svg.find("data-run=\"3\"").unwrap());
-        assert_eq!(svg.matches("class=\"unmatched\"").count(), 1);
-        assert_eq!(svg.matches("class=\"expired\"").count(), 1);
-        assert!(chart_svg(&[]).starts_with("<svg"));
+        let c = chart(&[run(3, 10, 90, 0), run(2, 100, 0, 5)]);
+        assert_eq!(c.bars.iter().map(|b| b.id).collect::<Vec<_>>(), [2, 3]);
+        let classes = |b: &Bar| b.rects.iter().map(|r| r.class).collect::<Vec<_>>();
+        assert_eq!(classes(&c.bars[0]), ["matched", "expired"]);
+        assert_eq!(classes(&c.bars[1]), ["matched", "unmatched"]);
+        assert_eq!(c.max, 105);
+        assert!(chart(&[]).bars.is_empty());
     }
 }
