@@ -27,4 +27,7 @@ fi
 # virtualenv under the cache dir once (the test runs this script itself too).
 bash scripts/schemathesis.sh >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
-cargo test --all-targets "$@"
+# Build first, then run under an overall limit, so that a test that hangs fails the suite (exit
+# 124) instead of stalling it: CALLRECON_TEST_TIMEOUT (seconds, default an hour) for the run.
+cargo test --all-targets --no-run "$@"
+timeout --kill-after=60 "${CALLRECON_TEST_TIMEOUT:-3600}" cargo test --all-targets "$@"

@@ -323,20 +323,10 @@ async fn two_agents(pool: &PgPool) -> TestJob {
     job
 }
 
-/// The job's rules after support drops the agent key and widens the window.
-fn phone_only(job: &TestJob) -> callrecon::job::Job {
-    let text = std::fs::read_to_string(job.path())
-        .unwrap()
-        .replace(",\n         { event = \"agentId\", call = \"agent_id\" } ]", " ]")
-        .replace("before = \"10m\"", "before = \"90m\"");
-    std::fs::write(job.path(), text).unwrap();
-    callrecon::job::load(&job.path()).unwrap()
-}
-
 crate::both_layouts! {
     async fn rematch_after_a_rule_change_moves_an_event_between_calls(pool: PgPool) {
         let job = two_agents(&pool).await;
-        let new_rules = phone_only(&job);
+        let new_rules = job.phone_only();
         assert_ne!(new_rules.rules_fingerprint, job.job.rules_fingerprint);
 
         let done =
@@ -398,7 +388,7 @@ crate::both_layouts! {
         let rematch = |job: callrecon::job::Job, pool: PgPool| async move {
             run::execute(&pool, &job, Mode::Rematch { since: None, until: None }, false).await.unwrap()
         };
-        let new_rules = phone_only(&job);
+        let new_rules = job.phone_only();
         assert_eq!(rematch(new_rules.clone(), pool.clone()).await.report.diff.unwrap().moved, 1);
         let (target, part, fp) = stored(pool.clone()).await;
         assert_eq!((target.as_deref(), &part), (Some("c-a2"), &both));
@@ -407,9 +397,7 @@ crate::both_layouts! {
         assert_eq!(call_meta(&pool, "g1-other").await, json!({}));
 
         // Fewer group fields: no decision changes, every group part does.
-        let text = std::fs::read_to_string(job.path()).unwrap();
-        std::fs::write(job.path(), text.replace("[\"accountTier\", \"crmAccountId\"]", "[\"accountTier\"]")).unwrap();
-        let fewer = callrecon::job::load(&job.path()).unwrap();
+        let fewer = job.edit(&[("[\"accountTier\", \"crmAccountId\"]", "[\"accountTier\"]")]);
         assert_ne!(fewer.group_fields_fingerprint, new_rules.group_fields_fingerprint);
         let done = rematch(fewer.clone(), pool.clone()).await;
         assert_eq!(done.report.diff.unwrap().unchanged, 1);
@@ -430,7 +418,7 @@ async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: P
     Call::new("c-s", "2026-11-02T10:00:00Z", None).session("s").insert(&pool).await;
     enqueue(&pool, json!({"SessionId": "s", "EventTime": "2026-11-02T10:01:00Z", "Metadata": {"viaSession": 1}})).await;
     job.run(&pool).await;
-    let new_rules = phone_only(&job);
+    let new_rules = job.phone_only();
     // Only the 10:14 event is in range.
     let done = run::execute(
         &pool,
@@ -456,7 +444,7 @@ async fn rematch_only_touches_events_in_range_and_never_session_attaches(pool: P
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn rematch_dry_run_reports_the_diff_and_changes_nothing(pool: PgPool) {
     let job = two_agents(&pool).await;
-    let new_rules = phone_only(&job);
+    let new_rules = job.phone_only();
     let before = calls_snapshot(&pool).await;
     let events_before: Vec<(i64, Option<String>)> =
         sqlx::query_as("select id, target_id from events order by id").fetch_all(&pool).await.unwrap();
@@ -564,7 +552,7 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
 
     // Support drops the agent key: the 10:14 event moves to the nearer c-a2 (a stored event
     // whose old target the reader still sees).
-    phone_only(&job);
+    job.phone_only();
     run(&["rematch", "--job", path.to_str().unwrap(), "--since", "2026-11-02T00:00:00Z"]).await;
     assert_eq!(call_meta(pool, "c-a1").await, json!({}));
     assert_eq!(call_meta(pool, "c-a2").await, json!({"customerPhone": "5551234567", "agentId": "a1", "note": "x"}));

@@ -195,11 +195,7 @@ async fn expected_of_reason(pool: &PgPool, reason: &str) -> Vec<i64> {
 /// A job whose `[report]` section has `keep = <keep>`.
 fn keeping(keep: &str) -> TestJob {
     let job = TestJob::new(RULES);
-    let text = std::fs::read_to_string(job.path())
-        .unwrap()
-        .replace("dir = \"reports\"", &format!("dir = \"reports\"\nkeep = {keep}"));
-    std::fs::write(job.path(), text).unwrap();
-    TestJob { job: callrecon::job::load(&job.path()).unwrap(), dir: job.dir }
+    TestJob { job: job.edit(&[("dir = \"reports\"", &format!("dir = \"reports\"\nkeep = {keep}"))]), dir: job.dir }
 }
 
 fn report_folders(dir: &Path) -> Vec<String> {

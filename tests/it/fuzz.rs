@@ -79,9 +79,39 @@ fn event_time() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// A payload as a producer might send it: the contract's fields or not, in any case, with
-/// values of any type.
+/// A payload as a producer might send it: shaped like an event (an address or none, an
+/// EventTime, a Metadata object: many of these parse), or any fields in any case with values of
+/// any type (few of these do).
 fn payload() -> impl Strategy<Value = Value> {
+    prop_oneof![3 => shaped_payload(), 1 => loose_payload()]
+}
+
+/// An event's shape with hostile parts: a SessionId, a MasterId or neither, spelled in any case.
+fn shaped_payload() -> impl Strategy<Value = Value> {
+    let address = proptest::option::of((
+        prop_oneof![Just("SessionId"), Just("sessionID"), Just("MasterId"), Just("masterid")],
+        prop_oneof![3 => "[a-zA-Z0-9_-]{1,12}", 1 => hostile_string()],
+    ));
+    let time = prop_oneof![
+        3 => (1_000_000_000i64..4_000_000_000).prop_map(|s| {
+            Value::String(chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        }),
+        1 => event_time(),
+    ];
+    let key = prop_oneof![3 => "[a-zA-Z][a-zA-Z0-9_]{0,8}", 1 => hostile_string()];
+    let metadata = proptest::collection::vec((key, json_value()), 0..4);
+    (address, time, metadata).prop_map(|(address, time, metadata)| {
+        let mut fields = Map::new();
+        if let Some((key, id)) = address {
+            fields.insert(key.to_owned(), Value::String(id));
+        }
+        fields.insert("EventTime".to_owned(), time);
+        fields.insert("Metadata".to_owned(), Value::Object(metadata.into_iter().collect()));
+        Value::Object(fields)
+    })
+}
+
+fn loose_payload() -> impl Strategy<Value = Value> {
     let key = prop_oneof![
         Just("SessionId"),
         Just("sessionID"),
@@ -148,8 +178,14 @@ proptest! {
             prop_assert!(e.session_id.as_deref().is_none_or(|s| !s.contains('\0') && !s.is_empty()));
             let year = chrono::Datelike::year(&e.event_time);
             prop_assert!((1900..2200).contains(&year), "{}", e.event_time);
-            // The intake API's variant says the same.
-            prop_assert!(event::parse_naming_field(&p, chrono_tz::America::New_York).is_ok());
+            prop_assert!(e.master_id.as_deref().is_none_or(|m| !m.contains('\0') && !m.is_empty()));
+        } else if let Err(invalid) = event::parse_naming_field(&p, chrono_tz::America::New_York) {
+            // A refusal says why, naming a field the payload has or one it lacks.
+            prop_assert!(!invalid.reason.is_empty());
+            let named = invalid.field.as_deref().is_none_or(|f| {
+                p.as_object().is_some_and(|o| o.contains_key(f)) || ["EventTime", "Metadata"].contains(&f)
+            });
+            prop_assert!(named, "{:?} is neither a field of {} nor a missing one", invalid.field, p);
         }
     }
 
@@ -246,4 +282,21 @@ fn element() -> impl Strategy<Value = Option<String>> {
         ))),
         Just(None),
     ]
+}
+
+/// The property above says something only about the payloads that parse: enough of those the
+/// strategy generates do (and enough do not).
+#[test]
+fn enough_generated_payloads_parse_for_the_property_to_say_something() {
+    use proptest::strategy::ValueTree as _;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = payload();
+    let n = 2000;
+    let parsed = (0..n)
+        .filter(|_| {
+            let p = strategy.new_tree(&mut runner).unwrap().current();
+            event::parse(&p, chrono_tz::America::New_York).is_ok()
+        })
+        .count();
+    assert!((n / 5..=n * 4 / 5).contains(&parsed), "{parsed} of {n} generated payloads parse");
 }

@@ -57,6 +57,31 @@ impl TestJob {
         self.job.path.clone()
     }
 
+    /// Edits the job file, each `(from, to)` in turn, and returns the job as loaded again. Fails
+    /// when a `from` is not in the file, so an edit never silently does nothing.
+    pub fn edit(&self, edits: &[(&str, &str)]) -> Job {
+        self.edit_file(edits);
+        job::load(&self.path()).unwrap()
+    }
+
+    /// `edit` without loading the job again (for a file the edit makes invalid).
+    pub fn edit_file(&self, edits: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(self.path()).unwrap();
+        for (from, to) in edits {
+            assert!(text.contains(from), "the job file has no {from:?} to replace:\n{text}");
+            text = text.replace(from, to);
+        }
+        std::fs::write(self.path(), text).unwrap();
+    }
+
+    /// The rules a support engineer would widen to: the phone alone, within 90 minutes.
+    pub fn phone_only(&self) -> Job {
+        self.edit(&[
+            (",\n         { event = \"agentId\", call = \"agent_id\" } ]", " ]"),
+            ("before = \"10m\"", "before = \"90m\""),
+        ])
+    }
+
     pub fn inbox(&self) -> PathBuf {
         self.dir.path().join("inbox")
     }
@@ -353,4 +378,23 @@ pub async fn desk_session(base: &str, name: &str, secret: &str) -> String {
         .find(|v| v.starts_with("callrecon_review="))
         .expect("a session");
     cookie.split(';').next().unwrap().to_owned()
+}
+
+/// Held for a test's length: the tests that take the same `name` run one at a time, in this
+/// process and any other testing on the server (a session-level advisory lock on the server's
+/// maintenance database: advisory locks are per database, and each test has its own). Waits at
+/// most ten minutes.
+pub struct Serially(#[allow(dead_code)] sqlx::PgConnection);
+
+pub async fn serially(name: &str) -> Serially {
+    use sqlx::Connection as _;
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test.sh");
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("set lock_timeout = '600s'").execute(&mut conn).await.unwrap();
+    sqlx::query("select pg_advisory_lock(hashtext('callrecon tests: ' || $1))")
+        .bind(name)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("waited ten minutes to run serially with the other {name} tests: {e}"));
+    Serially(conn)
 }

@@ -189,9 +189,7 @@ async fn a_rematch_leaves_master_id_attaches_alone(pool: PgPool) {
 
     // Support drops the case rule: the case event loses its group, the MasterId event keeps it,
     // and neither MasterId event is re-evaluated.
-    let text = std::fs::read_to_string(job.path()).unwrap().replace("metadata.caseNumber", "metadata.noSuchField");
-    std::fs::write(job.path(), text).unwrap();
-    let changed = callrecon::job::load(&job.path()).unwrap();
+    let changed = job.edit(&[("metadata.caseNumber", "metadata.noSuchField")]);
     let done = run::execute(&pool, &changed, Mode::Rematch { since: None, until: None }, false).await.unwrap();
     let diff = done.report.diff.unwrap();
     assert_eq!((diff.evaluated, diff.newly_unmatched, diff.unchanged), (1, 1, 0));

@@ -89,6 +89,7 @@ fn phone(p: &str, agent: &str) -> Value {
 fn check(rule_text: &str, cases: Vec<(&str, Value, Decision)>) {
     let events: Vec<(&str, Value)> = cases.iter().map(|c| (c.0, c.1.clone())).collect();
     let got = decide(rule_text, &events);
+    assert_eq!(got.len(), cases.len(), "one decision per event: {got:?}");
     for ((time, meta, expected), got) in cases.iter().zip(got) {
         assert_eq!(&got, expected, "event at {time} {meta}");
     }

@@ -332,28 +332,19 @@ async fn schedule_serves_metrics_while_it_waits_and_after_a_run(pool: PgPool) {
     // `waits` ran once by hand, leaving 2 events pending; its next fire time is a year away.
     mixed_events(&pool).await;
     let waits = TestJob::new(RULES);
-    std::fs::write(
-        waits.path(),
-        std::fs::read_to_string(waits.path())
-            .unwrap()
-            .replace("name = \"test\"", "name = \"waits\"")
-            .replace("0 0 2 * * *", "0 0 0 1 1 *"),
-    )
-    .unwrap();
-    let waits = TestJob { job: callrecon::job::load(&waits.path()).unwrap(), dir: waits.dir };
+    let waits = TestJob {
+        job: waits.edit(&[("name = \"test\"", "name = \"waits\""), ("0 0 2 * * *", "0 0 0 1 1 *")]),
+        dir: waits.dir,
+    };
     waits.run(&pool).await;
     enqueue(&pool, json!({"EventTime": "2026-11-02T15:01:00Z", "Metadata": {}})).await;
     // `often` fires every 2 seconds and reads only its inbox (the queue stays for `waits`).
     let often = TestJob::new(RULES);
-    std::fs::write(
-        often.path(),
-        std::fs::read_to_string(often.path())
-            .unwrap()
-            .replace("name = \"test\"", "name = \"often\"")
-            .replace("0 0 2 * * *", "*/2 * * * * *")
-            .replace("queue = true", "queue = false"),
-    )
-    .unwrap();
+    often.edit_file(&[
+        ("name = \"test\"", "name = \"often\""),
+        ("0 0 2 * * *", "*/2 * * * * *"),
+        ("queue = true", "queue = false"),
+    ]);
     often.drop_file(
         "feed.ndjson",
         "{\"SessionId\": \"s1\", \"EventTime\": \"2026-11-02T10:02:00Z\", \"Metadata\": {\"y\": 2}}\n\
@@ -421,8 +412,7 @@ async fn schedule_serves_metrics_while_it_waits_and_after_a_run(pool: PgPool) {
 async fn the_schedulers_metrics_endpoint_stops_with_it_whatever_its_clients_hold(pool: PgPool) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let job = TestJob::new(RULES);
-    std::fs::write(job.path(), std::fs::read_to_string(job.path()).unwrap().replace("0 0 2 * * *", "0 0 0 1 1 *"))
-        .unwrap();
+    job.edit_file(&[("0 0 2 * * *", "0 0 0 1 1 *")]);
     let mut daemon = Daemon::start(&database_url(&pool).await, &[job.path()]);
     let resp = client().get(format!("{}/healthz", daemon.base)).send().await.unwrap();
     assert_eq!(resp.headers()["x-content-type-options"], "nosniff");

@@ -213,9 +213,8 @@ async fn failing_webhook_is_retried_recorded_and_never_fails_the_run(pool: PgPoo
 /// A job whose `[report]` section also names a webhook.
 fn webhook_job(url: &str) -> TestJob {
     let job = TestJob::new(RULES);
-    let text = std::fs::read_to_string(job.path())
-        .unwrap()
-        .replace("dir = \"reports\"", &format!("dir = \"reports\"\nwebhook = \"{url}\""));
-    std::fs::write(job.path(), text).unwrap();
-    TestJob { job: callrecon::job::load(&job.path()).unwrap(), dir: job.dir }
+    TestJob {
+        job: job.edit(&[("dir = \"reports\"", &format!("dir = \"reports\"\nwebhook = \"{url}\""))]),
+        dir: job.dir,
+    }
 }

@@ -68,7 +68,7 @@ crate::both_layouts! {
                 &job_arg(&job),
                 &id.to_string(),
                 "--to",
-                "call:c1",
+                "call:c2",
                 "--by",
                 "alice",
                 "--note",
@@ -78,40 +78,43 @@ crate::both_layouts! {
         .await;
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(
-            stdout(&out).contains(&format!("event {id}: pending (no_candidate) -> matched call c1 by alice (CRM typo)")),
+            stdout(&out).contains(&format!("event {id}: pending (no_candidate) -> matched call c2 by alice (CRM typo)")),
             "{}",
             stdout(&out)
         );
-        assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
+        assert_eq!(call_meta(&pool, "c2").await["tag"], "lost");
         assert_eq!(
             state(&pool, id).await,
-            ("matched".into(), Some("c1".into()), Some("manual".into()), Some("alice".into()))
+            ("matched".into(), Some("c2".into()), Some("manual".into()), Some("alice".into()))
         );
 
-        // A run, and a rematch under rules that would match it elsewhere, keep it.
+        // A run, and a rematch under rules that would match it elsewhere (the phone alone, within
+        // 90 minutes: c1, whose call it falls within), keep it.
         let done = job.run(&pool).await;
         assert_eq!(done.report.summary.unmatched, 0);
-        let wide = callrecon::job::load(&job.path()).unwrap();
+        let wide = job.phone_only();
+        assert_ne!(wide.rules_fingerprint, job.job.rules_fingerprint);
         let done = run::execute(&pool, &wide, Mode::Rematch { since: None, until: None }, false).await.unwrap();
         assert_eq!(done.report.diff.as_ref().unwrap().kept_manual, 1);
-        assert_eq!(state(&pool, id).await.1.as_deref(), Some("c1"));
-        assert_eq!(call_meta(&pool, "c1").await["tag"], "lost");
+        assert_eq!(state(&pool, id).await.1.as_deref(), Some("c2"));
+        assert_eq!(call_meta(&pool, "c2").await["tag"], "lost");
+        assert_eq!(call_meta(&pool, "c1").await, json!({}));
 
         let explain = callrecon(&pool, &["explain", "--job", &job_arg(&job), &id.to_string()]).await;
-        assert!(stdout(&explain).contains("matched c1 by hand, by alice: CRM typo"), "{}", stdout(&explain));
+        assert!(stdout(&explain).contains("matched c2 by hand, by alice: CRM typo"), "{}", stdout(&explain));
 
         let history = callrecon(&pool, &["history", &id.to_string()]).await;
         let text = stdout(&history);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].contains("new -> pending (no_candidate)") && lines[1].contains("run 1"), "{text}");
-        assert!(lines[2].contains("alice") && lines[2].contains("-> matched call c1 by alice (CRM typo)"), "{text}");
+        assert!(lines[2].contains("alice") && lines[2].contains("-> matched call c2 by alice (CRM typo)"), "{text}");
         assert_eq!(lines.len(), 3, "runs that changed nothing add nothing: {text}");
         let json: serde_json::Value =
             serde_json::from_slice(&callrecon(&pool, &["history", &id.to_string(), "--format", "json"]).await.stdout)
                 .unwrap();
         assert_eq!(json["history"][1]["by"]["person"], "alice");
         assert_eq!(json["history"][1]["from"]["reason"], "no_candidate");
-        assert_eq!(json["history"][1]["to"]["target"], json!({"kind": "call", "id": "c1"}));
+        assert_eq!(json["history"][1]["to"]["target"], json!({"kind": "call", "id": "c2"}));
     }
 }
 
@@ -383,11 +386,7 @@ async fn undo_of_a_rematch_puts_the_event_back_where_it_was(pool: PgPool) {
     let job = TestJob::new(RULES);
     enqueue(&pool, json!({"EventTime": "2026-11-02T10:14:00Z", "Metadata": {"customerPhone": "5551234567", "agentId": "a1", "note": "x"}})).await;
     job.run(&pool).await;
-    let text = std::fs::read_to_string(job.path())
-        .unwrap()
-        .replace(",\n         { event = \"agentId\", call = \"agent_id\" } ]", " ]")
-        .replace("before = \"10m\"", "before = \"90m\"");
-    std::fs::write(job.path(), text).unwrap();
+    job.phone_only();
     let out = callrecon(&pool, &["rematch", "--job", &job_arg(&job)]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(call_meta(&pool, "c-a2").await["note"], "x");

@@ -35,7 +35,8 @@ async fn run(pool: &PgPool, job: &TestJob) -> (i64, String) {
 
 /// Waits until every transaction that began before now has ended, other tests' too: a run
 /// counts as changed every row written by a transaction as new as the oldest one running when
-/// it starts, so without this the rows written before the last run could count again.
+/// it starts, so without this the rows written before the last run could count again. The tests
+/// that settle run one at a time (`serially`), so that none waits for another's runs.
 async fn settle(pool: &PgPool) {
     let xid = |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap() };
     let now = xid("select pg_snapshot_xmax(pg_current_snapshot())::text::bigint").await;
@@ -66,6 +67,7 @@ fn sessionless(time: &str, phone: Option<&str>, crm: &str) -> serde_json::Value 
 
 crate::both_layouts! {
 async fn only_events_whose_calls_changed_are_retried_and_each_such_change_is_seen(pool: PgPool) {
+    let _one_at_a_time = serially("retry").await;
     let job = TestJob::new(CALL_RULE);
     // Calls that match nothing yet: one beside "far" with another phone, two tied for "tie", one
     // an hour from "wider" (outside the 10-minute window).
@@ -134,6 +136,7 @@ async fn only_events_whose_calls_changed_are_retried_and_each_such_change_is_see
 
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn a_new_call_group_retries_every_event_of_a_job_with_group_rules(pool: PgPool) {
+    let _one_at_a_time = serially("retry").await;
     let job = TestJob::new(RULES);
     enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"crmCaseId": "CASE-1"}})).await;
     enqueue(&pool, json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"crmCaseId": "CASE-2"}})).await;
@@ -163,6 +166,7 @@ async fn a_small_backlog_is_retried_whole_by_default(pool: PgPool) {
 
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn an_event_reopened_by_hand_is_decided_again_though_no_call_changed(pool: PgPool) {
+    let _one_at_a_time = serially("retry").await;
     let job = TestJob::new(CALL_RULE);
     let path = job.path();
     let path = path.to_str().unwrap();

@@ -218,8 +218,7 @@ async fn dry_run_changes_no_call_data_and_consumes_nothing(pool: PgPool) {
 async fn job_file_with_an_error_is_refused_before_anything_runs(pool: PgPool) {
     let job = TestJob::new(RULES);
     enqueue(&pool, json!({"EventTime": "2026-11-02T10:01:00Z", "Metadata": {}})).await;
-    let text = std::fs::read_to_string(job.path()).unwrap().replace("normalize = \"phone\"", "normalize = \"e164\"");
-    std::fs::write(job.path(), text).unwrap();
+    job.edit_file(&[("normalize = \"phone\"", "normalize = \"e164\"")]);
 
     let out = callrecon(&pool, &["run", "--job", job.path().to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(2));

@@ -134,8 +134,7 @@ async fn every_command_works_over_tls_and_verify_full_checks_the_host_name() {
 
     // The scheduler over require, a run every second; its sessions are encrypted, and after they
     // are killed it reconnects (over TLS: the server takes nothing else) and runs again.
-    std::fs::write(job.path(), std::fs::read_to_string(job.path()).unwrap().replace("0 0 2 * * *", "* * * * * *"))
-        .unwrap();
+    job.edit_file(&[("0 0 2 * * *", "* * * * * *")]);
     let before = succeeded_runs(&mut db).await;
     let mut scheduler = Daemon::start(&require, &["schedule", "--job", &job_file], &[]);
     eventually("a scheduled run", async || succeeded_runs(&mut db).await > before).await;
