@@ -4,7 +4,10 @@
 //! platform's `calls`, `call_groups` and `event_queue` in theirs ([`Schemas::platform`]); every
 //! connection's `search_path` names both, ours first, so queries name tables unqualified.
 
+mod connect;
 pub mod migrate;
+
+pub use connect::connect;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -144,7 +147,7 @@ pub fn set_auto_migrate(migrate: bool) {
     let _ = MIGRATE.set(migrate);
 }
 
-fn auto_migrate() -> bool {
+pub(crate) fn auto_migrate() -> bool {
     MIGRATE.get().copied().unwrap_or(true)
 }
 
@@ -263,64 +266,6 @@ pub fn is_code(e: &sqlx::Error, code: &str) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
 }
 
-/// Connects to `url`, creating the database if it does not exist, and applies pending migrations
-/// (or, with `--no-migrate`, refuses while any is pending). Every step is bounded by the connect
-/// timeout: a server that accepts connections and never answers is an error, not a hang.
-pub async fn connect(url: &str) -> Result<PgPool> {
-    let options = connect_options(url)?;
-    create_if_missing(&options, url).await?;
-    let pool = pool_options()
-        .max_connections(4)
-        .acquire_timeout(timeouts().connect)
-        .connect_with(options.clone())
-        .await
-        .with_context(|| format!("cannot connect to {}", redact(url)))?;
-    if auto_migrate() {
-        // Bounded by the statement and lock timeouts.
-        migrate::run(&options).await.context("applying migrations from sql/")?;
-    } else {
-        migrate::refuse_pending(&options).await?;
-    }
-    Ok(pool)
-}
-
-/// Creates the database when connecting to it says it does not exist (through a pooler too,
-/// which knows no maintenance database): on the server's maintenance database, `postgres` (or
-/// `template1` for a database named `postgres`), as `createdb` does.
-async fn create_if_missing(options: &PgConnectOptions, url: &str) -> Result<()> {
-    let first = within(async { Ok(options.connect().await?) }).await;
-    let missing = match &first {
-        Ok(_) => false,
-        Err(e) => e.downcast_ref::<sqlx::Error>().is_some_and(|e| is_code(e, "3D000")),
-    };
-    if !missing {
-        return match first {
-            Ok(conn) => Ok(conn.close().await?),
-            Err(e) => Err(e).with_context(|| format!("cannot reach PostgreSQL at {}", which_url(url))),
-        };
-    }
-    let name = options.get_database().unwrap_or(options.get_username()).to_owned();
-    if !auto_migrate() {
-        bail!("database {} does not exist and --no-migrate is given: `callrecon migrate` creates it", ident(&name));
-    }
-    let maintenance = options.clone().database(if name == "postgres" { "template1" } else { "postgres" });
-    let created = within(async {
-        let mut conn = maintenance.connect().await?;
-        let created =
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {}", ident(&name)))).execute(&mut conn).await;
-        let _ = conn.close().await;
-        match created {
-            // Another process created it meanwhile.
-            Err(e) if is_code(&e, "42P04") => Ok(()),
-            other => Ok(other.map(drop)?),
-        }
-    })
-    .await;
-    created.with_context(|| format!("cannot create database {}", which_url(url)))?;
-    tracing::info!(database = %redact(url), "created database");
-    Ok(())
-}
-
 /// The SQL that gives `role` what callrecon needs to run every command but `migrate` (and the
 /// bench's `demo` and `gen`, which write calls): use of callrecon's own tables; reading the
 /// platform's calls and call groups and writing only their `async_metadata`; draining and
@@ -368,7 +313,7 @@ pub const OWN_TABLES: [&str; 11] = [
 /// The URL a connection failed with (without its password), and how to give another: a role or
 /// database that does not exist is most often the wrong URL (the default one, or a URL without a
 /// user, which logs in as the operating-system user).
-fn which_url(url: &str) -> String {
+pub(crate) fn which_url(url: &str) -> String {
     let default = if url == DEFAULT_URL { "the default; " } else { "" };
     format!(
         "{} ({default}set DATABASE_URL or --database-url to postgres://USER:PASSWORD@HOST:PORT/DATABASE)",

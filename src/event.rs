@@ -7,14 +7,14 @@ use chrono::{DateTime, Datelike as _, LocalResult, NaiveDateTime, Offset as _, T
 use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
+pub use crate::decision::Address;
+
 /// A valid async-metadata event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    /// `None` for a sessionless event (missing, null or empty SessionId).
-    pub session_id: Option<String>,
-    /// The call group (`call_groups.id`) the event is addressed to (`MasterId`, as the
-    /// platform's masterCall endpoint takes it); never set together with `session_id`.
-    pub master_id: Option<String>,
+    /// A call by SessionId, a call group (`call_groups.id`) by MasterId (as the platform's
+    /// masterCall endpoint takes it), or neither (a missing, null or empty id is none).
+    pub address: Address,
     pub event_time: DateTime<Utc>,
     pub metadata: Map<String, Value>,
 }
@@ -144,7 +144,7 @@ pub fn parse_naming_field(payload: &Value, tz: Tz) -> Result<Event, Invalid> {
         }
     };
 
-    Ok(Event { session_id, master_id, event_time, metadata })
+    Ok(Event { address: Address::from_parts(session_id, master_id), event_time, metadata })
 }
 
 /// SessionId or MasterId (`what` names it in reasons): missing, null or blank is none; else a
@@ -409,7 +409,7 @@ mod tests {
     fn keys_are_case_insensitive() {
         let e =
             parse(&json!({"sessionID": "s1", "eventTime": "2018-10-15T09:00:00Z", "metaData": {"a": 1}}), NY).unwrap();
-        assert_eq!(e.session_id.as_deref(), Some("s1"));
+        assert_eq!(e.address, Address::Session("s1".into()));
         assert_eq!(e.metadata["a"], json!(1));
     }
 
@@ -420,7 +420,7 @@ mod tests {
             json!({"SessionId": null, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
             json!({"SessionId": "  ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
         ] {
-            assert_eq!(parse(&p, NY).unwrap().session_id, None, "{p}");
+            assert_eq!(parse(&p, NY).unwrap().address, Address::Sessionless, "{p}");
         }
     }
 
@@ -428,19 +428,19 @@ mod tests {
     fn master_id_names_a_call_group_in_any_spelling() {
         for key in ["MasterId", "masterId", "masterID", "MASTERID", "masterCallId", "MasterCallID"] {
             let e = parse(&json!({key: " grp-7 ", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY).unwrap();
-            assert_eq!((e.master_id.as_deref(), e.session_id), (Some("grp-7"), None), "{key}");
+            assert_eq!(e.address, Address::Master("grp-7".into()), "{key}");
         }
         // Missing, null or blank: addressed to no group; an empty SessionId beside it is none.
         for p in [
             json!({"MasterId": null, "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
             json!({"MasterId": " ", "SessionId": "s1", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}),
         ] {
-            assert_eq!(parse(&p, NY).unwrap().master_id, None, "{p}");
+            assert_eq!(parse(&p, NY).unwrap().address.master_id(), None, "{p}");
         }
         let e =
             parse(&json!({"SessionId": "", "MasterId": "g", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}}), NY)
                 .unwrap();
-        assert_eq!((e.session_id, e.master_id.as_deref()), (None, Some("g")));
+        assert_eq!(e.address, Address::Master("g".into()));
         // The platform SDK's name and ours for the same field: one too many.
         let both = json!({"MasterId": "g", "masterCallId": "g", "EventTime": "2018-10-15T09:00:00Z", "Metadata": {}});
         assert!(parse_naming_field(&both, NY).unwrap_err().reason.contains("given twice"));

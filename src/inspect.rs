@@ -13,11 +13,11 @@ use serde_json::{Map, Value};
 use sqlx::PgPool;
 
 use crate::calldata::{self, CallInfo, Candidates};
+use crate::decision::{Decision, TargetKind};
 use crate::job::{Job, Rule, Target};
 use crate::matching::engine::{event_key, micros};
 use crate::matching::explain::{self, RuleStep};
 use crate::matching::rules::normalize;
-use crate::matching::{Decision, TargetKind};
 
 /// How far around the event `explain` looks for calls sharing its keys (beyond the windows).
 pub const LOOK_AROUND: chrono::Duration = chrono::Duration::days(7);

@@ -15,9 +15,9 @@ use sqlx::PgPool;
 
 use crate::apply;
 use crate::calldata;
+use crate::decision::{MANUAL_RULE, Reason, State, TargetKind};
 use crate::job::Job;
-use crate::ledger::{self, By, Decided, MANUAL_RULE, State};
-use crate::matching::TargetKind;
+use crate::ledger::{self, By, Decided};
 use crate::tuning::Tuning;
 
 /// What an analyst decides for an event.
@@ -128,7 +128,7 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         if let Some(reported) = &r.reported_reason {
             let still = match now.state {
                 State::Expired => reported == "expired",
-                State::Pending => now.reason.as_deref().unwrap_or("undecided") == reported,
+                State::Pending => now.reason.map_or("undecided", Reason::as_str) == reported,
                 _ => false,
             };
             if !still {
@@ -329,7 +329,7 @@ pub async fn history(pool: &PgPool, event_id: i64, json: bool) -> Result<String>
             serde_json::json!({
                 "state": d.state.as_str(),
                 "target": d.target.as_ref().map(|(k, id)| serde_json::json!({"kind": k.as_str(), "id": id})),
-                "rule": d.rule, "reason": d.reason,
+                "rule": d.rule, "reason": d.reason.map(Reason::as_str),
             })
         };
         let mut before: Option<&Decided> = None;

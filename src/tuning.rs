@@ -1,8 +1,9 @@
 //! Batch sizes and switches: the defaults, and the `CALLRECON_*` environment variables that
 //! override them (tests use tiny batches to cross every boundary; operators never need them).
 //!
-//! Architecture invariant: the environment is read here only, once per run
-//! ([`Tuning::from_env`]); stages get the values passed down.
+//! Architecture invariant: `std::env::var` is read here only: by [`Tuning::from_env`], which the
+//! conductor calls once a run (and `resolve` for its apply), so stages get the values passed
+//! down.
 
 /// Sessionless events matched per polars batch; bounds memory whatever the total. Two batches'
 /// calls are held at once (the next is read while one is matched). Events are read, decided
@@ -11,10 +12,9 @@ pub const CHUNK_EVENTS: usize = 100_000;
 
 /// Touched groups recomputed per batch, each with all its calls (~5 on average in the
 /// benchmark's touched case groups); five times as many calls without a group. With apply's
-/// reader, the run's connection writes a batch while the next ones are read and merged, so the
-/// first write starts sooner with smaller batches: the nightly's 12k groups in batches of 5,000
-/// rather than 20,000 left its connection idle 0.2 s less. Up to five batches are in memory at
-/// once: read, waiting, merged, waiting, written.
+/// reader, the run's connection writes a batch while the next ones are read and merged, so a
+/// smaller batch lets the first write start sooner (bench/RESULTS.md). Up to five batches are in
+/// memory at once: read, waiting, merged, waiting, written.
 pub const APPLY_BATCH_GROUPS: usize = 5_000;
 
 /// Unmatched events fetched from the report's cursor at a time.

@@ -19,6 +19,7 @@ use futures_util::TryStreamExt as _;
 use sqlx::{PgConnection, PgPool};
 
 use crate::apply::{self, Applied, Contribution, NewValue, Tid};
+use crate::decision::TargetKind;
 use crate::pgcopy;
 
 /// Differences kept as examples, per table.
@@ -204,7 +205,7 @@ impl Record {
             let (target, group) = (pgcopy::text(target)?, group.map(pgcopy::text).transpose()?);
             let ours = scope.as_mut().filter(|_| Some(pgcopy::text(of).unwrap_or_default()) == job);
             events += 1;
-            if pgcopy::text(kind)? == "call" {
+            if TargetKind::parse(pgcopy::text(kind)?) == Some(TargetKind::Call) {
                 if let Some(s) = ours {
                     s.calls.insert(target.to_owned());
                     s.groups.extend(group.map(str::to_owned));

@@ -1,17 +1,12 @@
 //! Merging in memory: a target's value from its contributions, in merge order.
 
-use std::collections::BTreeMap;
-
 use foldhash::{HashMap, HashMapExt as _};
 
-use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
-use super::jsonb::{jsonb_text, print_object};
-use super::read::{Batch, Row, ThisRun};
-use super::write::NewValue;
+use super::jsonb::print_object;
+use super::this_run::ThisRun;
+use super::types::{Batch, Contribution, Merged, NewValue, Part, Row};
 
 impl Batch {
     /// Merges the batch's values, with this run's decisions it was read without.
@@ -69,53 +64,6 @@ impl Batch {
     }
 }
 
-/// A batch's new values, where they differ from what the rows hold, and its groups sorted into
-/// contributing or not.
-pub(super) struct Merged {
-    pub(super) group_changes: Vec<NewValue>,
-    pub(super) call_changes: Vec<NewValue>,
-    pub(super) contributing: Vec<String>,
-    pub(super) not_contributing: Vec<String>,
-}
-
-/// One event's part in a merge: its top-level keys with their JSON text, parsed once.
-pub struct Contribution {
-    /// EventTime (µs) then arrival (`events.id`): the merge order.
-    order: (i64, i64),
-    fields: Vec<(String, Box<RawValue>)>,
-    /// For a group part, the call whose event it is (that call has the full event already).
-    owner: Option<String>,
-}
-
-impl Contribution {
-    pub fn parse(time: DateTime<Utc>, id: i64, metadata: &str, owner: Option<String>) -> Result<Self> {
-        // Values stay JSON text (`RawValue`), so numbers and strings are written back exactly
-        // as stored.
-        let fields: Vec<(String, Box<RawValue>)> = serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(metadata)
-            .with_context(|| format!("metadata of event {id} is not a JSON object"))?
-            .into_iter()
-            .collect();
-        Ok(Contribution { order: (time.timestamp_micros(), id), fields, owner })
-    }
-
-    /// This contribution as a part of its group's merge, with the call whose event it is.
-    pub fn as_part(&self) -> Part<'_> {
-        (self, self.owner.as_deref())
-    }
-
-    /// An event's part from its JSON values in memory, printed as [`jsonb_text`] does.
-    pub(super) fn of(time: DateTime<Utc>, id: i64, metadata: &Map<String, Value>) -> Self {
-        let fields = metadata
-            .iter()
-            .map(|(k, v)| {
-                let raw = RawValue::from_string(jsonb_text(v)).expect("jsonb_text prints JSON");
-                (k.clone(), raw)
-            })
-            .collect();
-        Contribution { order: (time.timestamp_micros(), id), fields, owner: None }
-    }
-}
-
 /// The shallow merge of `parts` in merge order (later wins), as JSON text in the form
 /// PostgreSQL prints jsonb (keys by length, then bytes; `", "` and `": "`), so it compares
 /// equal to the stored value's text exactly when it needs no write. Values are the events'
@@ -134,10 +82,6 @@ fn merge<'a>(parts: impl Iterator<Item = &'a Contribution>) -> String {
     out
 }
 
-/// A group's part in a merge, with the call whose event it is (`None` for an event matched to
-/// the group itself).
-pub type Part<'a> = (&'a Contribution, Option<&'a str>);
-
 /// The value of call `call`: its own events (`own`) and the parts of its group (`group`, empty
 /// for a call without a group) that are not its own: a call has its events' full metadata already.
 /// `verify` computes the same values with this function.
@@ -154,6 +98,8 @@ pub fn group_value(parts: &[Part<'_>]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use chrono::DateTime;
+
     use super::*;
 
     fn part(time: i64, id: i64, metadata: &str) -> Contribution {

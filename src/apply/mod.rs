@@ -11,17 +11,20 @@
 //! - a call group: events matched to it, and the `group_part` of events matched to its calls.
 //!
 //! The stage's parts: [`plan`] (which targets, read in which batches), [`read`] (the batches,
-//! on the run's connection or a second one, and this run's own decisions), [`merge`] (values
-//! computed in memory), [`jsonb`] (values printed as PostgreSQL prints jsonb) and [`write`]
-//! (only the changed rows, in heap order).
+//! on the run's connection or a second one), [`this_run`] (this run's own decisions, which such
+//! a reader cannot see), [`merge`] (values computed in memory), [`jsonb`] (values printed as
+//! PostgreSQL prints jsonb), [`write`] (only the changed rows, in heap order), and [`types`]
+//! (the data they hand each other).
 
 pub mod jsonb;
 pub mod merge;
 pub mod plan;
 pub mod read;
+pub mod this_run;
+pub mod types;
 pub mod write;
 
-// foldhash: these maps hash hundreds of thousands of ids per run; SipHash was 6% of a nightly's CPU.
+// foldhash: these maps hash hundreds of thousands of ids per run, where SipHash is costly.
 use foldhash::{HashMap, HashSet, HashSetExt as _};
 
 use anyhow::{Context, Result};
@@ -31,16 +34,13 @@ use crate::calldata::Hint;
 use crate::tuning::Tuning;
 
 pub use jsonb::jsonb_text;
-pub use merge::{Contribution, Part, call_value, group_value};
+pub use merge::{call_value, group_value};
 pub use plan::Touched;
-pub use read::{Merging, Reader, ThisRun};
-pub use write::{NewValue, Tid, Written, write_values};
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Applied {
-    pub calls_updated: u64,
-    pub groups_updated: u64,
-}
+pub use read::{Merging, Reader};
+pub use this_run::ThisRun;
+use types::NO_MEMOIZE;
+pub use types::{Applied, Contribution, NewValue, Part, Tid, Written};
+pub use write::write_values;
 
 /// What the run hands apply: the targets of events whose decision changed (old and new
 /// targets), where matching saw the calls, and the stored events whose decision this run
@@ -137,12 +137,6 @@ pub async fn apply(
     sqlx::query("reset enable_memoize").execute(&mut *conn).await?;
     out.finish(conn, started).await
 }
-
-/// Apply's reads probe an index once per touched call or event id, and the ids are distinct:
-/// PostgreSQL's Memoize node in front of those probes never hits, it only hashes and evicts
-/// (the nightly's read of 12k groups' calls and events: 0.61 s with it, 0.55 s without, psql).
-/// Scoped to the transaction.
-const NO_MEMOIZE: &str = "set local enable_memoize = off";
 
 /// Waits for any other run's apply to finish, then keeps others waiting until this run's
 /// transaction ends (see `db::APPLY_LOCK_KEY`).

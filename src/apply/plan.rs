@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::read::Batch;
+use super::types::Batch;
 use crate::calldata::Hint;
 
 /// The touched targets before their groups are known.

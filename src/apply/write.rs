@@ -4,17 +4,8 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::Applied;
-use super::merge::Merged;
-use super::read::{Batch, ThisRun};
-
-/// What apply changed so far, and which groups contribute.
-#[derive(Default)]
-pub struct Written {
-    applied: Applied,
-    contributing: Vec<String>,
-    not_contributing: Vec<String>,
-}
+use super::this_run::ThisRun;
+use super::types::{Applied, Batch, Merged, NewValue, Written};
 
 impl Written {
     /// Merges a batch with this run's decisions it was read without, and writes the values
@@ -67,29 +58,6 @@ impl Written {
         tracing::info!(calls_updated, groups_updated, elapsed_ms = started.elapsed().as_millis() as u64, "applied");
         Ok(self.applied)
     }
-}
-
-/// A row's physical address, `ctid`: (block, offset).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Tid(pub u32, pub u16);
-
-impl Tid {
-    /// Parses PostgreSQL's text form, `(12,3)`.
-    pub(super) fn parse(text: &str) -> Result<Self> {
-        let inner = text.strip_prefix('(').and_then(|t| t.strip_suffix(')'));
-        let (block, offset) = inner.and_then(|t| t.split_once(',')).with_context(|| format!("bad ctid {text:?}"))?;
-        Ok(Tid(block.parse()?, offset.parse()?))
-    }
-}
-
-/// A new value for a row.
-pub struct NewValue {
-    pub tid: Tid,
-    /// A call's `started_at`: on a `calls` partitioned by it, the partition its ctid is in.
-    /// `None` for a call group.
-    pub start: Option<DateTime<Utc>>,
-    pub id: String,
-    pub value: String,
 }
 
 /// Writes the changes, in heap order, into `table.async_metadata`; returns the rows written.

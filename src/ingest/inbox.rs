@@ -592,22 +592,25 @@ pub fn payloads_of(files: &[PathBuf]) -> Result<(Vec<Value>, Vec<String>)> {
     Ok((payloads, unreadable))
 }
 
-/// Where a file goes after a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+/// What became of an inbox file, and so where it goes after a run.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
     Ingested,
+    /// Its content was ingested before (by its SHA-256): skipped.
     Duplicate,
+    /// Refused whole: nothing in it could be read.
     Failed,
 }
 
 /// Moves a file into `archive/[duplicate|failed/]YYYY-MM-DD/`, never overwriting: a name taken
 /// already gets a numeric suffix. Returns the new path.
-pub fn archive(file: &Path, archive: &Path, how: Disposition, day: chrono::NaiveDate) -> Result<PathBuf> {
+pub fn archive(file: &Path, archive: &Path, how: FileStatus, day: chrono::NaiveDate) -> Result<PathBuf> {
     let mut dir = archive.to_path_buf();
     match how {
-        Disposition::Ingested => {}
-        Disposition::Duplicate => dir.push("duplicate"),
-        Disposition::Failed => dir.push("failed"),
+        FileStatus::Ingested => {}
+        FileStatus::Duplicate => dir.push("duplicate"),
+        FileStatus::Failed => dir.push("failed"),
     }
     dir.push(day.format("%Y-%m-%d").to_string());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating archive folder {}", dir.display()))?;

@@ -9,6 +9,8 @@
 pub mod inbox;
 pub mod queue;
 
+pub use inbox::FileStatus;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -43,17 +45,6 @@ pub struct FileEntry {
     pub rejected: u64,
     pub archived_to: Option<String>,
     pub reason: Option<String>,
-}
-
-/// What became of an inbox file.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FileStatus {
-    Ingested,
-    /// Its content was ingested before (by its SHA-256): skipped.
-    Duplicate,
-    /// Refused whole: nothing in it could be read.
-    Failed,
 }
 
 /// Drains the queue, then reads the inbox, handing every valid event to `arrivals`.
@@ -252,12 +243,7 @@ async fn read_inbox(
 pub fn archive(files: &mut [(PathBuf, FileEntry)], job: &Job, now: DateTime<Utc>) {
     let day = now.with_timezone(&job.timezone).date_naive();
     for (path, entry) in files {
-        let how = match entry.status {
-            FileStatus::Duplicate => inbox::Disposition::Duplicate,
-            FileStatus::Failed => inbox::Disposition::Failed,
-            FileStatus::Ingested => inbox::Disposition::Ingested,
-        };
-        match inbox::archive(path, &job.archive, how, day) {
+        match inbox::archive(path, &job.archive, entry.status, day) {
             Ok(dest) => entry.archived_to = Some(dest.display().to_string()),
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %crate::db::error_line(&e), "could not archive file; it stays in the inbox")

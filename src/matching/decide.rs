@@ -10,8 +10,8 @@ use serde_json::{Map, Value};
 use sqlx::{PgConnection, PgPool};
 
 use super::engine::{self, EventIn};
-use super::{Decision, Subject, TargetKind};
 use crate::calldata::{self, GroupFilter, Hint};
+use crate::decision::{Address, Decision, Subject, TargetKind};
 use crate::job::Job;
 use crate::job::{Normalizer, Target};
 use crate::progress;
@@ -38,7 +38,7 @@ pub struct Ahead {
 
 /// What `decide` hands back: a decision per event, in their order; where each matched call was
 /// when read (for sessionless events, only when `placed`); the calls read for the next page.
-pub struct Decided {
+pub struct Decisions {
     pub decisions: Vec<Decision>,
     pub hints: foldhash::HashMap<String, Hint>,
     pub ahead: Option<CallsAhead>,
@@ -54,15 +54,14 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     events: &[E],
     placed: bool,
     ahead: Ahead,
-) -> Result<Decided> {
+) -> Result<Decisions> {
     let events: Vec<&Subject> = events.iter().map(Borrow::borrow).collect();
     let events = events.as_slice();
     let mut decisions: Vec<Option<Decision>> = vec![None; events.len()];
     let mut hints = foldhash::HashMap::default();
 
-    let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].session_id.is_some()).collect();
-    let with_master: Vec<usize> =
-        (0..events.len()).filter(|&i| events[i].session_id.is_none() && events[i].master_id.is_some()).collect();
+    let with_session: Vec<usize> = (0..events.len()).filter(|&i| events[i].address.session_id().is_some()).collect();
+    let with_master: Vec<usize> = (0..events.len()).filter(|&i| events[i].address.master_id().is_some()).collect();
     let sessionless = sessionless(events);
     let (call_fields, group_fields) = calldata::fields(job);
     let chunks: Vec<&[usize]> = sessionless.chunks(chunk_events).collect();
@@ -83,10 +82,10 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         read_groups(&mut other, job, &group_fields, &metas).await
     };
     let calls = async {
-        let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].session_id.as_deref()).collect();
+        let sessions: HashSet<&str> = with_session.iter().filter_map(|&i| events[i].address.session_id()).collect();
         let by_session =
             if sessions.is_empty() { Default::default() } else { calldata::calls_by_session(conn, &sessions).await? };
-        let masters: HashSet<&str> = with_master.iter().filter_map(|&i| events[i].master_id.as_deref()).collect();
+        let masters: HashSet<&str> = with_master.iter().filter_map(|&i| events[i].address.master_id()).collect();
         let existing =
             if masters.is_empty() { Default::default() } else { calldata::existing_groups(conn, &masters).await? };
         let first = chunks.first().map(|c| span(events, c));
@@ -105,8 +104,10 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
     };
     let (groups, (by_session, existing_groups, mut calls)) = tokio::try_join!(groups, calls)?;
 
-    let attached =
-        super::attach_by_group(with_master.iter().filter_map(|&i| events[i].master_id.as_deref()), &existing_groups);
+    let attached = super::attach::attach_by_group(
+        with_master.iter().filter_map(|&i| events[i].address.master_id()),
+        &existing_groups,
+    );
     for (i, o) in with_master.into_iter().zip(attached) {
         decisions[i] = Some(o);
     }
@@ -115,10 +116,10 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         let calls = by_session;
         let ids: HashMap<String, String> = calls.iter().map(|(s, c)| (s.clone(), c.id.clone())).collect();
         let attached =
-            super::attach_by_session(with_session.iter().filter_map(|&i| events[i].session_id.as_deref()), &ids);
+            super::attach::attach_by_session(with_session.iter().filter_map(|&i| events[i].address.session_id()), &ids);
         for (i, o) in with_session.into_iter().zip(attached) {
             if let (Decision::Matched { .. }, Some(call)) =
-                (&o, events[i].session_id.as_ref().and_then(|s| calls.get(s)))
+                (&o, events[i].address.session_id().and_then(|s| calls.get(s)))
             {
                 hints.insert(call.id.clone(), call.hint.clone());
             }
@@ -199,7 +200,7 @@ pub async fn decide<'e, E: Borrow<Subject<'e>>>(
         }
         pb.finish_and_clear();
     }
-    Ok(Decided {
+    Ok(Decisions {
         decisions: decisions.into_iter().map(|o| o.expect("every event decided")).collect(),
         hints,
         ahead: read_ahead,
@@ -237,7 +238,7 @@ async fn read_groups(
 
 /// Whether the rules decide `event`: it has neither SessionId nor MasterId.
 fn is_sessionless(event: &Subject) -> bool {
-    event.session_id.is_none() && event.master_id.is_none()
+    event.address == Address::Sessionless
 }
 
 /// The indices of `events` the rules decide (neither SessionId nor MasterId), in (EventTime,

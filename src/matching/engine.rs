@@ -12,8 +12,8 @@ use polars::prelude::*;
 use serde_json::{Map, Value};
 
 use super::rules::{event_value, normalize, normalize_into};
-use super::{Decision, Reason, TargetKind};
 pub use crate::calldata::Candidates;
+use crate::decision::{Decision, Reason, TargetKind};
 use crate::job::{Ambiguous, Key, Normalizer, Rule, Target, TargetField};
 use crate::pgcopy::Texts;
 

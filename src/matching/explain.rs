@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::engine::{self, Candidates, EventIn, event_key, micros};
 use super::rules::normalize;
-use super::{Decision, Reason};
+use crate::decision::{Decision, Reason};
 use crate::job::{Rule, Target};
 
 /// One rule's part of an explanation.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{Report, Summary, Unmatched};
+use super::types::{Report, Summary, Unmatched};
 use crate::cli::ReportFormat;
 
 /// The few lines printed after a run.

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use super::Report;
+use super::types::Report;
 use super::unmatched::AGE_BUCKETS;
 
 const HTML: &str = include_str!("templates/report.html");

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
+use crate::decision::TargetKind;
+
 /// Manual decisions a report lists (it counts them all): the newest.
 pub const LISTED: usize = 1_000;
 
@@ -49,7 +51,9 @@ pub async fn since(
             at,
             by,
             state,
-            to: kind.zip(target).map(|(k, t)| format!("{}:{t}", if k == "call" { "call" } else { "group" })),
+            to: kind.zip(target).map(|(k, t)| {
+                format!("{}:{t}", if TargetKind::parse(&k) == Some(TargetKind::Call) { "call" } else { "group" })
+            }),
             note,
         })
         .collect();

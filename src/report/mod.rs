@@ -5,196 +5,22 @@ pub mod history;
 pub mod html;
 pub mod manual;
 pub mod retention;
+pub mod types;
 pub mod unmatched;
 pub mod webhook;
 
 pub use html::render_html;
-pub use unmatched::{Shown, escape_cell};
+pub use types::Shown;
+pub use types::{
+    Change, ChangeKind, Diff, FileEntry, FileStatus, Report, RuleDiff, Summary, TargetRef, UNDO_SKIPPED_LISTED,
+    UndoReport, UndoSkipped, Unmatched,
+};
+pub use unmatched::escape_cell;
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-pub use crate::ingest::{FileEntry, FileStatus};
-
-use crate::event::Rejected;
-use crate::matching::TargetKind;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    #[serde(with = "id_text")]
-    pub run_id: i64,
-    pub job: String,
-    /// `run`, `rematch` or `undo`.
-    pub kind: String,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-    pub dry_run: bool,
-    pub summary: Summary,
-    /// What `report.html` shows of the unmatched events (all of them up to a cap per reason).
-    /// `report.json` and `unmatched.csv` list every one: they are streamed from the database
-    /// into the report's folder while the run's transaction is open ([`unmatched::stream`]).
-    #[serde(skip)]
-    pub unmatched: Shown,
-    pub rejected: Vec<Rejected>,
-    /// Inbox files this run picked and what became of them.
-    pub files: Vec<FileEntry>,
-    /// For a rematch: what changed against the previous decisions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diff: Option<Diff>,
-    /// For an undo: what it reverted and what it left.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub undo: Option<UndoReport>,
-    /// Decisions analysts made by hand since the job's previous run (the newest
-    /// [`manual::LISTED`]; `summary.manual` counts them all).
-    #[serde(default)]
-    pub manual: Vec<manual::ManualDecision>,
-}
-
-/// Skipped events an undo's report lists (it counts them all).
-pub const UNDO_SKIPPED_LISTED: usize = 1_000;
-
-/// What an undo did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct UndoReport {
-    /// The run undone.
-    pub run: i64,
-    /// Decisions reverted to what they were before it.
-    pub reverted: u64,
-    /// Decisions changed since by a later run or a person, left as they are.
-    pub skipped_total: u64,
-    pub skipped: Vec<UndoSkipped>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct UndoSkipped {
-    pub event_id: i64,
-    /// `run N` or the person's name.
-    pub changed_by: String,
-}
-
-/// What a rematch changed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Diff {
-    /// Events re-evaluated.
-    pub evaluated: u64,
-    pub newly_matched: u64,
-    pub moved: u64,
-    pub newly_unmatched: u64,
-    /// Same target, now by another rule.
-    pub rule_changed: u64,
-    pub unchanged: u64,
-    /// Events in range decided by hand: a rematch keeps them as they are.
-    #[serde(default)]
-    pub kept_manual: u64,
-    /// Per rule: events it now decides that it did not (`gained`) and the reverse (`lost`).
-    pub by_rule: BTreeMap<String, RuleDiff>,
-    /// Every event whose target or rule changed.
-    pub changes: Vec<Change>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct RuleDiff {
-    pub gained: u64,
-    pub lost: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Change {
-    #[serde(with = "id_text")]
-    pub event_id: i64,
-    pub change: ChangeKind,
-    pub from: Option<TargetRef>,
-    pub to: Option<TargetRef>,
-    pub rule_before: Option<String>,
-    pub rule_after: Option<String>,
-    /// For `newly_unmatched`: why.
-    pub reason: Option<String>,
-}
-
-/// How a rematch changed an event's decision.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    NewlyMatched,
-    Moved,
-    NewlyUnmatched,
-    RuleChanged,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TargetRef {
-    pub kind: TargetKind,
-    pub id: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Summary {
-    /// Valid events stored by this run.
-    pub ingested: u64,
-    /// Records this run refused.
-    pub rejected: u64,
-    /// Events matched in this run.
-    pub matched: u64,
-    /// Entries of `unmatched`: still pending, plus expired in this run.
-    pub unmatched: u64,
-    pub by_rule: BTreeMap<String, u64>,
-    pub by_reason: BTreeMap<String, u64>,
-    pub expired: u64,
-    pub pending: u64,
-    pub calls_updated: u64,
-    pub groups_updated: u64,
-    pub files_ingested: u64,
-    pub files_duplicate: u64,
-    pub files_failed: u64,
-    /// The job's events analysts dismissed (all of them, not only this run's): no longer
-    /// pending, never in `unmatched`.
-    #[serde(default)]
-    pub dismissed: u64,
-    /// Decisions analysts made by hand since the job's previous run.
-    #[serde(default)]
-    pub manual: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Unmatched {
-    #[serde(with = "id_text")]
-    pub event_id: i64,
-    pub source: String,
-    pub session_id: Option<String>,
-    /// The call group the event is addressed to (`MasterId`); absent from reports written
-    /// before MasterId existed.
-    #[serde(default)]
-    pub master_id: Option<String>,
-    pub event_time: DateTime<Utc>,
-    pub received_at: DateTime<Utc>,
-    /// `unknown_session`, `unknown_group`, `missing_key`, `no_candidate`, `ambiguous`, or `expired`.
-    pub reason: String,
-    /// For `expired`: the reason it never matched.
-    pub last_reason: Option<String>,
-    pub candidates: Vec<String>,
-    pub metadata: Value,
-    /// When it stops being retried (`received_at + pending_for`).
-    pub expires_at: DateTime<Utc>,
-}
-
-/// Ids that are numbers here and strings in the report's JSON (the contract's form).
-pub(crate) mod id_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(id)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// Where a run's report is written before it is complete: `<report dir>/.<run id>.partial`,
 /// renamed to `dir` once every file is in place, so a report folder is either whole or absent.

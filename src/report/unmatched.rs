@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::Unmatched;
+use super::types::{Shown, Unmatched};
+use crate::decision::State;
 use crate::tuning::ReportTuning;
 
 /// File names in the report's partial folder.
@@ -24,34 +25,6 @@ pub const JSON_LIST: &str = "unmatched.json.part";
 /// Buckets of the ageing chart: (label, lower bound in days).
 pub const AGE_BUCKETS: &[(&str, f64)] =
     &[("< 1 day", 0.0), ("1–2 days", 1.0), ("2–3 days", 2.0), ("3–7 days", 3.0), ("≥ 7 days", 7.0)];
-
-/// What the report knows of the unmatched events without holding them: counts over every one,
-/// and the ones `report.html` shows.
-#[derive(Debug, Clone, Default)]
-pub struct Shown {
-    /// Every unmatched event when a reason has at most twice `per_end` of them; else the
-    /// oldest and the newest `per_end` of that reason. In `received_at`, id order.
-    pub events: Vec<Unmatched>,
-    /// Per reason, the events not in `events`.
-    pub omitted: BTreeMap<String, u64>,
-    /// Per reason, every event.
-    pub by_reason: BTreeMap<String, u64>,
-    pub total: u64,
-    pub expired: u64,
-    /// Pending events per [`AGE_BUCKETS`] bucket: by days pending, and by days until they expire.
-    pub pending_by_age: Vec<u64>,
-    pub expiring_by_age: Vec<u64>,
-    /// Top-level metadata keys left without a column of their own in `unmatched.csv`.
-    pub csv_keys_left_out: u64,
-    /// How many of the oldest and of the newest of a reason `events` holds at most.
-    pub per_end: usize,
-}
-
-impl Shown {
-    pub fn capped(&self) -> bool {
-        self.omitted.values().any(|&n| n > 0)
-    }
-}
 
 /// A row as read: the metadata as the JSON text PostgreSQL prints, parsed only for the CSV's
 /// key columns and the events report.html shows.
@@ -291,7 +264,7 @@ struct Ends {
 /// after it as PostgreSQL printed it).
 #[derive(serde::Serialize)]
 struct EntryRef<'a> {
-    #[serde(serialize_with = "super::id_text::serialize")]
+    #[serde(serialize_with = "super::types::id_text::serialize")]
     event_id: i64,
     source: &'a str,
     session_id: Option<&'a str>,
@@ -307,7 +280,7 @@ struct EntryRef<'a> {
 impl<'a> EntryRef<'a> {
     fn of(row: &'a Row, pending_for: chrono::Duration) -> Self {
         let (id, source, session_id, master_id, event_time, received_at, state, reason, candidates, _) = row;
-        let expired = state == "expired";
+        let expired = State::parse(state) == Some(State::Expired);
         EntryRef {
             event_id: *id,
             source,
@@ -392,7 +365,7 @@ impl Writer {
             Some(n) => *n += 1,
             None => drop(self.shown.by_reason.insert(u.reason.to_owned(), 1)),
         }
-        if row.6 == "expired" {
+        if State::parse(&row.6) == Some(State::Expired) {
             self.shown.expired += 1;
         } else {
             let days = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_minutes() as f64 / 1440.0;

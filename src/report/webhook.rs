@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::Report;
+use super::types::Report;
+use crate::decision::RunKind;
 
 /// Attempts per notification, and the wait before each retry.
 pub const BACKOFF: &[Duration] = &[Duration::from_secs(1), Duration::from_secs(2)];
@@ -27,7 +28,7 @@ pub fn payload(report: &Report, report_dir: &std::path::Path) -> serde_json::Val
 }
 
 /// The body for a run that failed: what an on-call person needs first.
-pub fn failure_payload(run_id: i64, job: &str, kind: &str, dry_run: bool, error: &str) -> serde_json::Value {
+pub fn failure_payload(run_id: i64, job: &str, kind: RunKind, dry_run: bool, error: &str) -> serde_json::Value {
     json!({ "run_id": run_id.to_string(), "job": job, "kind": kind, "dry_run": dry_run, "status": "failed", "error": error })
 }
 

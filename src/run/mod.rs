@@ -11,6 +11,8 @@
 pub mod record;
 mod tally;
 
+pub use record::AlreadyRunning;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::apply::{self, Applied};
 use crate::db::AbortOnDrop;
+use crate::decision::RunKind;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
 use crate::ledger::{self, Arrivals, DecisionRows, Fresh, Scope, ToDecide, Write};
@@ -41,11 +44,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn kind(self) -> &'static str {
+    fn kind(self) -> RunKind {
         match self {
-            Mode::Run => "run",
-            Mode::Rematch { .. } => "rematch",
-            Mode::Undo { .. } => "undo",
+            Mode::Run => RunKind::Run,
+            Mode::Rematch { .. } => RunKind::Rematch,
+            Mode::Undo { .. } => RunKind::Undo,
         }
     }
 }
@@ -61,14 +64,6 @@ pub struct Finished {
     pub stages: Vec<(&'static str, std::time::Duration)>,
 }
 
-/// Another run of the same job holds the lock.
-#[derive(Debug, thiserror::Error)]
-#[error("job {job} is already running (since {since})")]
-pub struct AlreadyRunning {
-    pub job: String,
-    pub since: String,
-}
-
 /// Runs the job once. On error nothing is changed and the run is recorded as failed.
 pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
     let tuning = Tuning::from_env();
@@ -79,7 +74,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
         _ => None,
     };
     let (run_id, now) = record::start(pool, &mut tx, job, kind, dry_run, undoes).await?;
-    tracing::info!(run_id, job = %job.name, kind, dry_run, "run started");
+    tracing::info!(run_id, job = %job.name, kind = kind.as_str(), dry_run, "run started");
     let run = Run { pool, job, tuning, run_id, now };
 
     let result = async {
@@ -202,7 +197,7 @@ impl Run<'_> {
         // Until they are stored they have no id: their position stands in for it.
         let to_decide: Vec<ToDecide> = events.iter().enumerate().map(|(i, e)| ToDecide::fresh(i as i64, e)).collect();
         let t = std::time::Instant::now();
-        let matching::Decided { decisions, hints, .. } =
+        let matching::Decisions { decisions, hints, .. } =
             matching::decide(conn, self.pool, self.job, self.tuning.chunk_events, &to_decide, true, Default::default())
                 .await?;
         times.match_ms += t.elapsed().as_millis() as u64;
@@ -329,7 +324,7 @@ impl Run<'_> {
             };
             let t = std::time::Instant::now();
             let ahead = matching::Ahead { calls: calls_ahead.take(), groups: groups_ahead.take(), next_page };
-            let matching::Decided { decisions, hints, ahead } =
+            let matching::Decisions { decisions, hints, ahead } =
                 matching::decide(conn, self.pool, self.job, chunk_events, &to_decide, placed, ahead).await?;
             calls_ahead = ahead;
             times.match_ms += t.elapsed().as_millis() as u64;
@@ -482,7 +477,7 @@ impl Run<'_> {
         Ok(Report {
             run_id: self.run_id,
             job: job.name.clone(),
-            kind: mode.kind().to_owned(),
+            kind: mode.kind(),
             started_at: self.now,
             finished_at: Utc::now(),
             dry_run,

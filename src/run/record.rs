@@ -6,9 +6,17 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
-use super::AlreadyRunning;
+use crate::decision::RunKind;
 use crate::job::Job;
 use crate::report::Summary;
+
+/// Another run of the same job holds the lock.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job} is already running (since {since})")]
+pub struct AlreadyRunning {
+    pub job: String,
+    pub since: String,
+}
 
 /// Takes the job's advisory lock in the run's transaction (or says who holds it), marks a run
 /// of the job still recorded as running abandoned (we hold the lock: it was killed), and
@@ -18,7 +26,7 @@ pub async fn start(
     pool: &PgPool,
     tx: &mut PgConnection,
     job: &Job,
-    kind: &str,
+    kind: RunKind,
     dry_run: bool,
     undoes: Option<i64>,
 ) -> Result<(i64, DateTime<Utc>)> {
@@ -37,7 +45,7 @@ pub async fn start(
          returning id, started_at",
     )
     .bind(&job.name)
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(dry_run)
     .bind(&job.rules_fingerprint)
     .bind(job.path.to_string_lossy().as_ref())

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use crate::calldata::Hint;
+use crate::decision::{Decision, TargetKind};
 use crate::ledger::{Previous, ToDecide};
-use crate::matching::{Decision, TargetKind};
 use crate::report::{Change, ChangeKind, Diff, TargetRef};
 
 /// The tally of a run's decisions.

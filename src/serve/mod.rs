@@ -364,15 +364,16 @@ fn check_body(body: &[u8], endpoint: Endpoint) -> (String, Result<(), Invalid>) 
         Err(e) => return not_json(format!("the body is not JSON: {e}")),
     };
     let Ok(text) = std::str::from_utf8(body) else { return not_json("the body is not UTF-8".to_owned()) };
-    let check = event::parse_naming_field(&value, chrono_tz::UTC).and_then(|e| match (endpoint, e.master_id) {
-        (Endpoint::MasterCall, None) => Err(Invalid {
-            field: Some("MasterId".to_owned()),
-            reason: "missing MasterId: this endpoint takes events for a master call (the call group's id); \
+    let check =
+        event::parse_naming_field(&value, chrono_tz::UTC).and_then(|e| match (endpoint, e.address.master_id()) {
+            (Endpoint::MasterCall, None) => Err(Invalid {
+                field: Some("MasterId".to_owned()),
+                reason: "missing MasterId: this endpoint takes events for a master call (the call group's id); \
                      post events for one call to /callevent/v1/outofband/event"
-                .to_owned(),
-        }),
-        _ => Ok(()),
-    });
+                    .to_owned(),
+            }),
+            _ => Ok(()),
+        });
     (text.to_owned(), check)
 }
 

@@ -175,10 +175,10 @@ proptest! {
     fn parser_accepts_only_storable_events(p in payload()) {
         if let Ok(e) = event::parse(&p, chrono_tz::America::New_York) {
             prop_assert_eq!(unstorable(&Value::Object(e.metadata.clone())), None);
-            prop_assert!(e.session_id.as_deref().is_none_or(|s| !s.contains('\0') && !s.is_empty()));
+            prop_assert!(e.address.session_id().is_none_or(|s| !s.contains('\0') && !s.is_empty()));
             let year = chrono::Datelike::year(&e.event_time);
             prop_assert!((1900..2200).contains(&year), "{}", e.event_time);
-            prop_assert!(e.master_id.as_deref().is_none_or(|m| !m.contains('\0') && !m.is_empty()));
+            prop_assert!(e.address.master_id().is_none_or(|m| !m.contains('\0') && !m.is_empty()));
         } else if let Err(invalid) = event::parse_naming_field(&p, chrono_tz::America::New_York) {
             // A refusal says why, naming a field the payload has or one it lacks.
             prop_assert!(!invalid.reason.is_empty());

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use callrecon::decision::{Decision, Reason, TargetKind};
 use callrecon::job::{self, TargetField};
 use callrecon::matching::engine::{Candidates, EventIn, match_events};
-use callrecon::matching::{Decision, Reason, TargetKind};
 use callrecon::pgcopy::Texts;
 use serde_json::{Value, json};
 use sqlx::PgPool;

@@ -45,11 +45,11 @@ use sqlx::PgPool;
 
 use super::throttle::{Checks, Throttle};
 use crate::cli::ReviewArgs;
+use crate::decision::{Decision, TargetKind};
 use crate::http::{BodyError, Posted};
 use crate::inspect::{self, Near};
 use crate::job::{self, Job, Target};
 use crate::ledger;
-use crate::matching::{Decision, TargetKind};
 use crate::resolve::{self, Refused, Request, To};
 use minijinja::value::Serde;
 use params::{BadParam, Params};
