@@ -31,6 +31,7 @@ mod schedule;
 mod sdk;
 mod serve;
 mod servers;
+mod spreadsheet;
 mod tidy;
 mod tls;
 mod verify;
