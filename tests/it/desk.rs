@@ -262,19 +262,24 @@ async fn near_misses_are_ranked_by_keys_shared_then_distance_and_five_are_shown(
 
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn counts_follow_the_filters_and_every_reason_is_explained(pool: PgPool) {
-    let b = backlog(&pool, 3).await;
+    let b = backlog(&pool, 60).await;
     let desk = Desk::start(&pool, &b.job, Duration::from_secs(3600)).await;
     let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
     let total = |html: &str| html.split("<span id=\"total\">").nth(1).map(|s| s[..s.find('<').unwrap()].to_owned());
     let html = desk.get("/review", Some(&session)).await.text().await.unwrap();
-    assert_eq!(total(&html).as_deref(), Some("7"));
+    assert_eq!(total(&html).as_deref(), Some("64"));
     let html = desk.get("/review?q=123-0000", Some(&session)).await.text().await.unwrap();
     assert_eq!(total(&html).as_deref(), Some("1"));
     assert!(html.contains("data-reason=\"no_candidate\" href=\"/review?reason=no_candidate&amp;q=123-0000\"><b>1</b>"));
     assert!(!html.contains("data-reason=\"missing_key\""), "no tile for a reason the filters leave out");
+    // A text in more events than a page shows: counted by reason, not from the page.
+    let html = desk.get("/review?q=%22i%22", Some(&session)).await.text().await.unwrap();
+    assert_eq!(total(&html).as_deref(), Some("60"));
+    assert!(html.contains("data-reason=\"missing_key\" href=\"/review?reason=missing_key&amp;q=%22i%22\"><b>60</b>"));
+    assert!(!html.contains("data-reason=\"no_candidate\""));
     let html = desk.get("/review?reason=missing_key", Some(&session)).await.text().await.unwrap();
-    assert_eq!(total(&html).as_deref(), Some("3"));
-    assert!(html.contains("<b>7</b>all reasons"));
+    assert_eq!(total(&html).as_deref(), Some("60"));
+    assert!(html.contains("<b>64</b>all reasons"));
     let explained = html.split("id=\"reason-help\">").nth(1).expect("the reasons explained");
     assert!(explained.contains("<dt><code>undecided</code></dt><dd>stored while a run had a backlog"), "{explained}");
 }
