@@ -23,6 +23,7 @@ pub mod resolve;
 pub mod run;
 pub mod schedule;
 pub mod serve;
+pub mod suggest;
 pub mod tuning;
 pub mod users;
 pub mod verify;

@@ -30,6 +30,7 @@ mod schedule;
 mod sdk;
 mod serve;
 mod servers;
+mod suggest;
 mod tidy;
 mod tls;
 mod verify;
