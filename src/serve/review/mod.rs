@@ -8,6 +8,7 @@
 //!   `POST /review/events/{id}`: attach, dismiss or reopen it.
 //! - `GET /review/runs`: the run history and its chart ([`runs`]); `GET /review/runs/{id}/report`:
 //!   a run's report.html.
+//! - `GET /review/jobs/{job}/suggestions`: the job's suggested rule changes ([`suggestions`]).
 //!
 //! Server-rendered HTML (minijinja, templates compiled in), working without JavaScript; a small
 //! inline script adds keyboard shortcuts. The Content-Security-Policy allows exactly the inline
@@ -26,6 +27,7 @@ pub mod params;
 pub mod queue;
 pub mod runs;
 pub mod session;
+mod suggestions;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -154,12 +156,13 @@ impl Desk {
     }
 }
 
-const TEMPLATES: [(&str, &str); 5] = [
+const TEMPLATES: [(&str, &str); 6] = [
     ("layout.html", include_str!("templates/layout.html")),
     ("login.html", include_str!("templates/login.html")),
     ("queue.html", include_str!("templates/queue.html")),
     ("event.html", include_str!("templates/event.html")),
     ("runs.html", include_str!("templates/runs.html")),
+    ("suggestions.html", include_str!("templates/suggestions.html")),
 ];
 
 /// The desk's routes.
@@ -172,6 +175,7 @@ pub fn router(desk: Desk) -> Router {
         .route("/review/events/{id}", get(event_page).post(decide))
         .route("/review/runs", get(runs_page))
         .route("/review/runs/{id}/report", get(run_report))
+        .route("/review/jobs/{job}/suggestions", get(suggestions::page))
         .with_state(desk)
 }
 
