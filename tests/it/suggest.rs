@@ -36,9 +36,9 @@ async fn call(pool: &PgPool, i: i64) {
         .unwrap();
 }
 
-/// An event about call `i`, `minutes` after its start, with `phone` and `agent`, tagged `tag`.
-async fn event(pool: &PgPool, i: i64, minutes: i64, phone: &str, agent: &str, tag: &str) {
-    let time = t("2026-11-02T08:00:00Z") + chrono::Duration::minutes(30 * i + minutes);
+/// An event about call `i`, `seconds` after its start, with `phone` and `agent`, tagged `tag`.
+async fn event(pool: &PgPool, i: i64, seconds: i64, phone: &str, agent: &str, tag: &str) {
+    let time = t("2026-11-02T08:00:00Z") + chrono::Duration::minutes(30 * i) + chrono::Duration::seconds(seconds);
     enqueue(
         pool,
         json!({"EventTime": time.to_rfc3339(), "Metadata": {"customerPhone": phone, "agentId": agent, "tag": tag}}),
@@ -94,7 +94,7 @@ async fn unmatched(pool: &PgPool) -> BTreeSet<i64> {
 }
 
 /// The scenario: a feed whose phones come as 555.123.00ii (the rule compares raw), and
-/// callbacks 20-31 minutes after the call (the window says 10). Analysts attach a dozen of each;
+/// callbacks 20½-31½ minutes after the call (the window says 10). Analysts attach a dozen of each;
 /// four more of each wait; four events match today.
 async fn dotted_phones_and_late_callbacks(pool: &PgPool) -> TestJob {
     for i in 0..36 {
@@ -102,20 +102,21 @@ async fn dotted_phones_and_late_callbacks(pool: &PgPool) -> TestJob {
     }
     let job = TestJob::new(RAW_PHONE);
     for i in 0..12 {
-        event(pool, i, 2, &format!("555.123.00{i:02}"), &format!("a{}", i % 3), &tag("dotted", i)).await;
+        event(pool, i, 120, &format!("555.123.00{i:02}"), &format!("a{}", i % 3), &tag("dotted", i)).await;
     }
     for i in 12..24 {
-        // 20 to 31 minutes after the call's end.
-        event(pool, i, 5 + 8 + i, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("late", i)).await;
+        // 20½ to 31½ minutes after the call's end: the window must become 32 minutes.
+        event(pool, i, (5 + 8 + i) * 60 + 30, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("late", i))
+            .await;
     }
     for i in 24..28 {
-        event(pool, i, 3, &format!("555.123.00{i:02}"), &format!("a{}", i % 3), &tag("dotted", i)).await;
+        event(pool, i, 180, &format!("555.123.00{i:02}"), &format!("a{}", i % 3), &tag("dotted", i)).await;
     }
     for i in 28..32 {
-        event(pool, i, 5 + 25, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("late", i)).await;
+        event(pool, i, (5 + 25) * 60, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("late", i)).await;
     }
     for i in 32..36 {
-        event(pool, i, 1, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("ok", i)).await;
+        event(pool, i, 60, &format!("55512300{i:02}"), &format!("a{}", i % 3), &tag("ok", i)).await;
     }
     let done = job.run(pool).await;
     assert_eq!(done.report.summary.matched, 4);
@@ -133,7 +134,7 @@ async fn a_normaliser_and_a_window_are_suggested_and_match_what_the_rematch_then
     let phone = find(&found, "normalize", "\"phone\"");
     assert_eq!(phone.rule.as_deref(), Some("phone-and-agent"));
     assert_eq!((phone.support, phone.simulated.matched_more, phone.simulated.conflicts), (12, 4, 0), "{phone:#?}");
-    let window = find(&found, "window", "after = \"31m\"");
+    let window = find(&found, "window", "after = \"32m\"");
     assert!(!window.change.contains("before"), "{}", window.change);
     assert_eq!((window.support, window.simulated.matched_more, window.simulated.conflicts), (12, 4, 0), "{window:#?}");
     assert_eq!(window.simulated.changed, 0);
@@ -158,7 +159,7 @@ async fn a_normaliser_and_a_window_are_suggested_and_match_what_the_rematch_then
     let path = job.path().to_string_lossy().into_owned();
     let out = callrecon(&pool, &["suggest", "--job", &path, "--accept", &window.id, "--write", "--rematch"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("+window = { before = \"10m\", after = \"31m\" }"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("+window = { before = \"10m\", after = \"32m\" }"), "{}", stdout(&out));
     let now_matched: BTreeSet<i64> = before.difference(&unmatched(&pool).await).copied().collect();
     assert_eq!(now_matched, late.iter().copied().chain([id_of(&pool, &tag("late", 31)).await]).collect());
     assert_eq!(now_matched.len() as u64, window.simulated.matched_more);
@@ -203,11 +204,11 @@ async fn a_change_that_matches_dismissed_events_or_moves_confirmed_matches_shows
     .unwrap();
     let job = TestJob::new(&RAW_PHONE.replace("\"nearest\"", "\"report\""));
     for i in 0..5 {
-        event(&pool, i, 2, &format!("55512300{i:02}"), "zz", &tag("wrong-agent", i)).await;
+        event(&pool, i, 120, &format!("55512300{i:02}"), "zz", &tag("wrong-agent", i)).await;
     }
-    event(&pool, 5, 2, "5551230005", "zz", "test-call").await;
-    event(&pool, 6, 2, "5551230006", "zz", "pending").await;
-    event(&pool, 7, 2, "5551230007", "a1", "confirmed").await;
+    event(&pool, 5, 120, "5551230005", "zz", "test-call").await;
+    event(&pool, 6, 120, "5551230006", "zz", "pending").await;
+    event(&pool, 7, 120, "5551230007", "a1", "confirmed").await;
     job.run(&pool).await;
     let mut decisions: Vec<(String, To)> = (0..5).map(|i| attach(tag("wrong-agent", i), i)).collect();
     decisions.push(("test-call".into(), To::Dismiss));
@@ -332,5 +333,5 @@ async fn suggest_prints_the_contracts_json_and_honours_min_support(pool: PgPool)
             .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("not written"), "{}", stdout(&out));
-    assert!(!std::fs::read_to_string(job.path()).unwrap().contains("31m"), "not written");
+    assert!(!std::fs::read_to_string(job.path()).unwrap().contains("32m"), "not written");
 }
