@@ -90,6 +90,16 @@ fn agrees(metadata: &Map<String, Value>, path: &[String], raw: Option<&str>, n: 
     raw.and_then(|r| normalize(n, r)).is_some_and(|t| t == event)
 }
 
+/// Values shorter than this (normalised) are no evidence for a new rule: `digits` finds "0" in
+/// "a0" and in "c0".
+const MIN_NEW_RULE_VALUE: usize = 3;
+
+/// [`agrees`], for a new rule: the agreeing value at least [`MIN_NEW_RULE_VALUE`] characters.
+fn agrees_enough(metadata: &Map<String, Value>, path: &[String], raw: Option<&str>, n: Option<Normalizer>) -> bool {
+    agrees(metadata, path, raw, n)
+        && raw.and_then(|r| normalize(n, r)).is_some_and(|v| v.chars().count() >= MIN_NEW_RULE_VALUE)
+}
+
 /// How far (microseconds) a positive's time lies before its call's start and after its end.
 fn gaps(evidence: &Evidence, p: &Positive) -> (i64, i64) {
     match p.kind {
@@ -206,7 +216,7 @@ fn new_rules(job: &Job, evidence: &Evidence, min_support: usize) -> Vec<Candidat
                 }
                 let raw = target_raw(evidence, p, &field);
                 for (o, n) in options.iter().enumerate() {
-                    if agrees(&p.metadata, &path, raw, *n) {
+                    if agrees_enough(&p.metadata, &path, raw, *n) {
                         let per = agreeing
                             .entry((calls, path.clone(), column))
                             .or_insert_with(|| vec![Vec::new(); options.len()]);
