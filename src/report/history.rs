@@ -32,6 +32,16 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
             s.manual, s.dismissed
         );
     }
+    if let Some(g) = &report.suggested {
+        let _ = writeln!(
+            out,
+            "  suggest   {:>6} rule change{} without conflicts would match up to {} more events: `{}`",
+            g.changes,
+            if g.changes == 1 { "" } else { "s" },
+            g.matched_more,
+            g.command
+        );
+    }
     if let Some(d) = &report.diff {
         let _ = writeln!(
             out,

@@ -54,6 +54,19 @@ pub struct Report {
     /// [`manual::LISTED`]; `summary.manual` counts them all).
     #[serde(default)]
     pub manual: Vec<manual::ManualDecision>,
+    /// Rule changes without conflicts `callrecon suggest` finds, when analysts decided events by
+    /// hand since the job's previous run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggested: Option<Suggested>,
+}
+
+/// The report's line about suggested rule changes: how many without conflicts, the most events
+/// one of them would match more (they often match the same ones), and the command listing them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Suggested {
+    pub changes: u64,
+    pub matched_more: u64,
+    pub command: String,
 }
 
 /// Skipped events an undo's report lists (it counts them all).
@@ -270,6 +283,9 @@ fn write_json(report: &Report, partial: &Path) -> Result<()> {
     }
     w.write_all(if report.rejected.is_empty() { b"],\n" } else { b"\n  ],\n" })?;
     field(&mut w, "manual", &report.manual)?;
+    if let Some(suggested) = &report.suggested {
+        field(&mut w, "suggested", suggested)?;
+    }
     if let Some(undo) = &report.undo {
         field(&mut w, "undo", undo)?;
     }

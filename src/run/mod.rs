@@ -461,6 +461,12 @@ impl Run<'_> {
         let dismissed = ledger::count_dismissed(conn, &job.name).await?;
         let since = record::previous_start(conn, &job.name, self.run_id).await?;
         let (manual_total, manual) = report::manual::since(conn, &job.name, since).await?;
+        // Only when analysts decided something since the previous run: otherwise nothing new to
+        // learn from, and the nightly does no more work.
+        let suggested = match mode {
+            Mode::Run if manual_total > 0 => self.suggested(conn).await,
+            _ => None,
+        };
         let summary = Summary {
             dismissed,
             manual: manual_total,
@@ -494,7 +500,44 @@ impl Run<'_> {
             diff,
             undo: None,
             manual,
+            suggested,
         })
+    }
+
+    /// The report's line about rule changes without conflicts, from `suggest` run inside the
+    /// run's transaction (so on its decisions), in a savepoint: a failure is logged and leaves
+    /// the line out, never the run.
+    async fn suggested(&self, conn: &mut PgConnection) -> Option<report::Suggested> {
+        let t = std::time::Instant::now();
+        let found = async {
+            let mut savepoint = sqlx::Connection::begin(&mut *conn).await?;
+            let found =
+                crate::suggest::on(&mut savepoint, self.job, Default::default(), crate::suggest::MIN_SUPPORT).await;
+            savepoint.rollback().await?;
+            found
+        }
+        .await;
+        let elapsed_ms = t.elapsed().as_millis() as u64;
+        match found {
+            Ok(found) => {
+                let free: Vec<_> = found.suggestions.iter().filter(|s| s.simulated.conflicts == 0).collect();
+                tracing::info!(
+                    suggestions = found.suggestions.len(),
+                    conflict_free = free.len(),
+                    elapsed_ms,
+                    "rule changes suggested"
+                );
+                (!free.is_empty()).then(|| report::Suggested {
+                    changes: free.len() as u64,
+                    matched_more: free.iter().map(|s| s.simulated.matched_more).max().unwrap_or(0),
+                    command: format!("callrecon suggest --job {}", self.job.path.display()),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::db::error_line(&e), elapsed_ms, "rule changes could not be suggested; the run goes on");
+                None
+            }
+        }
     }
 
     /// Writes the report of a committed (or dry) run, records its end, prunes old reports and

@@ -297,6 +297,27 @@ async fn nearest_is_suggested_when_the_analysts_always_took_the_nearest_tied_cal
     assert_eq!(nearest.simulated.ambiguous_more, 0);
 }
 
+/// A run after analysts decided events by hand says that conflict-free changes exist; a run
+/// after none does not look.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_run_after_manual_decisions_reports_the_conflict_free_suggestions(pool: PgPool) {
+    let job = dotted_phones_and_late_callbacks(&pool).await;
+    let done = job.run(&pool).await;
+    let suggested = done.report.suggested.clone().expect("a line about suggestions");
+    assert_eq!((suggested.changes, suggested.matched_more), (4, 4), "{suggested:?}");
+    let text = callrecon::report::history::summary_text(&done.report, &done.dir);
+    assert!(
+        text.contains(
+            "suggest        4 rule changes without conflicts would match up to 4 more events: `callrecon suggest --job"
+        ),
+        "{text}"
+    );
+    let json: Value = serde_json::from_slice(&std::fs::read(done.dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["suggested"]["changes"], 4);
+    let again = job.run(&pool).await;
+    assert_eq!(again.report.suggested, None, "no manual decision since the previous run");
+}
+
 /// The contract's JSON shape, `--min-support`, and the text a person reads, through the binary.
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn suggest_prints_the_contracts_json_and_honours_min_support(pool: PgPool) {
