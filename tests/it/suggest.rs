@@ -96,7 +96,7 @@ async fn unmatched(pool: &PgPool) -> BTreeSet<i64> {
 /// The scenario: a feed whose phones come as 555.123.00ii (the rule compares raw), and
 /// callbacks 20½-31½ minutes after the call (the window says 10). Analysts attach a dozen of each;
 /// four more of each wait; four events match today.
-async fn dotted_phones_and_late_callbacks(pool: &PgPool) -> TestJob {
+pub(crate) async fn dotted_phones_and_late_callbacks(pool: &PgPool) -> TestJob {
     for i in 0..36 {
         call(pool, i).await;
     }
