@@ -30,6 +30,7 @@ mod schedule;
 mod sdk;
 mod serve;
 mod servers;
+mod spreadsheet;
 mod suggest;
 mod tidy;
 mod tls;

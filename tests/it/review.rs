@@ -794,14 +794,22 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body).await.unwrap_or_else(|v| panic!("WebDriver {path}: {v}"))
+    }
+
+    /// A WebDriver command, its error returned rather than failed on (an element read while the
+    /// page navigates away is "stale": the waits below look again).
+    async fn try_call(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, Value> {
         let mut req = self.http.request(method, format!("{}{path}", self.session));
         if !body.is_null() {
             req = req.json(&body);
         }
         let resp = req.send().await.unwrap();
         let v: Value = resp.json().await.unwrap();
-        assert!(v["value"].get("error").is_none(), "WebDriver {path}: {v}");
-        v["value"].clone()
+        match v["value"].get("error") {
+            None => Ok(v["value"].clone()),
+            Some(_) => Err(v),
+        }
     }
 
     async fn go(&self, url: &str) {
@@ -841,8 +849,14 @@ impl Browser {
     }
 
     async fn text(&self, css: &str) -> String {
-        let e = self.find(css).await;
-        self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await.as_str().unwrap().to_owned()
+        for _ in 0..100 {
+            let e = self.find(css).await;
+            if let Ok(v) = self.try_call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await {
+                return v.as_str().unwrap().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{css} kept going stale on {}", self.url().await);
     }
 
     /// Presses keys on the page (the keyboard shortcuts).
@@ -870,9 +884,9 @@ impl Browser {
     async fn wait_text(&self, css: &str, part: &str) -> String {
         for _ in 0..100 {
             if let Some(e) = self.find_all(css).await.into_iter().next() {
-                let text = self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await;
-                if text.as_str().is_some_and(|t| t.contains(part)) {
-                    return text.as_str().unwrap().to_owned();
+                let text = self.try_call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await;
+                if let Some(t) = text.as_ref().ok().and_then(Value::as_str).filter(|t| t.contains(part)) {
+                    return t.to_owned();
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
