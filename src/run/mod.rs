@@ -511,8 +511,14 @@ impl Run<'_> {
         let t = std::time::Instant::now();
         let found = async {
             let mut savepoint = sqlx::Connection::begin(&mut *conn).await?;
-            let found =
-                crate::suggest::on(&mut savepoint, self.job, Default::default(), crate::suggest::MIN_SUPPORT).await;
+            let found = crate::suggest::on(
+                &mut savepoint,
+                self.job,
+                Default::default(),
+                crate::suggest::MIN_SUPPORT,
+                &self.tuning,
+            )
+            .await;
             savepoint.rollback().await?;
             found
         }

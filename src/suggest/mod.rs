@@ -87,17 +87,23 @@ struct Built {
 /// events they would match more.
 pub async fn suggest(pool: &PgPool, job: &Job, scope: Scope, min_support: usize) -> Result<Suggestions> {
     let mut tx = crate::db::begin(pool).await.context("starting a read-only transaction")?;
-    let found = on(&mut tx, job, scope, min_support).await;
+    let found = on(&mut tx, job, scope, min_support, &Tuning::from_env()).await;
     tx.rollback().await.ok();
     found
 }
 
 /// [`suggest`] on a connection (inside a run's transaction, its decisions too).
-pub async fn on(conn: &mut sqlx::PgConnection, job: &Job, scope: Scope, min_support: usize) -> Result<Suggestions> {
+pub async fn on(
+    conn: &mut sqlx::PgConnection,
+    job: &Job,
+    scope: Scope,
+    min_support: usize,
+    tuning: &Tuning,
+) -> Result<Suggestions> {
     let (original, built) = candidates_of(conn, job, scope, min_support).await?;
     drop(original);
     let jobs: Vec<Job> = built.iter().map(|b| b.job.clone()).collect();
-    let outcomes = simulate::simulate(conn, job, &jobs, scope, &Tuning::from_env()).await?;
+    let outcomes = simulate::simulate(conn, job, &jobs, scope, tuning).await?;
     let mut suggestions: Vec<Suggestion> = built
         .into_iter()
         .zip(outcomes)
