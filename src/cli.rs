@@ -213,6 +213,7 @@ pub enum Command {
         /// Suggest a change only when at least this many manual attaches would have been made by it.
         #[arg(long, value_name = "N", default_value_t = crate::suggest::MIN_SUPPORT as u64, value_parser = clap::value_parser!(u64).range(1..))]
         min_support: u64,
+        /// `text` for a person; `json` for tools, in the contract's shape.
         #[arg(long, value_enum, default_value_t = HistoryFormat::Text)]
         format: HistoryFormat,
         /// Print the job file's diff for suggestion ID (its id in the list).
