@@ -8,6 +8,7 @@ mod cli;
 mod connections;
 mod crash;
 mod demo;
+mod desk;
 mod docs;
 mod footprint;
 mod fuzz;

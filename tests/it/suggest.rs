@@ -61,7 +61,7 @@ async fn decide(pool: &PgPool, job: &TestJob, decisions: &[(String, To)]) {
     for (tag, to) in decisions {
         let event_id = id_of(pool, tag).await;
         let note = (*to == To::Dismiss).then(|| "a test call".to_owned());
-        requests.push(Request { line: None, event_id, to: to.clone(), note, reported_reason: None });
+        requests.push(Request { line: None, event_id, to: to.clone(), note, reported_reason: None, seen: None });
     }
     callrecon::resolve::resolve(pool, &job.job, &requests, "alice", false).await.unwrap();
 }
