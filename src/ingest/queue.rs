@@ -66,7 +66,9 @@ pub fn parse(rows: Rows, tz: Tz) -> Drained {
         // The column is jsonb: its text always parses.
         let parsed = serde_json::from_str::<Value>(&text).map_err(|e| format!("payload is not JSON: {e}"));
         match parsed.and_then(|payload| event::parse(&payload, tz)) {
-            Ok(event) => out.events.push(NewEvent { source, event, received_at }),
+            Ok(event) => {
+                out.events.push(NewEvent { source, digest: super::dedupe::digest(&event), event, received_at })
+            }
             Err(reason) => out.rejected.push(Rejected::new(source, reason, text)),
         }
     }

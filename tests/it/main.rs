@@ -9,6 +9,7 @@ mod connections;
 mod crash;
 mod demo;
 mod docs;
+mod feeds;
 mod footprint;
 mod fuzz;
 mod helpers;
