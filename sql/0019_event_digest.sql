@@ -4,12 +4,16 @@
 -- for new events (`ingest::dedupe::digest`) and here, by the same definition, for the events
 -- stored before this migration; a test checks the two agree.
 --
--- The canonical text is the jsonb text of [kind, id, EventTime, Metadata]: kind 's' (SessionId),
--- 'm' (MasterId) or '' (sessionless), the id or null, the instant in UTC to the microsecond, and
--- Metadata as PostgreSQL prints jsonb (keys by length then bytes, numbers as numeric keeps them).
-create function callrecon_event_digest(session_id text, master_id text, event_time timestamptz, metadata jsonb)
+-- The canonical text is the jsonb text of [job, kind, id, EventTime, Metadata]: the job's name,
+-- kind 's' (SessionId), 'm' (MasterId) or '' (sessionless), the id or null, the instant in UTC to
+-- the microsecond, and Metadata as PostgreSQL prints jsonb (keys by length then bytes, numbers as
+-- numeric keeps them). The job is part of it, so the index on the digest alone is unique per job
+-- and a lookup by digest can only be an index search, whatever the table's statistics say.
+create function callrecon_event_digest(job text, session_id text, master_id text, event_time timestamptz,
+                                       metadata jsonb)
 returns bytea language sql immutable parallel safe as $$
     select substring(sha256(convert_to(jsonb_build_array(
+        job,
         case when session_id is not null then 's' when master_id is not null then 'm' else '' end,
         coalesce(session_id, master_id),
         to_char(event_time at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
@@ -22,11 +26,11 @@ alter table events add column digest bytea;
 -- than once (duplicates were stored until now): they keep a null digest and stay as they are
 -- (their decisions and history too); the first copy stands for them.
 with digests as (
-    select id, job, callrecon_event_digest(session_id, master_id, event_time, metadata) as digest
+    select id, callrecon_event_digest(job, session_id, master_id, event_time, metadata) as digest
     from events
 ), firsts as (
-    select distinct on (job, digest) id, digest from digests order by job, digest, id
+    select distinct on (digest) id, digest from digests order by digest, id
 )
 update events set digest = firsts.digest from firsts where events.id = firsts.id;
 
-create unique index events_digest_idx on events (job, digest) where digest is not null;
+create unique index events_digest_idx on events (digest) where digest is not null;

@@ -5,7 +5,8 @@
 //! the same Metadata as the job holds it: jsonb, so key order aside, strings as the characters
 //! they escape, numbers as `numeric` keeps them (`1.50` is not `1.5`). [`digest`] hashes the
 //! event's canonical text, which is exactly what migration 0019's `callrecon_event_digest`
-//! computes from a stored row; `events_digest_idx`, unique per job, finds the events held.
+//! computes from a stored row; `events_digest_idx` (unique: the job is part of the digest) finds
+//! the events held.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -19,9 +20,10 @@ use crate::event::{Event, NewEvent};
 /// The first 16 bytes of the SHA-256 of an event's canonical text.
 pub type Digest = [u8; 16];
 
-/// The event's digest: the SHA-256 of the jsonb text of `[kind, id, EventTime, Metadata]`
-/// (kind `"s"`, `"m"` or `""`; the instant in UTC to the microsecond, as stored), cut to 16 bytes.
-pub fn digest(event: &Event) -> Digest {
+/// The digest of `job`'s event: the SHA-256 of the jsonb text of `[job, kind, id, EventTime,
+/// Metadata]` (kind `"s"`, `"m"` or `""`; the instant in UTC to the microsecond, as stored), cut
+/// to 16 bytes.
+pub fn digest(job: &str, event: &Event) -> Digest {
     let (kind, id) = match (&event.session_id, &event.master_id) {
         (Some(s), _) => ("s", Some(s)),
         (None, Some(m)) => ("m", Some(m)),
@@ -29,6 +31,8 @@ pub fn digest(event: &Event) -> Digest {
     };
     let mut text = String::with_capacity(96);
     text.push('[');
+    push_string(&mut text, job);
+    text.push_str(", ");
     push_string(&mut text, kind);
     text.push_str(", ");
     match id {
@@ -68,12 +72,7 @@ impl Dedupe {
     /// The events of `events` that are new to the job, in their order: not seen earlier in this
     /// run, and not among the job's stored events (by `events_digest_idx`). The others are
     /// counted by source and dropped.
-    pub async fn keep_new(
-        &mut self,
-        conn: &mut PgConnection,
-        job: &str,
-        events: Vec<NewEvent>,
-    ) -> Result<Vec<NewEvent>> {
+    pub async fn keep_new(&mut self, conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<Vec<NewEvent>> {
         let mut fresh = Vec::with_capacity(events.len());
         for e in events {
             if self.seen.insert(e.digest) {
@@ -85,13 +84,7 @@ impl Dedupe {
         if fresh.is_empty() {
             return Ok(fresh);
         }
-        let digests: Vec<&[u8]> = fresh.iter().map(|e| &e.digest[..]).collect();
-        let held: Vec<Vec<u8>> = sqlx::query_scalar("select digest from events where job = $1 and digest = any($2)")
-            .bind(job)
-            .bind(&digests)
-            .fetch_all(&mut *conn)
-            .await
-            .context("looking up the events the job already holds")?;
+        let held = held(conn, &fresh).await.context("looking up the events the job already holds")?;
         if held.is_empty() {
             return Ok(fresh);
         }
@@ -111,6 +104,25 @@ impl Dedupe {
     fn count(&mut self, source: &str) {
         *self.by_source.entry(source_of(source).to_owned()).or_default() += 1;
     }
+}
+
+/// The digests of `events` the job holds (the job is part of each), searched in
+/// `events_digest_idx`.
+///
+/// The planner is told not to scan the table: without statistics on `digest` (a new table, or
+/// the events this run stored) it takes a batch's thousands of values to match most rows and
+/// would read the whole table for every batch, which grows with the table. Scoped to the
+/// transaction and reset afterwards, as `db::with_index_probes` does.
+async fn held(conn: &mut PgConnection, events: &[NewEvent]) -> sqlx::Result<Vec<Vec<u8>>> {
+    let digests: Vec<&[u8]> = events.iter().map(|e| &e.digest[..]).collect();
+    sqlx::query("set local enable_seqscan = off").execute(&mut *conn).await?;
+    // On error the transaction is aborted (and the setting dies with it): report that error.
+    let held = sqlx::query_scalar("select digest from events where digest = any($1)")
+        .bind(&digests)
+        .fetch_all(&mut *conn)
+        .await?;
+    sqlx::query("reset enable_seqscan").execute(&mut *conn).await?;
+    Ok(held)
 }
 
 /// A record's source without its position: `queue:42` → `queue`, `inbox/a.ndjson:17` →
@@ -140,12 +152,19 @@ mod tests {
     #[test]
     fn the_address_kind_time_instant_and_metadata_make_the_digest() {
         let t = "2018-10-15T09:00:00Z";
-        let a = digest(&event(Some("x"), None, t, json!({"a": 1, "b": "2"})));
-        assert_eq!(a, digest(&event(Some("x"), None, "2018-10-15T05:00:00-04:00", json!({"b": "2", "a": 1}))));
-        assert_ne!(a, digest(&event(None, Some("x"), t, json!({"a": 1, "b": "2"}))));
-        assert_ne!(a, digest(&event(None, None, t, json!({"a": 1, "b": "2"}))));
-        assert_ne!(a, digest(&event(Some("x"), None, "2018-10-15T09:00:00.001Z", json!({"a": 1, "b": "2"}))));
-        assert_ne!(a, digest(&event(Some("x"), None, t, json!({"a": "1", "b": "2"}))));
+        let a = digest("nightly", &event(Some("x"), None, t, json!({"a": 1, "b": "2"})));
+        assert_eq!(
+            a,
+            digest("nightly", &event(Some("x"), None, "2018-10-15T05:00:00-04:00", json!({"b": "2", "a": 1})))
+        );
+        assert_ne!(a, digest("nightly", &event(None, Some("x"), t, json!({"a": 1, "b": "2"}))));
+        assert_ne!(a, digest("nightly", &event(None, None, t, json!({"a": 1, "b": "2"}))));
+        assert_ne!(a, digest("weekly", &event(Some("x"), None, t, json!({"a": 1, "b": "2"}))));
+        assert_ne!(
+            a,
+            digest("nightly", &event(Some("x"), None, "2018-10-15T09:00:00.001Z", json!({"a": 1, "b": "2"})))
+        );
+        assert_ne!(a, digest("nightly", &event(Some("x"), None, t, json!({"a": "1", "b": "2"}))));
     }
 
     #[test]

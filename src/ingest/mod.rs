@@ -123,10 +123,11 @@ async fn drain_queue(
     let pb = progress::spinner("queue", "events");
     let (mut valid, mut rejected) = (0, 0);
     if let Some(max_id) = queue::last_id(conn).await? {
-        let tz = job.timezone;
+        let (tz, name) = (job.timezone, job.name.clone());
         let mut rows = queue::take(conn, max_id).await?;
         while !rows.is_empty() {
-            let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, tz));
+            let name = name.clone();
+            let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, &name, tz));
             let next = queue::take(conn, max_id).await;
             let batch = parsing.await.context("parsing queued events")?;
             // A failed take aborts the transaction: report it, not the next statement's
@@ -135,7 +136,7 @@ async fn drain_queue(
             pb.inc(batch.taken() as u64);
             rejected += batch.rejected.len();
             out.rejected.extend(batch.rejected);
-            let events = dedupe.keep_new(conn, &job.name, batch.events).await?;
+            let events = dedupe.keep_new(conn, batch.events).await?;
             valid += events.len();
             arrivals.add(conn, events).await?;
         }
@@ -250,16 +251,19 @@ async fn read_inbox(
                 Err(_) => {}
             }
             match r.payload.and_then(|p| event::parse(&p, job.timezone)) {
-                Ok(event) => {
-                    events.push(NewEvent { source: r.source, digest: dedupe::digest(&event), event, received_at: now })
-                }
+                Ok(event) => events.push(NewEvent {
+                    source: r.source,
+                    digest: dedupe::digest(&job.name, &event),
+                    event,
+                    received_at: now,
+                }),
                 Err(reason) => {
                     entry.rejected += 1;
                     out.rejected.push(Rejected::new(r.source, reason, r.raw));
                 }
             }
             if events.len() >= INBOX_BATCH {
-                let events = dedupe.keep_new(conn, &job.name, std::mem::take(&mut events)).await?;
+                let events = dedupe.keep_new(conn, std::mem::take(&mut events)).await?;
                 entry.events += events.len() as u64;
                 arrivals.add(conn, events).await?;
             }
@@ -275,7 +279,7 @@ async fn read_inbox(
             out.files.push((path, entry));
             continue;
         }
-        let events = dedupe.keep_new(conn, &job.name, events).await?;
+        let events = dedupe.keep_new(conn, events).await?;
         entry.events += events.len() as u64;
         entry.duplicates = dedupe.by_source.get(&label).copied().unwrap_or(0);
         arrivals.add(conn, events).await?;

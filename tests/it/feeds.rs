@@ -287,7 +287,7 @@ async fn digests_made_on_ingest_agree_with_the_migrations_definition(pool: PgPoo
     let disagree = count(
         &pool,
         "select count(*) from events
-         where digest is distinct from callrecon_event_digest(session_id, master_id, event_time, metadata)",
+         where digest is distinct from callrecon_event_digest(job, session_id, master_id, event_time, metadata)",
     )
     .await;
     assert_eq!(disagree, 0);
