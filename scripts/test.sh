@@ -23,8 +23,22 @@ if [ ! -x /usr/sbin/pgbouncer ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
   $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends pgbouncer >&2
 fi
+# The spreadsheet round trip is tested in LibreOffice Calc, headless (Debian's libreoffice-calc-nogui).
+if ! command -v soffice >/dev/null; then
+  echo "test.sh: installing Debian's libreoffice-calc-nogui for the spreadsheet round trip" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends libreoffice-calc-nogui >&2
+fi
 # The OpenAPI document is checked with schemathesis (PyPI) against a live server: installed into a
 # virtualenv under the cache dir once (the test runs this script itself too).
 bash scripts/schemathesis.sh >/dev/null
+# The desk's pages are checked with axe-core (npm) in the browser: installed under the cache dir
+# once (the test runs this script itself too); npm from Debian's package.
+if ! command -v npm >/dev/null; then
+  echo "test.sh: installing Debian's npm for axe-core (the desk's accessibility checks)" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm >&2
+fi
+bash scripts/axe.sh >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/callrecon-target}"
 cargo test --all-targets "$@"

@@ -348,7 +348,7 @@ pub fn grants(s: &Schemas, role: &str) -> String {
 }
 
 /// callrecon's own tables (those of migrations 0001-0009, moved to its schema by 0010, and later ones).
-pub const OWN_TABLES: [&str; 11] = [
+pub const OWN_TABLES: [&str; 12] = [
     "runs",
     "inbox_files",
     "events",
@@ -363,6 +363,8 @@ pub const OWN_TABLES: [&str; 11] = [
     "review_sessions",
     // 0018
     "installation_keys",
+    // 0020
+    "review_claims",
 ];
 
 /// The URL a connection failed with (without its password), and how to give another: a role or

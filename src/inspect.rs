@@ -286,9 +286,12 @@ fn stored_line(e: &StoredEvent) -> String {
     }
 }
 
-/// The targets none of the explanation's anchors shows, per rule: those sharing some of its keys
-/// but not all, calls sharing every key outside the window (by how much), and the candidates of
-/// an ambiguous tie. At most [`NEAR_MISSES`] of each kind per rule, the nearest in time first.
+/// The targets none of the explanation's anchors shows, per rule: calls sharing every key outside
+/// the window (by how much), those sharing some of its keys but not all, and the candidates of an
+/// ambiguous tie. Ranked by how close they came: every key before some (so a target sharing the
+/// rule's full key set is never outranked by one that does not), then fewer keys differing, then
+/// the distance of the event from the target's window. At most [`NEAR_MISSES`] of each kind per
+/// rule.
 pub fn near_misses(
     rules: &[Rule],
     time: i64,
@@ -304,9 +307,12 @@ pub fn near_misses(
             Target::CallGroup => (groups, TargetKind::CallGroup),
         };
         let values: Vec<Option<String>> = rule.keys.iter().map(|k| event_key(metadata, k)).collect();
-        // Distance in time of a target from the event (0 for groups).
+        // Distance in time of the event from a target's window (0 for groups, and inside it).
         let distance = |row: usize| match rule.target {
-            Target::Call { .. } => (targets.start[row] - time).max(time - targets.end[row]).max(0),
+            Target::Call { before, after } => {
+                let (opens, closes) = (targets.start[row] - micros(before), targets.end[row] + micros(after));
+                (opens - time).max(time - closes).max(0)
+            }
             Target::CallGroup => 0,
         };
         let mut some = Vec::new();
@@ -327,15 +333,23 @@ pub fn near_misses(
                 continue;
             }
             if !differing.is_empty() {
-                some.push((distance(row), row, Near::SomeKeys { equal, differing }));
+                some.push(((differing.len(), distance(row)), row, Near::SomeKeys { equal, differing }));
             } else if let Target::Call { before, after } = rule.target {
                 let (s, e) = (targets.start[row], targets.end[row]);
                 let opens = s - micros(before);
                 let closes = e + micros(after);
                 if time < opens {
-                    outside.push((distance(row), row, Near::OutsideWindow { by_secs: (time - opens) / 1_000_000 }));
+                    outside.push((
+                        (0, distance(row)),
+                        row,
+                        Near::OutsideWindow { by_secs: (time - opens) / 1_000_000 },
+                    ));
                 } else if time > closes {
-                    outside.push((distance(row), row, Near::OutsideWindow { by_secs: (time - closes) / 1_000_000 }));
+                    outside.push((
+                        (0, distance(row)),
+                        row,
+                        Near::OutsideWindow { by_secs: (time - closes) / 1_000_000 },
+                    ));
                 }
             }
         }
@@ -407,6 +421,7 @@ dir = "r"
             ("early", 45, 50, "5551230000", "a1"),
             ("stranger", 0, 10, "5559999999", "a9"),
             ("far-other-agent", 600, 610, "5551230000", "a3"),
+            ("a-day-late", -1400, -1390, "5551230000", "a1"),
         ]);
         let metadata: Map<String, Value> = serde_json::from_str(r#"{"phone": "555-123-0000", "agent": "a1"}"#).unwrap();
         let time = 5 * 60_000_000;
@@ -425,6 +440,9 @@ dir = "r"
                 // `late`'s closed (-40 + 10).
                 ("early", &Near::OutsideWindow { by_secs: -30 * 60 }),
                 ("late", &Near::OutsideWindow { by_secs: 35 * 60 }),
+                // Issue 42: a day away but sharing every key, it still ranks above a call
+                // sharing only some keys in the window.
+                ("a-day-late", &Near::OutsideWindow { by_secs: 1385 * 60 }),
                 ("other-agent", &some("a2")),
                 ("far-other-agent", &some("a3")),
                 // Both in the window, both 0 away: a tie.

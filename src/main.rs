@@ -165,7 +165,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 (Some(file), _, _) => resolve::read_file(&file)?,
                 (None, Some(event_id), Some(to)) => {
                     let to = to.parse().map_err(|e| anyhow::anyhow!("--to {e}"))?;
-                    vec![resolve::Request { line: None, event_id, to, note, reported_reason: None }]
+                    vec![resolve::Request { line: None, event_id, to, note, reported_reason: None, seen: None }]
                 }
                 _ => anyhow::bail!("give EVENT_ID and --to, or --file"),
             };
@@ -175,8 +175,14 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Reopen { event_id, note, by, .. } => {
             let job = job.expect("loaded above");
             let by = who(by);
-            let requests =
-                [resolve::Request { line: None, event_id, to: resolve::To::Reopen, note, reported_reason: None }];
+            let requests = [resolve::Request {
+                line: None,
+                event_id,
+                to: resolve::To::Reopen,
+                note,
+                reported_reason: None,
+                seen: None,
+            }];
             print!("{}", resolve::text(&resolve::resolve(&pool, &job, &requests, &by, false).await?, false));
         }
         Command::History { event_id, format } => {

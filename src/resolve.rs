@@ -63,6 +63,9 @@ pub struct Request {
     pub note: Option<String>,
     /// From a report's CSV: the reason the report gave; refused if the event changed since.
     pub reported_reason: Option<String>,
+    /// From the review desk: the event's decision as its page showed it (`Decided::describe`);
+    /// refused if it changed since, so that one analyst never overwrites another unseen.
+    pub seen: Option<String>,
 }
 
 /// A decision made (or, dry, that would be).
@@ -135,6 +138,14 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
                 problems.push(format!("{}: decided since the report was written (now {})", where_(r), now.describe()));
                 continue;
             }
+        }
+        if let Some(seen) = r.seen.as_deref().filter(|seen| *seen != now.describe()) {
+            problems.push(format!(
+                "{}: changed since its page was loaded (it showed {seen}; now {}): nothing was overwritten",
+                where_(r),
+                now.describe()
+            ));
+            continue;
         }
         let note = r.note.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned);
         let after = match &r.to {
@@ -296,6 +307,7 @@ pub fn read_file(path: &Path) -> Result<Vec<Request>> {
             to,
             note: cell(note_col).filter(|n| !n.is_empty()),
             reported_reason: cell(reason_col).filter(|r| !r.is_empty()),
+            seen: None,
         });
     }
     if !problems.is_empty() {

@@ -259,9 +259,15 @@ const FIXED: [&str; 13] = [
     "metadata",
 ];
 
-/// The header: the fixed columns, then one per metadata key, named by the key (`metadata.KEY`
-/// for a key named like a fixed column, say `note`, so each name is one column).
-pub fn write_csv_header(out: impl Write, keys: &[String]) -> Result<()> {
+/// The byte-order mark the file starts with: a spreadsheet opened by a double click (Excel)
+/// reads the file as UTF-8 only when it is there, and shows `Müller` as it is.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The byte-order mark, then the header: the fixed columns, then one per metadata key, named by
+/// the key (`metadata.KEY` for a key named like a fixed column, say `note`, so each name is one
+/// column).
+pub fn write_csv_header(mut out: impl Write, keys: &[String]) -> Result<()> {
+    out.write_all(UTF8_BOM)?;
     let mut w = csv::Writer::from_writer(out);
     let key_columns =
         keys.iter().map(|k| if FIXED.contains(&k.as_str()) { format!("metadata.{k}") } else { k.clone() });

@@ -19,7 +19,7 @@
 //!
 //! **Architecture invariant:** the API never writes anything but `event_queue` and its own
 //! `api_*` tables, and a 200 means the event's transaction has committed; the review desk writes
-//! `review_sessions`, and decisions only through `resolve`. Bearer tokens open no review page,
+//! `review_sessions` and `review_claims`, and decisions only through `resolve`. Bearer tokens open no review page,
 //! and an analyst's session posts no event. Every connection is served by [`crate::http`], so
 //! every wait on a client is bounded; every wait on the database is bounded too (an event's by
 //! `--request-timeout`).

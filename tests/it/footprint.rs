@@ -66,7 +66,7 @@ async fn objects(pool: &PgPool, schema: &str) -> Vec<String> {
     all
 }
 
-const OWN_OBJECTS: [&str; 21] = [
+const OWN_OBJECTS: [&str; 22] = [
     "_sqlx_migrations",
     "api_idempotency",
     "api_tokens",
@@ -80,6 +80,7 @@ const OWN_OBJECTS: [&str; 21] = [
     "events_id_seq",
     "inbox_files",
     "installation_keys",
+    "review_claims",
     "review_sessions",
     "runs",
     "runs_id_seq",

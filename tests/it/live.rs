@@ -176,7 +176,17 @@ async fn triggers_wait_out_a_long_transaction_without_holding_up_the_platforms_i
     let writing = writer(&pool, &stop, Duration::from_millis(500));
     let url = database_url(&pool).await;
     let migrating = tokio::spawn(async move { callrecon_url(&url, &["migrate"], &[OWN_SCHEMA]).await });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Until migrate has asked for its lock (however long a loaded machine takes to start it),
+    // then a second more: it steps back and tries again while the long transaction lasts.
+    let asked = "select exists (select from pg_locks l join pg_stat_activity a using (pid) \
+                 where not l.granted and a.application_name = 'callrecon' and a.datname = current_database())";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sqlx::query_scalar::<_, bool>(asked).fetch_one(&pool).await.unwrap() {
+        assert!(!migrating.is_finished(), "migrate finished without waiting for the long transaction");
+        assert!(Instant::now() < deadline, "migrate never asked for a lock within 60 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!migrating.is_finished(), "migrate waits for the long transaction");
     long.commit().await.unwrap();
     let out = tokio::time::timeout(Duration::from_secs(60), migrating).await.unwrap().unwrap();

@@ -255,7 +255,7 @@ fn as_spreadsheet_saves_it(csv_path: &std::path::Path, fill: &[(i64, &str, &str)
 async fn the_unmatched_csv_comes_back_from_a_spreadsheet_and_decides_its_filled_rows(pool: PgPool) {
     let (job, [one, two, three], csv_path) = a_morning(&pool).await;
     let header = std::fs::read_to_string(&csv_path).unwrap();
-    assert!(header.starts_with("event_id,resolve_to,note,"), "{header}");
+    assert!(header.starts_with("\u{feff}event_id,resolve_to,note,"), "a byte-order mark, then the header: {header}");
     let edited = as_spreadsheet_saves_it(
         &csv_path,
         &[(one, "call:c1", "'=found it"), (two, "dismiss", "test call"), (three, "", "")],

@@ -15,17 +15,17 @@ use tokio::sync::oneshot;
 
 use crate::helpers::*;
 
-const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
+pub(crate) const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
 
 /// The desk in-process on a free port, with `job`'s file; stopped when dropped.
-struct Desk {
-    base: String,
-    http: reqwest::Client,
+pub(crate) struct Desk {
+    pub(crate) base: String,
+    pub(crate) http: reqwest::Client,
     _stop: oneshot::Sender<()>,
 }
 
 impl Desk {
-    async fn start(pool: &PgPool, job: &TestJob, session_ttl: Duration) -> Desk {
+    pub(crate) async fn start(pool: &PgPool, job: &TestJob, session_ttl: Duration) -> Desk {
         let args = ServeArgs {
             writers: 1,
             review: ReviewArgs { jobs: vec![job.path()], session_ttl, secure_cookies: false },
@@ -51,7 +51,7 @@ impl Desk {
         Desk { base, http, _stop: stop }
     }
 
-    async fn get(&self, path: &str, cookie: Option<&str>) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str, cookie: Option<&str>) -> reqwest::Response {
         let mut req = self.http.get(format!("{}{path}", self.base));
         if let Some(c) = cookie {
             req = req.header(COOKIE, c);
@@ -59,7 +59,7 @@ impl Desk {
         req.send().await.unwrap()
     }
 
-    async fn post(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> reqwest::Response {
         let mut req = self.http.post(format!("{}{path}", self.base)).form(form);
         if let Some(c) = cookie {
             req = req.header(COOKIE, c);
@@ -68,7 +68,7 @@ impl Desk {
     }
 
     /// Signs in; the session cookie (`name=value`), or the refusing response's status.
-    async fn sign_in(&self, name: &str, secret: &str) -> Result<String, StatusCode> {
+    pub(crate) async fn sign_in(&self, name: &str, secret: &str) -> Result<String, StatusCode> {
         let page = self.get("/review/login", None).await;
         let login_cookie = cookie_of(&page, "callrecon_login").unwrap();
         let csrf = csrf_in(&page.text().await.unwrap());
@@ -89,14 +89,14 @@ impl Desk {
     }
 
     /// A page's CSRF token for the session `cookie`.
-    async fn csrf(&self, cookie: &str) -> String {
+    pub(crate) async fn csrf(&self, cookie: &str) -> String {
         let resp = self.get("/review", Some(cookie)).await;
         assert_eq!(resp.status(), StatusCode::OK);
         csrf_in(&resp.text().await.unwrap())
     }
 
     /// The ids of the queue's rows at `path`, and the link to the next page.
-    async fn queue(&self, path: &str, cookie: &str) -> (Vec<i64>, Option<String>) {
+    pub(crate) async fn queue(&self, path: &str, cookie: &str) -> (Vec<i64>, Option<String>) {
         let resp = self.get(path, Some(cookie)).await;
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         let html = resp.text().await.unwrap();
@@ -107,7 +107,7 @@ impl Desk {
 }
 
 /// `name=value` of the cookie `name` the response sets (value empty when it deletes it).
-fn cookie_of(resp: &reqwest::Response, name: &str) -> Option<String> {
+pub(crate) fn cookie_of(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers()
         .get_all(SET_COOKIE)
         .iter()
@@ -117,7 +117,7 @@ fn cookie_of(resp: &reqwest::Response, name: &str) -> Option<String> {
 }
 
 /// An attribute's text as the browser reads it (minijinja escapes `&`, `/`, quotes).
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     s.replace("&#x2f;", "/")
         .replace("&quot;", "\"")
         .replace("&#x27;", "'")
@@ -126,7 +126,7 @@ fn unescape(s: &str) -> String {
         .replace("&amp;", "&")
 }
 
-fn csrf_in(html: &str) -> String {
+pub(crate) fn csrf_in(html: &str) -> String {
     let at = html.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
     html[at..at + html[at..].find('"').unwrap()].to_owned()
 }
@@ -134,7 +134,7 @@ fn csrf_in(html: &str) -> String {
 /// Issue 43: the policy allowed any inline script (`'unsafe-inline'`), so it would not have
 /// stopped an injection. Now it names each inline script and style of the page by its sha256,
 /// and the page has no inline event handler or style attribute (which hashes cannot allow).
-fn assert_only_own_inline_code(html: &str, csp: &str) {
+pub(crate) fn assert_only_own_inline_code(html: &str, csp: &str) {
     use base64::Engine as _;
     use sha2::Digest as _;
     assert!(csp.starts_with("default-src 'none'"), "{csp}");
@@ -162,24 +162,24 @@ fn assert_only_own_inline_code(html: &str, csp: &str) {
     assert_eq!(handler, None, "an inline event handler");
 }
 
-async fn analyst(pool: &PgPool, name: &str) -> String {
+pub(crate) async fn analyst(pool: &PgPool, name: &str) -> String {
     callrecon::users::add(pool, name, &["Analyst".to_owned()]).await.unwrap().client_secret
 }
 
 /// Calls and events of every kind of unmatched event, after one run: `no_candidate` events with
 /// near misses (same phone, other agent; every key, 30 minutes late), an ambiguous tie,
 /// `missing_key` and `unknown_session` ones.
-struct Backlog {
-    job: TestJob,
+pub(crate) struct Backlog {
+    pub(crate) job: TestJob,
     /// The event whose phone call `c-near` has, with another agent.
-    other_agent: i64,
+    pub(crate) other_agent: i64,
     /// The event 30 minutes after call `c-late`'s window closed.
-    late: i64,
+    pub(crate) late: i64,
     /// The event tied between `c-t1` and `c-t2`.
-    tied: i64,
+    pub(crate) tied: i64,
 }
 
-async fn backlog(pool: &PgPool, missing_key: usize) -> Backlog {
+pub(crate) async fn backlog(pool: &PgPool, missing_key: usize) -> Backlog {
     Call::new("c-near", "2026-11-02T14:00:00Z", Some("2026-11-02T14:10:00Z"))
         .phone("5551230000", "a1")
         .insert(pool)
@@ -215,7 +215,7 @@ async fn backlog(pool: &PgPool, missing_key: usize) -> Backlog {
     }
 }
 
-async fn event_state(pool: &PgPool, id: i64) -> (String, Option<String>, Option<String>) {
+pub(crate) async fn event_state(pool: &PgPool, id: i64) -> (String, Option<String>, Option<String>) {
     sqlx::query_as("select state, target_id, decided_by from events where id = $1")
         .bind(id)
         .fetch_one(pool)
@@ -725,8 +725,11 @@ async fn event_pages_explain_the_rules_and_list_the_near_misses(pool: PgPool) {
     desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", ""), ("csrf", &csrf)]).await;
     assert!(message(desk.get(&back, Some(&session)).await.text().await.unwrap(), "error").is_some());
     assert_eq!(event_state(&pool, b.tied).await.0, "pending");
-    desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", "test call"), ("csrf", &csrf)]).await;
-    let done = message(desk.get(&back, Some(&session)).await.text().await.unwrap(), "msg").unwrap();
+    let resp = desk.post(&path, Some(&session), &[("action", "dismiss"), ("note", "test call"), ("csrf", &csrf)]).await;
+    // Decided: on to the next event of the queue, saying what was done there.
+    let next = resp.headers()[LOCATION].to_str().unwrap().to_owned();
+    assert_ne!(next, path);
+    let done = message(desk.get(&next, Some(&session)).await.text().await.unwrap(), "msg").unwrap();
     assert!(done.contains("dismissed"), "{done}");
     assert_eq!(event_state(&pool, b.tied).await, ("dismissed".to_owned(), None, Some("ana".to_owned())));
 }
@@ -756,17 +759,17 @@ async fn the_runs_page_charts_each_run_and_serves_its_report(pool: PgPool) {
 }
 
 /// Headless Chromium driven through chromedriver's WebDriver endpoint (plain HTTP + JSON).
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::Client,
     session: String,
     driver: std::process::Child,
     _profile: tempfile::TempDir,
 }
 
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+pub(crate) const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
-    async fn start() -> Browser {
+    pub(crate) async fn start() -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let driver = std::process::Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
@@ -793,33 +796,41 @@ impl Browser {
         Browser { session: format!("{base}/session/{id}"), http, driver, _profile: profile }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    pub(crate) async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body).await.unwrap_or_else(|v| panic!("WebDriver {path}: {v}"))
+    }
+
+    /// A WebDriver command, its error returned rather than failed on (an element read while the
+    /// page navigates away is "stale": the waits below look again).
+    pub(crate) async fn try_call(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, Value> {
         let mut req = self.http.request(method, format!("{}{path}", self.session));
         if !body.is_null() {
             req = req.json(&body);
         }
         let resp = req.send().await.unwrap();
         let v: Value = resp.json().await.unwrap();
-        assert!(v["value"].get("error").is_none(), "WebDriver {path}: {v}");
-        v["value"].clone()
+        match v["value"].get("error") {
+            None => Ok(v["value"].clone()),
+            Some(_) => Err(v),
+        }
     }
 
-    async fn go(&self, url: &str) {
+    pub(crate) async fn go(&self, url: &str) {
         self.call(reqwest::Method::POST, "/url", json!({"url": url})).await;
     }
 
-    async fn url(&self) -> String {
+    pub(crate) async fn url(&self) -> String {
         self.call(reqwest::Method::GET, "/url", Value::Null).await.as_str().unwrap().to_owned()
     }
 
-    async fn find_all(&self, css: &str) -> Vec<String> {
+    pub(crate) async fn find_all(&self, css: &str) -> Vec<String> {
         let v = self.call(reqwest::Method::POST, "/elements", json!({"using": "css selector", "value": css})).await;
         v.as_array().unwrap().iter().map(|e| e[ELEMENT].as_str().unwrap().to_owned()).collect()
     }
 
     /// The first element `css` finds, waiting up to 5 s for it: after a click the next page may
     /// still be loading (`wait_url("/review")` is already true on /review/login).
-    async fn find(&self, css: &str) -> String {
+    pub(crate) async fn find(&self, css: &str) -> String {
         for _ in 0..100 {
             if let Some(first) = self.find_all(css).await.into_iter().next() {
                 return first;
@@ -829,24 +840,30 @@ impl Browser {
         panic!("no element {css} on {}", self.url().await);
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         let e = self.find(css).await;
         self.call(reqwest::Method::POST, &format!("/element/{e}/click"), json!({})).await;
     }
 
-    async fn type_in(&self, css: &str, text: &str) {
+    pub(crate) async fn type_in(&self, css: &str, text: &str) {
         let e = self.find(css).await;
         self.call(reqwest::Method::POST, &format!("/element/{e}/clear"), json!({})).await;
         self.call(reqwest::Method::POST, &format!("/element/{e}/value"), json!({"text": text})).await;
     }
 
-    async fn text(&self, css: &str) -> String {
-        let e = self.find(css).await;
-        self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await.as_str().unwrap().to_owned()
+    pub(crate) async fn text(&self, css: &str) -> String {
+        for _ in 0..100 {
+            let e = self.find(css).await;
+            if let Ok(v) = self.try_call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await {
+                return v.as_str().unwrap().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{css} kept going stale on {}", self.url().await);
     }
 
     /// Presses keys on the page (the keyboard shortcuts).
-    async fn press(&self, keys: &str) {
+    pub(crate) async fn press(&self, keys: &str) {
         let actions: Vec<Value> = keys
             .chars()
             .flat_map(|c| [json!({"type": "keyDown", "value": c}), json!({"type": "keyUp", "value": c})])
@@ -859,7 +876,7 @@ impl Browser {
         .await;
     }
 
-    async fn screenshot(&self, path: &std::path::Path) {
+    pub(crate) async fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine as _;
         let png = self.call(reqwest::Method::GET, "/screenshot", Value::Null).await;
         let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
@@ -867,12 +884,12 @@ impl Browser {
     }
 
     /// Waits until the element `css` (of the page a form's post redirected to) holds `part`.
-    async fn wait_text(&self, css: &str, part: &str) -> String {
+    pub(crate) async fn wait_text(&self, css: &str, part: &str) -> String {
         for _ in 0..100 {
             if let Some(e) = self.find_all(css).await.into_iter().next() {
-                let text = self.call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await;
-                if text.as_str().is_some_and(|t| t.contains(part)) {
-                    return text.as_str().unwrap().to_owned();
+                let text = self.try_call(reqwest::Method::GET, &format!("/element/{e}/text"), Value::Null).await;
+                if let Some(t) = text.as_ref().ok().and_then(Value::as_str).filter(|t| t.contains(part)) {
+                    return t.to_owned();
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -880,11 +897,17 @@ impl Browser {
         panic!("no {css} saying {part:?} on {}", self.url().await);
     }
 
-    /// Waits until the page's URL contains `part` (after a click that navigates).
-    async fn wait_url(&self, part: &str) -> String {
+    /// Runs `script` (a function body; `arguments` are `args`) in the page, returning its value.
+    pub(crate) async fn execute(&self, script: &str, args: Value) -> Value {
+        self.call(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": args})).await
+    }
+
+    /// Waits until the page's URL contains `part` (after a click that navigates) and the page
+    /// has loaded (its scripts listen for keys).
+    pub(crate) async fn wait_url(&self, part: &str) -> String {
         for _ in 0..100 {
             let url = self.url().await;
-            if url.contains(part) {
+            if url.contains(part) && self.execute("return document.readyState;", json!([])).await == "complete" {
                 return url;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -956,11 +979,14 @@ async fn an_analyst_attaches_an_event_to_a_near_miss_and_reopens_it_in_a_real_br
     // Attach it to the near miss (same phone, other agent): choose it, press `a`.
     browser.click("tr[data-to='call:c-near'] input[type=radio]").await;
     browser.press("a").await;
+    // None is left in the filtered queue: back to it, saying what was done.
     browser.wait_text("#msg", "matched call c-near by ana").await;
+    assert!(browser.url().await.contains("/review?reason=no_candidate"), "{}", browser.url().await);
     assert!(!browser.url().await.contains("msg"), "the message is the server's, not in the URL");
     let meta = call_meta(&pool, "c-near").await;
     assert_eq!(meta, json!({"customerPhone": "(555) 123-0000", "agentId": "a2", "note": "from the CRM"}));
     assert_eq!(event_state(&pool, b.other_agent).await.2.as_deref(), Some("ana"));
+    browser.go(&format!("{}/review/events/{}?reason=no_candidate&q=123-0000", desk.base, b.other_agent)).await;
     assert!(browser.text("#history").await.contains("ana"));
 
     // Reopen: pending again, the call's metadata gone.
@@ -1019,17 +1045,20 @@ async fn an_analyst_clears_a_backlog_of_mixed_reasons_with_the_keyboard(pool: Pg
     browser.press("\u{E007}").await;
     for (i, (id, reason)) in queue.iter().enumerate() {
         browser.wait_url(&format!("/review/events/{id}")).await;
+        browser.find("#decide").await;
         if reason == "missing_key" || reason == "unknown_session" {
             // Nothing to attach to: `d` goes to the note, Enter dismisses.
             browser.press("d").await;
             browser.press("no keys, a test call\u{E007}").await;
         } else {
-            // `a` attaches to the selected option, the first listed.
-            browser.press("a").await;
+            // `1` chooses the first listed (none is chosen for the analyst), `a` attaches.
+            browser.press("1a").await;
         }
+        // The desk moves on by itself: to the next event, or the queue after the last.
         browser.wait_text("#msg", &format!("event {id}: ")).await;
-        if i + 1 < queue.len() {
-            browser.press("j").await;
+        if i + 1 == queue.len() {
+            browser.wait_url("/review").await;
+            browser.find("#empty").await;
         }
     }
     assert_eq!(count(&pool, "select count(*) from events where state = 'pending'").await, 0);

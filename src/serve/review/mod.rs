@@ -4,8 +4,10 @@
 //! `callrecon resolve`, recorded under the analyst's name.
 //!
 //! - `GET /review/login`, `POST /review/login`, `POST /review/logout`: sessions ([`session`]).
-//! - `GET /review`: the queue ([`queue`]); `GET /review/events/{id}`: one event;
-//!   `POST /review/events/{id}`: attach, dismiss or reopen it.
+//! - `GET /review`: the queue ([`queue`], [`queue_page`]); `GET /review/events/{id}`: one
+//!   event ([`event`], which claims it for the analyst: [`claims`]); `POST /review/events/{id}`:
+//!   attach, dismiss or reopen it, then on to the next event with an undo ([`decide`]);
+//!   `POST /review/bulk`: a decision on many events, confirmed first ([`bulk`]).
 //! - `GET /review/runs`: the run history and its chart ([`runs`]); `GET /review/runs/{id}/report`:
 //!   a run's report.html.
 //!
@@ -18,16 +20,22 @@
 //! parse the request, call what the CLI calls (`resolve::resolve`, `inspect::examine`,
 //! `ledger::history`), and render.
 //!
-//! **Architecture invariant:** the desk writes nothing itself but `review_sessions`: decisions go
-//! through `resolve`, and so through the ledger and apply under the job's lock. An API token never
-//! opens a page, and a page never takes a bearer token in place of a session.
+//! **Architecture invariant:** the desk writes nothing itself but `review_sessions` and
+//! `review_claims` (who has an event open): decisions go through `resolve`, and so through the
+//! ledger and apply under the job's lock. An API token never opens a page, and a page never takes
+//! a bearer token in place of a session.
 
+mod bulk;
+mod claims;
+mod decide;
+mod event;
 pub mod params;
 pub mod queue;
+mod queue_page;
 pub mod runs;
 pub mod session;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,20 +48,15 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::PgPool;
 
 use super::throttle::{Checks, Throttle};
 use crate::cli::ReviewArgs;
 use crate::http::{BodyError, Posted};
-use crate::inspect::{self, Near};
-use crate::job::{self, Job, Target};
-use crate::ledger;
-use crate::matching::{Decision, TargetKind};
-use crate::resolve::{self, Refused, Request, To};
+use crate::job::{self, Job};
 use minijinja::value::Serde;
 use params::{BadParam, Params};
-use queue::{At, Filters};
+use queue::Filters;
 use session::{Analyst, Flash, LoginKey};
 
 /// How far around an event its page looks for calls sharing its keys: a day is enough to show
@@ -154,8 +157,10 @@ impl Desk {
     }
 }
 
-const TEMPLATES: [(&str, &str); 5] = [
+const TEMPLATES: [(&str, &str); 7] = [
+    ("bulk.html", include_str!("templates/bulk.html")),
     ("layout.html", include_str!("templates/layout.html")),
+    ("flash.html", include_str!("templates/flash.html")),
     ("login.html", include_str!("templates/login.html")),
     ("queue.html", include_str!("templates/queue.html")),
     ("event.html", include_str!("templates/event.html")),
@@ -165,11 +170,12 @@ const TEMPLATES: [(&str, &str); 5] = [
 /// The desk's routes.
 pub fn router(desk: Desk) -> Router {
     Router::new()
-        .route("/review", get(queue_page))
+        .route("/review", get(queue_page::queue_page))
         .route("/review/", get(|| async { redirect("/review") }))
         .route("/review/login", get(login_page).post(login))
         .route("/review/logout", post(logout))
-        .route("/review/events/{id}", get(event_page).post(decide))
+        .route("/review/events/{id}", get(event_page).post(decide::decide))
+        .route("/review/bulk", post(bulk::bulk))
         .route("/review/runs", get(runs_page))
         .route("/review/runs/{id}/report", get(run_report))
         .with_state(desk)
@@ -177,7 +183,7 @@ pub fn router(desk: Desk) -> Router {
 
 /// Forgets expired sessions (the API's hourly housekeeping).
 pub async fn housekeeping(pool: &PgPool) -> Result<u64> {
-    session::forget_expired(pool).await
+    Ok(session::forget_expired(pool).await? + claims::forget_expired(pool).await?)
 }
 
 fn redirect(to: &str) -> Response {
@@ -249,8 +255,13 @@ impl IntoResponse for BadForm {
 
 /// A posted form's fields, only `known` ones, each checked.
 fn form(body: Result<Posted, BodyError>, known: &[&str]) -> Result<Params, BadForm> {
+    form_lists(body, known, &[])
+}
+
+/// [`form`] where the fields `lists` may be given many times ([`Params::list`]).
+fn form_lists(body: Result<Posted, BodyError>, known: &[&str], lists: &[&str]) -> Result<Params, BadForm> {
     let Posted(body) = body.map_err(BadForm::Body)?;
-    Params::parse(&body, known).map_err(BadForm::Param)
+    Params::parse_lists(&body, known, lists).map_err(BadForm::Param)
 }
 
 /// [`gate`] for a form: also checks that the browser posted it from the desk's own pages, and
@@ -401,152 +412,6 @@ fn span(d: chrono::Duration) -> String {
     }
 }
 
-#[derive(Serialize)]
-struct QueueRow {
-    id: i64,
-    job: String,
-    source: String,
-    address: String,
-    event_time: String,
-    received_at: String,
-    pending: String,
-    expires_in: String,
-    expiring: bool,
-    reason: String,
-    candidates: String,
-    metadata: String,
-}
-
-async fn queue_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Response {
-    let analyst = match gate(&desk, &headers, &uri).await {
-        Ok(a) => a,
-        Err(resp) => return resp,
-    };
-    let (filters, at) = match queue_request(&uri) {
-        Ok(request) => request,
-        Err(bad) => return bad.into_response(),
-    };
-    match queue_view(&desk, &analyst, filters, at).await {
-        Ok(resp) => resp,
-        Err(e) => failed(&e),
-    }
-}
-
-/// The queue's filters and page, from its query string.
-fn queue_request(uri: &Uri) -> Result<(Filters, At), BadParam> {
-    const KEYS: [&str; 8] = ["job", "reason", "min_days", "expiring_hours", "source", "q", "after", "before"];
-    let p = Params::parse(uri.query().unwrap_or_default().as_bytes(), &KEYS)?;
-    let at = match (queue::Cursor::param(&p, "after")?, queue::Cursor::param(&p, "before")?) {
-        (Some(c), _) => At::After(c),
-        (None, Some(c)) => At::Before(c),
-        _ => At::First,
-    };
-    Ok((Filters::parse(&p)?, at))
-}
-
-async fn queue_view(desk: &Desk, analyst: &Analyst, filters: Filters, at: At) -> Result<Response> {
-    let jobs = desk.jobs().await?;
-    let pending_for: queue::PendingFor = jobs.iter().map(|(n, j)| (n.clone(), j.pending_for)).collect();
-    let started = std::time::Instant::now();
-    let page = queue::page(&desk.pool, &filters, &pending_for, at, queue::PAGE).await?;
-    let counts = queue::counts(&desk.pool, filters.job.as_deref()).await?;
-    let took_ms = started.elapsed().as_millis() as u64;
-    let mut job_names: Vec<String> = queue::jobs(&desk.pool).await?;
-    job_names.extend(jobs.keys().cloned());
-    job_names.sort();
-    job_names.dedup();
-    let now = Utc::now();
-    let rows: Vec<QueueRow> = page
-        .rows
-        .iter()
-        .map(|r| {
-            let expires = pending_for.get(&r.job).map(|p| r.received_at + *p);
-            QueueRow {
-                id: r.id,
-                job: r.job.clone(),
-                source: r.source.clone(),
-                address: match (&r.session_id, &r.master_id) {
-                    (Some(s), _) => format!("SessionId {s}"),
-                    (_, Some(m)) => format!("MasterId {m}"),
-                    _ => String::new(),
-                },
-                event_time: when(r.event_time),
-                received_at: when(r.received_at),
-                pending: span(now - r.received_at),
-                expires_in: expires.map_or("?".to_owned(), |e| span(e - now)),
-                expiring: expires.is_some_and(|e| e - now < chrono::Duration::hours(24)),
-                reason: r.reason.clone(),
-                candidates: r.candidates.join(", "),
-                metadata: r.metadata.clone(),
-            }
-        })
-        .collect();
-    let filter_query = filters.to_query();
-    let link = |key: &str, c: queue::Cursor| {
-        let mut s = url::form_urlencoded::Serializer::new(filter_query.clone());
-        s.append_pair(key, &c.text());
-        format!("/review?{}", s.finish())
-    };
-    let total: i64 = counts.values().sum();
-    let capped = counts.values().any(|n| *n > queue::COUNT_CAP);
-    let counts: BTreeMap<String, String> = counts
-        .into_iter()
-        .map(|(r, n)| (r, if n > queue::COUNT_CAP { format!("{}+", queue::COUNT_CAP) } else { n.to_string() }))
-        .collect();
-    // With a capped reason the total is a lower bound: each capped reason counts COUNT_CAP.
-    let n_capped = counts.values().filter(|n| n.ends_with('+')).count() as i64;
-    let total = if capped { format!("{}+", total - n_capped) } else { total.to_string() };
-    let (next, prev) = (page.next.map(|c| link("after", c)), page.prev.map(|c| link("before", c)));
-    let ctx = minijinja::context! {
-        title => "Queue",
-        analyst => analyst.name.as_str(),
-        csrf => analyst.csrf.as_str(),
-        rows => Serde(&rows),
-        counts => Serde(&counts),
-        total,
-        jobs => Serde(&job_names),
-        reasons => Serde(&queue::REASONS),
-        f => minijinja::context! {
-            job => filters.job, reason => filters.reason, min_days => filters.min_days,
-            expiring_hours => filters.expiring_hours, source => filters.source, q => filters.search,
-        },
-        filter_query,
-        next,
-        prev,
-        took_ms,
-    };
-    Ok(desk.render("queue.html", ctx))
-}
-
-/// A call or group an analyst can attach the event to, and why it is listed.
-#[derive(Serialize)]
-struct Choice {
-    to: String,
-    kind: &'static str,
-    id: String,
-    why: String,
-    /// `candidate` (in the window), `outside`, `partial` or `tie`.
-    class: &'static str,
-    start: String,
-    end: String,
-    ani: String,
-    agent: String,
-    group: String,
-}
-
-#[derive(Serialize)]
-struct StepView {
-    n: usize,
-    rule: String,
-    target: &'static str,
-    keys: Vec<(String, String, bool)>,
-    applicable: bool,
-    sharing: usize,
-    windowed: bool,
-    decision: String,
-    options: Vec<Choice>,
-}
-
 async fn event_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, Path(id): Path<i64>) -> Response {
     let analyst = match gate(&desk, &headers, &uri).await {
         Ok(a) => a,
@@ -560,7 +425,7 @@ async fn event_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri, Path
         Ok(flash) => flash,
         Err(e) => return failed(&e),
     };
-    match event_view(&desk, &analyst, id, filters, flash).await {
+    match event::view(&desk, &analyst, id, filters, flash).await {
         Ok(resp) => resp,
         Err(e) => failed(&e),
     }
@@ -576,308 +441,6 @@ fn not_found(desk: &Desk, analyst: &Analyst, what: &str, flash: Option<Flash>) -
     let mut resp = desk.render("event.html", ctx);
     *resp.status_mut() = StatusCode::NOT_FOUND;
     resp
-}
-
-async fn event_view(
-    desk: &Desk,
-    analyst: &Analyst,
-    id: i64,
-    filters: Filters,
-    flash: Option<Flash>,
-) -> Result<Response> {
-    let jobs = desk.jobs().await?;
-    let Some(job_name) = inspect::job_of(&desk.pool, id).await? else {
-        return Ok(not_found(desk, analyst, &format!("event {id}"), flash));
-    };
-    let (msg, error) = match flash {
-        Some(f) if f.kind == "error" => (None, Some(f.text)),
-        Some(f) => (Some(f.text), None),
-        None => (None, None),
-    };
-    let job = jobs.get(&job_name);
-    let examined = match job {
-        Some(job) => Some(inspect::examine(&desk.pool, job, id, LOOK_AROUND).await?),
-        None => None,
-    };
-    let mut conn = desk.pool.acquire().await?;
-    let history: Vec<Value> = ledger::history(&mut conn, id)
-        .await?
-        .iter()
-        .map(|h| {
-            let who = match (&h.run_id, &h.decided.person) {
-                (Some(run), _) => format!("{} {run}", h.run_kind.as_deref().unwrap_or("run")),
-                (None, Some(p)) => p.clone(),
-                (None, None) => "?".to_owned(),
-            };
-            serde_json::json!({"at": when(h.at), "who": who, "what": h.decided.describe(), "note": h.decided.note})
-        })
-        .collect();
-    drop(conn);
-    let pending_for: queue::PendingFor = jobs.iter().map(|(n, j)| (n.clone(), j.pending_for)).collect();
-    let (next, prev) = match queue::position(&desk.pool, id).await? {
-        Some(pos) => {
-            let after = queue::page(&desk.pool, &filters, &pending_for, At::After(pos), 1).await?;
-            let before = queue::page(&desk.pool, &filters, &pending_for, At::Before(pos), 1).await?;
-            (after.rows.first().map(|r| r.id), before.rows.first().map(|r| r.id))
-        }
-        None => (None, None),
-    };
-    let filter_query = filters.to_query();
-    let event_link = |other: i64| {
-        if filter_query.is_empty() {
-            format!("/review/events/{other}")
-        } else {
-            format!("/review/events/{other}?{filter_query}")
-        }
-    };
-
-    let Some(x) = examined else {
-        let ctx = minijinja::context! {
-            title => format!("Event {id}"), analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str(), id,
-            no_job => job_name, history => Serde(&history), next => next.map(event_link), prev => prev.map(event_link),
-            filter_query, msg, error,
-        };
-        return Ok(desk.render("event.html", ctx));
-    };
-    let job = job.expect("examined with it");
-    let e = &x.event;
-    // The top-level metadata keys the rules read, highlighted.
-    let key_fields: HashSet<&str> =
-        job.rules.iter().flat_map(|r| r.keys.iter().filter_map(|k| k.event.first().map(String::as_str))).collect();
-    let metadata: Vec<Value> = e
-        .metadata
-        .iter()
-        .map(|(k, v)| {
-            let text = serde_json::to_string_pretty(v).unwrap_or_default();
-            serde_json::json!({"key": serde_json::to_string(k).unwrap_or_default(), "value": text, "rule_key": key_fields.contains(k.as_str())})
-        })
-        .collect();
-    let call_cols = |kind: TargetKind, id: &str| -> (String, String, String, String, String) {
-        match (kind, x.calls.get(id)) {
-            (TargetKind::Call, Some(c)) => (
-                when(c.started_at),
-                c.ended_at.map(when).unwrap_or_else(|| "(running)".to_owned()),
-                c.ani.clone().unwrap_or_default(),
-                c.agent_id.clone().unwrap_or_default(),
-                c.call_group_id.clone().unwrap_or_default(),
-            ),
-            _ => Default::default(),
-        }
-    };
-    let option = |kind: TargetKind, id: &str, why: String, class: &'static str| {
-        let (start, end, ani, agent, group) = call_cols(kind, id);
-        let prefix = if kind == TargetKind::Call { "call" } else { "group" };
-        Choice {
-            to: format!("{prefix}:{id}"),
-            kind: prefix,
-            id: id.to_owned(),
-            why,
-            class,
-            start,
-            end,
-            ani,
-            agent,
-            group,
-        }
-    };
-    let steps: Vec<StepView> = job
-        .rules
-        .iter()
-        .zip(&x.steps)
-        .enumerate()
-        .map(|(i, (rule, s))| {
-            let kind =
-                if matches!(rule.target, Target::Call { .. }) { TargetKind::Call } else { TargetKind::CallGroup };
-            let applicable = s.keys.iter().all(|k| k.1.is_some());
-            let mut options: Vec<Choice> = s
-                .in_window
-                .iter()
-                .map(|(id, d)| {
-                    let why = if s.windowed {
-                        format!("in the window, {} away", span_secs(*d as i64))
-                    } else {
-                        "shares every key".to_owned()
-                    };
-                    option(kind, id, why, "candidate")
-                })
-                .collect();
-            for n in x.near.iter().filter(|n| n.rule == rule.name) {
-                let (why, class) = match &n.near {
-                    Near::OutsideWindow { by_secs } if *by_secs < 0 => {
-                        (format!("every key; {} before the window opens", span_secs(-by_secs)), "outside")
-                    }
-                    Near::OutsideWindow { by_secs } => {
-                        (format!("every key; {} after the window closes", span_secs(*by_secs)), "outside")
-                    }
-                    Near::SomeKeys { equal, differing } => {
-                        let other: Vec<String> = differing
-                            .iter()
-                            .map(|(k, v)| format!("{k} {}", v.as_deref().unwrap_or("(none)")))
-                            .collect();
-                        (format!("same {}; other {}", equal.join(", "), other.join(", ")), "partial")
-                    }
-                    Near::Tie => ("one of the tie".to_owned(), "tie"),
-                };
-                if let Some(o) = options.iter_mut().find(|o| o.id == n.id && o.kind == kind_name(n.kind)) {
-                    if matches!(n.near, Near::Tie) {
-                        o.why.push_str("; tied");
-                        o.class = "tie";
-                    }
-                    continue;
-                }
-                options.push(option(n.kind, &n.id, why, class));
-            }
-            let decision = match &s.decision {
-                Some(Decision::Matched { target, .. }) => format!("matched {target}"),
-                Some(Decision::Unmatched { candidates, .. }) => {
-                    format!("ambiguous between {}; the cascade stops here", candidates.join(", "))
-                }
-                None if !applicable => {
-                    "not applicable: a key is missing from the event's Metadata; next rule".to_owned()
-                }
-                None => "no candidate; next rule".to_owned(),
-            };
-            StepView {
-                n: i + 1,
-                rule: rule.name.clone(),
-                target: if kind == TargetKind::Call { "call" } else { "call group" },
-                keys: s
-                    .keys
-                    .iter()
-                    .map(|(p, v)| {
-                        (p.clone(), v.as_deref().map_or("(missing)".to_owned(), |v| format!("{v:?}")), v.is_some())
-                    })
-                    .collect(),
-                applicable,
-                sharing: s.sharing.len(),
-                windowed: s.windowed,
-                decision,
-                options,
-            }
-        })
-        .collect();
-    let result = match x.steps.last().and_then(|s| s.decision.as_ref()) {
-        Some(_) => None,
-        None if x.attach.is_some() => None,
-        None => {
-            let any = x.steps.iter().any(|s| s.keys.iter().all(|k| k.1.is_some()));
-            Some(if any { "unmatched (no_candidate)" } else { "unmatched (missing_key)" })
-        }
-    };
-    let now = Utc::now();
-    let ctx = minijinja::context! {
-        title => format!("Event {id}"),
-        analyst => analyst.name.as_str(),
-        csrf => analyst.csrf.as_str(),
-        id,
-        ev => minijinja::context! {
-            job => e.job.clone(), source => e.source.clone(), session_id => e.session_id.clone(),
-            master_id => e.master_id.clone(), event_time => when(e.event_time),
-            received_at => when(e.received_at), state => e.state.clone(),
-            pending => span(now - e.received_at),
-            expires_in => (e.state == "pending").then(|| span(e.received_at + job.pending_for - now)),
-            decided_by => e.decided_by.clone(), note => e.note.clone(), run => e.decided_run,
-        },
-        stored => x.stored,
-        attach => x.attach,
-        metadata => Serde(&metadata),
-        steps => Serde(&steps),
-        result,
-        look_around_h => x.look_around.num_hours(),
-        explain_text => crate::matching::explain::render(&x.steps),
-        can_reopen => e.decided_by.is_some(),
-        history => Serde(&history),
-        next => next.map(event_link),
-        prev => prev.map(event_link),
-        filter_query,
-        msg,
-        error,
-    };
-    Ok(desk.render("event.html", ctx))
-}
-
-fn kind_name(kind: TargetKind) -> &'static str {
-    if kind == TargetKind::Call { "call" } else { "group" }
-}
-
-fn span_secs(s: i64) -> String {
-    if s < 120 { format!("{s} s") } else { span(chrono::Duration::seconds(s)) }
-}
-
-/// `POST /review/events/{id}`: `action` = attach (to the chosen `to`, or the call/group id
-/// typed in `typed`), dismiss (with a `note`) or reopen; through `resolve`, as the analyst. The
-/// outcome is left as the session's one-time message for the event page it redirects to.
-async fn decide(
-    State(desk): State<Desk>,
-    headers: HeaderMap,
-    uri: Uri,
-    Path(id): Path<i64>,
-    body: Result<Posted, BodyError>,
-) -> Response {
-    let f = match form(body, &["csrf", "filters", "action", "to", "typed", "note"]) {
-        Ok(f) => f,
-        Err(bad) => return bad.into_response(),
-    };
-    let analyst = match gate_form(&desk, &headers, &uri, &f).await {
-        Ok(a) => a,
-        Err(resp) => return resp,
-    };
-    let filters = match Filters::from_query(f.raw("filters")) {
-        Ok(filters) => filters,
-        Err(bad) => return BadParam::new("filters", bad.to_string()).into_response(),
-    };
-    let (kind, text) = decision(&desk, &analyst, id, &f).await;
-    let flash = Flash { event: id, kind: kind.to_owned(), text };
-    if let Err(e) = session::set_flash(&desk.pool, &headers, &flash).await {
-        return failed(&e);
-    }
-    let query = filters.to_query();
-    redirect(&if query.is_empty() { format!("/review/events/{id}") } else { format!("/review/events/{id}?{query}") })
-}
-
-/// What an analyst's form decided: `("msg", what changed)` or `("error", why nothing did)`.
-async fn decision(desk: &Desk, analyst: &Analyst, id: i64, f: &Params) -> (&'static str, String) {
-    let refused = |text: &str| ("error", text.to_owned());
-    let to = match f.get("action") {
-        Some("attach") => match f.get("typed").or_else(|| f.get("to")).map(|t| t.parse::<To>()) {
-            Some(Ok(to @ To::Attach(..))) => to,
-            Some(Ok(_) | Err(_)) => return refused("type the target as call:ID or group:ID"),
-            None => return refused("choose a call or group to attach the event to, or type one"),
-        },
-        Some("dismiss") => To::Dismiss,
-        Some("reopen") => To::Reopen,
-        _ => return refused("unknown action"),
-    };
-    let jobs = match desk.jobs().await {
-        Ok(j) => j,
-        Err(e) => return ("error", format!("nothing was changed: {}", crate::db::error_line(&e))),
-    };
-    let job = match inspect::job_of(&desk.pool, id).await {
-        Ok(Some(name)) => match jobs.get(&name) {
-            Some(job) => job.clone(),
-            None => return ("error", format!("no job file is known for job {name}: start serve with --job FILE")),
-        },
-        Ok(None) => return refused("no such event"),
-        Err(e) => return ("error", format!("nothing was changed: {}", crate::db::error_line(&e))),
-    };
-    let request =
-        Request { line: None, event_id: id, to, note: f.get("note").map(str::to_owned), reported_reason: None };
-    match resolve::resolve(&desk.pool, &job, &[request], &analyst.name, false).await {
-        Ok(done) => {
-            let text = done.first().map_or("nothing changed".to_owned(), |r| {
-                format!("event {}: {} -> {}", r.event_id, r.before.describe(), r.after.describe())
-            });
-            ("msg", text)
-        }
-        Err(e) => match e.downcast_ref::<Refused>() {
-            Some(refused) => ("error", refused.problems.join("; ")),
-            // A run of the job holding its lock, the database: said on the page, and logged.
-            None => {
-                tracing::warn!(user = %analyst.name, event = id, error = crate::db::error_line(&e), "review desk: decision failed");
-                ("error", format!("nothing was changed: {}", crate::db::error_line(&e)))
-            }
-        },
-    }
 }
 
 async fn runs_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Response {
@@ -904,11 +467,7 @@ async fn runs_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Re
     }
     let rows: Vec<RunView> = runs
         .iter()
-        .map(|r| RunView {
-            run: r,
-            started: when(r.started_at),
-            took: r.seconds.map(|s| format!("{s:.1} s")).unwrap_or_default(),
-        })
+        .map(|r| RunView { run: r, started: when(r.started_at), took: r.seconds.map(runs::took).unwrap_or_default() })
         .collect();
     let ctx = minijinja::context! {
         title => "Runs", analyst => analyst.name.as_str(), csrf => analyst.csrf.as_str(), runs => Serde(&rows), jobs => Serde(&jobs), job,

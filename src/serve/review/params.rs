@@ -38,22 +38,32 @@ impl IntoResponse for BadParam {
     }
 }
 
+/// The most values a list parameter takes (a bulk decision's events).
+pub const MOST_VALUES: usize = 1000;
+
 /// The parameters of a query string or form, each checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(BTreeMap<String, String>);
+pub struct Params(BTreeMap<String, String>, BTreeMap<String, Vec<String>>);
 
 impl Params {
     /// `raw` (`a=1&b=x+y`, percent-encoded) with only the names in `known`. Empty pairs (`&&`)
     /// are skipped.
     pub fn parse(raw: &[u8], known: &[&str]) -> Result<Params, BadParam> {
+        Params::parse_lists(raw, known, &[])
+    }
+
+    /// [`Params::parse`], where the names in `lists` may be given many times (at most
+    /// [`MOST_VALUES`]), their values kept in order ([`Params::list`]).
+    pub fn parse_lists(raw: &[u8], known: &[&str], lists: &[&str]) -> Result<Params, BadParam> {
         let mut params = BTreeMap::new();
+        let mut many: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for pair in raw.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
             let (name, value) = match pair.iter().position(|b| *b == b'=') {
                 Some(at) => (&pair[..at], &pair[at + 1..]),
                 None => (pair, &[][..]),
             };
             let name = decode(name).map_err(|reason| BadParam::new(&String::from_utf8_lossy(name), reason))?;
-            if !known.contains(&name.as_str()) {
+            if !known.contains(&name.as_str()) && !lists.contains(&name.as_str()) {
                 let reason = format!("unknown parameter (known: {})", known.join(", "));
                 return Err(BadParam { name: name.chars().take(100).collect(), reason });
             }
@@ -61,11 +71,22 @@ impl Params {
             if value.chars().count() > LONGEST {
                 return Err(BadParam::new(&name, format!("longer than {LONGEST} characters")));
             }
-            if params.insert(name.clone(), value).is_some() {
+            if lists.contains(&name.as_str()) {
+                let values = many.entry(name.clone()).or_default();
+                if values.len() == MOST_VALUES {
+                    return Err(BadParam::new(&name, format!("given more than {MOST_VALUES} times")));
+                }
+                values.push(value);
+            } else if params.insert(name.clone(), value).is_some() {
                 return Err(BadParam::new(&name, "given more than once"));
             }
         }
-        Ok(Params(params))
+        Ok(Params(params, many))
+    }
+
+    /// The values of list parameter `name`, in the order given.
+    pub fn list(&self, name: &str) -> &[String] {
+        self.1.get(name).map_or(&[], Vec::as_slice)
     }
 
     /// The value of `name`, trimmed; `None` when absent or empty.
@@ -150,6 +171,15 @@ mod tests {
             assert_eq!(check(raw).unwrap_err(), error, "{raw}");
         }
         assert!(check(&format!("q={}", "x".repeat(LONGEST + 1))).is_err());
+    }
+
+    #[test]
+    fn list_parameters_keep_every_value_in_order() {
+        let p = Params::parse_lists(b"id=3&id=1&job=a&id=2", &KNOWN, &["id"]).unwrap();
+        assert_eq!(p.list("id"), ["3", "1", "2"]);
+        assert_eq!(p.get("job"), Some("a"));
+        let many = vec!["id=1"; MOST_VALUES + 1].join("&");
+        assert!(Params::parse_lists(many.as_bytes(), &KNOWN, &["id"]).is_err());
     }
 
     #[test]

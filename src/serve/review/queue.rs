@@ -146,6 +146,8 @@ pub struct Page {
     pub next: Option<Cursor>,
     /// Show the events before this one (there are some).
     pub prev: Option<Cursor>,
+    /// The search was taken for an event id.
+    pub by_id: bool,
 }
 
 /// How long each job's events stay pending (`pending_for`), for the expiry filter and column.
@@ -178,7 +180,7 @@ pub async fn page(
     if let Some(id) = filters.search.as_deref().and_then(|s| s.parse::<i64>().ok()) {
         let found = page_of(pool, filters, Search::Id(id), pending_for, at, limit).await?;
         if !found.rows.is_empty() {
-            return Ok(found);
+            return Ok(Page { by_id: true, ..found });
         }
     }
     let search = filters.search.as_deref().map_or(Search::None, Search::Text);
@@ -270,7 +272,7 @@ async fn page_of(
         At::After(_) => (last.filter(|_| more), first),
         At::Before(_) => (last, first.filter(|_| more)),
     };
-    Ok(Page { rows, next, prev })
+    Ok(Page { rows, next, prev, by_id: false })
 }
 
 fn bind_filters<'q, O>(
@@ -321,36 +323,60 @@ fn like_escape(s: &str) -> String {
 }
 
 /// The reasons an event is pending for, and `undecided` (stored pending by a run with a
-/// backlog, not decided yet).
-pub const REASONS: [&str; 6] =
-    ["unknown_session", "unknown_group", "missing_key", "no_candidate", "ambiguous", "undecided"];
+/// backlog, not decided yet), each with what it means.
+pub const REASONS: [(&str, &str); 6] = [
+    ("unknown_session", "its SessionId names no call yet; retried on every run until it expires"),
+    ("unknown_group", "its MasterId names no call group yet; retried on every run until it expires"),
+    ("missing_key", "its Metadata has the keys of no rule"),
+    ("no_candidate", "no call or call group has its key values (in the time window)"),
+    ("ambiguous", "several calls or groups are equally good candidates"),
+    ("undecided", "stored while a run had a backlog and not decided by the rules yet: the next run decides it"),
+];
 
 /// Counts stop here: past it the page says "1000+". Counting a backlog's every event on every
 /// page would make a page's cost grow with the backlog.
 pub const COUNT_CAP: i64 = 1_000;
 
-/// Pending events per reason, of one job or all, each counted up to [`COUNT_CAP`] + 1 (an
-/// index-only range of `events_review_reason_idx`); reasons with none are left out.
-pub async fn counts(pool: &sqlx::PgPool, job: Option<&str>) -> Result<BTreeMap<String, i64>> {
+/// Pending events per reason matching `filters` but for its reason, each counted up to
+/// [`COUNT_CAP`] + 1 (a range of `events_review_reason_idx` when no other filter narrows it);
+/// reasons with none are left out. `by_id`: the search was taken for an event id (as the page
+/// found it: [`Page::by_id`]).
+pub async fn counts(
+    pool: &sqlx::PgPool,
+    filters: &Filters,
+    by_id: bool,
+    pending_for: &PendingFor,
+) -> Result<BTreeMap<String, i64>> {
     // One capped count per reason, each with its own value (bound, and planned with it).
     let count = |condition: &str| {
         format!(
-            "(select count(*) from (select 1 from events where state = 'pending' and {condition}
-                                      and ($1::text is null or job = $1) limit $2) capped)"
+            "(select count(*) from (select 1 from events where state = 'pending' and {condition} {} limit $10) capped)",
+            filter_sql!()
         )
     };
     let columns: Vec<String> = REASONS
         .iter()
         .enumerate()
-        .map(|(i, r)| if *r == "undecided" { count("reason is null") } else { count(&format!("reason = ${}", i + 3)) })
+        .map(
+            |(i, (r, _))| {
+                if *r == "undecided" { count("reason is null") } else { count(&format!("reason = ${}", i + 11)) }
+            },
+        )
         .collect();
     let sql = format!("select array[{}]", columns.join(", "));
-    let mut q = sqlx::query_scalar::<_, Vec<i64>>(sqlx::AssertSqlSafe(sql)).bind(job).bind(COUNT_CAP + 1);
-    for r in REASONS.iter().filter(|r| **r != "undecided") {
+    let all_reasons = Filters { reason: None, ..filters.clone() };
+    let search = match filters.search.as_deref() {
+        Some(s) if by_id => s.parse().map_or(Search::Text(s), Search::Id),
+        Some(s) => Search::Text(s),
+        None => Search::None,
+    };
+    let q = sqlx::query_as::<_, (Vec<i64>,)>(sqlx::AssertSqlSafe(sql)).persistent(false);
+    let mut q = bind_filters(q, &all_reasons, search, pending_for).bind(COUNT_CAP + 1);
+    for (r, _) in REASONS.iter().filter(|(r, _)| *r != "undecided") {
         q = q.bind(*r);
     }
-    let n = q.persistent(false).fetch_one(pool).await.context("counting the queue")?;
-    Ok(REASONS.iter().zip(n).filter(|(_, n)| *n > 0).map(|(r, n)| (r.to_string(), n)).collect())
+    let (n,) = q.fetch_one(pool).await.context("counting the queue")?;
+    Ok(REASONS.iter().zip(n).filter(|(_, n)| *n > 0).map(|((r, _), n)| (r.to_string(), n)).collect())
 }
 
 /// The jobs that have run (for the job filter).
@@ -374,6 +400,20 @@ pub async fn position(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cursor>> {
         .await
         .context("reading the event")?;
     Ok(at.map(|received_at| Cursor { received_at, id }))
+}
+
+/// The pending events of `filters` just after and just before event `id` in the queue's order
+/// (the event itself may be decided already).
+pub async fn neighbours(
+    pool: &sqlx::PgPool,
+    filters: &Filters,
+    pending_for: &PendingFor,
+    id: i64,
+) -> Result<(Option<i64>, Option<i64>)> {
+    let Some(pos) = position(pool, id).await? else { return Ok((None, None)) };
+    let after = page(pool, filters, pending_for, At::After(pos), 1).await?;
+    let before = page(pool, filters, pending_for, At::Before(pos), 1).await?;
+    Ok((after.rows.first().map(|r| r.id), before.rows.first().map(|r| r.id)))
 }
 
 #[cfg(test)]

@@ -163,9 +163,23 @@ pub fn chart(runs: &[RunRow]) -> Chart {
     Chart { width: W, height: H, bar: format!("{bar:.1}"), max, bars }
 }
 
+/// How long a run took, as measured: milliseconds under a second (`40 ms`), else seconds to a
+/// tenth (`2.5 s`).
+pub fn took(seconds: f64) -> String {
+    if seconds < 1.0 { format!("{} ms", (seconds * 1000.0).round() as i64) } else { format!("{seconds:.1} s") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 42: a run of 40 ms said "took 0.0 s".
+    #[test]
+    fn durations_under_a_second_are_shown_in_milliseconds() {
+        assert_eq!(took(0.04), "40 ms");
+        assert_eq!(took(0.9996), "1000 ms");
+        assert_eq!(took(2.46), "2.5 s");
+    }
 
     fn run(id: i64, matched: u64, pending: u64, expired: u64) -> RunRow {
         RunRow {

@@ -192,10 +192,21 @@ pub async fn sign_in(
 /// A message for the next view of an event page, chosen by the server.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Flash {
+    /// The event page it is for (0: the queue).
     pub event: i64,
     /// `msg` (done) or `error` (refused).
     pub kind: String,
     pub text: String,
+    /// The decision just made, which the page offers to undo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<Undo>,
+}
+
+/// A decision the next page offers to undo (reopen): the event and its decision as made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Undo {
+    pub event: i64,
+    pub seen: String,
 }
 
 /// Leaves `flash` for the session of the request (replacing any other).
