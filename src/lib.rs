@@ -13,6 +13,7 @@ pub mod http;
 pub mod ingest;
 pub mod inspect;
 pub mod job;
+pub mod jsonb;
 pub mod ledger;
 pub mod matching;
 pub mod metrics;

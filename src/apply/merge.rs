@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::jsonb::{jsonb_text, print_object};
 use super::read::{Batch, Row, ThisRun};
 use super::write::NewValue;
+use crate::jsonb::{jsonb_text, print_object};
 
 impl Batch {
     /// Merges the batch's values, with this run's decisions it was read without.

@@ -12,10 +12,9 @@
 //!
 //! The stage's parts: [`plan`] (which targets, read in which batches), [`read`] (the batches,
 //! on the run's connection or a second one, and this run's own decisions), [`merge`] (values
-//! computed in memory), [`jsonb`] (values printed as PostgreSQL prints jsonb) and [`write`]
+//! computed in memory), [`crate::jsonb`] (values printed as PostgreSQL prints jsonb) and [`write`]
 //! (only the changed rows, in heap order).
 
-pub mod jsonb;
 pub mod merge;
 pub mod plan;
 pub mod read;
@@ -30,7 +29,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::calldata::Hint;
 use crate::tuning::Tuning;
 
-pub use jsonb::jsonb_text;
+pub use crate::jsonb::jsonb_text;
 pub use merge::{Contribution, Part, call_value, group_value};
 pub use plan::Touched;
 pub use read::{Merging, Reader, ThisRun};

@@ -165,6 +165,16 @@ pub struct Summary {
     pub files_ingested: u64,
     pub files_duplicate: u64,
     pub files_failed: u64,
+    /// Inbox files still being written (`[sources] settle`), left in the inbox for a later run.
+    #[serde(default)]
+    pub files_later: u64,
+    /// Valid events the job already held (each event once): not stored again, no decision
+    /// changed.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// `duplicates` by source: `queue` (the intake API's events too), or the inbox file.
+    #[serde(default)]
+    pub duplicates_by_source: BTreeMap<String, u64>,
     /// The job's events analysts dismissed (all of them, not only this run's): no longer
     /// pending, never in `unmatched`.
     #[serde(default)]

@@ -73,6 +73,12 @@ pub struct AlreadyRunning {
 pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
     let tuning = Tuning::from_env();
     let kind = mode.kind();
+    // Files still being written are set apart (waited for, when worth it) before the run's
+    // transaction begins, so no wait holds it open.
+    let inbox = match mode {
+        Mode::Run => ingest::settle::settle(job, Utc::now()).await.context("listing the inbox")?,
+        Mode::Rematch { .. } | Mode::Undo { .. } => Default::default(),
+    };
     let mut tx = crate::db::begin(pool).await.context("starting the run's transaction")?;
     let undoes = match mode {
         Mode::Undo { run } => Some(run),
@@ -83,7 +89,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     let run = Run { pool, job, tuning, run_id, now };
 
     let result = async {
-        let (mut report, mut files, stages) = run.stages(&mut tx, mode, dry_run).await?;
+        let (mut report, mut files, stages) = run.stages(&mut tx, mode, dry_run, inbox).await?;
         if dry_run {
             tx.rollback().await?;
         } else {
@@ -140,6 +146,7 @@ impl Run<'_> {
         conn: &mut PgConnection,
         mode: Mode,
         dry_run: bool,
+        inbox: ingest::settle::Settled,
     ) -> Result<(Report, Vec<(PathBuf, FileEntry)>, Stages)> {
         let mut stages = Vec::new();
         let t = std::time::Instant::now();
@@ -147,7 +154,7 @@ impl Run<'_> {
         let mut tally = Tally::new(self.now - self.job.pending_for, rematch, self.tuning.page_events());
         let mut times = StageTimes::default();
         let (ingested, fresh) = match mode {
-            Mode::Run => self.ingest(conn, &mut tally, &mut times).await.context("ingesting events")?,
+            Mode::Run => self.ingest(conn, inbox, &mut tally, &mut times).await.context("ingesting events")?,
             Mode::Rematch { .. } | Mode::Undo { .. } => (Ingested::default(), None),
         };
         stages.push(("ingest", t.elapsed()));
@@ -174,9 +181,11 @@ impl Run<'_> {
         let applied = self.apply(conn, inputs, fresh).await?;
         stages.push(("apply", t.elapsed()));
         let t = std::time::Instant::now();
-        let Ingested { events, rejected, files } = ingested;
+        let Ingested { events, duplicates, rejected, files } = ingested;
         let mut report = self.report(conn, mode, dry_run, events, rejected, matched, by_rule, diff, applied).await?;
         count_files(&mut report.summary, files.iter().map(|(_, f)| f));
+        report.summary.duplicates = duplicates.values().sum();
+        report.summary.duplicates_by_source = duplicates;
         report.undo = undo;
         tracing::debug!("report built");
         stages.push(("report", t.elapsed()));
@@ -189,11 +198,12 @@ impl Run<'_> {
     async fn ingest(
         &self,
         conn: &mut PgConnection,
+        inbox: ingest::settle::Settled,
         tally: &mut Tally,
         times: &mut StageTimes,
     ) -> Result<(Ingested, Option<Fresh>)> {
         let mut arrivals = Arrivals::new(&self.job.name, self.run_id, self.tuning.page_events());
-        let ingested = ingest::ingest(conn, self.job, self.run_id, self.now, &mut arrivals).await?;
+        let ingested = ingest::ingest(conn, self.job, self.run_id, self.now, inbox, &mut arrivals).await?;
         times.store_ms += arrivals.store_ms;
         let events = arrivals.into_waiting();
         if events.is_empty() {
@@ -484,6 +494,10 @@ impl Run<'_> {
             files_ingested: 0,
             files_duplicate: 0,
             files_failed: 0,
+            files_later: 0,
+            // Filled in with the files'.
+            duplicates: 0,
+            duplicates_by_source: Default::default(),
         };
         Ok(Report {
             run_id: self.run_id,
@@ -629,4 +643,5 @@ fn count_files<'f>(summary: &mut Summary, files: impl Iterator<Item = &'f FileEn
     summary.files_ingested = count(FileStatus::Ingested);
     summary.files_duplicate = count(FileStatus::Duplicate);
     summary.files_failed = count(FileStatus::Failed);
+    summary.files_later = count(FileStatus::Later);
 }

@@ -10,6 +10,7 @@ mod crash;
 mod demo;
 mod desk;
 mod docs;
+mod feeds;
 mod footprint;
 mod fuzz;
 mod helpers;
