@@ -11,6 +11,11 @@
 # memory would need ~10 KB an event: 40 GB for a 1 GB file).
 # Each binary gets its own database (callrecon_ingest_before / _after) and job folder; the same
 # file is generated once. Prints a markdown table.
+#
+# REPEATS=P (NDJSON): an overlapping export instead. The job first ingests a file of the feed's
+# first P% events (setup), then the whole feed arrives as another file: P% of it repeats events
+# the job holds (each event once: a binary that knows it stores only the rest). The table adds
+# the events stored. Files are dated an hour back, so `[sources] settle` has nothing to wait for.
 set -euo pipefail
 before=$1; [ "$before" = none ] || before=$(realpath "$1")
 after=$(realpath "$2")
@@ -36,6 +41,15 @@ if json_array:
     out.write("\n]\n")
 PY
 echo "feed: $(du -h "$feed" | cut -f1), $n events, $format" >&2
+repeats=${REPEATS:-}
+if [ -n "$repeats" ]; then
+    [ "$format" = ndjson ] || { echo "REPEATS needs FORMAT=ndjson" >&2; exit 2; }
+    head -n $((n * repeats / 100)) "$feed" > "$work/held.ndjson"
+fi
+drop() { # file, name in the inbox: copied, dated an hour back (settled)
+    cp "$1" "$work/$side/inbox/$2"
+    touch -d '1 hour ago' "$work/$side/inbox/$2"
+}
 
 url() { echo "${base%/*}/$1"; }
 measure() { # label, then the command: prints "| label | wall | rss |"
@@ -72,7 +86,15 @@ window = { before = "10m", after = "10m" }
 [report]
 dir = "reports"
 TOML
-    cp "$feed" "$work/$side/inbox/"
+    if [ -n "$repeats" ]; then
+        drop "$work/held.ndjson" week-1.ndjson
+        measure "$side · setup: ingest the first $repeats%" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
+        drop "$feed" week-2.ndjson
+        measure "$side · the whole feed again ($repeats% repeats)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
+        echo "| $side · events stored | $(psql -tA "$(url $db)" -c 'select count(*) from callrecon.events') | |"
+        continue
+    fi
+    drop "$feed" "feed.$format"
     measure "$side · first run (ingest the file)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
     measure "$side · next run (nothing new)" "$bin" --database-url "$(url $db)" run --job "$work/$side/job.toml"
     measure "$side · report show 2 --format text" "$bin" --database-url "$(url $db)" report show 2 --format text

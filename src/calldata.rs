@@ -272,6 +272,38 @@ pub async fn load_groups(
     Ok(t)
 }
 
+/// The calls (`calls` true) or call groups of `ids` that exist, with `fields`, as matching takes
+/// them: what `suggest` compares each analyst's attach with.
+pub async fn targets_by_id(
+    conn: &mut PgConnection,
+    calls: bool,
+    ids: &[&str],
+    fields: &[TargetField],
+) -> Result<Candidates> {
+    let exprs: String = fields.iter().map(|f| format!(", {}", field_sql(f))).collect();
+    let sql = if calls {
+        format!("select id, started_at, coalesce(ended_at, started_at){exprs} from calls where id = any($1)")
+    } else {
+        format!("select id, null::timestamptz, null::timestamptz{exprs} from call_groups where id = any($1)")
+    };
+    let rows =
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ids).fetch_all(&mut *conn).await.context("reading targets by id")?;
+    let mut t = Candidates::default();
+    let mut cols: Vec<Texts> = vec![Texts::default(); fields.len()];
+    for row in rows {
+        t.ids.push(Some(row.try_get(0)?));
+        if calls {
+            t.start.push(row.try_get::<DateTime<Utc>, _>(1)?.timestamp_micros());
+            t.end.push(row.try_get::<DateTime<Utc>, _>(2)?.timestamp_micros());
+        }
+        for (i, col) in cols.iter_mut().enumerate() {
+            col.push(row.try_get(3 + i)?);
+        }
+    }
+    t.fields = fields.iter().cloned().zip(cols).collect();
+    Ok(t)
+}
+
 /// A call found by its `session_id`: its id and where it is.
 pub struct SessionCall {
     pub id: String,

@@ -198,6 +198,34 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Rule changes learned from the analysts' manual decisions, each simulated on the job's
+    /// events (dry); with --accept, the job file's diff for one of them.
+    Suggest {
+        /// The job file whose rules to improve.
+        #[arg(long, value_name = "FILE")]
+        job: PathBuf,
+        /// Start of the EventTime range of events learned from and simulated (inclusive).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// End of the EventTime range (exclusive).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Suggest a change only when at least this many manual attaches would have been made by it.
+        #[arg(long, value_name = "N", default_value_t = crate::suggest::MIN_SUPPORT as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        min_support: u64,
+        /// `text` for a person; `json` for tools, in the contract's shape.
+        #[arg(long, value_enum, default_value_t = HistoryFormat::Text)]
+        format: HistoryFormat,
+        /// Print the job file's diff for suggestion ID (its id in the list).
+        #[arg(long, value_name = "ID")]
+        accept: Option<String>,
+        /// With --accept: write the change into the job file, keeping its comments and layout.
+        #[arg(long, requires = "accept")]
+        write: bool,
+        /// With --write: then rematch the scope under the changed rules.
+        #[arg(long, requires = "write")]
+        rematch: bool,
+    },
     /// Put the events of files (inbox formats) on event_queue.
     Enqueue {
         /// Files in the inbox formats: .json, .ndjson/.jsonl, .csv.

@@ -38,6 +38,14 @@ pub async fn demo(pool: &PgPool, samples: &Path, job: &Job) -> Result<Vec<Finish
                 let dest = inbox_dir.join(path.file_name().expect("file name"));
                 std::fs::copy(&path, &dest)
                     .with_context(|| format!("copying {} to {}", path.display(), dest.display()))?;
+                // Written whole just now: dated back past `[sources] settle`, so the run reads
+                // it at once rather than waiting for it to settle.
+                let settled = std::time::SystemTime::now() - job.settle - std::time::Duration::from_secs(1);
+                std::fs::File::options()
+                    .append(true)
+                    .open(&dest)
+                    .and_then(|f| f.set_modified(settled))
+                    .with_context(|| format!("dating {}", dest.display()))?;
                 println!("dropped {} into {}", path.display(), inbox_dir.display());
             }
         }

@@ -25,6 +25,8 @@ pub struct NewEvent {
     pub source: String,
     pub event: Event,
     pub received_at: DateTime<Utc>,
+    /// What makes it the same event as another (`ingest::dedupe::digest`), stored with it.
+    pub digest: [u8; 16],
 }
 
 /// A record that could not become an event: where it came from, why, and what it was.

@@ -21,6 +21,9 @@ pub struct Job {
     /// Absolute (resolved against the job file's folder).
     pub inbox: Option<PathBuf>,
     pub archive: PathBuf,
+    /// `[sources] settle`: an inbox file whose size or modification time changed this recently
+    /// is still being written, and is left for later.
+    pub settle: std::time::Duration,
     pub rules: Vec<Rule>,
     pub group_fields: Vec<String>,
     pub report_dir: PathBuf,
@@ -133,6 +136,7 @@ struct RawSources {
     queue: bool,
     inbox: Option<String>,
     archive: Option<String>,
+    settle: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +233,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
     let pending_for = match &raw.pending_for {
         None => chrono::Duration::hours(72),
         Some(d) => duration(d).map_err(|m| at(d.span(), &m))?,
+    };
+
+    let settle = match &raw.sources.settle {
+        None => DEFAULT_SETTLE,
+        Some(d) => match duration(d).map_err(|m| at(d.span(), &m))?.to_std() {
+            Ok(settle) if settle <= MAX_SETTLE => settle,
+            _ => return Err(at(d.span(), &format!("settle {:?} is longer than 1h", d.get_ref()))),
+        },
     };
 
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -377,6 +389,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         queue: raw.sources.queue,
         inbox: raw.sources.inbox.as_deref().map(resolve),
         archive: resolve(raw.sources.archive.as_deref().unwrap_or("archive")),
+        settle,
         rules,
         group_fields: raw.apply.group_fields,
         report_dir: resolve(raw.report.dir.as_deref().unwrap_or("reports")),
@@ -396,6 +409,11 @@ impl Job {
         })
     }
 }
+
+/// `[sources] settle` when the job file does not say.
+pub const DEFAULT_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The longest `settle` a job file may ask for: a run may wait that long for a young file.
+pub const MAX_SETTLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Parses "90s", "10m", "2h", "72h", "1h 30m".
 fn duration(s: &Spanned<String>) -> Result<chrono::Duration, String> {
@@ -485,6 +503,10 @@ dir = "reports"
         assert_eq!(job.name, "nightly");
         assert_eq!(job.timezone, chrono_tz::America::New_York);
         assert_eq!(job.pending_for, chrono::Duration::hours(72));
+        assert_eq!(job.settle, DEFAULT_SETTLE);
+        let text = GOOD.replacen("archive = \"archive\"", "archive = \"archive\"\nsettle = \"10s\"", 1);
+        let job = parse(Path::new("jobs/nightly.toml"), &text).unwrap();
+        assert_eq!(job.settle, std::time::Duration::from_secs(10));
         assert_eq!(job.inbox.as_deref(), Some(Path::new("jobs/inbox")));
         assert_eq!(job.report_dir, Path::new("jobs/reports"));
         assert_eq!(job.rules.len(), 2);
@@ -519,6 +541,9 @@ dir = "reports"
         check_err("name = \"crm-case\"", "name = \"phone-and-agent\"", ":21:8: duplicate rule name");
         check_err("call_group = \"metadata.caseNumber\"", "call = \"metadata.caseNumber\"", "targets call groups");
         check_err("queue = true", "queue = yes", ":8:9:");
+        let settle = |value: &str| format!("archive = \"archive\"\nsettle = \"{value}\"");
+        check_err("archive = \"archive\"", &settle("2h"), ":11:10: settle \"2h\" is longer than 1h");
+        check_err("archive = \"archive\"", &settle("soon"), ":11:10: bad duration");
         check_err("name = \"crm-case\"", "name = \"session_id\"", "reserved");
         check_err("name = \"crm-case\"", "name = \"master_id\"", "reserved");
         check_err(

@@ -8,7 +8,9 @@ use clap::Parser;
 use callrecon::cli::{Cli, Command, GenCommand, HistoryFormat, LogFormat, ReportCommand, UsersCommand};
 use callrecon::job::{self, JobError};
 use callrecon::run::{self, AlreadyRunning, Mode};
-use callrecon::{datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, tuning, users, verify};
+use callrecon::{
+    datagen, db, demo, event, ingest, inspect, metrics, report, resolve, serve, suggest, tuning, users, verify,
+};
 
 /// mimalloc rather than glibc's allocator: a rematch of 5M calls spent a sixth of its own CPU
 /// time in malloc and free (bench/RESULTS.md, "the rematch's own CPU").
@@ -105,7 +107,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         | Command::Reopen { job, .. }
         | Command::Undo { job: Some(job), .. }
         | Command::Demo { job, .. }
-        | Command::Verify { job: Some(job), .. } => Some(job::load(job)?),
+        | Command::Verify { job: Some(job), .. }
+        | Command::Suggest { job, .. } => Some(job::load(job)?),
         _ => None,
     };
     if db::pooler() == db::Pooler::Transaction {
@@ -147,15 +150,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Rematch { since, until, dry_run, .. } => {
             let job = job.expect("loaded above");
-            let time = |flag: &str, v: Option<String>| -> Result<_> {
-                v.map(|s| {
-                    event::parse_time(&s, job.timezone)
-                        .map_err(anyhow::Error::msg)
-                        .with_context(|| format!("--{flag} {s:?}"))
-                })
-                .transpose()
-            };
-            let mode = Mode::Rematch { since: time("since", since)?, until: time("until", until)? };
+            let mode = Mode::Rematch { since: time_arg(&job, "since", since)?, until: time_arg(&job, "until", until)? };
             print_finished(&run_logged(&pool, &job, mode, dry_run).await?);
         }
         Command::Resolve { event_id, to, file, note, by, dry_run, .. } => {
@@ -224,6 +219,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Enqueue { files } => enqueue(&pool, &files).await?,
+        Command::Suggest { since, until, min_support, format, accept, write, rematch, .. } => {
+            let job = job.expect("loaded above");
+            let scope =
+                suggest::Scope { since: time_arg(&job, "since", since)?, until: time_arg(&job, "until", until)? };
+            match accept {
+                None => {
+                    let found = suggest::suggest(&pool, &job, scope, min_support as usize).await?;
+                    match format {
+                        HistoryFormat::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+                        HistoryFormat::Text => print!("{}", suggest::text(&found, &job.path)),
+                    }
+                }
+                Some(id) => accept_suggestion(&pool, &job, scope, &id, write, rematch).await?,
+            }
+        }
         Command::Gen { command } => {
             let scale = |s: &callrecon::cli::GenScale| datagen::Scale {
                 calls: s.calls,
@@ -274,6 +284,48 @@ async fn dispatch(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// `--since` / `--until`: a time, without an offset in the job's time zone.
+fn time_arg(job: &job::Job, flag: &str, v: Option<String>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    v.map(|s| {
+        event::parse_time(&s, job.timezone).map_err(anyhow::Error::msg).with_context(|| format!("--{flag} {s:?}"))
+    })
+    .transpose()
+}
+
+/// `suggest --accept ID`: the diff; with `--write` the job file written; with `--rematch` the
+/// scope rematched under the written rules.
+async fn accept_suggestion(
+    pool: &sqlx::PgPool,
+    job: &job::Job,
+    scope: suggest::Scope,
+    id: &str,
+    write: bool,
+    rematch: bool,
+) -> Result<()> {
+    let accepted = suggest::accept(pool, job, scope, id).await?;
+    print!("{}", accepted.diff);
+    if !write {
+        println!("\nnot written: add --write to write it into {}", job.path.display());
+        return Ok(());
+    }
+    suggest::write(job, &accepted)?;
+    println!("\nwrote {}: {}", job.path.display(), accepted.change.describe());
+    let mut command = format!("callrecon rematch --job {}", job.path.display());
+    for (flag, t) in [("since", scope.since), ("until", scope.until)] {
+        if let Some(t) = t {
+            command.push_str(&format!(" --{flag} {}", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)));
+        }
+    }
+    if !rematch {
+        println!("the rules changed for later runs; to decide past events by them, run `{command}`");
+        return Ok(());
+    }
+    let changed = job::load(&job.path)?;
+    let mode = Mode::Rematch { since: scope.since, until: scope.until };
+    print_finished(&run_logged(pool, &changed, mode, false).await?);
+    Ok(())
+}
+
 /// Behind a transaction pooler (`--pooler transaction`), the commands whose statements do not
 /// all run in transactions that set callrecon's settings themselves are refused, by name.
 fn refuse_without_session(command: &Command) -> Result<()> {
@@ -295,6 +347,7 @@ fn refuse_without_session(command: &Command) -> Result<()> {
         Command::Gen { .. } => "gen",
         Command::Report { .. } => "report",
         Command::Demo { .. } => "demo",
+        Command::Suggest { .. } => "suggest",
         Command::Users { .. } => "users",
     };
     anyhow::bail!(

@@ -148,12 +148,15 @@ pub struct RunMetrics {
     stage_seconds: Histograms,
     ingested: Family<Labels, Counter>,
     rejected: Family<Labels, Counter>,
+    duplicates: Family<Labels, Counter>,
     matched: Family<Labels, Counter>,
     calls_written: Family<Labels, Counter>,
     groups_written: Family<Labels, Counter>,
     last_stage_seconds: Family<Labels, GaugeF64>,
     last_ingested: Family<Labels, Gauge>,
     last_rejected: Family<Labels, Gauge>,
+    last_duplicates: Family<Labels, Gauge>,
+    last_files_later: Family<Labels, Gauge>,
     last_matched: Family<Labels, Gauge>,
     last_unmatched: Family<Labels, Gauge>,
     last_unmatched_ratio: Family<Labels, GaugeF64>,
@@ -175,12 +178,15 @@ impl RunMetrics {
             stage_seconds: Family::new_with_constructor(stage_histogram),
             ingested: Family::default(),
             rejected: Family::default(),
+            duplicates: Family::default(),
             matched: Family::default(),
             calls_written: Family::default(),
             groups_written: Family::default(),
             last_stage_seconds: Family::default(),
             last_ingested: Family::default(),
             last_rejected: Family::default(),
+            last_duplicates: Family::default(),
+            last_files_later: Family::default(),
             last_matched: Family::default(),
             last_unmatched: Family::default(),
             last_unmatched_ratio: Family::default(),
@@ -205,6 +211,11 @@ impl RunMetrics {
             );
             r.register("callrecon_events_ingested", "Valid events stored by runs", m.ingested.clone());
             r.register("callrecon_records_rejected", "Records runs refused (see the reports)", m.rejected.clone());
+            r.register(
+                "callrecon_events_duplicate",
+                "Valid events runs did not store because the job already held them, by source (queue, inbox)",
+                m.duplicates.clone(),
+            );
             r.register(
                 "callrecon_events_matched",
                 "Events matched by runs, by rule (session_id: attached by SessionId)",
@@ -231,6 +242,16 @@ impl RunMetrics {
             "callrecon_last_run_rejected_records",
             "Records the job's last successful run refused",
             m.last_rejected.clone(),
+        );
+        r.register(
+            "callrecon_last_run_duplicate_events",
+            "Valid events the job's last successful run did not store because the job already held them",
+            m.last_duplicates.clone(),
+        );
+        r.register(
+            "callrecon_last_run_inbox_files_left",
+            "Inbox files the job's last successful run left for later: still being written ([sources] settle)",
+            m.last_files_later.clone(),
         );
         r.register(
             "callrecon_last_run_matched_events",
@@ -314,6 +335,10 @@ impl RunMetrics {
         }
         self.ingested.get_or_create(&j).inc_by(s.ingested);
         self.rejected.get_or_create(&j).inc_by(s.rejected);
+        for (source, n) in &s.duplicates_by_source {
+            let kind = if source == "queue" { "queue" } else { "inbox" };
+            self.duplicates.get_or_create(&[j.clone(), vec![("source", kind.to_owned())]].concat()).inc_by(*n);
+        }
         for (rule, n) in &s.by_rule {
             self.matched.get_or_create(&[j.clone(), vec![("rule", rule.clone())]].concat()).inc_by(*n);
         }
@@ -321,6 +346,8 @@ impl RunMetrics {
         self.groups_written.get_or_create(&j).inc_by(s.groups_updated);
         self.last_ingested.get_or_create(&j).set(s.ingested as i64);
         self.last_rejected.get_or_create(&j).set(s.rejected as i64);
+        self.last_duplicates.get_or_create(&j).set(s.duplicates as i64);
+        self.last_files_later.get_or_create(&j).set(s.files_later as i64);
         self.last_matched.get_or_create(&j).set(s.matched as i64);
         self.last_unmatched_ratio.get_or_create(&j).set(unmatched_ratio(s.matched, s.unmatched));
         let reason_labels = |reason: &str| [j.clone(), vec![("reason", reason.to_owned())]].concat();
@@ -429,6 +456,9 @@ pub fn log_summary(job: &str, kind: &str, dry_run: bool, ended: &Ended<'_>, took
                 files_ingested = s.files_ingested,
                 files_duplicate = s.files_duplicate,
                 files_failed = s.files_failed,
+                files_later = s.files_later,
+                duplicates = s.duplicates,
+                duplicates_by_source = %json!(s.duplicates_by_source),
                 matched_by_rule = %json!(s.by_rule),
                 unmatched_by_reason = %json!(s.by_reason),
                 problems = done.problems.len(),

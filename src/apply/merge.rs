@@ -4,9 +4,9 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use serde_json::value::RawValue;
 
-use super::jsonb::print_object;
 use super::this_run::ThisRun;
 use super::types::{Batch, Contribution, Merged, NewValue, Part, Row};
+use crate::jsonb::print_object;
 
 impl Batch {
     /// Merges the batch's values, with this run's decisions it was read without.

@@ -12,11 +12,10 @@
 //!
 //! The stage's parts: [`plan`] (which targets, read in which batches), [`read`] (the batches,
 //! on the run's connection or a second one), [`this_run`] (this run's own decisions, which such
-//! a reader cannot see), [`merge`] (values computed in memory), [`jsonb`] (values printed as
-//! PostgreSQL prints jsonb), [`write`] (only the changed rows, in heap order), and [`types`]
+//! a reader cannot see), [`merge`] (values computed in memory), [`crate::jsonb`] (values printed
+//! as PostgreSQL prints jsonb), [`write`] (only the changed rows, in heap order), and [`types`]
 //! (the data they hand each other).
 
-pub mod jsonb;
 pub mod merge;
 pub mod plan;
 pub mod read;
@@ -33,7 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::calldata::Hint;
 use crate::tuning::Tuning;
 
-pub use jsonb::jsonb_text;
+pub use crate::jsonb::jsonb_text;
 pub use merge::{call_value, group_value};
 pub use plan::Touched;
 pub use read::{Merging, Reader};

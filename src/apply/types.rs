@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::jsonb::jsonb_text;
+use crate::jsonb::jsonb_text;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Applied {

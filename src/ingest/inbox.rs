@@ -601,6 +601,8 @@ pub enum FileStatus {
     Duplicate,
     /// Refused whole: nothing in it could be read.
     Failed,
+    /// Still being written (changed within `[sources] settle`): left in the inbox for a later run.
+    Later,
 }
 
 /// Moves a file into `archive/[duplicate|failed/]YYYY-MM-DD/`, never overwriting: a name taken
@@ -611,6 +613,7 @@ pub fn archive(file: &Path, archive: &Path, how: FileStatus, day: chrono::NaiveD
         FileStatus::Ingested => {}
         FileStatus::Duplicate => dir.push("duplicate"),
         FileStatus::Failed => dir.push("failed"),
+        FileStatus::Later => anyhow::bail!("{} is still being written: it stays in the inbox", file.display()),
     }
     dir.push(day.format("%Y-%m-%d").to_string());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating archive folder {}", dir.display()))?;

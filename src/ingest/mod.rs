@@ -6,12 +6,14 @@
 //! rejected with its position and never stops the good ones beside it. Files are moved
 //! ([`archive`]) only after the run commits, never deleted.
 
+pub mod dedupe;
 pub mod inbox;
 pub mod queue;
+pub mod settle;
 
 pub use inbox::FileStatus;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -24,12 +26,16 @@ use crate::event::{self, NewEvent, Rejected};
 use crate::job::Job;
 use crate::ledger::Arrivals;
 use crate::progress;
+use dedupe::Dedupe;
+use settle::Settled;
 
 /// What ingestion took in, besides the events it handed on.
 #[derive(Default)]
 pub struct Ingested {
-    /// Valid events handed on.
+    /// Valid events handed on (new to the job).
     pub events: u64,
+    /// Valid events the job already held, by source (`queue`, `inbox/a.ndjson`): not handed on.
+    pub duplicates: BTreeMap<String, u64>,
     pub rejected: Vec<Rejected>,
     /// Inbox files with what became of them; archived after the commit.
     pub files: Vec<(PathBuf, FileEntry)>,
@@ -42,49 +48,86 @@ pub struct FileEntry {
     pub sha256: String,
     pub status: FileStatus,
     pub events: u64,
+    /// Its events the job already held (each event once): not stored again.
+    #[serde(default)]
+    pub duplicates: u64,
     pub rejected: u64,
     pub archived_to: Option<String>,
     pub reason: Option<String>,
 }
 
-/// Drains the queue, then reads the inbox, handing every valid event to `arrivals`.
+/// Drains the queue, then reads the inbox's settled files ([`settle::settle`]), handing every
+/// valid event new to the job to `arrivals` ([`dedupe`]).
 #[tracing::instrument(skip_all)]
 pub async fn ingest(
     conn: &mut PgConnection,
     job: &Job,
     run_id: i64,
     now: DateTime<Utc>,
+    inbox: Settled,
     arrivals: &mut Arrivals,
 ) -> Result<Ingested> {
     let mut out = Ingested::default();
+    let mut dedupe = Dedupe::default();
     if job.queue {
-        drain_queue(conn, job, arrivals, &mut out).await?;
+        drain_queue(conn, job, arrivals, &mut dedupe, &mut out).await?;
     }
     if let Some(dir) = &job.inbox {
-        read_inbox(conn, job, run_id, now, dir, arrivals, &mut out).await?;
+        let Settled { ready, later } = inbox;
+        read_inbox(conn, job, run_id, now, dir, ready, arrivals, &mut dedupe, &mut out).await?;
+        for (path, reason) in later {
+            let entry = FileEntry::new(label(dir, &path), String::new(), FileStatus::Later);
+            out.files.push((path, FileEntry { reason: Some(reason), ..entry }));
+        }
     }
+    if dedupe.total() > 0 {
+        tracing::info!(duplicates = dedupe.total(), by_source = ?dedupe.by_source, "events the job already held, not stored again");
+    }
+    out.duplicates = dedupe.by_source;
     Ok(out)
+}
+
+impl FileEntry {
+    fn new(file: String, sha256: String, status: FileStatus) -> Self {
+        FileEntry { file, sha256, status, events: 0, duplicates: 0, rejected: 0, archived_to: None, reason: None }
+    }
+}
+
+/// A file as the report names it: `inbox/a.ndjson`.
+fn label(dir: &Path, path: &Path) -> String {
+    let dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{dir}/{name}")
 }
 
 /// Takes the queue's rows off it a batch at a time; each batch is parsed on another thread
 /// while the next is taken.
-async fn drain_queue(conn: &mut PgConnection, job: &Job, arrivals: &mut Arrivals, out: &mut Ingested) -> Result<()> {
+async fn drain_queue(
+    conn: &mut PgConnection,
+    job: &Job,
+    arrivals: &mut Arrivals,
+    dedupe: &mut Dedupe,
+    out: &mut Ingested,
+) -> Result<()> {
     let pb = progress::spinner("queue", "events");
     let (mut valid, mut rejected) = (0, 0);
     if let Some(max_id) = queue::last_id(conn).await? {
-        let tz = job.timezone;
+        let (tz, name) = (job.timezone, job.name.clone());
         let mut rows = queue::take(conn, max_id).await?;
         while !rows.is_empty() {
-            let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, tz));
+            let name = name.clone();
+            let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, &name, tz));
             let next = queue::take(conn, max_id).await;
             let batch = parsing.await.context("parsing queued events")?;
             // A failed take aborts the transaction: report it, not the next statement's
             // "transaction is aborted".
             rows = next?;
             pb.inc(batch.taken() as u64);
-            (valid, rejected) = (valid + batch.events.len(), rejected + batch.rejected.len());
+            rejected += batch.rejected.len();
             out.rejected.extend(batch.rejected);
-            arrivals.add(conn, batch.events).await?;
+            let events = dedupe.keep_new(conn, batch.events).await?;
+            valid += events.len();
+            arrivals.add(conn, events).await?;
         }
     }
     pb.finish_and_clear();
@@ -112,25 +155,26 @@ fn open_hashed(path: &Path) -> std::io::Result<(std::fs::File, String)> {
     Ok((file, hex::encode(hasher.finalize())))
 }
 
-/// Reads the inbox's files into events, recording each file's fate (`inbox_files` remembers
-/// the content of every file ingested, so a file seen before is skipped).
+/// Reads the inbox's settled files into events, recording each file's fate (`inbox_files`
+/// remembers the content of every file ingested, so a file seen before is skipped).
+#[allow(clippy::too_many_arguments)]
 async fn read_inbox(
     conn: &mut PgConnection,
     job: &Job,
     run_id: i64,
     now: DateTime<Utc>,
     dir: &Path,
+    files: Vec<(PathBuf, Option<settle::Stat>)>,
     arrivals: &mut Arrivals,
+    dedupe: &mut Dedupe,
     out: &mut Ingested,
 ) -> Result<()> {
-    let label_dir = dir.file_name().map_or_else(|| "inbox".into(), |n| n.to_string_lossy().into_owned());
     let mut seen: HashSet<String> = HashSet::new();
-    let files = inbox::list(dir)?;
     let pb = progress::bar("inbox", files.len() as u64, "files");
-    for path in files {
+    for (path, settled) in files {
         pb.inc(1);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let label = format!("{label_dir}/{name}");
+        let label = label(dir, &path);
         // Hashed first (to know a file seen before), then read record by record: memory
         // holds one batch of a file's events, whatever its size.
         let (file, sha) = match open_hashed(&path) {
@@ -145,15 +189,17 @@ async fn read_inbox(
                 continue;
             }
         };
-        let mut entry = FileEntry {
-            file: label.clone(),
-            sha256: sha.clone(),
-            status: FileStatus::Ingested,
-            events: 0,
-            rejected: 0,
-            archived_to: None,
-            reason: None,
-        };
+        let mut entry = FileEntry::new(label.clone(), sha.clone(), FileStatus::Ingested);
+        if settled.is_some() && settle::Stat::of(&path) != settled {
+            // Written to again since it was found settled: what was hashed may be half of it.
+            let reason = "changed while the run read it: still being written; left for the next run";
+            tracing::info!(file = %label, reason, "inbox file left for later");
+            entry.status = FileStatus::Later;
+            entry.reason = Some(reason.to_owned());
+            entry.sha256 = String::new();
+            out.files.push((path, entry));
+            continue;
+        }
 
         let known: Option<(i64, String)> = sqlx::query_as("select run_id, name from inbox_files where sha256 = $1")
             .bind(&sha)
@@ -194,15 +240,21 @@ async fn read_inbox(
                 Err(_) => {}
             }
             match r.payload.and_then(|p| event::parse(&p, job.timezone)) {
-                Ok(event) => events.push(NewEvent { source: r.source, event, received_at: now }),
+                Ok(event) => events.push(NewEvent {
+                    source: r.source,
+                    digest: dedupe::digest(&job.name, &event),
+                    event,
+                    received_at: now,
+                }),
                 Err(reason) => {
                     entry.rejected += 1;
                     out.rejected.push(Rejected::new(r.source, reason, r.raw));
                 }
             }
             if events.len() >= INBOX_BATCH {
+                let events = dedupe.keep_new(conn, std::mem::take(&mut events)).await?;
                 entry.events += events.len() as u64;
-                arrivals.add(conn, std::mem::take(&mut events)).await?;
+                arrivals.add(conn, events).await?;
             }
         }
         if let Some(reason) = inbox::nothing_readable(&label, first_unreadable.as_ref(), readable) {
@@ -216,7 +268,9 @@ async fn read_inbox(
             out.files.push((path, entry));
             continue;
         }
+        let events = dedupe.keep_new(conn, events).await?;
         entry.events += events.len() as u64;
+        entry.duplicates = dedupe.by_source.get(&label).copied().unwrap_or(0);
         arrivals.add(conn, events).await?;
         sqlx::query(
             "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",
@@ -229,7 +283,8 @@ async fn read_inbox(
         .bind(entry.rejected as i32)
         .execute(&mut *conn)
         .await?;
-        tracing::info!(file = %label, events = entry.events, rejected = entry.rejected, "file ingested");
+        let (events, duplicates, rejected) = (entry.events, entry.duplicates, entry.rejected);
+        tracing::info!(file = %label, events, duplicates, rejected, "file ingested");
         out.events += entry.events;
         out.files.push((path, entry));
     }
@@ -243,6 +298,10 @@ async fn read_inbox(
 pub fn archive(files: &mut [(PathBuf, FileEntry)], job: &Job, now: DateTime<Utc>) {
     let day = now.with_timezone(&job.timezone).date_naive();
     for (path, entry) in files {
+        if entry.status == FileStatus::Later {
+            // Still being written: it stays in the inbox for a later run.
+            continue;
+        }
         match inbox::archive(path, &job.archive, entry.status, day) {
             Ok(dest) => entry.archived_to = Some(dest.display().to_string()),
             Err(e) => {

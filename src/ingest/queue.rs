@@ -59,14 +59,16 @@ pub async fn take(conn: &mut PgConnection, max_id: i64) -> Result<Rows> {
 }
 
 /// Parses taken rows' payloads: a bad one is rejected, the good ones beside it kept.
-pub fn parse(rows: Rows, tz: Tz) -> Drained {
+pub fn parse(rows: Rows, job: &str, tz: Tz) -> Drained {
     let mut out = Drained { events: Vec::with_capacity(rows.len()), rejected: Vec::new() };
     for (id, received_at, text) in rows {
         let source = format!("queue:{id}");
         // The column is jsonb: its text always parses.
         let parsed = serde_json::from_str::<Value>(&text).map_err(|e| format!("payload is not JSON: {e}"));
         match parsed.and_then(|payload| event::parse(&payload, tz)) {
-            Ok(event) => out.events.push(NewEvent { source, event, received_at }),
+            Ok(event) => {
+                out.events.push(NewEvent { source, digest: super::dedupe::digest(job, &event), event, received_at })
+            }
             Err(reason) => out.rejected.push(Rejected::new(source, reason, text)),
         }
     }

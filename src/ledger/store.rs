@@ -56,7 +56,8 @@ impl Arrivals {
 }
 
 /// The columns of new events as `events` stores them, bound in this order by every statement
-/// that inserts them: source, session id, EventTime, received at, metadata (JSON text), master id.
+/// that inserts them: source, session id, EventTime, received at, metadata (JSON text), master id;
+/// and the digest ([`crate::event::NewEvent::digest`]), bound last.
 struct EventColumns<'e> {
     source: Vec<&'e str>,
     session: Vec<Option<&'e str>>,
@@ -64,6 +65,8 @@ struct EventColumns<'e> {
     received: Vec<DateTime<Utc>>,
     metadata: Vec<String>,
     master: Vec<Option<&'e str>>,
+    /// Bound apart, after the statement's other parameters.
+    digest: Vec<&'e [u8]>,
 }
 
 impl<'e> EventColumns<'e> {
@@ -75,6 +78,7 @@ impl<'e> EventColumns<'e> {
             received: events.iter().map(|e| e.received_at).collect(),
             metadata: events.iter().map(|e| serde_json::to_string(&e.event.metadata)).collect::<Result<_, _>>()?,
             master: events.iter().map(|e| e.event.address.master_id()).collect(),
+            digest: events.iter().map(|e| &e.digest[..]).collect(),
         })
     }
 
@@ -94,15 +98,17 @@ async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: 
     for chunk in events.chunks(STORE_CHUNK) {
         let columns = EventColumns::of(chunk)?;
         let statement = sqlx::query(
-            "insert into events (job, source, session_id, event_time, received_at, metadata, master_id, ingested_run)
-             select $1, s, sid, t, r, m::jsonb, mid, $2
-             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[])
-                  with ordinality as u(s, sid, t, r, m, mid, ord)
+            "insert into events (job, source, session_id, event_time, received_at, metadata, master_id, ingested_run,
+                                 digest)
+             select $1, s, sid, t, r, m::jsonb, mid, $2, dg
+             from unnest($3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[],
+                         $9::bytea[])
+                  with ordinality as u(s, sid, t, r, m, mid, dg, ord)
              order by ord",
         )
         .bind(job)
         .bind(run_id);
-        columns.bind(statement).execute(&mut *conn).await.context("storing events")?;
+        columns.bind(statement).bind(&columns.digest).execute(&mut *conn).await.context("storing events")?;
     }
     Ok(())
 }
@@ -227,19 +233,21 @@ impl DecisionRows {
             let statement = sqlx::query(
                 "insert into events (job, source, session_id, event_time, received_at, metadata, master_id,
                                      ingested_run, state, target_kind, target_id, rule, group_part, reason,
-                                     candidates, decided_run, rules_fingerprint, group_fields_fingerprint)
+                                     candidates, decided_run, rules_fingerprint, group_fields_fingerprint, digest)
                  select $1, s, sid, t, r, m::jsonb, mid, $2, st, k, tg, ru, gp::jsonb, re,
-                        case when re is null then null else c::text[] end, $2, $3, $17
+                        case when re is null then null else c::text[] end, $2, $3, $17, dg
                  from unnest($4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[],
-                             $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
-                      with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, ord)
+                             $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+                             $18::bytea[])
+                      with ordinality as u(s, sid, t, r, m, mid, st, k, tg, ru, gp, re, c, dg, ord)
                  order by ord",
             )
             .bind(&job.name)
             .bind(run_id)
             .bind(&job.rules_fingerprint);
             let statement = columns.bind(statement);
-            let statement = self.bind_decisions(statement, range).bind(&job.group_fields_fingerprint);
+            let statement =
+                self.bind_decisions(statement, range).bind(&job.group_fields_fingerprint).bind(&columns.digest);
             statement.execute(&mut *conn).await.context("storing events")?;
         }
         Ok(())

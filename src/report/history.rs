@@ -23,6 +23,21 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
         "  ingested  {:>6} events   ({} rejected records, {} files, {} duplicate, {} failed)",
         s.ingested, s.rejected, s.files_ingested, s.files_duplicate, s.files_failed
     );
+    if s.duplicates > 0 {
+        let _ = writeln!(
+            out,
+            "  duplicate {:>6} events   (the job already held them: not stored again) {}",
+            s.duplicates,
+            counts(&s.duplicates_by_source)
+        );
+    }
+    if s.files_later > 0 {
+        let _ = writeln!(
+            out,
+            "  later     {:>6} files    still being written: left in the inbox for a later run",
+            s.files_later
+        );
+    }
     let _ = writeln!(out, "  matched   {:>6}          {}", s.matched, counts(&s.by_rule));
     let _ = writeln!(out, "  unmatched {:>6}          {}", s.unmatched, counts(&s.by_reason));
     if s.dismissed > 0 || s.manual > 0 {
@@ -30,6 +45,16 @@ pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
             out,
             "  by hand   {:>6} decisions since the previous run; {} events of the job dismissed",
             s.manual, s.dismissed
+        );
+    }
+    if let Some(g) = &report.suggested {
+        let _ = writeln!(
+            out,
+            "  suggest   {:>6} rule change{} without conflicts would match up to {} more events: `{}`",
+            g.changes,
+            if g.changes == 1 { "" } else { "s" },
+            g.matched_more,
+            g.command
         );
     }
     if let Some(d) = &report.diff {

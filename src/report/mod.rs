@@ -12,8 +12,8 @@ pub mod webhook;
 pub use html::render_html;
 pub use types::Shown;
 pub use types::{
-    Change, ChangeKind, Diff, FileEntry, FileStatus, Report, RuleDiff, Summary, TargetRef, UNDO_SKIPPED_LISTED,
-    UndoReport, UndoSkipped, Unmatched,
+    Change, ChangeKind, Diff, FileEntry, FileStatus, Report, RuleDiff, Suggested, Summary, TargetRef,
+    UNDO_SKIPPED_LISTED, UndoReport, UndoSkipped, Unmatched,
 };
 pub use unmatched::escape_cell;
 
@@ -96,6 +96,9 @@ fn write_json(report: &Report, partial: &Path) -> Result<()> {
     }
     w.write_all(if report.rejected.is_empty() { b"],\n" } else { b"\n  ],\n" })?;
     field(&mut w, "manual", &report.manual)?;
+    if let Some(suggested) = &report.suggested {
+        field(&mut w, "suggested", suggested)?;
+    }
     if let Some(undo) = &report.undo {
         field(&mut w, "undo", undo)?;
     }

@@ -42,6 +42,19 @@ pub struct Report {
     /// [`manual::LISTED`]; `summary.manual` counts them all).
     #[serde(default)]
     pub manual: Vec<manual::ManualDecision>,
+    /// Rule changes without conflicts `callrecon suggest` finds, when analysts decided events by
+    /// hand since the job's previous run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggested: Option<Suggested>,
+}
+
+/// The report's line about suggested rule changes: how many without conflicts, the most events
+/// one of them would match more (they often match the same ones), and the command listing them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Suggested {
+    pub changes: u64,
+    pub matched_more: u64,
+    pub command: String,
 }
 
 /// Skipped events an undo's report lists (it counts them all).
@@ -140,6 +153,16 @@ pub struct Summary {
     pub files_ingested: u64,
     pub files_duplicate: u64,
     pub files_failed: u64,
+    /// Inbox files still being written (`[sources] settle`), left in the inbox for a later run.
+    #[serde(default)]
+    pub files_later: u64,
+    /// Valid events the job already held (each event once): not stored again, no decision
+    /// changed.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// `duplicates` by source: `queue` (the intake API's events too), or the inbox file.
+    #[serde(default)]
+    pub duplicates_by_source: BTreeMap<String, u64>,
     /// The job's events analysts dismissed (all of them, not only this run's): no longer
     /// pending, never in `unmatched`.
     #[serde(default)]

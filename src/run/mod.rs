@@ -68,6 +68,12 @@ pub struct Finished {
 pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Result<Finished> {
     let tuning = Tuning::from_env();
     let kind = mode.kind();
+    // Files still being written are set apart (waited for, when worth it) before the run's
+    // transaction begins, so no wait holds it open.
+    let inbox = match mode {
+        Mode::Run => ingest::settle::settle(job, Utc::now()).await.context("listing the inbox")?,
+        Mode::Rematch { .. } | Mode::Undo { .. } => Default::default(),
+    };
     let mut tx = crate::db::begin(pool).await.context("starting the run's transaction")?;
     let undoes = match mode {
         Mode::Undo { run } => Some(run),
@@ -78,7 +84,7 @@ pub async fn execute(pool: &PgPool, job: &Job, mode: Mode, dry_run: bool) -> Res
     let run = Run { pool, job, tuning, run_id, now };
 
     let result = async {
-        let (mut report, mut files, stages) = run.stages(&mut tx, mode, dry_run).await?;
+        let (mut report, mut files, stages) = run.stages(&mut tx, mode, dry_run, inbox).await?;
         if dry_run {
             tx.rollback().await?;
         } else {
@@ -135,6 +141,7 @@ impl Run<'_> {
         conn: &mut PgConnection,
         mode: Mode,
         dry_run: bool,
+        inbox: ingest::settle::Settled,
     ) -> Result<(Report, Vec<(PathBuf, FileEntry)>, Stages)> {
         let mut stages = Vec::new();
         let t = std::time::Instant::now();
@@ -142,7 +149,7 @@ impl Run<'_> {
         let mut tally = Tally::new(self.now - self.job.pending_for, rematch, self.tuning.page_events());
         let mut times = StageTimes::default();
         let (ingested, fresh) = match mode {
-            Mode::Run => self.ingest(conn, &mut tally, &mut times).await.context("ingesting events")?,
+            Mode::Run => self.ingest(conn, inbox, &mut tally, &mut times).await.context("ingesting events")?,
             Mode::Rematch { .. } | Mode::Undo { .. } => (Ingested::default(), None),
         };
         stages.push(("ingest", t.elapsed()));
@@ -169,9 +176,11 @@ impl Run<'_> {
         let applied = self.apply(conn, inputs, fresh).await?;
         stages.push(("apply", t.elapsed()));
         let t = std::time::Instant::now();
-        let Ingested { events, rejected, files } = ingested;
+        let Ingested { events, duplicates, rejected, files } = ingested;
         let mut report = self.report(conn, mode, dry_run, events, rejected, matched, by_rule, diff, applied).await?;
         count_files(&mut report.summary, files.iter().map(|(_, f)| f));
+        report.summary.duplicates = duplicates.values().sum();
+        report.summary.duplicates_by_source = duplicates;
         report.undo = undo;
         tracing::debug!("report built");
         stages.push(("report", t.elapsed()));
@@ -184,11 +193,12 @@ impl Run<'_> {
     async fn ingest(
         &self,
         conn: &mut PgConnection,
+        inbox: ingest::settle::Settled,
         tally: &mut Tally,
         times: &mut StageTimes,
     ) -> Result<(Ingested, Option<Fresh>)> {
         let mut arrivals = Arrivals::new(&self.job.name, self.run_id, self.tuning.page_events());
-        let ingested = ingest::ingest(conn, self.job, self.run_id, self.now, &mut arrivals).await?;
+        let ingested = ingest::ingest(conn, self.job, self.run_id, self.now, inbox, &mut arrivals).await?;
         times.store_ms += arrivals.store_ms;
         let events = arrivals.into_waiting();
         if events.is_empty() {
@@ -456,6 +466,12 @@ impl Run<'_> {
         let dismissed = ledger::count_dismissed(conn, &job.name).await?;
         let since = record::previous_start(conn, &job.name, self.run_id).await?;
         let (manual_total, manual) = report::manual::since(conn, &job.name, since).await?;
+        // Only when analysts decided something since the previous run: otherwise nothing new to
+        // learn from, and the nightly does no more work.
+        let suggested = match mode {
+            Mode::Run if manual_total > 0 => self.suggested(conn).await,
+            _ => None,
+        };
         let summary = Summary {
             dismissed,
             manual: manual_total,
@@ -473,6 +489,10 @@ impl Run<'_> {
             files_ingested: 0,
             files_duplicate: 0,
             files_failed: 0,
+            files_later: 0,
+            // Filled in with the files'.
+            duplicates: 0,
+            duplicates_by_source: Default::default(),
         };
         Ok(Report {
             run_id: self.run_id,
@@ -489,7 +509,50 @@ impl Run<'_> {
             diff,
             undo: None,
             manual,
+            suggested,
         })
+    }
+
+    /// The report's line about rule changes without conflicts, from `suggest` run inside the
+    /// run's transaction (so on its decisions), in a savepoint: a failure is logged and leaves
+    /// the line out, never the run.
+    async fn suggested(&self, conn: &mut PgConnection) -> Option<report::Suggested> {
+        let t = std::time::Instant::now();
+        let found = async {
+            let mut savepoint = sqlx::Connection::begin(&mut *conn).await?;
+            let found = crate::suggest::on(
+                &mut savepoint,
+                self.job,
+                Default::default(),
+                crate::suggest::MIN_SUPPORT,
+                &self.tuning,
+            )
+            .await;
+            savepoint.rollback().await?;
+            found
+        }
+        .await;
+        let elapsed_ms = t.elapsed().as_millis() as u64;
+        match found {
+            Ok(found) => {
+                let free: Vec<_> = found.suggestions.iter().filter(|s| s.simulated.conflicts == 0).collect();
+                tracing::info!(
+                    suggestions = found.suggestions.len(),
+                    conflict_free = free.len(),
+                    elapsed_ms,
+                    "rule changes suggested"
+                );
+                (!free.is_empty()).then(|| report::Suggested {
+                    changes: free.len() as u64,
+                    matched_more: free.iter().map(|s| s.simulated.matched_more).max().unwrap_or(0),
+                    command: format!("callrecon suggest --job {}", self.job.path.display()),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::db::error_line(&e), elapsed_ms, "rule changes could not be suggested; the run goes on");
+                None
+            }
+        }
     }
 
     /// Writes the report of a committed (or dry) run, records its end, prunes old reports and
@@ -575,4 +638,5 @@ fn count_files<'f>(summary: &mut Summary, files: impl Iterator<Item = &'f FileEn
     summary.files_ingested = count(FileStatus::Ingested);
     summary.files_duplicate = count(FileStatus::Duplicate);
     summary.files_failed = count(FileStatus::Failed);
+    summary.files_later = count(FileStatus::Later);
 }

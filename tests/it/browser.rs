@@ -75,7 +75,8 @@ async fn report_table_sorts_and_filters_in_a_real_browser(pool: PgPool) {
             0 => json!({"SessionId": format!("nowhere-{i}"), "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"i": i}}),
             1 => json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"i": i}}),
             2 => json!({"EventTime": "2026-11-02T10:00:00Z", "Metadata": {"crmCaseId": format!("C-{i}")}}),
-            _ => json!({"EventTime": "2026-11-02T14:20:00Z", "Metadata": {"customerPhone": "5557770000", "agentId": "a3"}}),
+            // Each its own event (the same one again would be a duplicate).
+            _ => json!({"EventTime": "2026-11-02T14:20:00Z", "Metadata": {"customerPhone": "5557770000", "agentId": "a3", "i": i}}),
         });
     }
     for p in payloads {

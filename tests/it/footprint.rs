@@ -66,7 +66,7 @@ async fn objects(pool: &PgPool, schema: &str) -> Vec<String> {
     all
 }
 
-const OWN_OBJECTS: [&str; 21] = [
+const OWN_OBJECTS: [&str; 22] = [
     "_sqlx_migrations",
     "api_idempotency",
     "api_tokens",
@@ -84,6 +84,7 @@ const OWN_OBJECTS: [&str; 21] = [
     "review_sessions",
     "runs",
     "runs_id_seq",
+    "callrecon_event_digest()",
     "callrecon_log_group_change()",
     "callrecon_log_inserted_calls()",
     "callrecon_log_moved_call()",

@@ -41,11 +41,18 @@ impl TestJob {
     }
 
     pub fn with_header(header: &str, rules: &str) -> TestJob {
+        // Tests write their files whole before a run: nothing to wait for.
+        Self::with_sources("0 0 2 * * *", header, "settle = \"0s\"", rules)
+    }
+
+    /// A job with the given schedule and more `[sources]` lines (`settle`).
+    pub fn with_sources(schedule: &str, header: &str, sources: &str, rules: &str) -> TestJob {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("inbox")).unwrap();
         let text = format!(
-            "name = \"test\"\nschedule = \"0 0 2 * * *\"\ntimezone = \"America/New_York\"\n{header}\n\n\
-             [sources]\nqueue = true\ninbox = \"inbox\"\narchive = \"archive\"\n{rules}\n\n[report]\ndir = \"reports\"\n"
+            "name = \"test\"\nschedule = \"{schedule}\"\ntimezone = \"America/New_York\"\n{header}\n\n\
+             [sources]\nqueue = true\ninbox = \"inbox\"\narchive = \"archive\"\n{sources}\n{rules}\n\n\
+             [report]\ndir = \"reports\"\n"
         );
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();

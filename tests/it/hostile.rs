@@ -202,10 +202,12 @@ async fn a_bad_line_rejects_that_line_only(pool: PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn positions_and_raw_text_are_exact_whatever_the_line_endings(pool: PgPool) {
     let job = TestJob::new(RULES);
-    let good = "{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {}}";
-    job.drop_file("crlf.ndjson", &format!("{good}\r\n{good}\r\nnot json\r\n"));
-    job.drop_file("cr.ndjson", &format!("{good}\r{good}\r\rnot json\r"));
-    job.drop_file("crlf.json", &format!("[\r\n{good},\r\n\r\n{{\"EventTime\": 1, \"Metadata\": {{}}}}\r\n]"));
+    // Distinct events (each event once: the same one again would be a duplicate).
+    let good = |n: u32| format!("{{\"EventTime\": \"2026-11-02T10:00:00Z\", \"Metadata\": {{\"n\": {n}}}}}");
+    let (g1, g2, g3, g4, g5) = (good(1), good(2), good(3), good(4), good(5));
+    job.drop_file("crlf.ndjson", &format!("{g1}\r\n{g2}\r\nnot json\r\n"));
+    job.drop_file("cr.ndjson", &format!("{g3}\r{g4}\r\rnot json\r"));
+    job.drop_file("crlf.json", &format!("[\r\n{g5},\r\n\r\n{{\"EventTime\": 1, \"Metadata\": {{}}}}\r\n]"));
     job.drop_file(
         "quoted.csv",
         "EventTime,note\r\n2026-11-02T10:00:00Z,\"two\r\nlines\"\r\n2026-11-02T10:00:00Z,\"a, \"\"quoted\"\" cell\"\r\nyesterday,\"x\"\r\n",

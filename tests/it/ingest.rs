@@ -13,7 +13,7 @@ async fn every_inbox_format_is_ingested_with_positions(pool: PgPool) {
     job.drop_file("one.json", r#"{"SessionId": "s1", "EventTime": "2026-11-02T10:00:00Z", "Metadata": {"a": 1}}"#);
     job.drop_file(
         "many.json",
-        "[\n {\"EventTime\": \"2026/11/02T10:00:00.000Z\", \"Metadata\": {}},\n {\"eventTime\": \"2026-11-02 05:00:00\", \"metaData\": {}}\n]",
+        "[\n {\"EventTime\": \"2026/11/02T10:00:00.000Z\", \"Metadata\": {}},\n {\"eventTime\": \"2026-11-02 05:00:00\", \"metaData\": {\"n\": 2}}\n]",
     );
     job.drop_file("lines.ndjson", "{\"EventTime\": \"2026-11-02T10:00:00+01:00\", \"Metadata\": {}}\n");
     job.drop_file("lines.jsonl", "\n{\"EventTime\": \"2026-11-02T10:00:00.5Z\", \"Metadata\": {}}\n");

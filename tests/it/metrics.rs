@@ -205,6 +205,12 @@ async fn mixed_events(pool: &PgPool) {
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn run_metrics_file_and_summary_log_line_carry_the_runs_numbers(pool: PgPool) {
     mixed_events(&pool).await;
+    // One of them again: a duplicate, not stored.
+    enqueue(
+        &pool,
+        json!({"EventTime": "2026-11-02T15:01:00Z", "Metadata": {"customerPhone": "999", "agentId": "agent-09"}}),
+    )
+    .await;
     let job = TestJob::new(RULES);
     let file = job.dir.path().join("callrecon.prom");
     let out = callrecon(
@@ -226,6 +232,8 @@ async fn run_metrics_file_and_summary_log_line_carry_the_runs_numbers(pool: PgPo
     let j = ("job_name", "test");
     expect(&m, "callrecon_last_run_ingested_events", &[j], 4.0);
     expect(&m, "callrecon_last_run_rejected_records", &[j], 1.0);
+    expect(&m, "callrecon_last_run_duplicate_events", &[j], 1.0);
+    expect(&m, "callrecon_last_run_inbox_files_left", &[j], 0.0);
     expect(&m, "callrecon_last_run_matched_events", &[j], 2.0);
     expect(&m, "callrecon_last_run_unmatched_events", &[j, ("reason", "no_candidate")], 2.0);
     expect(&m, "callrecon_last_run_unmatched_events", &[j, ("reason", "ambiguous")], 0.0);
@@ -266,6 +274,9 @@ async fn run_metrics_file_and_summary_log_line_carry_the_runs_numbers(pool: PgPo
     assert_eq!(by_rule, json!({"phone-and-agent": 1, "session_id": 1}));
     let by_reason: Value = serde_json::from_str(f["unmatched_by_reason"].as_str().unwrap()).unwrap();
     assert_eq!(by_reason, json!({"no_candidate": 2}));
+    assert_eq!(f["duplicates"].as_u64(), Some(1));
+    let by_source: Value = serde_json::from_str(f["duplicates_by_source"].as_str().unwrap()).unwrap();
+    assert_eq!(by_source, json!({"queue": 1}));
     for stage in ["ingest_seconds", "match_seconds", "apply_seconds", "report_seconds", "duration_seconds"] {
         assert!(f[stage].as_f64().is_some(), "{stage} in {f}");
     }

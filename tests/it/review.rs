@@ -1096,3 +1096,29 @@ async fn an_analyst_clears_a_backlog_of_mixed_reasons_with_the_keyboard(pool: Pg
     }
     assert_eq!(call_meta(&pool, "c-late").await["agentId"], "a9");
 }
+
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn the_suggestions_page_lists_each_change_with_its_examples_and_the_accept_command(pool: PgPool) {
+    let job = crate::suggest::dotted_phones_and_late_callbacks(&pool).await;
+    let desk = Desk::start(&pool, &job, Duration::from_secs(3600)).await;
+    let session = desk.sign_in("ana", &analyst(&pool, "ana").await).await.unwrap();
+    let page = desk.get("/review/jobs/test/suggestions", Some(&session)).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    let html = page.text().await.unwrap();
+    assert_only_own_inline_code(&html, &csp);
+    let found = callrecon::suggest::suggest(&pool, &job.job, Default::default(), 3).await.unwrap();
+    assert!(!found.suggestions.is_empty());
+    for s in &found.suggestions {
+        assert!(html.contains(&format!("<div class=\"panel suggestion\" id=\"{}\">", s.id)), "{html}");
+        let accept = format!("callrecon suggest --job {} --accept {} --write", job.path().display(), s.id);
+        assert!(unescape(&html).contains(&accept), "{accept} in {html}");
+        for id in &s.simulated.examples.matched_more {
+            assert!(html.contains(&format!("href=\"/review/events/{id}\"")), "{html}");
+        }
+    }
+    assert_eq!(desk.get("/review/jobs/nope/suggestions", Some(&session)).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(desk.get("/review/jobs/test/suggestions?x=1", Some(&session)).await.status(), StatusCode::BAD_REQUEST);
+    // Without a session: to the sign-in page.
+    assert_eq!(desk.get("/review/jobs/test/suggestions", None).await.status(), StatusCode::SEE_OTHER);
+}

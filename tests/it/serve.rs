@@ -630,6 +630,31 @@ async fn posted_events_are_matched_by_the_next_run(pool: PgPool) {
     assert!(queued(&pool).await.is_empty());
 }
 
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn an_event_posted_and_later_exported_in_a_file_is_stored_once(pool: PgPool) {
+    Call::new("c1", "2026-11-02T10:00:00Z", Some("2026-11-02T10:05:00Z")).session("abc123").insert(&pool).await;
+    let job = TestJob::new(RULES);
+    let server = Server::start(&pool).await;
+    let token = server.token(&poster(&pool).await).await;
+    let (status, resp) = server.post(Some(&token), None, ARTICLE_EXAMPLE).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    server.stop().await;
+    let first = job.run(&pool).await;
+    assert_eq!((first.report.summary.ingested, first.report.summary.matched), (1, 1));
+
+    // The CRM's nightly export holds the same event, spelled its own way, and a new one.
+    job.drop_file(
+        "crm-export.csv",
+        "SessionId,EventTime,customerDataField1\nabc123,2018-10-15T09:00:00Z,someData\nabc123,2018-10-15T09:01:00Z,more\n",
+    );
+    let second = job.run(&pool).await;
+    let s = &second.report.summary;
+    assert_eq!((s.ingested, s.duplicates, s.matched), (1, 1, 1));
+    assert_eq!(s.duplicates_by_source, [("inbox/crm-export.csv".to_owned(), 1)].into());
+    assert_eq!(count(&pool, "select count(*) from events").await, 2);
+    assert_eq!(count(&pool, "select count(*) from event_history").await, 0, "no decision replaced");
+}
+
 /// `callrecon serve` as a process on a free port, its address read from its stdout.
 struct Process {
     child: Child,

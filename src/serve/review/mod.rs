@@ -10,6 +10,7 @@
 //!   `POST /review/bulk`: a decision on many events, confirmed first ([`bulk`]).
 //! - `GET /review/runs`: the run history and its chart ([`runs`]); `GET /review/runs/{id}/report`:
 //!   a run's report.html.
+//! - `GET /review/jobs/{job}/suggestions`: the job's suggested rule changes ([`suggestions`]).
 //!
 //! Server-rendered HTML (minijinja, templates compiled in), working without JavaScript; a small
 //! inline script adds keyboard shortcuts. The Content-Security-Policy allows exactly the inline
@@ -34,6 +35,7 @@ pub mod queue;
 mod queue_page;
 pub mod runs;
 pub mod session;
+mod suggestions;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -157,7 +159,7 @@ impl Desk {
     }
 }
 
-const TEMPLATES: [(&str, &str); 7] = [
+const TEMPLATES: [(&str, &str); 8] = [
     ("bulk.html", include_str!("templates/bulk.html")),
     ("layout.html", include_str!("templates/layout.html")),
     ("flash.html", include_str!("templates/flash.html")),
@@ -165,6 +167,7 @@ const TEMPLATES: [(&str, &str); 7] = [
     ("queue.html", include_str!("templates/queue.html")),
     ("event.html", include_str!("templates/event.html")),
     ("runs.html", include_str!("templates/runs.html")),
+    ("suggestions.html", include_str!("templates/suggestions.html")),
 ];
 
 /// The desk's routes.
@@ -178,6 +181,7 @@ pub fn router(desk: Desk) -> Router {
         .route("/review/bulk", post(bulk::bulk))
         .route("/review/runs", get(runs_page))
         .route("/review/runs/{id}/report", get(run_report))
+        .route("/review/jobs/{job}/suggestions", get(suggestions::page))
         .with_state(desk)
 }
 

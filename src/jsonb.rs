@@ -1,6 +1,7 @@
-//! Values printed the way PostgreSQL prints jsonb, so they compare with stored text.
+//! Values printed the way PostgreSQL prints jsonb, so they compare with stored text (apply's
+//! merged values) and hash as stored events do (an event's digest, `ingest::dedupe`).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// `value` as PostgreSQL prints it once stored as jsonb: `", "` and `": "` between items, object
 /// keys by length then bytes, numbers as `numeric` prints them (never with an exponent). So a
@@ -10,6 +11,11 @@ pub fn jsonb_text(value: &Value) -> String {
     let mut out = String::new();
     print_jsonb(value, &mut out);
     out
+}
+
+/// A JSON object as [`jsonb_text`] prints it, without copying it into a [`Value`].
+pub fn object_text(map: &Map<String, Value>, out: &mut String) {
+    print_object(map.iter().map(|(k, v)| (k.as_str(), v)).collect(), out, print_jsonb);
 }
 
 fn print_jsonb(value: &Value, out: &mut String) {
@@ -28,13 +34,13 @@ fn print_jsonb(value: &Value, out: &mut String) {
             }
             out.push(']');
         }
-        Value::Object(map) => print_object(map.iter().map(|(k, v)| (k.as_str(), v)).collect(), out, print_jsonb),
+        Value::Object(map) => object_text(map, out),
     }
 }
 
 /// Prints an object's entries as PostgreSQL prints a jsonb object: keys by length then bytes,
 /// `", "` between entries and `": "` after each key. Keys are unique.
-pub(super) fn print_object<V>(mut entries: Vec<(&str, V)>, out: &mut String, print_value: impl Fn(V, &mut String)) {
+pub fn print_object<V>(mut entries: Vec<(&str, V)>, out: &mut String, print_value: impl Fn(V, &mut String)) {
     entries.sort_unstable_by(|(a, _), (b, _)| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
     out.push('{');
     for (i, (k, v)) in entries.into_iter().enumerate() {
