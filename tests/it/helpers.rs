@@ -360,6 +360,21 @@ macro_rules! both_layouts {
     };
 }
 
+/// An access token from the intake API at `base` (`http://ADDR`) for the API client `id`
+/// (`client_credentials`, the secret by HTTP basic auth), which must be granted.
+pub async fn api_token(http: &reqwest::Client, base: &str, id: &str, secret: &str) -> String {
+    let resp = http
+        .post(format!("{base}/token"))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK, "a token for {id}");
+    let body: Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
 /// An analyst's session cookie (`callrecon_review=…`), signed in through the desk's own form at
 /// `base` (`http://ADDR`).
 pub async fn desk_session(base: &str, name: &str, secret: &str) -> String {

@@ -132,17 +132,7 @@ async fn intake_metrics_count_requests_batches_tokens_and_the_queue(pool: PgPool
     let (base, stop, task) = start_server(&pool).await;
     let http = client();
     let user = callrecon::users::add(&pool, "acme", &["AsyncMetaData".to_owned()]).await.unwrap();
-    let token: Value = http
-        .post(format!("{base}/token"))
-        .basic_auth(&user.client_id, Some(&user.client_secret))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap();
+    let token = &api_token(&http, &base, &user.client_id, &user.client_secret).await;
     let post =
         |body: Value| http.post(format!("{base}/callevent/v1/outofband/event")).bearer_auth(token).json(&body).send();
     let event = json!({"SessionId": "abc123", "EventTime": "2018/10/15T09:00:00.000Z", "Metadata": {"a": 1}});

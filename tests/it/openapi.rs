@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::helpers::desk_session;
+use crate::helpers::{api_token, desk_session};
 use crate::metrics::{client, start_server};
 
 const MIGRATOR: &sqlx::migrate::Migrator = &callrecon::db::MIGRATOR;
@@ -92,17 +92,10 @@ async fn openapi_examples_replay_against_the_real_server(pool: PgPool) {
     let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let poster = callrecon::users::add(&pool, "acme-crm", &roles(&["AsyncMetaData"])).await.unwrap();
     let viewer = callrecon::users::add(&pool, "viewer", &roles(&[])).await.unwrap();
-    let token = |u: &callrecon::users::Created| {
-        let req = http
-            .post(format!("{base}/token"))
-            .basic_auth(&u.client_id, Some(&u.client_secret))
-            .form(&[("grant_type", "client_credentials")]);
-        async move {
-            let body: Value = req.send().await.unwrap().json().await.unwrap();
-            body["access_token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (poster_token, viewer_token) = (token(&poster).await, token(&viewer).await);
+    let (poster_token, viewer_token) = (
+        api_token(&http, &base, &poster.client_id, &poster.client_secret).await,
+        api_token(&http, &base, &viewer.client_id, &viewer.client_secret).await,
+    );
 
     let mut request_examples: BTreeSet<(String, String)> = BTreeSet::new();
     let mut used: BTreeSet<(String, String)> = BTreeSet::new();
@@ -356,16 +349,7 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
     let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let poster = callrecon::users::add(&pool, "acme-crm", &roles(&["AsyncMetaData"])).await.unwrap();
     let analyst = callrecon::users::add(&pool, "ana", &roles(&["Analyst"])).await.unwrap();
-    let token: Value = http
-        .post(format!("{base}/token"))
-        .basic_auth(&poster.client_id, Some(&poster.client_secret))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = api_token(&http, &base, &poster.client_id, &poster.client_secret).await;
     let session = desk_session(&base, "ana", &analyst.client_secret).await;
     let session = session.trim_start_matches("callrecon_review=");
 
@@ -376,7 +360,7 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
         format!(
             "[auth.openapi.bearer]\nbearer = \"{}\"\n\n[auth.openapi.clientBasic]\nusername = \"{}\"\npassword = \"{}\"\n\n\
              [auth.openapi.session]\napi_key = \"{}\"\n",
-            token["access_token"].as_str().unwrap(),
+            token,
             poster.client_id,
             poster.client_secret,
             session

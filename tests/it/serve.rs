@@ -710,17 +710,7 @@ async fn sigterm_answers_every_accepted_request_then_exits_0(pool: PgPool) {
     assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
 
     let user = poster(&pool).await;
-    let token: Value = http
-        .post(format!("{}/token", server.base))
-        .basic_auth(&user.id, Some(&user.secret))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
+    let token = api_token(&http, &server.base, &user.id, &user.secret).await;
 
     // 32 clients posting until the server goes away; SIGTERM once some have been answered.
     let (first_answers, mut answered) = tokio::sync::mpsc::channel::<()>(1024);
