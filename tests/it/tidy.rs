@@ -381,12 +381,12 @@ fn tables_written(sql: &str) -> Vec<String> {
     tables
 }
 
-/// Files writing each of `tables` (or a table put in by `format!`), with the statement.
+/// Files writing each of `tables` (`{…}`: a table put in by `format!`), with the statement.
 fn writers(sources: &[Source], tables: &[&str]) -> BTreeMap<String, String> {
     let mut found = BTreeMap::new();
     for s in sources {
         for sql in &s.literals {
-            if tables_written(sql).iter().any(|t| t == "{…}" || tables.contains(&t.as_str())) {
+            if tables_written(sql).iter().any(|t| tables.contains(&t.as_str())) {
                 found.entry(s.path.clone()).or_insert_with(|| sql.clone());
             }
         }
@@ -411,6 +411,12 @@ fn check_call_data_writers(sources: &[Source]) -> Vec<String> {
     })
 }
 
+/// A table put into a statement by `format!` cannot be checked: only apply's writer (`calls` or
+/// `call_groups`) and the migrations (sqlx's table, in the schema given) do that.
+fn check_dynamic_writes(sources: &[Source]) -> Vec<String> {
+    written_elsewhere(sources, &["{…}"], |p| ["src/apply/write.rs", "src/db/migrate.rs"].contains(&p))
+}
+
 fn check_event_writers(sources: &[Source]) -> Vec<String> {
     let mut violations = written_elsewhere(sources, &["events", "event_history"], |p| p.starts_with("src/ledger/"));
     // The history is only appended to.
@@ -429,17 +435,20 @@ fn check_event_writers(sources: &[Source]) -> Vec<String> {
     violations
 }
 
-/// Statements naming `runs` as a table.
-fn check_runs_statements(sources: &[Source], module: &str) -> Vec<String> {
+/// Statements on `runs` outside `modules` (the runs store): reading, writing or joining it. A
+/// query on events may join it for a run's kind or start (the ledger's history).
+fn check_runs_statements(sources: &[Source], modules: &[&str]) -> Vec<String> {
     let mut violations = Vec::new();
-    for s in sources.iter().filter(|s| s.path != module) {
+    for s in sources.iter().filter(|s| !modules.contains(&s.path.as_str())) {
         for sql in &s.literals {
             let words: Vec<&str> = sql.split([' ', '(', ',']).collect();
-            let names_runs = words.windows(2).any(|w| {
-                matches!(w[0], "from" | "join" | "update" | "into") && w[1].rsplit('.').next() == Some("runs")
+            let on_runs = words.windows(2).any(|w| {
+                let runs = w[1].rsplit('.').next() == Some("runs");
+                runs && (matches!(w[0], "from" | "update" | "into")
+                    || w[0] == "join" && !s.path.starts_with("src/ledger/"))
             });
-            if names_runs {
-                violations.push(format!("{} has a statement on runs outside {module}: {sql:?}", s.path));
+            if on_runs {
+                violations.push(format!("{} has a statement on runs outside {modules:?}: {sql:?}", s.path));
             }
         }
     }
@@ -456,7 +465,8 @@ fn check_conductor(sources: &[Source]) -> Vec<String> {
         if let Some(sql) = sql {
             violations.push(format!("the conductor holds SQL: {sql:?}"));
         }
-        for bad in ["sqlx", "query", "spawn", "spawn_blocking", "JoinSet", "block_in_place"] {
+        let statements = ["query", "query_as", "query_scalar", "raw_sql", "copy_in_raw", "copy_out_raw"];
+        for bad in statements.into_iter().chain(["spawn", "spawn_blocking", "JoinSet", "block_in_place"]) {
             if s.idents.iter().any(|i| i == bad) || s.names.iter().any(|n| n.iter().any(|p| p == bad)) {
                 violations.push(format!("the conductor uses `{bad}`"));
             }
@@ -493,7 +503,8 @@ fn check_environment(sources: &[Source]) -> Vec<String> {
         if clap_env && s.path != "src/cli.rs" {
             violations.push(format!("{} reads the environment through clap; only cli.rs does", s.path));
         }
-        let from_env = s.idents.windows(2).any(|w| w[0] == "Tuning" && w[1] == "from_env");
+        let from_env = s.idents.windows(2).any(|w| w[0] == "Tuning" && w[1] == "from_env")
+            || s.names.iter().any(|n| n.windows(2).any(|w| w[0] == "Tuning" && w[1] == "from_env"));
         if from_env && !["src/resolve.rs", "src/run/mod.rs", "src/suggest/mod.rs"].contains(&s.path.as_str()) {
             violations.push(format!("{} calls Tuning::from_env", s.path));
         }
@@ -542,9 +553,12 @@ fn check_cycles(sources: &[Source]) -> Vec<String> {
     let graph: BTreeMap<String, BTreeSet<String>> = imports(sources)
         .into_iter()
         .map(|(path, named)| {
-            let folder = path.strip_suffix("mod.rs").map(str::to_owned);
-            let named =
-                named.into_iter().filter(|f| folder.as_ref().is_none_or(|d| !f.starts_with(d.as_str()))).collect();
+            // `src/db/mod.rs` and `src/db.rs` are both the front door of `src/db/`.
+            let folder = match path.strip_suffix("mod.rs") {
+                Some(dir) => dir.to_owned(),
+                None => format!("{}/", path.trim_end_matches(".rs")),
+            };
+            let named = named.into_iter().filter(|f| !f.starts_with(folder.as_str())).collect();
             (path, named)
         })
         .collect();
@@ -582,14 +596,18 @@ fn check_code_map(sources: &[Source], map: &str) -> Vec<String> {
     let files: BTreeSet<String> = sources.iter().map(|s| s.path.clone()).collect();
     let mut named = BTreeSet::new();
     let mut violations = Vec::new();
+    // The folders of the section's heading: those it names, and those of the files it names.
     let mut folders: Vec<String> = Vec::new();
     for line in map.lines() {
         let spans: Vec<&str> = line.split('`').skip(1).step_by(2).collect();
-        if line.starts_with("#") {
-            folders =
-                spans.iter().filter(|s| s.starts_with("src/") && s.ends_with('/')).map(|s| s.to_string()).collect();
+        if line.starts_with('#') {
+            folders = spans
+                .iter()
+                .filter(|s| s.starts_with("src/"))
+                .map(|s| if s.ends_with('/') { s.to_string() } else { format!("{}/", s.rsplit_once('/').unwrap().0) })
+                .collect();
         }
-        for span in spans.iter().filter(|s| s.ends_with(".rs") && !s.contains(' ')) {
+        for span in spans.iter().filter(|s| s.ends_with(".rs") && !s.contains(' ') && !s.starts_with("tests/")) {
             let candidates: Vec<String> = if span.starts_with("src/") {
                 vec![span.to_string()]
             } else if span.contains('/') || folders.is_empty() {
@@ -613,12 +631,21 @@ fn architecture() -> String {
     std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap()
 }
 
-/// The module holding every statement on `runs`.
-const RUNS_MODULE: &str = "src/run/record.rs";
+/// The files holding statements on `runs`.
+const RUNS_MODULE: &[&str] = &[
+    "src/run/record.rs",
+    "src/metrics.rs",
+    "src/report/history.rs",
+    "src/report/retention.rs",
+    "src/schedule.rs",
+    "src/serve/review/queue.rs",
+    "src/serve/review/runs.rs",
+];
 
 fn all_checks(sources: &[Source]) -> Vec<String> {
     [
         check_call_data_writers(sources),
+        check_dynamic_writes(sources),
         check_event_writers(sources),
         check_runs_statements(sources, RUNS_MODULE),
         check_conductor(sources),
@@ -658,7 +685,7 @@ fn each_check_sees_a_planted_violation() {
     );
     caught(
         planted_line("src/verify.rs", r#"fn x(t: &str) { format!("update {t} set async_metadata = '{{}}'"); }"#),
-        check_call_data_writers,
+        check_dynamic_writes,
         "src/verify.rs writes",
     );
     caught(
@@ -727,11 +754,7 @@ fn each_check_sees_a_planted_violation() {
         "above the ledger",
     );
     caught(planted_line("src/decision.rs", "use crate::decide::Stage;"), check_cycles, "circle");
-    caught(
-        planted_line("src/apply/merge.rs", "fn x() -> Option<super::read::Reader> { None }"),
-        check_cycles,
-        "circle",
-    );
+    caught(planted_line("src/apply/types.rs", "fn x() { let _ = super::merge::call_value; }"), check_cycles, "circle");
     // The map: a file it does not name, a name that is not a file.
     caught(
         planted("src/decide/extra.rs", "pub fn x() {}"),
