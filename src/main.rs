@@ -184,7 +184,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print!("{}", resolve::history(&pool, event_id, matches!(format, HistoryFormat::Json)).await?);
         }
         Command::Undo { run, dry_run, .. } => {
-            let past = run::record::past(&pool, run)
+            let past = callrecon::runs::past(&pool, run)
                 .await?
                 .with_context(|| format!("no run {run}; `callrecon report list` shows the runs"))?;
             let job = match job {

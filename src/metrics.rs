@@ -39,6 +39,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::run::Finished;
+use crate::runs;
 
 /// Label pairs; every value is bounded (job names, rule names, reasons, stages, routes).
 pub type Labels = Vec<(&'static str, String)>;
@@ -367,39 +368,34 @@ impl RunMetrics {
     /// Reads the jobs' state from the database: pending backlog, last success and failure (the
     /// later of the database's and this process's), and how many runs in a row the backlog grew.
     pub async fn refresh(&self, pool: &PgPool, jobs: &[String]) -> Result<()> {
-        type Row = (String, i64, Option<f64>, Option<f64>, Option<f64>, Vec<i64>);
-        let rows: Vec<Row> = timed(async {
-            sqlx::query_as(
+        type Row = (String, i64, Option<f64>);
+        let (rows, trends): (Vec<Row>, Vec<runs::Trend>) = timed(async {
+            let mut tx = crate::db::begin(pool).await?;
+            let rows = sqlx::query_as(
                 "select j,
                         (select count(*) from events where job = j and state = 'pending'),
                         (select extract(epoch from now() - min(received_at))::float8
-                         from events where job = j and state = 'pending'),
-                        (select extract(epoch from max(finished_at))::float8 from runs
-                         where job = j and kind = 'run' and not dry_run and status = 'succeeded'),
-                        (select extract(epoch from max(finished_at))::float8 from runs
-                         where job = j and kind = 'run' and not dry_run and status = 'failed'),
-                        array(select coalesce((summary->>'pending')::bigint, 0) from runs
-                              where job = j and kind = 'run' and not dry_run and status = 'succeeded'
-                              order by id desc limit 30)
-                 from unnest($1::text[]) as j",
+                         from events where job = j and state = 'pending')
+                 from unnest($1::text[]) with ordinality as t(j, n) order by n",
             )
             .bind(jobs)
-            .fetch_all(&mut *crate::db::begin(pool).await?)
-            .await
+            .fetch_all(&mut *tx)
+            .await?;
+            Ok((rows, runs::trends(&mut tx, jobs).await?))
         })
         .await
         .context("reading the jobs' backlog and last runs")?;
-        for (name, pending, oldest, success, failure, recent) in rows {
+        for ((name, pending, oldest), trend) in rows.into_iter().zip(trends) {
             let j = job(&name);
             self.pending.get_or_create(&j).set(pending);
             self.pending_oldest_age.get_or_create(&j).set(oldest.unwrap_or(0.0).max(0.0));
-            if let Some(t) = success {
+            if let Some(t) = trend.last_success {
                 max_set(&self.last_success, &j, t);
             }
-            if let Some(t) = failure {
+            if let Some(t) = trend.last_failure {
                 max_set(&self.last_failure, &j, t);
             }
-            self.pending_growing.get_or_create(&j).set(growing_runs(&recent));
+            self.pending_growing.get_or_create(&j).set(growing_runs(&trend.pending));
         }
         Ok(())
     }

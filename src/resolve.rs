@@ -90,7 +90,7 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         return Ok(Vec::new());
     }
     let mut tx = pool.begin().await.context("starting the transaction")?;
-    crate::run::record::lock_job(pool, &mut tx, job).await?;
+    crate::runs::lock_job(pool, &mut tx, job).await?;
 
     let where_ = |r: &Request| match r.line {
         Some(line) => format!("line {line}: event {}", r.event_id),

@@ -33,6 +33,7 @@ use crate::db;
 use crate::job::{self, Job, JobError};
 use crate::metrics::{self, RunMetrics};
 use crate::run::{self, AlreadyRunning, Mode};
+use crate::runs;
 
 /// The largest jump of a clock at a DST (or time-zone) change that [`next_fire`] allows for.
 /// Every zone in use today moves by one hour or less; some have moved by two.
@@ -478,14 +479,8 @@ async fn job_loop(pool: PgPool, mut s: Scheduled, mut stop: watch::Receiver<u32>
 /// run (or, when none succeeded, its first run), if that is already past. A job that never ran
 /// missed nothing.
 async fn missed_fire(pool: &PgPool, s: &Scheduled, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
-    let (succeeded, first): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
-        "select max(started_at) filter (where status = 'succeeded'), min(started_at)
-         from runs where job = $1 and kind = 'run' and not dry_run",
-    )
-    .bind(&s.job.name)
-    .fetch_one(&mut *db::begin(pool).await?)
-    .await?;
-    Ok(succeeded.or(first).and_then(|since| s.next_fire(since)).filter(|t| *t <= now))
+    let starts = runs::starts(pool, &s.job.name).await?;
+    Ok(starts.last_succeeded.or(starts.first).and_then(|since| s.next_fire(since)).filter(|t| *t <= now))
 }
 
 /// One attempt to run the job: logs and classifies what happened.
@@ -508,20 +503,8 @@ async fn fire(
     match trigger {
         Trigger::Scheduled(at) => {
             // Another scheduler (a second replica) or a manual run may have served this fire time.
-            let other: Option<(i64, String)> = async {
-                sqlx::query_as(
-                    "select id, status from runs
-                     where job = $1 and kind = 'run' and not dry_run and started_at >= $2
-                     order by id desc limit 1",
-                )
-                .bind(name)
-                .bind(at)
-                .fetch_optional(&mut *db::begin(pool).await?)
-                .await
-            }
-            .await
-            .unwrap_or(None);
-            if let Some((id, status)) = other {
+            let other = runs::started_since(pool, name, at).await.unwrap_or(None);
+            if let Some(runs::Status { id, status }) = other {
                 if status == "running" {
                     tracing::warn!(job = %name, run_id = id, "fire time skipped: the job is already running elsewhere");
                 } else {
@@ -561,7 +544,7 @@ async fn fire(
                     s.path.display(),
                     s.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
-                run::record::note(pool, done.report.run_id, &note).await;
+                runs::note(pool, done.report.run_id, &note).await;
             }
             Attempt::Done
         }

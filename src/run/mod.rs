@@ -8,7 +8,6 @@
 //! Architecture invariant: this module conducts; it holds no SQL of its own. Each stage is a
 //! call into its module, and what flows between them is plain data.
 
-pub mod record;
 mod tally;
 
 pub use record::AlreadyRunning;
@@ -29,6 +28,7 @@ use crate::ledger::{self, Arrivals, DecisionRows, Fresh, Scope, ToDecide, Write}
 use crate::matching;
 use crate::progress;
 use crate::report::{self, FileEntry, FileStatus, Report, Summary};
+use crate::runs as record;
 use crate::tuning::Tuning;
 use tally::Tally;
 
