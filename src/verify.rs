@@ -267,6 +267,59 @@ enum Table {
     Groups,
 }
 
+impl Table {
+    /// The table's name, the COPY that streams its rows, and their fields.
+    fn copy(self) -> (&'static str, &'static str, usize) {
+        match self {
+            Table::Calls => (
+                "calls",
+                "copy (select id, ctid, async_metadata::text, call_group_id, started_at from calls)
+                 to stdout (format binary)",
+                5,
+            ),
+            Table::Groups => (
+                "call_groups",
+                "copy (select id, ctid, async_metadata::text from call_groups) to stdout (format binary)",
+                3,
+            ),
+        }
+    }
+
+    /// The value the record of matches gives row `id` (its COPY fields `f`); `None` when the row
+    /// is outside `--job`'s scope.
+    fn expected<'r>(self, record: &'r Record, id: &str, f: &[Option<&[u8]>]) -> Result<Option<Cow<'r, str>>> {
+        Ok(match self {
+            Table::Calls => {
+                let group = f[3].map(pgcopy::text).transpose()?;
+                if let Some(s) = &record.scope
+                    && !s.calls.contains(id)
+                    && !group.is_some_and(|g| s.groups.contains(g))
+                {
+                    return Ok(None);
+                }
+                Some(record.call(id, group))
+            }
+            Table::Groups => {
+                if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
+                    return Ok(None);
+                }
+                Some(Cow::Borrowed(record.group(id)))
+            }
+        })
+    }
+}
+
+/// What checking a table has counted so far.
+#[derive(Default)]
+struct Counts {
+    checked: u64,
+    differing: u64,
+    written: u64,
+    /// Rows read since the progress bar last moved.
+    seen: u64,
+    examples: usize,
+}
+
 /// Compares the rows of a table, streamed, with the record of matches.
 struct Check<'a> {
     record: &'a Record,
@@ -281,21 +334,8 @@ impl Check<'_> {
     /// written.
     async fn table(&mut self, conn: &mut PgConnection, table: Table) -> Result<(u64, u64, u64)> {
         let step = std::time::Instant::now();
-        let (name, sql, fields) = match table {
-            Table::Calls => (
-                "calls",
-                "copy (select id, ctid, async_metadata::text, call_group_id, started_at from calls)
-                 to stdout (format binary)",
-                5,
-            ),
-            Table::Groups => (
-                "call_groups",
-                "copy (select id, ctid, async_metadata::text from call_groups) to stdout (format binary)",
-                3,
-            ),
-        };
-        let (mut checked, mut differing, mut written, mut seen) = (0u64, 0u64, 0u64, 0u64);
-        let mut examples = 0;
+        let (name, sql, fields) = table.copy();
+        let mut n = Counts::default();
         let mut pending: Vec<NewValue> = Vec::new();
         let repair = self.writer.is_some();
         let record = self.record;
@@ -303,38 +343,21 @@ impl Check<'_> {
         let mut stream = conn.copy_out_raw(sql).await.with_context(|| format!("reading {name}"))?;
         while let Some(chunk) = stream.try_next().await.with_context(|| format!("reading {name}"))? {
             rows.feed(&chunk, |f| {
-                seen += 1;
+                n.seen += 1;
                 let (Some(id), Some(tid), Some(stored)) = (f[0], f[1], f[2]) else {
                     anyhow::bail!("a row of {name} with a null id, ctid or async_metadata");
                 };
                 let id = pgcopy::text(id)?;
-                let expected = match table {
-                    Table::Calls => {
-                        let group = f[3].map(pgcopy::text).transpose()?;
-                        if let Some(s) = &record.scope
-                            && !s.calls.contains(id)
-                            && !group.is_some_and(|g| s.groups.contains(g))
-                        {
-                            return Ok(());
-                        }
-                        record.call(id, group)
-                    }
-                    Table::Groups => {
-                        if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
-                            return Ok(());
-                        }
-                        Cow::Borrowed(record.group(id))
-                    }
-                };
-                checked += 1;
+                let Some(expected) = table.expected(record, id, f)? else { return Ok(()) };
+                n.checked += 1;
                 if stored == expected.as_bytes() {
                     return Ok(());
                 }
-                differing += 1;
+                n.differing += 1;
                 let stored = pgcopy::text(stored)?;
                 tracing::debug!(table = name, id, stored, expected = &*expected, "differs");
-                if examples < EXAMPLES {
-                    examples += 1;
+                if n.examples < EXAMPLES {
+                    n.examples += 1;
                     self.examples.push(Difference {
                         table: name,
                         id: id.to_owned(),
@@ -343,37 +366,27 @@ impl Check<'_> {
                     });
                 }
                 if repair {
-                    let (block, offset) = pgcopy::tid(tid)?;
-                    // A call's started_at: the partition of its ctid on a partitioned `calls`.
-                    let start = match f.get(4).copied().flatten() {
-                        Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
-                        None => None,
-                    };
-                    pending.push(NewValue {
-                        tid: Tid(block, offset),
-                        start,
-                        id: id.to_owned(),
-                        value: expected.into_owned(),
-                    });
+                    pending.push(new_value(tid, f, id, expected.into_owned())?);
                 }
                 Ok(())
             })?;
-            if seen >= 10_000 {
-                self.progress.inc(seen);
-                seen = 0;
+            if n.seen >= 10_000 {
+                self.progress.inc(n.seen);
+                n.seen = 0;
             }
             if pending.len() >= REPAIR_CHUNK
                 && let Some(w) = self.writer.as_deref_mut()
             {
-                written += write(w, name, &mut pending).await?;
+                n.written += write(w, name, &mut pending).await?;
             }
         }
         drop(stream);
         rows.finish()?;
-        self.progress.inc(seen);
+        self.progress.inc(n.seen);
         if let Some(w) = self.writer.as_deref_mut() {
-            written += write(w, name, &mut pending).await?;
+            n.written += write(w, name, &mut pending).await?;
         }
+        let Counts { checked, differing, written, .. } = n;
         tracing::info!(
             table = name,
             checked,
@@ -384,6 +397,17 @@ impl Check<'_> {
         );
         Ok((checked, differing, written))
     }
+}
+
+/// The value to write over a differing row, where its row is (`tid`; for a call, its
+/// `started_at`: the partition of its ctid on a partitioned `calls`).
+fn new_value(tid: &[u8], f: &[Option<&[u8]>], id: &str, value: String) -> Result<NewValue> {
+    let (block, offset) = pgcopy::tid(tid)?;
+    let start = match f.get(4).copied().flatten() {
+        Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
+        None => None,
+    };
+    Ok(NewValue { tid: Tid(block, offset), start, id: id.to_owned(), value })
 }
 
 /// Writes the differences through apply's writer and forgets them.
