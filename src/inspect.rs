@@ -100,30 +100,8 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
         calls: HashMap::new(),
         look_around,
     };
-    if let Some(session) = &event.session_id {
-        let sessions = HashSet::from([session.as_str()]);
-        let call = calldata::calls_by_session(&mut conn, &sessions).await?.remove(session).map(|c| c.id);
-        out.attach = Some(match call {
-            Some(c) => {
-                format!("SessionId {session:?} belongs to call {c}: attached (rules apply to sessionless events only)")
-            }
-            None => format!(
-                "SessionId {session:?}: no call has this session_id yet -> unknown_session; retried on later runs"
-            ),
-        });
-        return Ok(out);
-    }
-    if let Some(group) = &event.master_id {
-        let ids = HashSet::from([group.as_str()]);
-        let exists = calldata::existing_groups(&mut conn, &ids).await?.contains(group);
-        out.attach = Some(if exists {
-            format!(
-                "MasterId {group:?} is call group {group}: attached to the group and so to every call in it (rules \
-                 apply to sessionless events only)"
-            )
-        } else {
-            format!("MasterId {group:?}: no call group has this id yet -> unknown_group; retried on later runs")
-        });
+    if let Some(attach) = attach_by_id(&mut conn, &event).await? {
+        out.attach = Some(attach);
         return Ok(out);
     }
 
@@ -153,8 +131,45 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
     })
     .await
     .context("explaining the event")?;
-    let mut named: Vec<&str> = out.near.iter().filter(|n| n.kind == TargetKind::Call).map(|n| n.id.as_str()).collect();
-    for (rule, step) in job.rules.iter().zip(&out.steps) {
+    let named = named_calls(job, &event, &out.steps, &out.near);
+    let calls = calldata::call_details(&mut conn, &named).await?;
+    out.calls = calls;
+    Ok(out)
+}
+
+/// What an event with a SessionId or MasterId is attached to, as a sentence (`None`: the event
+/// has neither, and the rules decide it).
+async fn attach_by_id(conn: &mut sqlx::PgConnection, event: &StoredEvent) -> Result<Option<String>> {
+    if let Some(session) = &event.session_id {
+        let sessions = HashSet::from([session.as_str()]);
+        let call = calldata::calls_by_session(conn, &sessions).await?.remove(session).map(|c| c.id);
+        return Ok(Some(match call {
+            Some(c) => {
+                format!("SessionId {session:?} belongs to call {c}: attached (rules apply to sessionless events only)")
+            }
+            None => format!(
+                "SessionId {session:?}: no call has this session_id yet -> unknown_session; retried on later runs"
+            ),
+        }));
+    }
+    let Some(group) = &event.master_id else { return Ok(None) };
+    let ids = HashSet::from([group.as_str()]);
+    let exists = calldata::existing_groups(conn, &ids).await?.contains(group);
+    Ok(Some(if exists {
+        format!(
+            "MasterId {group:?} is call group {group}: attached to the group and so to every call in it (rules \
+             apply to sessionless events only)"
+        )
+    } else {
+        format!("MasterId {group:?}: no call group has this id yet -> unknown_group; retried on later runs")
+    }))
+}
+
+/// The calls an explanation names: near misses, those in a call rule's window, the event's
+/// target and candidates; sorted, each once.
+fn named_calls<'e>(job: &Job, event: &'e StoredEvent, steps: &'e [RuleStep], near: &'e [NearMiss]) -> Vec<&'e str> {
+    let mut named: Vec<&str> = near.iter().filter(|n| n.kind == TargetKind::Call).map(|n| n.id.as_str()).collect();
+    for (rule, step) in job.rules.iter().zip(steps) {
         if matches!(rule.target, Target::Call { .. }) {
             named.extend(step.in_window.iter().map(|(id, _)| id.as_str()));
         }
@@ -163,9 +178,7 @@ pub async fn examine(pool: &PgPool, job: &Job, event_id: i64, look_around: chron
     named.extend(event.candidates.iter().map(String::as_str));
     named.sort_unstable();
     named.dedup();
-    let calls = calldata::call_details(&mut conn, &named).await?;
-    out.calls = calls;
-    Ok(out)
+    named
 }
 
 /// `callrecon explain`: [`examine`] as text for support staff.

@@ -196,188 +196,34 @@ pub fn load(path: &Path) -> Result<Job, JobError> {
 
 /// Validates a job file's text; `path` names it in errors and anchors relative folders.
 pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
-    let at = |span: std::ops::Range<usize>, msg: &str| {
-        let (line, col) = line_col(text, span.start);
-        JobError(format!("{}:{line}:{col}: {msg}", path.display()))
-    };
+    let at = Locate { path, text };
     let raw: RawJob = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().to_owned();
         match e.span() {
-            Some(span) => at(span, &msg),
+            Some(span) => at.error(span, &msg),
             None => JobError(format!("{}: {msg}", path.display())),
         }
     })?;
-
-    let name = raw.name.get_ref().trim().to_owned();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(at(raw.name.span(), "job name must be non-empty letters, digits, `-`, `_` or `.`"));
-    }
-
-    let timezone = match &raw.timezone {
-        None => Tz::UTC,
-        Some(tz) => Tz::from_str(tz.get_ref()).map_err(|_| {
-            at(tz.span(), &format!("unknown time zone {:?}; use an IANA name like \"America/New_York\"", tz.get_ref()))
-        })?,
-    };
-
-    let schedule = match &raw.schedule {
-        None => None,
-        Some(s) => {
-            let cron = cron::Schedule::from_str(s.get_ref()).map_err(|e| {
-                at(s.span(), &format!("bad schedule {:?}: {e}; expected `sec min hour day month weekday`", s.get_ref()))
-            })?;
-            Some(Schedule { source: s.get_ref().clone(), cron })
-        }
-    };
-
+    let name = job_name(&at, &raw.name)?;
+    let timezone = timezone(&at, raw.timezone.as_ref())?;
+    let schedule = schedule(&at, raw.schedule.as_ref())?;
     let pending_for = match &raw.pending_for {
         None => chrono::Duration::hours(72),
-        Some(d) => duration(d).map_err(|m| at(d.span(), &m))?,
+        Some(d) => duration(d).map_err(|m| at.error(d.span(), &m))?,
     };
-
-    let settle = match &raw.sources.settle {
-        None => DEFAULT_SETTLE,
-        Some(d) => match duration(d).map_err(|m| at(d.span(), &m))?.to_std() {
-            Ok(settle) if settle <= MAX_SETTLE => settle,
-            _ => return Err(at(d.span(), &format!("settle {:?} is longer than 1h", d.get_ref()))),
-        },
-    };
-
+    let settle = settle(&at, raw.sources.settle.as_ref())?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let resolve = |p: &str| {
         let p = Path::new(p);
         if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
     };
-
     let mut rules: Vec<Rule> = Vec::new();
     for r in &raw.rules {
-        let rule_name = r.name.get_ref().trim().to_owned();
-        if rule_name.is_empty() || rule_name == "session_id" || rule_name == "master_id" {
-            return Err(at(
-                r.name.span(),
-                "rule name must be non-empty and not `session_id` or `master_id` (reserved for SessionId and \
-                 MasterId attaches)",
-            ));
-        }
-        if rules.iter().any(|x| x.name == rule_name) {
-            return Err(at(r.name.span(), &format!("duplicate rule name {rule_name:?}")));
-        }
-        let is_call = match r.target.get_ref().as_str() {
-            "call" => true,
-            "call_group" => false,
-            other => {
-                return Err(at(r.target.span(), &format!("target must be \"call\" or \"call_group\", not {other:?}")));
-            }
-        };
-        let target = if is_call {
-            let (before, after) = match &r.window {
-                None => (chrono::Duration::zero(), chrono::Duration::zero()),
-                Some(w) => {
-                    let w = w.get_ref();
-                    let side = |d: &Option<Spanned<String>>| match d {
-                        None => Ok(chrono::Duration::zero()),
-                        Some(d) => duration(d).map_err(|m| at(d.span(), &m)),
-                    };
-                    (side(&w.before)?, side(&w.after)?)
-                }
-            };
-            Target::Call { before, after }
-        } else {
-            if let Some(w) = &r.window {
-                return Err(at(w.span(), "a window applies to call targets only; remove it from this call_group rule"));
-            }
-            Target::CallGroup
-        };
-        if r.keys.get_ref().is_empty() {
-            return Err(at(r.keys.span(), "a rule needs at least one key"));
-        }
-        let mut keys = Vec::new();
-        for k in r.keys.get_ref() {
-            let event = dotted(k.event.get_ref())
-                .ok_or_else(|| at(k.event.span(), "event key must be a dotted path like `customer.phone`"))?;
-            let (spec, allowed, wrong) = match (is_call, &k.call, &k.call_group) {
-                (true, Some(c), None) => (c, CALL_COLUMNS, None),
-                (false, None, Some(g)) => (g, GROUP_COLUMNS, None),
-                (true, _, Some(g)) => {
-                    (g, CALL_COLUMNS, Some("this rule targets calls: name the column with `call = ...`"))
-                }
-                (false, Some(c), _) => {
-                    (c, GROUP_COLUMNS, Some("this rule targets call groups: name the column with `call_group = ...`"))
-                }
-                (_, None, None) => {
-                    return Err(at(
-                        k.event.span(),
-                        if is_call {
-                            "key needs `call = <column or metadata.path>`"
-                        } else {
-                            "key needs `call_group = <column or metadata.path>`"
-                        },
-                    ));
-                }
-            };
-            if let Some(msg) = wrong {
-                return Err(at(spec.span(), msg));
-            }
-            let field = target_field(spec.get_ref(), allowed).map_err(|m| at(spec.span(), &m))?;
-            let normalize = match &k.normalize {
-                None => None,
-                Some(n) => Some(match n.get_ref().as_str() {
-                    "phone" => Normalizer::Phone,
-                    "lower" => Normalizer::Lower,
-                    "trim" => Normalizer::Trim,
-                    "digits" => Normalizer::Digits,
-                    other => {
-                        return Err(at(
-                            n.span(),
-                            &format!("unknown normaliser {other:?}; use phone, lower, trim or digits"),
-                        ));
-                    }
-                }),
-            };
-            keys.push(Key { event, field, normalize });
-        }
-        let ambiguous = match &r.ambiguous {
-            None => Ambiguous::Report,
-            Some(a) => match a.get_ref().as_str() {
-                "nearest" => Ambiguous::Nearest,
-                "report" => Ambiguous::Report,
-                other => {
-                    return Err(at(a.span(), &format!("ambiguous must be \"nearest\" or \"report\", not {other:?}")));
-                }
-            },
-        };
-        rules.push(Rule { name: rule_name, target, keys, ambiguous });
+        let rule = rule(&at, r, &rules)?;
+        rules.push(rule);
     }
-
-    let webhook = match &raw.report.webhook {
-        None => None,
-        Some(w) => match url::Url::parse(w.get_ref()) {
-            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Some(u),
-            _ => return Err(at(w.span(), &format!("webhook must be an http(s) URL, not {:?}", w.get_ref()))),
-        },
-    };
-
-    let keep = match &raw.report.keep {
-        None => Keep::All,
-        Some(k) => match k.get_ref() {
-            RawKeep::Count(n) => match u32::try_from(*n) {
-                Ok(n) if n > 0 => Keep::Count(n),
-                _ => return Err(at(k.span(), &format!("keep must be a count of reports of at least 1, not {n}"))),
-            },
-            RawKeep::Age(text) => {
-                match humantime::parse_duration(text.trim()).ok().and_then(|d| chrono::Duration::from_std(d).ok()) {
-                    Some(d) if d > chrono::Duration::zero() => Keep::Age(d),
-                    _ => {
-                        return Err(at(
-                            k.span(),
-                            &format!("keep must be an age like \"30d\" or a count like 50, not {text:?}"),
-                        ));
-                    }
-                }
-            }
-        },
-    };
-
+    let webhook = webhook(&at, raw.report.webhook.as_ref())?;
+    let keep = keep(&at, raw.report.keep.as_ref())?;
     let rules_fingerprint = fingerprint(&rules);
     let group_fields_fingerprint = group_fields_fingerprint(&raw.apply.group_fields);
     Ok(Job {
@@ -398,6 +244,184 @@ pub fn parse(path: &Path, text: &str) -> Result<Job, JobError> {
         rules_fingerprint,
         group_fields_fingerprint,
     })
+}
+
+/// The job file being read, for errors that name its file, line and column.
+struct Locate<'t> {
+    path: &'t Path,
+    text: &'t str,
+}
+
+impl Locate<'_> {
+    fn error(&self, span: std::ops::Range<usize>, msg: &str) -> JobError {
+        let (line, col) = line_col(self.text, span.start);
+        JobError(format!("{}:{line}:{col}: {msg}", self.path.display()))
+    }
+}
+
+fn job_name(at: &Locate, name: &Spanned<String>) -> Result<String, JobError> {
+    let trimmed = name.get_ref().trim().to_owned();
+    if trimmed.is_empty() || !trimmed.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(at.error(name.span(), "job name must be non-empty letters, digits, `-`, `_` or `.`"));
+    }
+    Ok(trimmed)
+}
+
+fn timezone(at: &Locate, tz: Option<&Spanned<String>>) -> Result<Tz, JobError> {
+    let Some(tz) = tz else { return Ok(Tz::UTC) };
+    Tz::from_str(tz.get_ref()).map_err(|_| {
+        at.error(
+            tz.span(),
+            &format!("unknown time zone {:?}; use an IANA name like \"America/New_York\"", tz.get_ref()),
+        )
+    })
+}
+
+fn schedule(at: &Locate, s: Option<&Spanned<String>>) -> Result<Option<Schedule>, JobError> {
+    let Some(s) = s else { return Ok(None) };
+    let cron = cron::Schedule::from_str(s.get_ref()).map_err(|e| {
+        at.error(s.span(), &format!("bad schedule {:?}: {e}; expected `sec min hour day month weekday`", s.get_ref()))
+    })?;
+    Ok(Some(Schedule { source: s.get_ref().clone(), cron }))
+}
+
+fn settle(at: &Locate, d: Option<&Spanned<String>>) -> Result<std::time::Duration, JobError> {
+    let Some(d) = d else { return Ok(DEFAULT_SETTLE) };
+    match duration(d).map_err(|m| at.error(d.span(), &m))?.to_std() {
+        Ok(settle) if settle <= MAX_SETTLE => Ok(settle),
+        _ => Err(at.error(d.span(), &format!("settle {:?} is longer than 1h", d.get_ref()))),
+    }
+}
+
+/// A `[[rules]]` entry; `before`: the rules already read (names are unique).
+fn rule(at: &Locate, r: &RawRule, before: &[Rule]) -> Result<Rule, JobError> {
+    let name = r.name.get_ref().trim().to_owned();
+    if name.is_empty() || name == "session_id" || name == "master_id" {
+        return Err(at.error(
+            r.name.span(),
+            "rule name must be non-empty and not `session_id` or `master_id` (reserved for SessionId and \
+             MasterId attaches)",
+        ));
+    }
+    if before.iter().any(|x| x.name == name) {
+        return Err(at.error(r.name.span(), &format!("duplicate rule name {name:?}")));
+    }
+    let target = target(at, r)?;
+    if r.keys.get_ref().is_empty() {
+        return Err(at.error(r.keys.span(), "a rule needs at least one key"));
+    }
+    let is_call = matches!(target, Target::Call { .. });
+    let keys = r.keys.get_ref().iter().map(|k| key(at, k, is_call)).collect::<Result<Vec<_>, _>>()?;
+    let ambiguous = match &r.ambiguous {
+        None => Ambiguous::Report,
+        Some(a) => match a.get_ref().as_str() {
+            "nearest" => Ambiguous::Nearest,
+            "report" => Ambiguous::Report,
+            other => {
+                return Err(at.error(a.span(), &format!("ambiguous must be \"nearest\" or \"report\", not {other:?}")));
+            }
+        },
+    };
+    Ok(Rule { name, target, keys, ambiguous })
+}
+
+/// A rule's target, with its window for calls.
+fn target(at: &Locate, r: &RawRule) -> Result<Target, JobError> {
+    match r.target.get_ref().as_str() {
+        "call" => {}
+        "call_group" => {
+            if let Some(w) = &r.window {
+                return Err(
+                    at.error(w.span(), "a window applies to call targets only; remove it from this call_group rule")
+                );
+            }
+            return Ok(Target::CallGroup);
+        }
+        other => {
+            return Err(at.error(r.target.span(), &format!("target must be \"call\" or \"call_group\", not {other:?}")));
+        }
+    }
+    let Some(w) = &r.window else {
+        return Ok(Target::Call { before: chrono::Duration::zero(), after: chrono::Duration::zero() });
+    };
+    let w = w.get_ref();
+    let side = |d: &Option<Spanned<String>>| match d {
+        None => Ok(chrono::Duration::zero()),
+        Some(d) => duration(d).map_err(|m| at.error(d.span(), &m)),
+    };
+    Ok(Target::Call { before: side(&w.before)?, after: side(&w.after)? })
+}
+
+/// A rule's key: the event's path, the target's column or metadata path (for the rule's target),
+/// the normaliser.
+fn key(at: &Locate, k: &RawKey, is_call: bool) -> Result<Key, JobError> {
+    let event = dotted(k.event.get_ref())
+        .ok_or_else(|| at.error(k.event.span(), "event key must be a dotted path like `customer.phone`"))?;
+    let (spec, allowed, wrong) = match (is_call, &k.call, &k.call_group) {
+        (true, Some(c), None) => (c, CALL_COLUMNS, None),
+        (false, None, Some(g)) => (g, GROUP_COLUMNS, None),
+        (true, _, Some(g)) => (g, CALL_COLUMNS, Some("this rule targets calls: name the column with `call = ...`")),
+        (false, Some(c), _) => {
+            (c, GROUP_COLUMNS, Some("this rule targets call groups: name the column with `call_group = ...`"))
+        }
+        (_, None, None) => {
+            return Err(at.error(
+                k.event.span(),
+                if is_call {
+                    "key needs `call = <column or metadata.path>`"
+                } else {
+                    "key needs `call_group = <column or metadata.path>`"
+                },
+            ));
+        }
+    };
+    if let Some(msg) = wrong {
+        return Err(at.error(spec.span(), msg));
+    }
+    let field = target_field(spec.get_ref(), allowed).map_err(|m| at.error(spec.span(), &m))?;
+    let normalize = match &k.normalize {
+        None => None,
+        Some(n) => Some(match n.get_ref().as_str() {
+            "phone" => Normalizer::Phone,
+            "lower" => Normalizer::Lower,
+            "trim" => Normalizer::Trim,
+            "digits" => Normalizer::Digits,
+            other => {
+                return Err(
+                    at.error(n.span(), &format!("unknown normaliser {other:?}; use phone, lower, trim or digits"))
+                );
+            }
+        }),
+    };
+    Ok(Key { event, field, normalize })
+}
+
+fn webhook(at: &Locate, w: Option<&Spanned<String>>) -> Result<Option<url::Url>, JobError> {
+    let Some(w) = w else { return Ok(None) };
+    match url::Url::parse(w.get_ref()) {
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => Ok(Some(u)),
+        _ => Err(at.error(w.span(), &format!("webhook must be an http(s) URL, not {:?}", w.get_ref()))),
+    }
+}
+
+/// `[report] keep`: a count of reports, or an age.
+fn keep(at: &Locate, k: Option<&Spanned<RawKeep>>) -> Result<Keep, JobError> {
+    let Some(k) = k else { return Ok(Keep::All) };
+    match k.get_ref() {
+        RawKeep::Count(n) => match u32::try_from(*n) {
+            Ok(n) if n > 0 => Ok(Keep::Count(n)),
+            _ => Err(at.error(k.span(), &format!("keep must be a count of reports of at least 1, not {n}"))),
+        },
+        RawKeep::Age(text) => {
+            match humantime::parse_duration(text.trim()).ok().and_then(|d| chrono::Duration::from_std(d).ok()) {
+                Some(d) if d > chrono::Duration::zero() => Ok(Keep::Age(d)),
+                _ => {
+                    Err(at
+                        .error(k.span(), &format!("keep must be an age like \"30d\" or a count like 50, not {text:?}")))
+                }
+            }
+        }
+    }
 }
 
 impl Job {

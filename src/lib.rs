@@ -24,6 +24,7 @@ pub mod progress;
 pub mod report;
 pub mod resolve;
 pub mod run;
+pub mod runs;
 pub mod schedule;
 pub mod serve;
 pub mod suggest;

@@ -99,31 +99,12 @@ fn init_tracing(format: LogFormat) {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     // Job files are checked before anything touches the database.
-    let job = match &cli.command {
-        Command::Run { job, .. }
-        | Command::Rematch { job, .. }
-        | Command::Explain { job, .. }
-        | Command::Resolve { job, .. }
-        | Command::Reopen { job, .. }
-        | Command::Undo { job: Some(job), .. }
-        | Command::Demo { job, .. }
-        | Command::Verify { job: Some(job), .. }
-        | Command::Suggest { job, .. } => Some(job::load(job)?),
-        _ => None,
-    };
+    let job = job_of(&cli.command)?;
     if db::pooler() == db::Pooler::Transaction {
         refuse_without_session(&cli.command)?;
     }
-    if let Command::Schedule { jobs, metrics_listen } = &cli.command {
-        // Long-running: connects (and reconnects) to the database itself.
-        return callrecon::schedule::daemon(&cli.database_url, jobs, *metrics_listen).await;
-    }
-    if let Command::Grants { role } = &cli.command {
-        print!("{}", db::grants(&db::schemas(), role));
-        return Ok(());
-    }
-    if let Command::GenerateDocs { dir } = &cli.command {
-        return callrecon::cli::generate_docs(dir).with_context(|| format!("writing into {}", dir.display()));
+    if let Some(done) = without_database(&cli).await {
+        return done;
     }
     let pool = match db::connect(&cli.database_url).await {
         Ok(pool) => pool,
@@ -135,6 +116,45 @@ async fn dispatch(cli: Cli) -> Result<()> {
             return Err(e);
         }
     };
+    with_database(&pool, job, cli).await
+}
+
+/// The job file the command names, loaded (and refused) first.
+fn job_of(command: &Command) -> Result<Option<job::Job>> {
+    Ok(match command {
+        Command::Run { job, .. }
+        | Command::Rematch { job, .. }
+        | Command::Explain { job, .. }
+        | Command::Resolve { job, .. }
+        | Command::Reopen { job, .. }
+        | Command::Undo { job: Some(job), .. }
+        | Command::Demo { job, .. }
+        | Command::Verify { job: Some(job), .. }
+        | Command::Suggest { job, .. } => Some(job::load(job)?),
+        _ => None,
+    })
+}
+
+/// The commands that need no connection of the command's own: `schedule` (long-running, it
+/// connects and reconnects itself), `grants` and `generate-docs`. `None`: another command.
+async fn without_database(cli: &Cli) -> Option<Result<()>> {
+    match &cli.command {
+        Command::Schedule { jobs, metrics_listen } => {
+            Some(callrecon::schedule::daemon(&cli.database_url, jobs, *metrics_listen).await)
+        }
+        Command::Grants { role } => {
+            print!("{}", db::grants(&db::schemas(), role));
+            Some(Ok(()))
+        }
+        Command::GenerateDocs { dir } => {
+            Some(callrecon::cli::generate_docs(dir).with_context(|| format!("writing into {}", dir.display())))
+        }
+        _ => None,
+    }
+}
+
+/// Every other command, on the database connected to; `job`: the one the command names.
+async fn with_database(pool: &sqlx::PgPool, job: Option<job::Job>, cli: Cli) -> Result<()> {
     match cli.command {
         Command::Schedule { .. } | Command::Grants { .. } | Command::GenerateDocs { .. } => {
             unreachable!("handled above")
@@ -142,142 +162,180 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Migrate => println!("database is up to date ({} migrations)", db::MIGRATOR.iter().count()),
         Command::Run { dry_run, metrics_file, .. } => {
             let job = job.expect("loaded above");
-            let result = run_logged(&pool, &job, Mode::Run, dry_run).await;
+            let result = run_logged(pool, &job, Mode::Run, dry_run).await;
             if let Some(path) = &metrics_file {
-                write_metrics_file(path, &job.name, &metrics::Ended::of(&result), Some(&pool)).await;
+                write_metrics_file(path, &job.name, &metrics::Ended::of(&result), Some(pool)).await;
             }
             print_finished(&result?);
         }
         Command::Rematch { since, until, dry_run, .. } => {
             let job = job.expect("loaded above");
             let mode = Mode::Rematch { since: time_arg(&job, "since", since)?, until: time_arg(&job, "until", until)? };
-            print_finished(&run_logged(&pool, &job, mode, dry_run).await?);
+            print_finished(&run_logged(pool, &job, mode, dry_run).await?);
         }
         Command::Resolve { event_id, to, file, note, by, dry_run, .. } => {
-            let job = job.expect("loaded above");
-            let by = who(by);
-            let requests = match (file, event_id, to) {
-                (Some(file), _, _) => resolve::read_file(&file)?,
-                (None, Some(event_id), Some(to)) => {
-                    let to = to.parse().map_err(|e| anyhow::anyhow!("--to {e}"))?;
-                    vec![resolve::Request { line: None, event_id, to, note, reported_reason: None, seen: None }]
-                }
-                _ => anyhow::bail!("give EVENT_ID and --to, or --file"),
-            };
-            let resolved = resolve::resolve(&pool, &job, &requests, &by, dry_run).await?;
+            let requests = resolve_requests(file, event_id, to, note)?;
+            let resolved = resolve::resolve(pool, &job.expect("loaded above"), &requests, &who(by), dry_run).await?;
             print!("{}", resolve::text(&resolved, dry_run));
         }
         Command::Reopen { event_id, note, by, .. } => {
-            let job = job.expect("loaded above");
-            let by = who(by);
-            let requests = [resolve::Request {
-                line: None,
-                event_id,
-                to: resolve::To::Reopen,
-                note,
-                reported_reason: None,
-                seen: None,
-            }];
-            print!("{}", resolve::text(&resolve::resolve(&pool, &job, &requests, &by, false).await?, false));
+            reopen(pool, &job.expect("loaded above"), event_id, note, by).await?
         }
         Command::History { event_id, format } => {
-            print!("{}", resolve::history(&pool, event_id, matches!(format, HistoryFormat::Json)).await?);
+            print!("{}", resolve::history(pool, event_id, matches!(format, HistoryFormat::Json)).await?);
         }
-        Command::Undo { run, dry_run, .. } => {
-            let past = run::record::past(&pool, run)
-                .await?
-                .with_context(|| format!("no run {run}; `callrecon report list` shows the runs"))?;
-            let job = match job {
-                Some(job) => job,
-                None => {
-                    let file = past.job_file.as_deref().with_context(|| {
-                        format!("run {run} does not say which job file it ran with; give it with --job FILE")
-                    })?;
-                    job::load(std::path::Path::new(file))
-                        .with_context(|| format!("the job file of run {run} ({file}); give another with --job FILE"))?
-                }
-            };
-            if past.job != job.name {
-                anyhow::bail!("run {run} is a run of job {}, not {}", past.job, job.name);
-            }
-            if !past.committed {
-                anyhow::bail!("run {run} changed nothing (it failed, was dry or is still running): nothing to undo");
-            }
-            let done = run_logged(&pool, &job, Mode::Undo { run }, dry_run).await?;
-            print_finished(&done);
-        }
+        Command::Undo { run, dry_run, .. } => undo(pool, job, run, dry_run).await?,
         Command::Explain { event_id, .. } => {
-            print!("{}", inspect::explain_event(&pool, &job.expect("loaded above"), event_id).await?);
+            print!("{}", inspect::explain_event(pool, &job.expect("loaded above"), event_id).await?)
         }
-        Command::Verify { repair, .. } => {
-            let verified = verify::verify(&pool, job.as_ref().map(|j| j.name.as_str()), repair).await?;
-            print!("{}", verify::text(&verified));
-            if verified.differs() && !repair {
-                return Err(
-                    verify::Unrepaired { calls: verified.calls_differing, groups: verified.groups_differing }.into()
-                );
-            }
-        }
-        Command::Enqueue { files } => enqueue(&pool, &files).await?,
+        Command::Verify { repair, .. } => verify_command(pool, job.as_ref(), repair).await?,
+        Command::Enqueue { files } => enqueue(pool, &files).await?,
         Command::Suggest { since, until, min_support, format, accept, write, rematch, .. } => {
             let job = job.expect("loaded above");
             let scope =
                 suggest::Scope { since: time_arg(&job, "since", since)?, until: time_arg(&job, "until", until)? };
             match accept {
                 None => {
-                    let found = suggest::suggest(&pool, &job, scope, min_support as usize).await?;
+                    let found = suggest::suggest(pool, &job, scope, min_support as usize).await?;
                     match format {
                         HistoryFormat::Json => println!("{}", serde_json::to_string_pretty(&found)?),
                         HistoryFormat::Text => print!("{}", suggest::text(&found, &job.path)),
                     }
                 }
-                Some(id) => accept_suggestion(&pool, &job, scope, &id, write, rematch).await?,
+                Some(id) => accept_suggestion(pool, &job, scope, &id, write, rematch).await?,
             }
         }
-        Command::Gen { command } => {
-            let scale = |s: &callrecon::cli::GenScale| datagen::Scale {
-                calls: s.calls,
-                days: s.days,
-                until: s.until,
-                seed: s.seed,
-                groups: s.groups,
-            };
-            let mut conn = pool.acquire().await?;
-            match command {
-                GenCommand::Calls { scale: s, layout, partition_by } => {
-                    if layout == datagen::Layout::Partitioned {
-                        let (from, until) = scale(&s).span();
-                        datagen::partition_calls(&mut conn, &datagen::partitions(partition_by, from, until)).await?;
-                    }
-                    let n = datagen::calls(&mut conn, &scale(&s)).await?;
-                    println!("generated {n} calls and {} call groups", scale(&s).groups().count());
-                }
-                GenCommand::Events { scale: s, from, to, count, salt, master_share } => {
-                    let n = datagen::events(&mut conn, &scale(&s), from, to, count, (salt, master_share)).await?;
-                    println!("queued {n} events about calls from {from} to {to}");
-                }
-            }
-        }
+        Command::Gen { command } => generate(pool, command).await?,
         Command::Report { command: ReportCommand::List { job, limit } } => {
-            print!("{}", report::history::list(&pool, job.as_deref(), limit).await?);
+            print!("{}", report::history::list(pool, job.as_deref(), limit).await?);
         }
         Command::Report { command: ReportCommand::Show { run, format } } => {
-            report::history::show(&pool, run, format, &mut std::io::stdout().lock()).await?;
+            report::history::show(pool, run, format, &mut std::io::stdout().lock()).await?;
         }
         Command::Demo { samples, .. } => {
-            let job = job.expect("loaded above");
-            let runs = demo::demo(&pool, &samples, &job).await?;
-            let last = runs.last().expect("demo runs");
-            println!("\nOpen the report in a browser: {}", last.dir.join("report.html").display());
-            print!("{}", demo::next_steps(&pool, &cli.database_url, &job).await?);
+            demo_command(pool, &job.expect("loaded above"), &samples, &cli.database_url).await?
         }
-        Command::Serve(args) => serve::run(&pool, &args).await?,
-        Command::Users { command: UsersCommand::Add { name, roles } } => {
-            print!("{}", users::created_text(&users::add(&pool, &name, &roles).await?));
+        Command::Serve(args) => serve::run(pool, &args).await?,
+        Command::Users { command } => users_command(pool, command).await?,
+    }
+    Ok(())
+}
+
+/// `resolve`'s decisions: from a filled-in file, or one from EVENT_ID and `--to`.
+fn resolve_requests(
+    file: Option<std::path::PathBuf>,
+    event_id: Option<i64>,
+    to: Option<String>,
+    note: Option<String>,
+) -> Result<Vec<resolve::Request>> {
+    Ok(match (file, event_id, to) {
+        (Some(file), _, _) => resolve::read_file(&file)?,
+        (None, Some(event_id), Some(to)) => {
+            let to = to.parse().map_err(|e| anyhow::anyhow!("--to {e}"))?;
+            vec![resolve::Request { line: None, event_id, to, note, reported_reason: None, seen: None }]
         }
-        Command::Users { command: UsersCommand::List } => print!("{}", users::list_text(&users::list(&pool).await?)),
-        Command::Users { command: UsersCommand::Revoke { name } } => {
-            users::revoke(&pool, &name).await?;
+        _ => anyhow::bail!("give EVENT_ID and --to, or --file"),
+    })
+}
+
+/// `reopen EVENT_ID`: an analyst's decision taken back.
+async fn reopen(
+    pool: &sqlx::PgPool,
+    job: &job::Job,
+    event_id: i64,
+    note: Option<String>,
+    by: Option<String>,
+) -> Result<()> {
+    let requests =
+        [resolve::Request { line: None, event_id, to: resolve::To::Reopen, note, reported_reason: None, seen: None }];
+    print!("{}", resolve::text(&resolve::resolve(pool, job, &requests, &who(by), false).await?, false));
+    Ok(())
+}
+
+/// `undo RUN`: run `run`'s decisions reverted, with the job file given or the one it ran with.
+async fn undo(pool: &sqlx::PgPool, job: Option<job::Job>, run: i64, dry_run: bool) -> Result<()> {
+    let past = callrecon::runs::past(pool, run)
+        .await?
+        .with_context(|| format!("no run {run}; `callrecon report list` shows the runs"))?;
+    let job = match job {
+        Some(job) => job,
+        None => {
+            let file = past.job_file.as_deref().with_context(|| {
+                format!("run {run} does not say which job file it ran with; give it with --job FILE")
+            })?;
+            job::load(std::path::Path::new(file))
+                .with_context(|| format!("the job file of run {run} ({file}); give another with --job FILE"))?
+        }
+    };
+    if past.job != job.name {
+        anyhow::bail!("run {run} is a run of job {}, not {}", past.job, job.name);
+    }
+    if !past.committed {
+        anyhow::bail!("run {run} changed nothing (it failed, was dry or is still running): nothing to undo");
+    }
+    let done = run_logged(pool, &job, Mode::Undo { run }, dry_run).await?;
+    print_finished(&done);
+    Ok(())
+}
+
+/// `verify`: the differences printed; unrepaired ones are an error (their own exit status).
+async fn verify_command(pool: &sqlx::PgPool, job: Option<&job::Job>, repair: bool) -> Result<()> {
+    let verified = verify::verify(pool, job.map(|j| j.name.as_str()), repair).await?;
+    print!("{}", verify::text(&verified));
+    if verified.differs() && !repair {
+        return Err(verify::Unrepaired { calls: verified.calls_differing, groups: verified.groups_differing }.into());
+    }
+    Ok(())
+}
+
+/// `gen calls` / `gen events`: the benchmark's data.
+async fn generate(pool: &sqlx::PgPool, command: GenCommand) -> Result<()> {
+    let scale = |s: &callrecon::cli::GenScale| datagen::Scale {
+        calls: s.calls,
+        days: s.days,
+        until: s.until,
+        seed: s.seed,
+        groups: s.groups,
+    };
+    let mut conn = pool.acquire().await?;
+    match command {
+        GenCommand::Calls { scale: s, layout, partition_by } => {
+            if layout == datagen::Layout::Partitioned {
+                let (from, until) = scale(&s).span();
+                datagen::partition_calls(&mut conn, &datagen::partitions(partition_by, from, until)).await?;
+            }
+            let n = datagen::calls(&mut conn, &scale(&s)).await?;
+            println!("generated {n} calls and {} call groups", scale(&s).groups().count());
+        }
+        GenCommand::Events { scale: s, from, to, count, salt, master_share } => {
+            let n = datagen::events(&mut conn, &scale(&s), from, to, count, (salt, master_share)).await?;
+            println!("queued {n} events about calls from {from} to {to}");
+        }
+    }
+    Ok(())
+}
+
+/// `demo`: the sample data loaded and run, then what to try next.
+async fn demo_command(
+    pool: &sqlx::PgPool,
+    job: &job::Job,
+    samples: &std::path::Path,
+    database_url: &str,
+) -> Result<()> {
+    let runs = demo::demo(pool, samples, job).await?;
+    let last = runs.last().expect("demo runs");
+    println!("\nOpen the report in a browser: {}", last.dir.join("report.html").display());
+    print!("{}", demo::next_steps(pool, database_url, job).await?);
+    Ok(())
+}
+
+/// `users add` / `list` / `revoke`: the intake API's users.
+async fn users_command(pool: &sqlx::PgPool, command: UsersCommand) -> Result<()> {
+    match command {
+        UsersCommand::Add { name, roles } => print!("{}", users::created_text(&users::add(pool, &name, &roles).await?)),
+        UsersCommand::List => print!("{}", users::list_text(&users::list(pool).await?)),
+        UsersCommand::Revoke { name } => {
+            users::revoke(pool, &name).await?;
             println!("revoked API user {name}: its secret and tokens no longer work");
         }
     }

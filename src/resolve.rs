@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::apply;
 use crate::calldata;
@@ -90,12 +90,30 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         return Ok(Vec::new());
     }
     let mut tx = pool.begin().await.context("starting the transaction")?;
-    crate::run::record::lock_job(pool, &mut tx, job).await?;
+    crate::runs::lock_job(pool, &mut tx, job).await?;
+    let resolved = check(&mut tx, job, requests, by).await?;
+    let rows: Vec<(i64, Decided)> = resolved.iter().map(|r| (r.event_id, r.after.clone())).collect();
+    ledger::write_decisions(&mut tx, &rows, By::Person(by), &job.group_fields).await?;
+    apply_touched(&mut tx, &resolved).await?;
+    if dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await.context("committing the decisions")?;
+    }
+    tracing::info!(decisions = resolved.len(), by, dry_run, "manual decisions applied");
+    Ok(resolved)
+}
 
-    let where_ = |r: &Request| match r.line {
-        Some(line) => format!("line {line}: event {}", r.event_id),
-        None => format!("event {}", r.event_id),
-    };
+/// The events requests name (locked) and the calls and groups they attach to that exist.
+struct Found {
+    stored: HashMap<i64, ledger::Stored>,
+    calls: HashSet<String>,
+    groups: HashSet<String>,
+}
+
+/// Every request checked against its event (locked until the transaction ends) and its target:
+/// the decisions to make, or every problem found ([`Refused`]).
+async fn check(conn: &mut PgConnection, job: &Job, requests: &[Request], by: &str) -> Result<Vec<Resolved>> {
     let mut problems = Vec::new();
     let mut first_line: HashMap<i64, &Request> = HashMap::new();
     for r in requests {
@@ -104,8 +122,7 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         }
     }
     let ids: Vec<i64> = first_line.keys().copied().collect();
-    let stored: HashMap<i64, ledger::Stored> =
-        ledger::lock_events(&mut tx, &ids).await?.into_iter().map(|s| (s.id, s)).collect();
+    let stored = ledger::lock_events(conn, &ids).await?.into_iter().map(|s| (s.id, s)).collect();
     let (calls, groups): (Vec<&str>, Vec<&str>) = {
         let targets = requests.iter().filter_map(|r| match &r.to {
             To::Attach(kind, id) => Some((*kind, id.as_str())),
@@ -114,97 +131,108 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
         let (c, g): (Vec<_>, Vec<_>) = targets.partition(|(k, _)| *k == TargetKind::Call);
         (c.into_iter().map(|(_, id)| id).collect(), g.into_iter().map(|(_, id)| id).collect())
     };
-    let (calls_found, groups_found) = calldata::existing(&mut tx, &calls, &groups).await?;
-
-    let mut rows = Vec::new();
+    let (calls, groups) = calldata::existing(conn, &calls, &groups).await?;
+    let found = Found { stored, calls, groups };
     let mut resolved = Vec::new();
     for r in requests {
-        let Some(event) = stored.get(&r.event_id) else {
-            problems.push(format!("{}: no such event", where_(r)));
-            continue;
-        };
-        if event.job != job.name {
-            problems.push(format!("{}: belongs to job {}, not {}", where_(r), event.job, job.name));
-            continue;
+        match decide(r, job, by, &found) {
+            Ok(decided) => resolved.push(decided),
+            Err(problem) => problems.push(problem),
         }
-        let now = &event.decided;
-        if let Some(reported) = &r.reported_reason {
-            let still = match now.state {
-                State::Expired => reported == "expired",
-                State::Pending => now.reason.map_or("undecided", Reason::as_str) == reported,
-                _ => false,
-            };
-            if !still {
-                problems.push(format!("{}: decided since the report was written (now {})", where_(r), now.describe()));
-                continue;
-            }
-        }
-        if let Some(seen) = r.seen.as_deref().filter(|seen| *seen != now.describe()) {
-            problems.push(format!(
-                "{}: changed since its page was loaded (it showed {seen}; now {}): nothing was overwritten",
-                where_(r),
-                now.describe()
-            ));
-            continue;
-        }
-        let note = r.note.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned);
-        let after = match &r.to {
-            To::Attach(kind, id) => {
-                let found = match kind {
-                    TargetKind::Call => calls_found.contains(id),
-                    TargetKind::CallGroup => groups_found.contains(id),
-                };
-                if !found {
-                    let what = if *kind == TargetKind::Call { "call" } else { "call group" };
-                    problems.push(format!("{}: there is no {what} {id}", where_(r)));
-                    continue;
-                }
-                Decided {
-                    state: State::Matched,
-                    target: Some((*kind, id.clone())),
-                    rule: Some(MANUAL_RULE.to_owned()),
-                    reason: None,
-                    person: Some(by.to_owned()),
-                    note,
-                }
-            }
-            To::Dismiss => {
-                if note.is_none() {
-                    problems.push(format!("{}: dismissing needs a note saying why", where_(r)));
-                    continue;
-                }
-                Decided {
-                    state: State::Dismissed,
-                    target: None,
-                    rule: None,
-                    reason: None,
-                    person: Some(by.to_owned()),
-                    note,
-                }
-            }
-            To::Reopen => {
-                if now.person.is_none() {
-                    problems.push(format!(
-                        "{}: not decided by hand (now {}): nothing to reopen",
-                        where_(r),
-                        now.describe()
-                    ));
-                    continue;
-                }
-                Decided { note, ..Decided::undecided() }
-            }
-        };
-        rows.push((r.event_id, after.clone()));
-        resolved.push(Resolved { event_id: r.event_id, before: now.clone(), after });
     }
     if !problems.is_empty() {
         bail!(Refused { problems });
     }
+    Ok(resolved)
+}
 
-    ledger::write_decisions(&mut tx, &rows, By::Person(by), &job.group_fields).await?;
+/// Where a request is: its line of the file, or its event.
+fn where_(r: &Request) -> String {
+    match r.line {
+        Some(line) => format!("line {line}: event {}", r.event_id),
+        None => format!("event {}", r.event_id),
+    }
+}
+
+/// One request's decision, or why it cannot be made.
+fn decide(r: &Request, job: &Job, by: &str, found: &Found) -> Result<Resolved, String> {
+    let Some(event) = found.stored.get(&r.event_id) else {
+        return Err(format!("{}: no such event", where_(r)));
+    };
+    if event.job != job.name {
+        return Err(format!("{}: belongs to job {}, not {}", where_(r), event.job, job.name));
+    }
+    let now = &event.decided;
+    if let Some(reported) = &r.reported_reason {
+        let still = match now.state {
+            State::Expired => reported == "expired",
+            State::Pending => now.reason.map_or("undecided", Reason::as_str) == reported,
+            _ => false,
+        };
+        if !still {
+            return Err(format!("{}: decided since the report was written (now {})", where_(r), now.describe()));
+        }
+    }
+    if let Some(seen) = r.seen.as_deref().filter(|seen| *seen != now.describe()) {
+        return Err(format!(
+            "{}: changed since its page was loaded (it showed {seen}; now {}): nothing was overwritten",
+            where_(r),
+            now.describe()
+        ));
+    }
+    let after = after(r, now, by, found)?;
+    Ok(Resolved { event_id: r.event_id, before: now.clone(), after })
+}
+
+/// The decision a request asks for, given the event's decision `now`.
+fn after(r: &Request, now: &Decided, by: &str, found: &Found) -> Result<Decided, String> {
+    let note = r.note.as_deref().map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned);
+    match &r.to {
+        To::Attach(kind, id) => {
+            let exists = match kind {
+                TargetKind::Call => found.calls.contains(id),
+                TargetKind::CallGroup => found.groups.contains(id),
+            };
+            if !exists {
+                let what = if *kind == TargetKind::Call { "call" } else { "call group" };
+                return Err(format!("{}: there is no {what} {id}", where_(r)));
+            }
+            Ok(Decided {
+                state: State::Matched,
+                target: Some((*kind, id.clone())),
+                rule: Some(MANUAL_RULE.to_owned()),
+                reason: None,
+                person: Some(by.to_owned()),
+                note,
+            })
+        }
+        To::Dismiss => {
+            if note.is_none() {
+                return Err(format!("{}: dismissing needs a note saying why", where_(r)));
+            }
+            Ok(Decided {
+                state: State::Dismissed,
+                target: None,
+                rule: None,
+                reason: None,
+                person: Some(by.to_owned()),
+                note,
+            })
+        }
+        To::Reopen => {
+            if now.person.is_none() {
+                return Err(format!("{}: not decided by hand (now {}): nothing to reopen", where_(r), now.describe()));
+            }
+            Ok(Decided { note, ..Decided::undecided() })
+        }
+    }
+}
+
+/// Recomputes the calls and groups the decisions moved events from and to.
+async fn apply_touched(conn: &mut PgConnection, resolved: &[Resolved]) -> Result<()> {
     let mut touched_calls = HashSet::new();
     let mut touched_groups = HashSet::new();
-    for r in &resolved {
+    for r in resolved {
         for (kind, id) in r.before.target.iter().chain(&r.after.target) {
             match kind {
                 TargetKind::Call => touched_calls.insert(id.clone()),
@@ -214,14 +242,8 @@ pub async fn resolve(pool: &PgPool, job: &Job, requests: &[Request], by: &str, d
     }
     let calls: Vec<String> = touched_calls.into_iter().collect();
     let groups: Vec<String> = touched_groups.into_iter().collect();
-    apply::apply(&mut tx, &calls, &groups, Tuning::from_env().apply_batch_groups).await?;
-    if dry_run {
-        tx.rollback().await?;
-    } else {
-        tx.commit().await.context("committing the decisions")?;
-    }
-    tracing::info!(decisions = resolved.len(), by, dry_run, "manual decisions applied");
-    Ok(resolved)
+    apply::apply(conn, &calls, &groups, Tuning::from_env().apply_batch_groups).await?;
+    Ok(())
 }
 
 /// What `resolve` prints: one line per decision.

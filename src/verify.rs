@@ -267,32 +267,9 @@ enum Table {
     Groups,
 }
 
-/// Compares the rows of a table, streamed, with the record of matches.
-struct Check<'a> {
-    record: &'a Record,
-    progress: &'a indicatif::ProgressBar,
-    /// With `--repair`: the connection holding the apply lock, which writes the differences.
-    writer: Option<&'a mut PgConnection>,
-    examples: &'a mut Vec<Difference>,
-}
-
-/// What a table's check found so far.
-#[derive(Default)]
-struct Found {
-    checked: u64,
-    differing: u64,
-    written: u64,
-    /// Rows read since the progress bar last moved.
-    seen: u64,
-    /// Differences kept as examples.
-    examples: usize,
-    /// With `--repair`: differences not written yet.
-    pending: Vec<NewValue>,
-}
-
 impl Table {
-    /// Its name, the COPY reading it and the number of fields that COPY gives.
-    fn read(self) -> (&'static str, &'static str, usize) {
+    /// The table's name, the COPY that streams its rows, and their fields.
+    fn copy(self) -> (&'static str, &'static str, usize) {
         match self {
             Table::Calls => (
                 "calls",
@@ -307,6 +284,49 @@ impl Table {
             ),
         }
     }
+
+    /// The value the record of matches gives row `id` (its COPY fields `f`); `None` when the row
+    /// is outside `--job`'s scope.
+    fn expected<'r>(self, record: &'r Record, id: &str, f: &[Option<&[u8]>]) -> Result<Option<Cow<'r, str>>> {
+        Ok(match self {
+            Table::Calls => {
+                let group = f[3].map(pgcopy::text).transpose()?;
+                if let Some(s) = &record.scope
+                    && !s.calls.contains(id)
+                    && !group.is_some_and(|g| s.groups.contains(g))
+                {
+                    return Ok(None);
+                }
+                Some(record.call(id, group))
+            }
+            Table::Groups => {
+                if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
+                    return Ok(None);
+                }
+                Some(Cow::Borrowed(record.group(id)))
+            }
+        })
+    }
+}
+
+/// What checking a table has counted so far.
+#[derive(Default)]
+struct Counts {
+    checked: u64,
+    differing: u64,
+    written: u64,
+    /// Rows read since the progress bar last moved.
+    seen: u64,
+    examples: usize,
+}
+
+/// Compares the rows of a table, streamed, with the record of matches.
+struct Check<'a> {
+    record: &'a Record,
+    progress: &'a indicatif::ProgressBar,
+    /// With `--repair`: the connection holding the apply lock, which writes the differences.
+    writer: Option<&'a mut PgConnection>,
+    examples: &'a mut Vec<Difference>,
 }
 
 impl Check<'_> {
@@ -314,85 +334,80 @@ impl Check<'_> {
     /// written.
     async fn table(&mut self, conn: &mut PgConnection, table: Table) -> Result<(u64, u64, u64)> {
         let step = std::time::Instant::now();
-        let (name, sql, fields) = table.read();
-        let mut found = Found::default();
+        let (name, sql, fields) = table.copy();
+        let mut n = Counts::default();
+        let mut pending: Vec<NewValue> = Vec::new();
+        let repair = self.writer.is_some();
+        let record = self.record;
         let mut rows = pgcopy::RowReader::new(fields);
         let mut stream = conn.copy_out_raw(sql).await.with_context(|| format!("reading {name}"))?;
         while let Some(chunk) = stream.try_next().await.with_context(|| format!("reading {name}"))? {
-            rows.feed(&chunk, |f| self.row(table, f, &mut found))?;
-            if found.seen >= 10_000 {
-                self.progress.inc(found.seen);
-                found.seen = 0;
+            rows.feed(&chunk, |f| {
+                n.seen += 1;
+                let (Some(id), Some(tid), Some(stored)) = (f[0], f[1], f[2]) else {
+                    anyhow::bail!("a row of {name} with a null id, ctid or async_metadata");
+                };
+                let id = pgcopy::text(id)?;
+                let Some(expected) = table.expected(record, id, f)? else { return Ok(()) };
+                n.checked += 1;
+                if stored == expected.as_bytes() {
+                    return Ok(());
+                }
+                n.differing += 1;
+                let stored = pgcopy::text(stored)?;
+                tracing::debug!(table = name, id, stored, expected = &*expected, "differs");
+                if n.examples < EXAMPLES {
+                    n.examples += 1;
+                    self.examples.push(Difference {
+                        table: name,
+                        id: id.to_owned(),
+                        stored: stored.to_owned(),
+                        expected: expected.clone().into_owned(),
+                    });
+                }
+                if repair {
+                    pending.push(new_value(tid, f, id, expected.into_owned())?);
+                }
+                Ok(())
+            })?;
+            if n.seen >= 10_000 {
+                self.progress.inc(n.seen);
+                n.seen = 0;
             }
-            if found.pending.len() >= REPAIR_CHUNK
+            if pending.len() >= REPAIR_CHUNK
                 && let Some(w) = self.writer.as_deref_mut()
             {
-                found.written += write(w, name, &mut found.pending).await?;
+                n.written += write(w, name, &mut pending).await?;
             }
         }
         drop(stream);
         rows.finish()?;
-        self.progress.inc(found.seen);
+        self.progress.inc(n.seen);
         if let Some(w) = self.writer.as_deref_mut() {
-            found.written += write(w, name, &mut found.pending).await?;
+            n.written += write(w, name, &mut pending).await?;
         }
-        let Found { checked, differing, written, .. } = found;
-        let elapsed_ms = step.elapsed().as_millis() as u64;
-        tracing::info!(table = name, checked, differing, written, elapsed_ms, "checked");
+        let Counts { checked, differing, written, .. } = n;
+        tracing::info!(
+            table = name,
+            checked,
+            differing,
+            written,
+            elapsed_ms = step.elapsed().as_millis() as u64,
+            "checked"
+        );
         Ok((checked, differing, written))
     }
+}
 
-    /// Compares one row (`f`: the fields [`Table::read`] gives) with the record of matches.
-    fn row(&mut self, table: Table, f: &[Option<&[u8]>], found: &mut Found) -> Result<()> {
-        let (name, _, _) = table.read();
-        found.seen += 1;
-        let (Some(id), Some(tid), Some(stored)) = (f[0], f[1], f[2]) else {
-            anyhow::bail!("a row of {name} with a null id, ctid or async_metadata");
-        };
-        let id = pgcopy::text(id)?;
-        let record = self.record;
-        let expected = match table {
-            Table::Calls => {
-                let group = f[3].map(pgcopy::text).transpose()?;
-                if let Some(s) = &record.scope
-                    && !s.calls.contains(id)
-                    && !group.is_some_and(|g| s.groups.contains(g))
-                {
-                    return Ok(());
-                }
-                record.call(id, group)
-            }
-            Table::Groups => {
-                if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
-                    return Ok(());
-                }
-                Cow::Borrowed(record.group(id))
-            }
-        };
-        found.checked += 1;
-        if stored == expected.as_bytes() {
-            return Ok(());
-        }
-        found.differing += 1;
-        let stored = pgcopy::text(stored)?;
-        tracing::debug!(table = name, id, stored, expected = &*expected, "differs");
-        if found.examples < EXAMPLES {
-            found.examples += 1;
-            let (stored, expected) = (stored.to_owned(), expected.clone().into_owned());
-            self.examples.push(Difference { table: name, id: id.to_owned(), stored, expected });
-        }
-        if self.writer.is_some() {
-            let (block, offset) = pgcopy::tid(tid)?;
-            // A call's started_at: the partition of its ctid on a partitioned `calls`.
-            let start = match f.get(4).copied().flatten() {
-                Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
-                None => None,
-            };
-            let value = expected.into_owned();
-            found.pending.push(NewValue { tid: Tid(block, offset), start, id: id.to_owned(), value });
-        }
-        Ok(())
-    }
+/// The value to write over a differing row, where its row is (`tid`; for a call, its
+/// `started_at`: the partition of its ctid on a partitioned `calls`).
+fn new_value(tid: &[u8], f: &[Option<&[u8]>], id: &str, value: String) -> Result<NewValue> {
+    let (block, offset) = pgcopy::tid(tid)?;
+    let start = match f.get(4).copied().flatten() {
+        Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
+        None => None,
+    };
+    Ok(NewValue { tid: Tid(block, offset), start, id: id.to_owned(), value })
 }
 
 /// Writes the differences through apply's writer and forgets them.

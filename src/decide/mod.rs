@@ -10,6 +10,7 @@
 
 mod diff;
 mod pages;
+mod retry;
 mod tally;
 mod undo;
 
@@ -37,6 +38,8 @@ pub struct Stage<'a> {
     job: &'a Job,
     tuning: &'a Tuning,
     run_id: i64,
+    /// Unmatched events received before this are expired.
+    expired_before: DateTime<Utc>,
     tally: Tally,
     times: Times,
 }
@@ -62,7 +65,7 @@ impl<'a> Stage<'a> {
         rematch: bool,
     ) -> Self {
         let tally = Tally::new(expired_before, rematch, tuning.page_events());
-        Stage { pool, job, tuning, run_id, tally, times: Times::default() }
+        Stage { pool, job, tuning, run_id, expired_before, tally, times: Times::default() }
     }
 
     /// Decides the ingested events still waiting in memory (less than a page: a backlog was
@@ -93,13 +96,34 @@ impl<'a> Stage<'a> {
         Ok(Some(Fresh { rows, events }))
     }
 
+    /// Decides the job's pending events (left by earlier runs, and a backlog this run stored),
+    /// less those that need not be decided again ([`retry::unchanged`]).
+    pub async fn pending(&mut self, conn: &mut PgConnection) -> Result<()> {
+        let unchanged = retry::unchanged(conn, self.job, self.tuning, self.run_id, self.expired_before).await?;
+        self.stored(conn, Scope::Pending { run_id: self.run_id, unchanged }).await
+    }
+
+    /// Decides again the rule-decided and undecided events with EventTime in `[since, until)`;
+    /// those decided by hand are kept, and counted.
+    pub async fn rematch(
+        &mut self,
+        conn: &mut PgConnection,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        self.stored(conn, Scope::Rematch { since, until }).await?;
+        let kept = crate::ledger::count_manual_in(conn, &self.job.name, since, until).await?;
+        self.tally.kept_manual(kept);
+        Ok(())
+    }
+
     /// Decides every stored event in `scope` (for a run, those pending from earlier runs and a
     /// backlog this run stored pending; events [`Stage::fresh`] decided are not stored yet) and
     /// stores the decisions that changed.
     ///
     /// Events are read, decided and stored a page at a time in (EventTime, id) order, so memory
     /// does not grow with the number of events in scope; only the tally is kept across pages.
-    pub async fn stored(&mut self, conn: &mut PgConnection, scope: Scope) -> Result<()> {
+    async fn stored(&mut self, conn: &mut PgConnection, scope: Scope) -> Result<()> {
         // Where matched calls are helps apply start: worth reading for pending events, which a
         // run decides for the first time or which find their call now; a rematch confirms most
         // of its matches, and apply finds the few calls it touches by id.
@@ -158,11 +182,6 @@ impl<'a> Stage<'a> {
     /// Reverts the decisions run `run` made that are still as it left them.
     pub async fn undo(&mut self, conn: &mut PgConnection, run: i64) -> Result<UndoReport> {
         undo::undo(conn, self.job, run, self.run_id, &mut self.tally).await
-    }
-
-    /// A rematch's count of events in its scope kept as they are: decided by hand.
-    pub fn kept_manual(&mut self, n: u64) {
-        self.tally.kept_manual(n);
     }
 
     /// Ends the stage: its times logged, its outcome handed on.

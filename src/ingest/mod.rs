@@ -74,7 +74,18 @@ pub async fn ingest(
     }
     if let Some(dir) = &job.inbox {
         let Settled { ready, later } = inbox;
-        read_inbox(conn, job, run_id, now, dir, ready, arrivals, &mut dedupe, &mut out).await?;
+        let mut reader = InboxReader {
+            conn: &mut *conn,
+            job,
+            run_id,
+            now,
+            dir,
+            arrivals: &mut *arrivals,
+            dedupe: &mut dedupe,
+            out: &mut out,
+            seen: HashSet::new(),
+        };
+        reader.read(ready).await?;
         for (path, reason) in later {
             let entry = FileEntry::new(label(dir, &path), String::new(), FileStatus::Later);
             out.files.push((path, FileEntry { reason: Some(reason), ..entry }));
@@ -155,38 +166,51 @@ fn open_hashed(path: &Path) -> std::io::Result<(std::fs::File, String)> {
     Ok((file, hex::encode(hasher.finalize())))
 }
 
-/// Reads the inbox's settled files into events, recording each file's fate (`inbox_files`
-/// remembers the content of every file ingested, so a file seen before is skipped).
-#[allow(clippy::too_many_arguments)]
-async fn read_inbox(
-    conn: &mut PgConnection,
-    job: &Job,
+/// Reading the inbox's settled files in a run: where their events go and what is recorded of
+/// each file (`inbox_files` remembers the content of every file ingested, so a file seen before
+/// is skipped).
+struct InboxReader<'a> {
+    conn: &'a mut PgConnection,
+    job: &'a Job,
     run_id: i64,
     now: DateTime<Utc>,
-    dir: &Path,
-    files: Vec<(PathBuf, Option<settle::Stat>)>,
-    arrivals: &mut Arrivals,
-    dedupe: &mut Dedupe,
-    out: &mut Ingested,
-) -> Result<()> {
-    let mut seen: HashSet<String> = HashSet::new();
-    let pb = progress::bar("inbox", files.len() as u64, "files");
-    for (path, settled) in files {
-        pb.inc(1);
+    dir: &'a Path,
+    arrivals: &'a mut Arrivals,
+    dedupe: &'a mut Dedupe,
+    out: &'a mut Ingested,
+    /// The contents read by this run so far, by SHA-256.
+    seen: HashSet<String>,
+}
+
+impl InboxReader<'_> {
+    /// Reads the files into events, recording each file's fate.
+    async fn read(&mut self, files: Vec<(PathBuf, Option<settle::Stat>)>) -> Result<()> {
+        let pb = progress::bar("inbox", files.len() as u64, "files");
+        for (path, settled) in files {
+            pb.inc(1);
+            self.read_file(path, settled).await?;
+        }
+        pb.finish_and_clear();
+        Ok(())
+    }
+
+    /// One file: its events handed on and its fate in `out.files`, or, when it cannot be opened,
+    /// a rejected record (it stays in the inbox).
+    async fn read_file(&mut self, path: PathBuf, settled: Option<settle::Stat>) -> Result<()> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let label = label(dir, &path);
+        let label = label(self.dir, &path);
         // Hashed first (to know a file seen before), then read record by record: memory
         // holds one batch of a file's events, whatever its size.
         let (file, sha) = match open_hashed(&path) {
             Ok(opened) => opened,
             Err(e) => {
                 tracing::error!(file = %path.display(), error = %e, "cannot read inbox file; left in place");
-                out.rejected.push(Rejected {
+                self.out.rejected.push(Rejected {
                     source: label,
                     reason: format!("cannot read the file: {e}"),
                     raw: String::new(),
                 });
-                continue;
+                return Ok(());
             }
         };
         let mut entry = FileEntry::new(label.clone(), sha.clone(), FileStatus::Ingested);
@@ -197,38 +221,65 @@ async fn read_inbox(
             entry.status = FileStatus::Later;
             entry.reason = Some(reason.to_owned());
             entry.sha256 = String::new();
-            out.files.push((path, entry));
-            continue;
+            self.out.files.push((path, entry));
+            return Ok(());
         }
-
-        let known: Option<(i64, String)> = sqlx::query_as("select run_id, name from inbox_files where sha256 = $1")
-            .bind(&sha)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some((run, first_name)) = known.or_else(|| seen.contains(&sha).then(|| (run_id, name.clone()))) {
+        if let Some((run, first_name)) = self.ingested_before(&sha, &name).await? {
             tracing::warn!(file = %label, first_name, run, "same content already ingested; skipped");
             entry.status = FileStatus::Duplicate;
             entry.reason = Some(format!("same content as {first_name}, ingested by run {run}"));
-            out.files.push((path, entry));
-            continue;
+            self.out.files.push((path, entry));
+            return Ok(());
         }
-        seen.insert(sha.clone());
+        self.seen.insert(sha.clone());
 
         let format = inbox::Format::of(&path).expect("listed files have a known format");
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let records = match inbox::records(reader, format, &label) {
-            Ok(r) => r,
+        let refused = match inbox::records(reader, format, &label) {
+            Ok(records) => self.take_records(records, &path, &label, &mut entry).await?,
             Err(reason) => {
                 tracing::error!(file = %label, %reason, "file cannot be parsed; archived as failed");
-                out.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
-                entry.status = FileStatus::Failed;
-                entry.reason = Some(reason);
-                out.files.push((path, entry));
-                continue;
+                Some(reason)
             }
         };
+        if let Some(reason) = refused {
+            self.out.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
+            entry.status = FileStatus::Failed;
+            entry.reason = Some(reason);
+            self.out.files.push((path, entry));
+            return Ok(());
+        }
+        self.record_file(&sha, &name, &entry).await?;
+        let (events, duplicates, rejected) = (entry.events, entry.duplicates, entry.rejected);
+        tracing::info!(file = %label, events, duplicates, rejected, "file ingested");
+        self.out.events += entry.events;
+        self.out.files.push((path, entry));
+        Ok(())
+    }
+
+    /// The run and name a file of this content was first ingested by, if any (this run's files
+    /// included).
+    async fn ingested_before(&mut self, sha: &str, name: &str) -> Result<Option<(i64, String)>> {
+        let known: Option<(i64, String)> = sqlx::query_as("select run_id, name from inbox_files where sha256 = $1")
+            .bind(sha)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        Ok(known.or_else(|| self.seen.contains(sha).then(|| (self.run_id, name.to_owned()))))
+    }
+
+    /// A file's records parsed as events and handed on a batch at a time, counted in `entry`.
+    /// `Some(reason)`: nothing in the file can be read, and it is refused whole (its rejected
+    /// records taken back, as no record of it was read).
+    async fn take_records(
+        &mut self,
+        records: inbox::Records<'_>,
+        path: &Path,
+        label: &str,
+        entry: &mut FileEntry,
+    ) -> Result<Option<String>> {
+        let job = self.job;
         let mut events = Vec::new();
-        let rejected_before = out.rejected.len();
+        let rejected_before = self.out.rejected.len();
         let (mut readable, mut first_unreadable) = (false, None);
         for r in records {
             let r = r.with_context(|| format!("reading {}", path.display()))?;
@@ -244,52 +295,51 @@ async fn read_inbox(
                     source: r.source,
                     digest: dedupe::digest(&job.name, &event),
                     event,
-                    received_at: now,
+                    received_at: self.now,
                 }),
                 Err(reason) => {
                     entry.rejected += 1;
-                    out.rejected.push(Rejected::new(r.source, reason, r.raw));
+                    self.out.rejected.push(Rejected::new(r.source, reason, r.raw));
                 }
             }
             if events.len() >= INBOX_BATCH {
-                let events = dedupe.keep_new(conn, std::mem::take(&mut events)).await?;
-                entry.events += events.len() as u64;
-                arrivals.add(conn, events).await?;
+                self.hand_on(std::mem::take(&mut events), entry).await?;
             }
         }
-        if let Some(reason) = inbox::nothing_readable(&label, first_unreadable.as_ref(), readable) {
+        if let Some(reason) = inbox::nothing_readable(label, first_unreadable.as_ref(), readable) {
             // Nothing was taken from it (no record read, so no event): refused whole.
             tracing::error!(file = %label, %reason, "nothing in the file can be read; archived as failed");
-            out.rejected.truncate(rejected_before);
-            out.rejected.push(Rejected { source: label, reason: reason.clone(), raw: String::new() });
-            entry.status = FileStatus::Failed;
+            self.out.rejected.truncate(rejected_before);
             entry.rejected = 0;
-            entry.reason = Some(reason);
-            out.files.push((path, entry));
-            continue;
+            return Ok(Some(reason));
         }
-        let events = dedupe.keep_new(conn, events).await?;
+        self.hand_on(events, entry).await?;
+        entry.duplicates = self.dedupe.by_source.get(label).copied().unwrap_or(0);
+        Ok(None)
+    }
+
+    /// Events new to the job handed to the ledger, counted in `entry`.
+    async fn hand_on(&mut self, events: Vec<NewEvent>, entry: &mut FileEntry) -> Result<()> {
+        let events = self.dedupe.keep_new(self.conn, events).await?;
         entry.events += events.len() as u64;
-        entry.duplicates = dedupe.by_source.get(&label).copied().unwrap_or(0);
-        arrivals.add(conn, events).await?;
+        self.arrivals.add(self.conn, events).await
+    }
+
+    /// Remembers an ingested file's content in `inbox_files`.
+    async fn record_file(&mut self, sha: &str, name: &str, entry: &FileEntry) -> Result<()> {
         sqlx::query(
             "insert into inbox_files (sha256, job, name, run_id, events, rejected) values ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(&sha)
-        .bind(&job.name)
-        .bind(&name)
-        .bind(run_id)
+        .bind(sha)
+        .bind(&self.job.name)
+        .bind(name)
+        .bind(self.run_id)
         .bind(entry.events as i32)
         .bind(entry.rejected as i32)
-        .execute(&mut *conn)
+        .execute(&mut *self.conn)
         .await?;
-        let (events, duplicates, rejected) = (entry.events, entry.duplicates, entry.rejected);
-        tracing::info!(file = %label, events, duplicates, rejected, "file ingested");
-        out.events += entry.events;
-        out.files.push((path, entry));
+        Ok(())
     }
-    pb.finish_and_clear();
-    Ok(())
 }
 
 /// Moves a committed run's inbox files to the archive (after commit: a crash before leaves them

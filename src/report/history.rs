@@ -5,11 +5,10 @@ use std::io::{BufReader, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::types::{Report, Summary, Unmatched};
-use crate::cli::ReportFormat;
+use crate::{cli::ReportFormat, runs};
 
 /// The few lines printed after a run.
 pub fn summary_text(report: &Report, dir: &std::path::Path) -> String {
@@ -85,28 +84,7 @@ fn counts(m: &std::collections::BTreeMap<String, u64>) -> String {
 
 /// `callrecon report list`: a table of recent runs.
 pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String> {
-    type Row = (
-        i64,
-        String,
-        String,
-        bool,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        String,
-        Option<sqlx::types::Json<Summary>>,
-        Option<String>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "select id, job, kind, dry_run, started_at, finished_at, status, summary,
-                concat_ws('; ', error, 'webhook: ' || nullif(notification, 'delivered'),
-                          case when report_pruned_at is not null then 'report pruned' end)
-         from runs where $1::text is null or job = $1 order by id desc limit $2",
-    )
-    .bind(job)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading runs")?;
+    let rows = runs::recent(pool, job, limit).await?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -123,9 +101,11 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
         "unmatched",
         "dismissed"
     );
-    for (id, job, kind, dry, started, finished, status, summary, error) in rows {
+    for run in rows {
+        let error = notes(&run);
+        let runs::Recent { id, job, kind, dry_run: dry, started_at: started, finished_at: finished, status, .. } = run;
         let dur = finished.map_or("-".into(), |f| format!("{:.1}s", (f - started).num_milliseconds() as f64 / 1000.0));
-        let s = summary.map(|s| s.0);
+        let s: Option<Summary> = run.summary.map(serde_json::from_value).transpose().context("reading runs")?;
         let n = |f: fn(&Summary) -> u64| s.as_ref().map_or("-".into(), |s| f(s).to_string());
         let _ = write!(
             out,
@@ -138,12 +118,20 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
             n(|s| s.unmatched),
             n(|s| s.dismissed),
         );
-        if let Some(e) = error.filter(|e| !e.is_empty()) {
-            let _ = write!(out, ": {e}");
+        if !error.is_empty() {
+            let _ = write!(out, ": {error}");
         }
         out.push('\n');
     }
     Ok(out)
+}
+
+/// What `report list` says after a run's status: its error or note, a webhook that was not
+/// delivered, a pruned report.
+fn notes(run: &runs::Recent) -> String {
+    let webhook = run.notification.as_deref().filter(|n| *n != "delivered").map(|n| format!("webhook: {n}"));
+    let pruned = run.report_pruned_at.map(|_| "report pruned".to_owned());
+    [run.error.clone(), webhook, pruned].into_iter().flatten().collect::<Vec<_>>().join("; ")
 }
 
 /// `callrecon report show RUN`: the run's report in the chosen format, written to `out`.
@@ -152,12 +140,11 @@ pub async fn list(pool: &PgPool, job: Option<&str>, limit: i64) -> Result<String
 /// files; text reads `report.json` twice with a streaming parser, once for the summary (its
 /// `unmatched` list skipped) and once printing each unmatched event as it is parsed.
 pub async fn show(pool: &PgPool, run: i64, format: ReportFormat, out: &mut dyn Write) -> Result<()> {
-    type Row = (String, Option<String>, Option<String>, Option<DateTime<Utc>>);
-    let row: Option<Row> = sqlx::query_as("select status, report_dir, error, report_pruned_at from runs where id = $1")
-        .bind(run)
-        .fetch_optional(pool)
-        .await?;
-    let Some((status, dir, error, pruned)) = row else { bail!("no run {run}; `callrecon report list` shows the runs") };
+    let Some(runs::ReportOf { status, report_dir: dir, error, report_pruned_at: pruned }) =
+        runs::report_of(pool, run).await?
+    else {
+        bail!("no run {run}; `callrecon report list` shows the runs")
+    };
     if let Some(at) = pruned {
         bail!(
             "the report of run {run} was pruned on {} by the job's `[report] keep`; `callrecon report list` still shows its summary",

@@ -4,11 +4,14 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
+use anyhow::Result;
+use chrono::Utc;
 use sqlx::PgPool;
 
-use crate::job::{Job, Keep};
+use crate::{
+    job::{Job, Keep},
+    runs,
+};
 
 /// Removes the job's report folders that `job.keep` no longer keeps (never that of `run_id`,
 /// the run just finished), and partial folders left by runs that ended without a report.
@@ -25,18 +28,10 @@ async fn prune_inner(pool: &PgPool, job: &Job, run_id: i64) -> Result<()> {
         return Ok(());
     }
     // Newest first: a count keeps the first ones, an age those started since the cut-off.
-    let runs: Vec<(i64, String, DateTime<Utc>)> = sqlx::query_as(
-        "select id, report_dir, started_at from runs
-         where job = $1 and report_dir is not null and report_pruned_at is null and status <> 'running'
-         order by id desc",
-    )
-    .bind(&job.name)
-    .fetch_all(&mut *crate::db::begin(pool).await?)
-    .await
-    .context("reading the job's reports")?;
+    let reports = runs::kept_reports(pool, &job.name).await?;
     let now = Utc::now();
     let mut pruned = Vec::new();
-    for (i, (id, dir, started_at)) in runs.into_iter().enumerate() {
+    for (i, runs::Kept { id, report_dir: dir, started_at }) in reports.into_iter().enumerate() {
         let drop = match job.keep {
             Keep::All => false,
             Keep::Count(n) => i >= n as usize,
@@ -58,8 +53,7 @@ async fn prune_inner(pool: &PgPool, job: &Job, run_id: i64) -> Result<()> {
         }
     }
     if !pruned.is_empty() {
-        let statement = sqlx::query("update runs set report_pruned_at = now() where id = any($1)").bind(&pruned);
-        crate::db::execute(pool, statement).await.context("recording pruned reports")?;
+        runs::mark_pruned(pool, &pruned).await?;
         tracing::info!(reports = pruned.len(), job = %job.name, "pruned old reports");
     }
     Ok(())
@@ -72,10 +66,7 @@ async fn remove_stale_partials(pool: &PgPool, report_dir: &Path) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".partial")) else { continue };
         let Ok(id) = id.parse::<i64>() else { continue };
-        let running: Option<bool> = sqlx::query_scalar("select status = 'running' from runs where id = $1")
-            .bind(id)
-            .fetch_optional(&mut *crate::db::begin(pool).await?)
-            .await?;
+        let running = runs::running(pool, id).await?;
         if running != Some(true)
             && let Err(e) = std::fs::remove_dir_all(entry.path())
         {

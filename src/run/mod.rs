@@ -9,7 +9,6 @@
 //! call into its module, and what flows between them is plain data.
 
 mod finish;
-pub mod record;
 mod summary;
 
 pub use record::AlreadyRunning;
@@ -25,8 +24,9 @@ use crate::decide::{self, Decided};
 use crate::decision::RunKind;
 use crate::ingest::{self, Ingested};
 use crate::job::Job;
-use crate::ledger::{self, Arrivals, Scope};
+use crate::ledger::Arrivals;
 use crate::report::{self, FileEntry, Report};
+use crate::runs as record;
 use crate::tuning::Tuning;
 
 /// What kind of run, and over which events.
@@ -165,14 +165,8 @@ impl Run<'_> {
         let t = std::time::Instant::now();
         let mut undo = None;
         match mode {
-            Mode::Run => {
-                let unchanged = self.unchanged(conn).await?;
-                decide.stored(conn, Scope::Pending { run_id: self.run_id, unchanged }).await?
-            }
-            Mode::Rematch { since, until } => {
-                decide.stored(conn, Scope::Rematch { since, until }).await?;
-                decide.kept_manual(ledger::count_manual_in(conn, &self.job.name, since, until).await?);
-            }
+            Mode::Run => decide.pending(conn).await?,
+            Mode::Rematch { since, until } => decide.rematch(conn, since, until).await?,
             Mode::Undo { run } => undo = Some(decide.undo(conn, run).await?),
         }
         let Decided { to_apply, matched, by_rule, diff } = decide.finish();
@@ -190,39 +184,6 @@ impl Run<'_> {
         tracing::debug!("report built");
         stages.push(("report", t.elapsed()));
         Ok((report, files, stages))
-    }
-
-    /// The pending events that need not be decided again, when there are enough of them for
-    /// finding them to be worth it (`Tuning::retry_all_below`) and the job's last run decided
-    /// with the same rules ([`record::baseline`]): retrying an event whose candidate calls cannot
-    /// have changed since its decision was checked would decide it as before.
-    async fn unchanged(&self, conn: &mut PgConnection) -> Result<Option<ledger::Unchanged>> {
-        let job = self.job;
-        if !ledger::pending_at_least(conn, &job.name, self.tuning.retry_all_below).await? {
-            return Ok(None);
-        }
-        let Some((since_run, snapshot)) = record::baseline(conn, job, self.run_id).await? else {
-            tracing::info!("every pending event is retried: no earlier run of the job decided with these rules");
-            return Ok(None);
-        };
-        let t = std::time::Instant::now();
-        let changed = crate::calldata::changed_since(conn, &snapshot, job).await?;
-        let elapsed_ms = t.elapsed().as_millis() as u64;
-        match &changed {
-            crate::calldata::Changed::Anywhere => tracing::info!(
-                since_run,
-                elapsed_ms,
-                "call data changed everywhere since run {since_run} started: only events missing a key are left as they are"
-            ),
-            crate::calldata::Changed::Within(windows) => tracing::info!(
-                since_run,
-                windows = windows.len(),
-                elapsed_ms,
-                "pending events retried only where calls changed since run {since_run} started"
-            ),
-        }
-        let windows = changed.into_windows();
-        Ok(Some(ledger::Unchanged { since_run, expire_before: self.now - job.pending_for, windows }))
     }
 }
 

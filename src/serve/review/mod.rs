@@ -129,10 +129,10 @@ impl Desk {
     /// Every job the desk can explain and decide: those given, and each other job through the
     /// job file of its latest run.
     async fn jobs(&self) -> Result<BTreeMap<String, Job>> {
-        let mut files: BTreeMap<String, std::path::PathBuf> = queue::job_files(&self.pool)
+        let mut files: BTreeMap<String, std::path::PathBuf> = runs::job_files(&self.pool)
             .await?
             .into_iter()
-            .map(|(name, file)| (name, std::path::PathBuf::from(file)))
+            .map(|f| (f.job, std::path::PathBuf::from(f.job_file)))
             .collect();
         files.extend(self.given.iter().map(|(n, p)| (n.clone(), p.clone())));
         let mut jobs = BTreeMap::new();
@@ -461,7 +461,7 @@ async fn runs_page(State(desk): State<Desk>, headers: HeaderMap, uri: Uri) -> Re
         Err(bad) => return bad.into_response(),
     };
     let job = q.get("job");
-    let (runs, jobs) = match (runs::latest(&desk.pool, job).await, queue::jobs(&desk.pool).await) {
+    let (runs, jobs) = match (runs::latest(&desk.pool, job).await, runs::jobs(&desk.pool).await) {
         (Ok(r), Ok(j)) => (r, j),
         (Err(e), _) | (_, Err(e)) => return failed(&e),
     };

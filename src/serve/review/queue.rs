@@ -379,19 +379,6 @@ pub async fn counts(
     Ok(REASONS.iter().zip(n).filter(|(_, n)| *n > 0).map(|((r, _), n)| (r.to_string(), n)).collect())
 }
 
-/// The jobs that have run (for the job filter).
-pub async fn jobs(pool: &sqlx::PgPool) -> Result<Vec<String>> {
-    sqlx::query_scalar("select distinct job from runs order by 1").fetch_all(pool).await.context("reading jobs")
-}
-
-/// The job file of each job's latest run that recorded one.
-pub async fn job_files(pool: &sqlx::PgPool) -> Result<Vec<(String, String)>> {
-    sqlx::query_as("select distinct on (job) job, job_file from runs where job_file is not null order by job, id desc")
-        .fetch_all(pool)
-        .await
-        .context("reading the job files of runs")
-}
-
 /// Where an event is in the queue's order (its received_at), if it is pending.
 pub async fn position(pool: &sqlx::PgPool, id: i64) -> Result<Option<Cursor>> {
     let at: Option<DateTime<Utc>> = sqlx::query_scalar("select received_at from events where id = $1")

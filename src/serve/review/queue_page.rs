@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::params::{BadParam, Params};
 use super::queue::{self, At, Filters};
 use super::session::{self, Analyst, Flash};
-use super::{Desk, claims, failed, gate, span, when};
+use super::{Desk, claims, failed, gate, runs, span, when};
 
 #[derive(Serialize)]
 struct QueueRow {
@@ -94,7 +94,7 @@ async fn queue_view(
         queue::counts(&desk.pool, &filters, page.by_id, &pending_for).await?
     };
     let took_ms = started.elapsed().as_millis() as u64;
-    let mut job_names: Vec<String> = queue::jobs(&desk.pool).await?;
+    let mut job_names: Vec<String> = runs::jobs(&desk.pool).await?;
     job_names.extend(jobs.keys().cloned());
     job_names.sort();
     job_names.dedup();

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
-use crate::report::Summary;
+use crate::{report::Summary, runs as store};
+
+/// The jobs that have run and the job file of each one's latest run, from the store.
+pub use store::{job_files, jobs};
 
 /// Runs listed and charted.
 pub const RUNS: i64 = 60;
@@ -36,61 +39,37 @@ pub struct RunRow {
 
 /// The latest [`RUNS`] runs, of one job or all, newest first.
 pub async fn latest(pool: &sqlx::PgPool, job: Option<&str>) -> Result<Vec<RunRow>> {
-    type R = (
-        i64,
-        String,
-        String,
-        bool,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        String,
-        Option<String>,
-        Option<sqlx::types::Json<Summary>>,
-        bool,
-    );
-    let rows: Vec<R> = sqlx::query_as(
-        "select id, job, kind, dry_run, started_at, finished_at, status, error, summary,
-                report_dir is not null and report_pruned_at is null
-         from runs where $1::text is null or job = $1 order by id desc limit $2",
-    )
-    .bind(job)
-    .bind(RUNS)
-    .fetch_all(pool)
-    .await
-    .context("reading runs")?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, job, kind, dry_run, started_at, finished_at, status, error, summary, has_report)| {
-            let s = summary.map(|s| s.0);
-            RunRow {
-                id,
-                job,
-                kind,
-                dry_run,
-                started_at,
-                seconds: finished_at.map(|f| (f - started_at).num_milliseconds() as f64 / 1000.0),
-                status,
-                error,
-                ingested: s.as_ref().map(|s| s.ingested),
-                matched: s.as_ref().map(|s| s.matched),
-                pending: s.as_ref().map(|s| s.unmatched.saturating_sub(s.expired)),
-                expired: s.as_ref().map(|s| s.expired),
-                dismissed: s.as_ref().map(|s| s.dismissed),
-                has_report,
-            }
-        })
-        .collect())
+    store::recent(pool, job, RUNS).await?.into_iter().map(row).collect()
+}
+
+fn row(run: store::Recent) -> Result<RunRow> {
+    let has_report = run.has_report();
+    let s: Option<Summary> = run.summary.map(serde_json::from_value).transpose().context("reading runs")?;
+    Ok(RunRow {
+        id: run.id,
+        job: run.job,
+        kind: run.kind,
+        dry_run: run.dry_run,
+        started_at: run.started_at,
+        seconds: run.finished_at.map(|f| (f - run.started_at).num_milliseconds() as f64 / 1000.0),
+        status: run.status,
+        error: run.error,
+        ingested: s.as_ref().map(|s| s.ingested),
+        matched: s.as_ref().map(|s| s.matched),
+        pending: s.as_ref().map(|s| s.unmatched.saturating_sub(s.expired)),
+        expired: s.as_ref().map(|s| s.expired),
+        dismissed: s.as_ref().map(|s| s.dismissed),
+        has_report,
+    })
 }
 
 /// The `report.html` of run `id`, if it was written and not pruned.
 pub async fn report_file(pool: &sqlx::PgPool, id: i64) -> Result<Option<PathBuf>> {
-    let dir: Option<Option<String>> =
-        sqlx::query_scalar("select report_dir from runs where id = $1 and report_pruned_at is null")
-            .bind(id)
-            .fetch_optional(pool)
-            .await
-            .context("reading the run")?;
-    Ok(dir.flatten().map(|d| PathBuf::from(d).join("report.html")))
+    let run = store::report_of(pool, id).await?;
+    Ok(run
+        .filter(|r| r.report_pruned_at.is_none())
+        .and_then(|r| r.report_dir)
+        .map(|d| PathBuf::from(d).join("report.html")))
 }
 
 /// The chart of `/review/runs` (drawn by `runs.html`): stacked bars, oldest run on the left:
