@@ -194,6 +194,12 @@ pub async fn load_calls(
             columns
         }
     };
+    calls_of(columns, fields, placed)
+}
+
+/// The calls [`load_calls`] read, from its columns: id, start, end, (with `placed`) group and
+/// ctid block, then `fields`.
+fn calls_of(columns: Vec<pgcopy::Column>, fields: &[TargetField], placed: bool) -> Result<(Candidates, Placement)> {
     let mut columns = columns.into_iter();
     let mut next = || columns.next().expect("one column per kind");
     let ids = next().into_text();

@@ -190,78 +190,101 @@ pub async fn partition_calls(conn: &mut PgConnection, ranges: &[(DateTime<Utc>, 
     .fetch_one(&mut *tx)
     .await
     .context("finding the calls table")?;
-    let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     let calls = format!("{}.calls", quoted(&schema));
     if !partitioned {
-        let empty: bool = sqlx::query_scalar("select not exists (select 1 from calls)").fetch_one(&mut *tx).await?;
-        anyhow::ensure!(empty, "calls holds rows: partitioning it needs an empty table (a fresh database)");
-        // What callrecon (or anyone) put on calls beyond its columns and keys, as SQL the catalog
-        // prints: created again on the partitioned table (indexes become partitioned indexes,
-        // row triggers are cloned to every partition).
-        let mut again: Vec<String> = sqlx::query_scalar(
-            "select pg_get_indexdef(i.indexrelid) from pg_index i
-             where i.indrelid = 'calls'::regclass
-               and not exists (select 1 from pg_constraint k where k.conindid = i.indexrelid)
-             order by i.indexrelid",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        again.extend(
-            sqlx::query_scalar::<_, String>(
-                "select pg_get_triggerdef(oid) from pg_trigger
-                 where tgrelid = 'calls'::regclass and not tgisinternal order by oid",
-            )
-            .fetch_all(&mut *tx)
-            .await?,
-        );
-        let create = format!(
-            "drop table {calls};
-             create table {calls} (
-                 id             text not null,
-                 session_id     text,
-                 call_group_id  text references call_groups(id),
-                 started_at     timestamptz not null,
-                 ended_at       timestamptz,
-                 ani            text,
-                 dnis           text,
-                 agent_id       text,
-                 metadata       jsonb not null default '{{}}',
-                 async_metadata jsonb not null default '{{}}',
-                 primary key (id, started_at)
-             ) partition by range (started_at);
-             create index calls_session_id_idx on {calls} (session_id);
-             create table {schema}.calls_default partition of {calls} default with (fillfactor = 80);",
-            schema = quoted(&schema)
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await.context("creating partitioned calls")?;
-        for sql in again {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.context("re-creating on calls")?;
-        }
+        repartition(&mut tx, &schema, &calls).await?;
     }
     for (from, to) in ranges {
-        let name = format!("calls_{}", from.format("%Y%m%d%H"));
-        let exists: bool = sqlx::query_scalar(
-            "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
-                            where n.nspname = $1 and c.relname = $2)",
-        )
-        .bind(&schema)
-        .bind(&name)
-        .fetch_one(&mut *tx)
-        .await?;
-        if exists {
-            continue;
-        }
-        // Our own timestamps, printed by chrono.
-        let sql = format!(
-            "create table {}.{} partition of {calls} for values from ('{}') to ('{}') with (fillfactor = 80)",
-            quoted(&schema),
-            quoted(&name),
-            from.to_rfc3339(),
-            to.to_rfc3339()
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.with_context(|| format!("creating {name}"))?;
+        add_partition(&mut tx, &schema, &calls, *from, *to).await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// A name quoted as an SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Replaces the plain, empty `calls` (in `schema`; `calls`: its quoted name) by a partitioned
+/// one with a default partition.
+async fn repartition(tx: &mut PgConnection, schema: &str, calls: &str) -> Result<()> {
+    let empty: bool = sqlx::query_scalar("select not exists (select 1 from calls)").fetch_one(&mut *tx).await?;
+    anyhow::ensure!(empty, "calls holds rows: partitioning it needs an empty table (a fresh database)");
+    // What callrecon (or anyone) put on calls beyond its columns and keys, as SQL the catalog
+    // prints: created again on the partitioned table (indexes become partitioned indexes,
+    // row triggers are cloned to every partition).
+    let mut again: Vec<String> = sqlx::query_scalar(
+        "select pg_get_indexdef(i.indexrelid) from pg_index i
+         where i.indrelid = 'calls'::regclass
+           and not exists (select 1 from pg_constraint k where k.conindid = i.indexrelid)
+         order by i.indexrelid",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    again.extend(
+        sqlx::query_scalar::<_, String>(
+            "select pg_get_triggerdef(oid) from pg_trigger
+             where tgrelid = 'calls'::regclass and not tgisinternal order by oid",
+        )
+        .fetch_all(&mut *tx)
+        .await?,
+    );
+    let create = format!(
+        "drop table {calls};
+         create table {calls} (
+             id             text not null,
+             session_id     text,
+             call_group_id  text references call_groups(id),
+             started_at     timestamptz not null,
+             ended_at       timestamptz,
+             ani            text,
+             dnis           text,
+             agent_id       text,
+             metadata       jsonb not null default '{{}}',
+             async_metadata jsonb not null default '{{}}',
+             primary key (id, started_at)
+         ) partition by range (started_at);
+         create index calls_session_id_idx on {calls} (session_id);
+         create table {schema}.calls_default partition of {calls} default with (fillfactor = 80);",
+        schema = quoted(schema)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut *tx).await.context("creating partitioned calls")?;
+    for sql in again {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.context("re-creating on calls")?;
+    }
+    Ok(())
+}
+
+/// The partition of `[from, to)` when it is missing.
+async fn add_partition(
+    tx: &mut PgConnection,
+    schema: &str,
+    calls: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<()> {
+    let name = format!("calls_{}", from.format("%Y%m%d%H"));
+    let exists: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                        where n.nspname = $1 and c.relname = $2)",
+    )
+    .bind(schema)
+    .bind(&name)
+    .fetch_one(&mut *tx)
+    .await?;
+    if exists {
+        return Ok(());
+    }
+    // Our own timestamps, printed by chrono.
+    let sql = format!(
+        "create table {}.{} partition of {calls} for values from ('{}') to ('{}') with (fillfactor = 80)",
+        quoted(schema),
+        quoted(&name),
+        from.to_rfc3339(),
+        to.to_rfc3339()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.with_context(|| format!("creating {name}"))?;
     Ok(())
 }
 

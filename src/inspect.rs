@@ -331,17 +331,7 @@ pub fn near_misses(
         let mut some = Vec::new();
         let mut outside = Vec::new();
         for row in 0..targets.ids.len() {
-            let mut equal = Vec::new();
-            let mut differing = Vec::new();
-            for (k, v) in rule.keys.iter().zip(&values) {
-                let raw = targets.fields.get(&k.field).and_then(|c| c.get(row));
-                let theirs = raw.and_then(|r| normalize(k.normalize, r));
-                if v.is_some() && theirs == *v {
-                    equal.push(k.event.join("."));
-                } else {
-                    differing.push((k.event.join("."), theirs));
-                }
-            }
+            let (equal, differing) = compare_keys(rule, &values, targets, row);
             if equal.is_empty() {
                 continue;
             }
@@ -385,6 +375,28 @@ pub fn near_misses(
         }
     }
     out
+}
+
+/// The key paths of `rule` on which target `row` has the event's value (`values`), and those on
+/// which it does not, with its normalised value.
+fn compare_keys(
+    rule: &Rule,
+    values: &[Option<String>],
+    targets: &Candidates,
+    row: usize,
+) -> (Vec<String>, Vec<(String, Option<String>)>) {
+    let mut equal = Vec::new();
+    let mut differing = Vec::new();
+    for (k, v) in rule.keys.iter().zip(values) {
+        let raw = targets.fields.get(&k.field).and_then(|c| c.get(row));
+        let theirs = raw.and_then(|r| normalize(k.normalize, r));
+        if v.is_some() && theirs == *v {
+            equal.push(k.event.join("."));
+        } else {
+            differing.push((k.event.join("."), theirs));
+        }
+    }
+    (equal, differing)
 }
 
 #[cfg(test)]
