@@ -80,7 +80,7 @@ case "$1" in
         read -r secs rss < <(RUST_LOG=callrecon=debug python3 bench/measure.py "$bin" --log-format json \
           --database-url "$SERVER/$copy" run --job "$work/job.toml" 2> "$log")
         echo "round $round  binary $i ($bin)  first run $secs s  rss $rss MiB  load $load" | tee -a "$results" >&2
-        python3 bench/stages.py < "$log" | grep -E 'run started|stored|matched|read|applied|committed|apply|new events' >&2 || true
+        python3 bench/stages.py < "$log" | grep -vE 'contributions read' >&2 || true
         if [ "$i" = 0 ]; then
           floor=$(first_run_floor "$SERVER/$copy")
           echo "round $round  floor $floor s" | tee -a "$results" >&2
