@@ -199,3 +199,16 @@ impl std::fmt::Display for RunKind {
         f.write_str(self.as_str())
     }
 }
+
+/// Ids that are numbers here and strings in the report's JSON (the contract's form).
+pub mod id_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}

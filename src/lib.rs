@@ -7,6 +7,7 @@ pub mod calldata;
 pub mod cli;
 pub mod datagen;
 pub mod db;
+pub mod decide;
 pub mod decision;
 pub mod demo;
 pub mod event;

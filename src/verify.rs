@@ -276,12 +276,24 @@ struct Check<'a> {
     examples: &'a mut Vec<Difference>,
 }
 
-impl Check<'_> {
-    /// Checks every row of `table` (in `--job`'s scope); returns the rows checked, differing and
-    /// written.
-    async fn table(&mut self, conn: &mut PgConnection, table: Table) -> Result<(u64, u64, u64)> {
-        let step = std::time::Instant::now();
-        let (name, sql, fields) = match table {
+/// What a table's check found so far.
+#[derive(Default)]
+struct Found {
+    checked: u64,
+    differing: u64,
+    written: u64,
+    /// Rows read since the progress bar last moved.
+    seen: u64,
+    /// Differences kept as examples.
+    examples: usize,
+    /// With `--repair`: differences not written yet.
+    pending: Vec<NewValue>,
+}
+
+impl Table {
+    /// Its name, the COPY reading it and the number of fields that COPY gives.
+    fn read(self) -> (&'static str, &'static str, usize) {
+        match self {
             Table::Calls => (
                 "calls",
                 "copy (select id, ctid, async_metadata::text, call_group_id, started_at from calls)
@@ -293,96 +305,93 @@ impl Check<'_> {
                 "copy (select id, ctid, async_metadata::text from call_groups) to stdout (format binary)",
                 3,
             ),
-        };
-        let (mut checked, mut differing, mut written, mut seen) = (0u64, 0u64, 0u64, 0u64);
-        let mut examples = 0;
-        let mut pending: Vec<NewValue> = Vec::new();
-        let repair = self.writer.is_some();
-        let record = self.record;
+        }
+    }
+}
+
+impl Check<'_> {
+    /// Checks every row of `table` (in `--job`'s scope); returns the rows checked, differing and
+    /// written.
+    async fn table(&mut self, conn: &mut PgConnection, table: Table) -> Result<(u64, u64, u64)> {
+        let step = std::time::Instant::now();
+        let (name, sql, fields) = table.read();
+        let mut found = Found::default();
         let mut rows = pgcopy::RowReader::new(fields);
         let mut stream = conn.copy_out_raw(sql).await.with_context(|| format!("reading {name}"))?;
         while let Some(chunk) = stream.try_next().await.with_context(|| format!("reading {name}"))? {
-            rows.feed(&chunk, |f| {
-                seen += 1;
-                let (Some(id), Some(tid), Some(stored)) = (f[0], f[1], f[2]) else {
-                    anyhow::bail!("a row of {name} with a null id, ctid or async_metadata");
-                };
-                let id = pgcopy::text(id)?;
-                let expected = match table {
-                    Table::Calls => {
-                        let group = f[3].map(pgcopy::text).transpose()?;
-                        if let Some(s) = &record.scope
-                            && !s.calls.contains(id)
-                            && !group.is_some_and(|g| s.groups.contains(g))
-                        {
-                            return Ok(());
-                        }
-                        record.call(id, group)
-                    }
-                    Table::Groups => {
-                        if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
-                            return Ok(());
-                        }
-                        Cow::Borrowed(record.group(id))
-                    }
-                };
-                checked += 1;
-                if stored == expected.as_bytes() {
-                    return Ok(());
-                }
-                differing += 1;
-                let stored = pgcopy::text(stored)?;
-                tracing::debug!(table = name, id, stored, expected = &*expected, "differs");
-                if examples < EXAMPLES {
-                    examples += 1;
-                    self.examples.push(Difference {
-                        table: name,
-                        id: id.to_owned(),
-                        stored: stored.to_owned(),
-                        expected: expected.clone().into_owned(),
-                    });
-                }
-                if repair {
-                    let (block, offset) = pgcopy::tid(tid)?;
-                    // A call's started_at: the partition of its ctid on a partitioned `calls`.
-                    let start = match f.get(4).copied().flatten() {
-                        Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
-                        None => None,
-                    };
-                    pending.push(NewValue {
-                        tid: Tid(block, offset),
-                        start,
-                        id: id.to_owned(),
-                        value: expected.into_owned(),
-                    });
-                }
-                Ok(())
-            })?;
-            if seen >= 10_000 {
-                self.progress.inc(seen);
-                seen = 0;
+            rows.feed(&chunk, |f| self.row(table, f, &mut found))?;
+            if found.seen >= 10_000 {
+                self.progress.inc(found.seen);
+                found.seen = 0;
             }
-            if pending.len() >= REPAIR_CHUNK
+            if found.pending.len() >= REPAIR_CHUNK
                 && let Some(w) = self.writer.as_deref_mut()
             {
-                written += write(w, name, &mut pending).await?;
+                found.written += write(w, name, &mut found.pending).await?;
             }
         }
         drop(stream);
         rows.finish()?;
-        self.progress.inc(seen);
+        self.progress.inc(found.seen);
         if let Some(w) = self.writer.as_deref_mut() {
-            written += write(w, name, &mut pending).await?;
+            found.written += write(w, name, &mut found.pending).await?;
         }
-        tracing::info!(
-            table = name,
-            checked,
-            differing,
-            written,
-            elapsed_ms = step.elapsed().as_millis() as u64,
-            "checked"
-        );
+        let Found { checked, differing, written, .. } = found;
+        let elapsed_ms = step.elapsed().as_millis() as u64;
+        tracing::info!(table = name, checked, differing, written, elapsed_ms, "checked");
         Ok((checked, differing, written))
+    }
+
+    /// Compares one row (`f`: the fields [`Table::read`] gives) with the record of matches.
+    fn row(&mut self, table: Table, f: &[Option<&[u8]>], found: &mut Found) -> Result<()> {
+        let (name, _, _) = table.read();
+        found.seen += 1;
+        let (Some(id), Some(tid), Some(stored)) = (f[0], f[1], f[2]) else {
+            anyhow::bail!("a row of {name} with a null id, ctid or async_metadata");
+        };
+        let id = pgcopy::text(id)?;
+        let record = self.record;
+        let expected = match table {
+            Table::Calls => {
+                let group = f[3].map(pgcopy::text).transpose()?;
+                if let Some(s) = &record.scope
+                    && !s.calls.contains(id)
+                    && !group.is_some_and(|g| s.groups.contains(g))
+                {
+                    return Ok(());
+                }
+                record.call(id, group)
+            }
+            Table::Groups => {
+                if record.scope.as_ref().is_some_and(|s| !s.groups.contains(id)) {
+                    return Ok(());
+                }
+                Cow::Borrowed(record.group(id))
+            }
+        };
+        found.checked += 1;
+        if stored == expected.as_bytes() {
+            return Ok(());
+        }
+        found.differing += 1;
+        let stored = pgcopy::text(stored)?;
+        tracing::debug!(table = name, id, stored, expected = &*expected, "differs");
+        if found.examples < EXAMPLES {
+            found.examples += 1;
+            let (stored, expected) = (stored.to_owned(), expected.clone().into_owned());
+            self.examples.push(Difference { table: name, id: id.to_owned(), stored, expected });
+        }
+        if self.writer.is_some() {
+            let (block, offset) = pgcopy::tid(tid)?;
+            // A call's started_at: the partition of its ctid on a partitioned `calls`.
+            let start = match f.get(4).copied().flatten() {
+                Some(t) => Some(pgcopy::datetime(t).context("a call's started_at")?),
+                None => None,
+            };
+            let value = expected.into_owned();
+            found.pending.push(NewValue { tid: Tid(block, offset), start, id: id.to_owned(), value });
+        }
+        Ok(())
     }
 }
 

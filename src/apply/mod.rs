@@ -24,12 +24,16 @@ pub mod types;
 pub mod write;
 
 // foldhash: these maps hash hundreds of thousands of ids per run, where SipHash is costly.
-use foldhash::{HashMap, HashSet, HashSetExt as _};
+use foldhash::{HashSet, HashSetExt as _};
+
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sqlx::{PgConnection, PgPool};
 
-use crate::calldata::Hint;
+use crate::decide::ToApply;
+use crate::job::Job;
+use crate::ledger::Fresh;
 use crate::tuning::Tuning;
 
 pub use crate::jsonb::jsonb_text;
@@ -41,16 +45,6 @@ use types::NO_MEMOIZE;
 pub use types::{Applied, Contribution, NewValue, Part, Tid, Written};
 pub use write::write_values;
 
-/// What the run hands apply: the targets of events whose decision changed (old and new
-/// targets), where matching saw the calls, and the stored events whose decision this run
-/// rewrote (`None` when there were too many to keep).
-pub struct Inputs {
-    pub calls: Vec<String>,
-    pub groups: Vec<String>,
-    pub hints: HashMap<String, Hint>,
-    pub rewritten: Option<Vec<i64>>,
-}
-
 /// Apply under way ([`start`]): the run's connection stores this run's new events, then
 /// [`Applying::finish`] recomputes and writes.
 pub enum Applying {
@@ -59,6 +53,52 @@ pub enum Applying {
     /// The touched targets are being read on a second connection and merged with this run's
     /// decisions meanwhile ([`Reader`]).
     Beside(Merging),
+}
+
+/// The apply stage of run `run_id`: stores its new events (`fresh`, decided in memory) and
+/// recomputes the touched targets, reading them on a second connection
+/// meanwhile when it can ([`start`]).
+pub async fn run(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    tuning: &Tuning,
+    job: &Job,
+    run_id: i64,
+    inputs: ToApply,
+    fresh: Option<Fresh>,
+) -> Result<Applied> {
+    let pb = crate::progress::spinner("apply", "targets");
+    pb.set_message(format!(
+        "recomputing {} calls, {} groups and their group members",
+        inputs.calls.len(),
+        inputs.groups.len()
+    ));
+    let fresh = fresh.map(Arc::new);
+    let new_events = fresh.as_ref().map_or(0, |f| f.events.len());
+    let (adding, group_fields) = (fresh.clone(), job.group_fields.clone());
+    // Apply's reader cannot see the new events: they are merged from memory.
+    let add_new = move |this_run: &mut ThisRun| {
+        for (position, e, kind, target) in adding.iter().flat_map(|f| f.matched()) {
+            let part = crate::ledger::group_part(&e.event.metadata, kind, &group_fields);
+            this_run.push_new(position, e.event.event_time, &e.event.metadata, &part, kind, target.to_owned());
+        }
+    };
+    let started = std::time::Instant::now();
+    let applying = start(conn, pool, tuning, inputs, new_events, add_new).await?;
+    if let Some(fresh) = fresh {
+        let t = std::time::Instant::now();
+        fresh.store(conn, job, run_id).await?;
+        tracing::info!(events = fresh.events.len(), elapsed_ms = t.elapsed().as_millis() as u64, "new events stored");
+        // Hundreds of thousands of small allocations: freed off the run's path.
+        std::thread::spawn(move || drop(fresh));
+    }
+    if matches!(applying, Applying::Beside(_)) {
+        // The mark of a run whose apply reads while its events are stored (tests look for it).
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "this run's events stored");
+    }
+    let applied = applying.finish(conn).await;
+    pb.finish_and_clear();
+    applied
 }
 
 /// Starts applying. When this run rewrote few enough stored decisions to hold their ids (at
@@ -70,11 +110,11 @@ pub async fn start(
     conn: &mut PgConnection,
     pool: &PgPool,
     tuning: &Tuning,
-    inputs: Inputs,
+    inputs: ToApply,
     new_matches: usize,
     new_events: impl FnOnce(&mut ThisRun) + Send + 'static,
 ) -> Result<Applying> {
-    let Inputs { calls, groups, hints, rewritten } = inputs;
+    let ToApply { calls, groups, hints, rewritten } = inputs;
     let batch_groups = tuning.apply_batch_groups;
     let reader = match &rewritten {
         Some(stale) if stale.len() + new_matches <= tuning.page_events() && tuning.apply_reader => {

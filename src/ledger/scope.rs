@@ -10,7 +10,6 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
-use super::store::BACKLOG;
 use crate::decision::{Address, Reason, State, Subject, TargetKind};
 use crate::event::NewEvent;
 use crate::job::Job;
@@ -28,7 +27,7 @@ pub struct Previous {
     /// for the stored target (stored with the same `group_fields_fingerprint`, or not matched to
     /// a call): then neither it nor the group fields' values were read.
     pub group_part: Option<Map<String, Value>>,
-    /// Whether the event is in the run's staged backlog (`store::BACKLOG`), not in `events` yet:
+    /// Whether the event is in the run's staged backlog (`callrecon_backlog`), not in `events` yet:
     /// its decision is inserted with it.
     pub staged: bool,
 }
@@ -224,7 +223,7 @@ impl InScope {
                 if let Some(unchanged) = &unchanged {
                     filter.push_str(&unchanged.filter());
                 }
-                // A column more: whether the event is staged (`store::BACKLOG`).
+                // A column more: whether the event is staged (in `callrecon_backlog`).
                 let mut select = format!("select {columns}{extract}, false from events where {}", condition(&filter));
                 if staged_backlog(conn).await? {
                     // Staged events have no decision yet, and every kept key is read (their group
@@ -235,9 +234,9 @@ impl InScope {
                         " union all
                          select id, session_id, event_time, received_at, null, null, null, 'pending', null, '[]', '{{}}',
                                 master_id{all}, true
-                         from {BACKLOG}"
+                         from pg_temp.callrecon_backlog"
                     ));
-                    sqlx::query(sqlx::AssertSqlSafe(format!("create index on {BACKLOG} (id)")))
+                    sqlx::query("create index on pg_temp.callrecon_backlog (id)")
                         .execute(&mut *conn)
                         .await
                         .context("indexing the staged backlog")?;
@@ -350,9 +349,9 @@ fn after_sql(after: Option<(DateTime<Utc>, i64)>) -> String {
     }
 }
 
-/// Whether this run staged a backlog (`store::BACKLOG` exists on its connection).
+/// Whether this run staged a backlog (`callrecon_backlog` exists on its connection).
 async fn staged_backlog(conn: &mut PgConnection) -> Result<bool> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select to_regclass('{BACKLOG}') is not null")))
+    sqlx::query_scalar("select to_regclass('pg_temp.callrecon_backlog') is not null")
         .fetch_one(&mut *conn)
         .await
         .context("looking for a staged backlog")

@@ -1,5 +1,5 @@
 //! Storing events and their decisions: ingested events waiting for their decision
-//! (`Arrivals`; past a page, a backlog staged in a temporary table, `BACKLOG`), this run's new
+//! (`Arrivals`; past a page, a backlog staged in a temporary table), this run's new
 //! events stored with their decision (`Fresh`), and the decisions of events read back
 //! (`DecisionRows`): a staged event inserted into `events` with its decision, a stored one's
 //! changed decision written with its history row in the same statement.
@@ -16,15 +16,12 @@ use crate::decision::{Decision, Reason, State, TargetKind};
 use crate::event::NewEvent;
 use crate::job::Job;
 
-/// The temporary table a run's backlog waits in for its decisions (dropped with the run's
-/// transaction): no index until the run reads it back ([`super::InScope`] adds one on `id`), no
-/// WAL, each event's id drawn from `events`' sequence as it arrives (ids follow arrival order:
-/// arrival order breaks merge ties).
-pub(super) const BACKLOG: &str = "pg_temp.callrecon_backlog";
-
 /// Ingested events on their way into the ledger. Up to a page of them wait in memory, to be
 /// decided first and stored once, with their decision. Once they fill a page the run has a
-/// backlog: they, and every event ingested after them, are staged in [`BACKLOG`] right away and
+/// backlog: they, and every event ingested after them, are staged right away in the temporary
+/// table `callrecon_backlog` (dropped with the run's transaction; no index until the run reads
+/// it back, when [`super::InScope`] adds one on `id`; no WAL; each event's id drawn from
+/// `events`' sequence as it arrives, so ids follow arrival order) and
 /// decided from there with the job's pending events in EventTime order (so a page spans a short
 /// stretch of time and holds only its calls, where pages in arrival order would each span the
 /// whole backlog), each inserted into `events` once, with its decision. A role without the
@@ -78,7 +75,7 @@ impl Arrivals {
     }
 }
 
-/// Creates [`BACKLOG`] when the run's role may create temporary tables; otherwise the backlog
+/// Creates `callrecon_backlog` when the run's role may create temporary tables; otherwise the backlog
 /// is stored pending.
 async fn open_backlog(conn: &mut PgConnection) -> Result<Backlog> {
     let allowed: bool = sqlx::query_scalar("select has_database_privilege(current_database(), 'TEMPORARY')")
@@ -103,20 +100,20 @@ async fn open_backlog(conn: &mut PgConnection) -> Result<Backlog> {
     Ok(Backlog::Staged)
 }
 
-/// Stages events of a backlog in [`BACKLOG`], their ids drawn in the given order.
+/// Stages events of a backlog in `callrecon_backlog`, their ids drawn in the given order.
 async fn stage(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> {
     for chunk in events.chunks(STORE_CHUNK) {
         let columns = EventColumns::of(chunk)?;
         // The ids are drawn after the sort (volatile output expressions are evaluated in ORDER
         // BY's order).
-        let statement = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "insert into {BACKLOG} (id, source, session_id, event_time, received_at, metadata, master_id, digest)
+        let statement = sqlx::query(
+            "insert into pg_temp.callrecon_backlog (id, source, session_id, event_time, received_at, metadata, master_id, digest)
              select nextval(pg_get_serial_sequence('events', 'id')), s, sid, t, r, m::jsonb, mid, dg
              from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[],
                          $7::bytea[])
                   with ordinality as u(s, sid, t, r, m, mid, dg, ord)
-             order by ord"
-        )));
+             order by ord",
+        );
         columns.bind(statement).bind(&columns.digest).execute(&mut *conn).await.context("staging the backlog")?;
     }
     Ok(())
@@ -208,7 +205,8 @@ impl Fresh {
 #[derive(Default, Clone)]
 pub struct DecisionRows {
     pub id: Vec<i64>,
-    /// Whether the event is staged in [`BACKLOG`] (inserted with its decision), not in `events`.
+    /// Whether the event is staged in `callrecon_backlog` (inserted with its decision), not in
+    /// `events`.
     staged: Vec<bool>,
     state: Vec<&'static str>,
     kind: Vec<Option<TargetKind>>,
@@ -382,7 +380,7 @@ impl DecisionRows {
     async fn insert_staged(&self, conn: &mut PgConnection, run_id: i64, job: &Job) -> Result<()> {
         debug_assert!(self.group_part.iter().all(Option::is_some), "staged events are read with their group fields");
         for range in (0..self.id.len()).step_by(STORE_CHUNK).map(|s| s..(s + STORE_CHUNK).min(self.id.len())) {
-            let statement = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let statement = sqlx::query(
                 "insert into events (id, job, source, session_id, event_time, received_at, metadata, master_id,
                                      ingested_run, digest, state, target_kind, target_id, rule, group_part, reason,
                                      candidates, decided_run, rules_fingerprint, group_fields_fingerprint)
@@ -392,9 +390,9 @@ impl DecisionRows {
                  from unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
                              $11::text[])
                       with ordinality as u(id, st, k, tg, ru, gp, re, c, ord)
-                 join {BACKLOG} b on b.id = u.id
-                 order by u.ord"
-            )))
+                 join pg_temp.callrecon_backlog b on b.id = u.id
+                 order by u.ord",
+            )
             .bind(&job.name)
             .bind(run_id)
             .bind(&job.rules_fingerprint)

@@ -15,4 +15,4 @@ pub mod explain;
 pub mod rules;
 
 pub use attach::{attach_by_group, attach_by_session};
-pub use decide::{Ahead, Decisions, Span, calls_ahead, decide, groups_for};
+pub use decide::{Ahead, Decisions, Pass, Reads, Span, calls_ahead, decide, groups_for};

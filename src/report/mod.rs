@@ -9,12 +9,10 @@ pub mod types;
 pub mod unmatched;
 pub mod webhook;
 
+pub use crate::decide::{Change, ChangeKind, Diff, RuleDiff, TargetRef, UNDO_SKIPPED_LISTED, UndoReport, UndoSkipped};
 pub use html::render_html;
 pub use types::Shown;
-pub use types::{
-    Change, ChangeKind, Diff, FileEntry, FileStatus, Report, RuleDiff, Suggested, Summary, TargetRef,
-    UNDO_SKIPPED_LISTED, UndoReport, UndoSkipped, Unmatched,
-};
+pub use types::{FileEntry, FileStatus, Report, Suggested, Summary, Unmatched};
 pub use unmatched::escape_cell;
 
 use std::io::Write as _;

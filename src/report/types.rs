@@ -11,7 +11,8 @@ pub use crate::ingest::{FileEntry, FileStatus};
 
 use super::manual;
 
-use crate::decision::{RunKind, TargetKind};
+use crate::decide::{Diff, UndoReport};
+use crate::decision::{RunKind, id_text};
 use crate::event::Rejected;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,83 +56,6 @@ pub struct Suggested {
     pub changes: u64,
     pub matched_more: u64,
     pub command: String,
-}
-
-/// Skipped events an undo's report lists (it counts them all).
-pub const UNDO_SKIPPED_LISTED: usize = 1_000;
-
-/// What an undo did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct UndoReport {
-    /// The run undone.
-    pub run: i64,
-    /// Decisions reverted to what they were before it.
-    pub reverted: u64,
-    /// Decisions changed since by a later run or a person, left as they are.
-    pub skipped_total: u64,
-    pub skipped: Vec<UndoSkipped>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct UndoSkipped {
-    pub event_id: i64,
-    /// `run N` or the person's name.
-    pub changed_by: String,
-}
-
-/// What a rematch changed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Diff {
-    /// Events re-evaluated.
-    pub evaluated: u64,
-    pub newly_matched: u64,
-    pub moved: u64,
-    pub newly_unmatched: u64,
-    /// Same target, now by another rule.
-    pub rule_changed: u64,
-    pub unchanged: u64,
-    /// Events in range decided by hand: a rematch keeps them as they are.
-    #[serde(default)]
-    pub kept_manual: u64,
-    /// Per rule: events it now decides that it did not (`gained`) and the reverse (`lost`).
-    pub by_rule: BTreeMap<String, RuleDiff>,
-    /// Every event whose target or rule changed.
-    pub changes: Vec<Change>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct RuleDiff {
-    pub gained: u64,
-    pub lost: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Change {
-    #[serde(with = "id_text")]
-    pub event_id: i64,
-    pub change: ChangeKind,
-    pub from: Option<TargetRef>,
-    pub to: Option<TargetRef>,
-    pub rule_before: Option<String>,
-    pub rule_after: Option<String>,
-    /// For `newly_unmatched`: why.
-    pub reason: Option<String>,
-}
-
-/// How a rematch changed an event's decision.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    NewlyMatched,
-    Moved,
-    NewlyUnmatched,
-    RuleChanged,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TargetRef {
-    pub kind: TargetKind,
-    pub id: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -192,19 +116,6 @@ pub struct Unmatched {
     pub metadata: Value,
     /// When it stops being retried (`received_at + pending_for`).
     pub expires_at: DateTime<Utc>,
-}
-
-/// Ids that are numbers here and strings in the report's JSON (the contract's form).
-pub(crate) mod id_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(id)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 /// What the report knows of the unmatched events without holding them: counts over every one,

@@ -270,7 +270,7 @@ struct Ends {
 /// after it as PostgreSQL printed it).
 #[derive(serde::Serialize)]
 struct EntryRef<'a> {
-    #[serde(serialize_with = "super::types::id_text::serialize")]
+    #[serde(serialize_with = "crate::decision::id_text::serialize")]
     event_id: i64,
     source: &'a str,
     session_id: Option<&'a str>,

@@ -30,6 +30,7 @@ mod bulk;
 mod claims;
 mod decide;
 mod event;
+mod job_files;
 pub mod params;
 pub mod queue;
 mod queue_page;
@@ -70,8 +71,10 @@ const LOOK_AROUND: chrono::Duration = chrono::Duration::days(1);
 pub struct Desk {
     pool: PgPool,
     templates: Arc<minijinja::Environment<'static>>,
-    /// Jobs given with `--job`, by name (their files are read again at each use).
+    /// Jobs given with `--job`, by name (their files are read again when they change).
     given: Arc<BTreeMap<String, std::path::PathBuf>>,
+    /// Job files parsed, each once until it changes.
+    job_files: Arc<job_files::JobFiles>,
     session_ttl: Duration,
     secure: bool,
     /// The password checks (shared with the token endpoint) and the sign-in's throttle.
@@ -112,6 +115,7 @@ impl Desk {
             pool,
             templates: Arc::new(env),
             given: Arc::new(given),
+            job_files: Default::default(),
             session_ttl: args.session_ttl,
             secure: args.secure_cookies,
             checks: guards.checks,
@@ -133,9 +137,9 @@ impl Desk {
         files.extend(self.given.iter().map(|(n, p)| (n.clone(), p.clone())));
         let mut jobs = BTreeMap::new();
         for (name, path) in files {
-            match job::load(&path) {
+            match self.job_files.load(&path) {
                 Ok(job) if job.name == name => {
-                    jobs.insert(name, job);
+                    jobs.insert(name, Job::clone(&job));
                 }
                 Ok(job) => {
                     tracing::debug!(job = %name, file = %path.display(), now = %job.name, "the job file names another job now")

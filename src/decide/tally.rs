@@ -5,10 +5,20 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use super::diff::{Diff, record_change};
 use crate::calldata::Hint;
 use crate::decision::{Decision, TargetKind};
-use crate::ledger::{Previous, ToDecide};
-use crate::report::{Change, ChangeKind, Diff, TargetRef};
+use crate::ledger::ToDecide;
+
+/// What the decide stage hands apply: the targets of events whose decision changed (old and
+/// new targets), where matching saw the calls, and the stored events whose decision this run
+/// rewrote (`None` when there were too many to keep).
+pub struct ToApply {
+    pub calls: Vec<String>,
+    pub groups: Vec<String>,
+    pub hints: foldhash::HashMap<String, Hint>,
+    pub rewritten: Option<Vec<i64>>,
+}
 
 /// The tally of a run's decisions.
 pub struct Tally {
@@ -118,12 +128,12 @@ impl Tally {
     }
 
     /// What apply needs, and the rematch's diff (its changes in event order).
-    pub fn into_parts(self) -> (crate::apply::Inputs, Option<Diff>) {
+    pub fn into_parts(self) -> (ToApply, Option<Diff>) {
         let mut diff = self.diff;
         if let Some(diff) = &mut diff {
             diff.changes.sort_by_key(|c| c.event_id);
         }
-        let inputs = crate::apply::Inputs {
+        let inputs = ToApply {
             calls: self.touched_calls.into_iter().collect(),
             groups: self.touched_groups.into_iter().collect(),
             hints: self.hints.unwrap_or_default(),
@@ -131,49 +141,4 @@ impl Tally {
         };
         (inputs, diff)
     }
-}
-
-/// Adds one re-decided event to a rematch's diff.
-fn record_change(diff: &mut Diff, event_id: i64, p: &Previous, decision: &Decision) {
-    diff.evaluated += 1;
-    let target_ref = |(kind, id): &(TargetKind, String)| TargetRef { kind: *kind, id: id.clone() };
-    let (new, new_rule, reason) = match decision {
-        Decision::Matched { rule, kind, target } => (Some((*kind, target.clone())), Some(rule.clone()), None),
-        Decision::Unmatched { reason, .. } => (None, None, Some(reason.as_str().to_owned())),
-    };
-    let change = match (&p.target, &new) {
-        (None, None) => None,
-        (None, Some(_)) => Some(ChangeKind::NewlyMatched),
-        (Some(_), None) => Some(ChangeKind::NewlyUnmatched),
-        (Some(a), Some(b)) if a != b => Some(ChangeKind::Moved),
-        (Some(_), Some(_)) if p.rule != new_rule => Some(ChangeKind::RuleChanged),
-        (Some(_), Some(_)) => None,
-    };
-    let Some(change) = change else {
-        diff.unchanged += 1;
-        return;
-    };
-    match change {
-        ChangeKind::NewlyMatched => diff.newly_matched += 1,
-        ChangeKind::NewlyUnmatched => diff.newly_unmatched += 1,
-        ChangeKind::Moved => diff.moved += 1,
-        ChangeKind::RuleChanged => diff.rule_changed += 1,
-    }
-    if p.rule != new_rule {
-        if let Some(r) = &p.rule {
-            diff.by_rule.entry(r.clone()).or_default().lost += 1;
-        }
-        if let Some(r) = &new_rule {
-            diff.by_rule.entry(r.clone()).or_default().gained += 1;
-        }
-    }
-    diff.changes.push(Change {
-        event_id,
-        change,
-        from: p.target.as_ref().map(target_ref),
-        to: new.as_ref().map(target_ref),
-        rule_before: p.rule.clone(),
-        rule_after: new_rule,
-        reason,
-    });
 }
