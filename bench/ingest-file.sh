@@ -16,12 +16,58 @@
 # first P% events (setup), then the whole feed arrives as another file: P% of it repeats events
 # the job holds (each event once: a binary that knows it stores only the rest). The table adds
 # the events stored. Files are dated an hour back, so `[sources] settle` has nothing to wait for.
+#
+# MATCHING=1: a feed whose events match, the bench's first run as a file. On the database
+# `bench/first-run.sh prepare 1` builds (5M calls over 30 days), `callrecon gen events` (of the
+# after binary) makes N events over those 30 days, taken out of the queue as one NDJSON file;
+# each binary then ingests it on a fresh copy of that database with an empty queue (the bench
+# job with an inbox): wall time, events per second end to end, peak RSS, events matched.
 set -euo pipefail
 before=$1; [ "$before" = none ] || before=$(realpath "$1")
 after=$(realpath "$2")
 n=${3:-1000000}
 base=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 work=$(mktemp -d /tmp/callrecon-ingest.XXXXXX)
+
+if [ "${MATCHING:-0}" = 1 ]; then
+    cd "$(dirname "$0")/.."
+    . bench/lib.sh
+    tpl=callrecon_bench_first_${GEN_GROUPS}_1x
+    exists=$(PSQL "$SERVER/postgres" -tAc "select count(*) from pg_database where datname = '$tpl'")
+    [ "$exists" = 1 ] || { echo "MATCHING=1 needs bench/first-run.sh prepare 1" >&2; exit 1; }
+    scratch=callrecon_ingest_feed
+    PSQL "$SERVER/postgres" -c "drop database if exists $scratch" -c "create database $scratch template $tpl strategy file_copy"
+    PSQL "$SERVER/$scratch" -c "delete from event_queue"
+    "$after" --database-url "$SERVER/$scratch" gen events --calls 5000000 --days 30 --groups "$GEN_GROUPS" \
+      --master-share "$MASTER_SHARE" --from 2026-10-01T00:00:00Z --to 2026-10-31T00:00:00Z --count "$n" >&2
+    feed="$work/feed.ndjson"
+    PSQL "$SERVER/$scratch" -tA -v FETCH_COUNT=20000 -c "select payload::text from event_queue order by id" > "$feed"
+    PSQL "$SERVER/postgres" -c "drop database $scratch"
+    echo "feed: $(du -h "$feed" | cut -f1), $(wc -l < "$feed") events that match calls" >&2
+    echo "| binary · step | wall (s) | events/s | peak RSS (MiB) | matched |"
+    echo "| --- | --- | --- | --- | --- |"
+    for side in before after; do
+        [ "$side" = before ] && [ "$before" = none ] && continue
+        bin=$before; [ "$side" = after ] && bin=$after
+        db=callrecon_ingest_$side
+        PSQL "$SERVER/postgres" -c "drop database if exists $db" -c "create database $db template $tpl strategy file_copy"
+        PSQL "$SERVER/$db" -c "delete from event_queue"
+        "$bin" --database-url "$SERVER/$db" migrate > /dev/null
+        PSQL "$SERVER/$db" -c "vacuum analyze event_queue" -c "checkpoint"
+        mkdir -p "$work/$side/inbox"
+        sed -e '0,/^name = .*/s//name = "bench"/' -e 's|^inbox = .*|inbox = "inbox"|' -e 's|^archive = .*|archive = "archive"|' \
+            -e 's|^dir = .*|dir = "reports"|' jobs/demo.toml > "$work/$side/job.toml"
+        cp "$feed" "$work/$side/inbox/feed.ndjson"
+        touch -d '1 hour ago' "$work/$side/inbox/feed.ndjson"
+        read -r wall rss < <(python3 bench/measure.py "$bin" --database-url "$SERVER/$db" run --job "$work/$side/job.toml" 2> "$work/$side.err") \
+          || { cat "$work/$side.err" >&2; exit 1; }
+        matched=$(PSQL "$SERVER/$db" -tAc "select count(*) from events where state = 'matched'")
+        echo "| $side ($bin) · first run (ingest the file) | $wall | $(python3 -c "print(round($n / $wall))") | $rss | $matched |"
+        PSQL "$SERVER/postgres" -c "drop database $db"
+    done
+    rm -rf "$work"
+    exit 0
+fi
 
 format=${FORMAT:-ndjson}
 feed="$work/feed.$format"

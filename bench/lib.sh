@@ -49,3 +49,48 @@ nightly_floor() {
   run=$(PSQL "$1" -tAc "select max(ingested_run) from events")
   PSQL "$1" -v run="$run" -f bench/nightly-floor.sql
 }
+
+# Prints the floor of the first run that just ran on database URL $1 over an empty ledger, in
+# seconds (bench/first-run-floor.sql; rolled back). Its files go to a directory the server can
+# write, removed after.
+first_run_floor() {
+  local run dir
+  run=$(PSQL "$1" -tAc "select max(ingested_run) from events")
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/callrecon-floor.XXXXXX")
+  chmod 777 "$dir"
+  PSQL "$1" -v run="$run" -v dir="$dir" -f bench/first-run-floor.sql
+  rm -rf "$dir"
+}
+
+# Prints what each index of `events` costs the first run that just ran on database URL $1: the
+# run's events copied into the emptied table (rolled back) with every index, with none, and with
+# each one left out, after a checkpoint each time; a markdown table in seconds.
+events_index_costs() {
+  local run dir idx t
+  run=$(PSQL "$1" -tAc "select max(ingested_run) from events")
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/callrecon-indexes.XXXXXX")
+  chmod 777 "$dir"
+  PSQL "$1" -c "copy (select * from events where ingested_run = $run order by id) to '$dir/events.bin' (format binary)"
+  copy_in() { # the statement run before the copy, inside its transaction
+    PSQL "$1" -tA <<SQL
+checkpoint;
+begin;
+truncate events, event_history;
+${2:-}${2:+;}
+select clock_timestamp() as t0 \gset
+copy events from '$dir/events.bin' (format binary);
+select round(extract(epoch from clock_timestamp() - :'t0'::timestamptz)::numeric, 2);
+rollback;
+SQL
+  }
+  echo "| indexes of events | COPY of the run's events (s) |"
+  echo "| --- | --- |"
+  echo "| all | $(copy_in "$1") |"
+  local all
+  all=$(PSQL "$1" -tAc "select string_agg(quote_ident(indexname), ', ') from pg_indexes where tablename = 'events' and indexname <> 'events_pkey'")
+  echo "| none but the primary key | $(copy_in "$1" "drop index $all") |"
+  for idx in $(PSQL "$1" -tAc "select indexname from pg_indexes where tablename = 'events' and indexname <> 'events_pkey' order by 1"); do
+    echo "| all but $idx | $(copy_in "$1" "drop index $idx") |"
+  done
+  rm -rf "$dir"
+}

@@ -27,6 +27,9 @@ pub struct Previous {
     /// for the stored target (stored with the same `group_fields_fingerprint`, or not matched to
     /// a call): then neither it nor the group fields' values were read.
     pub group_part: Option<Map<String, Value>>,
+    /// Whether the event is in the run's staged backlog (`callrecon_backlog`), not in `events` yet:
+    /// its decision is inserted with it.
+    pub staged: bool,
 }
 
 impl Previous {
@@ -39,6 +42,7 @@ impl Previous {
             reason: None,
             candidates: Vec::new(),
             group_part: Some(Map::new()),
+            staged: false,
         }
     }
 }
@@ -219,7 +223,25 @@ impl InScope {
                 if let Some(unchanged) = &unchanged {
                     filter.push_str(&unchanged.filter());
                 }
-                let sql = format!("copy ({} order by event_time, id) to stdout (format binary)", select(&filter));
+                // A column more: whether the event is staged (in `callrecon_backlog`).
+                let mut select = format!("select {columns}{extract}, false from events where {}", condition(&filter));
+                if staged_backlog(conn).await? {
+                    // Staged events have no decision yet, and every kept key is read (their group
+                    // part is built from them); their decisions are stored by id.
+                    let all: String =
+                        keep.iter().map(|(k, _)| format!(", (metadata -> {})::text", Literal::new(k))).collect();
+                    select.push_str(&format!(
+                        " union all
+                         select id, session_id, event_time, received_at, null, null, null, 'pending', null, '[]', '{{}}',
+                                master_id{all}, true
+                         from pg_temp.callrecon_backlog"
+                    ));
+                    sqlx::query("create index on pg_temp.callrecon_backlog (id)")
+                        .execute(&mut *conn)
+                        .await
+                        .context("indexing the staged backlog")?;
+                }
+                let sql = format!("copy ({select} order by event_time, id) to stdout (format binary)");
                 let mut file = tempfile::tempfile().context("creating a temporary file for the events to match")?;
                 {
                     let mut out = std::io::BufWriter::with_capacity(1 << 16, &mut file);
@@ -232,7 +254,7 @@ impl InScope {
                 file.rewind()?;
                 Source::File {
                     file: std::io::BufReader::with_capacity(1 << 16, file),
-                    reader: crate::pgcopy::RowReader::new(TO_DECIDE_FIELDS + keep.len()),
+                    reader: crate::pgcopy::RowReader::new(TO_DECIDE_FIELDS + keep.len() + 1),
                     decoded: Default::default(),
                     done: false,
                 }
@@ -327,6 +349,14 @@ fn after_sql(after: Option<(DateTime<Utc>, i64)>) -> String {
     }
 }
 
+/// Whether this run staged a backlog (`callrecon_backlog` exists on its connection).
+async fn staged_backlog(conn: &mut PgConnection) -> Result<bool> {
+    sqlx::query_scalar("select to_regclass('pg_temp.callrecon_backlog') is not null")
+        .fetch_one(&mut *conn)
+        .await
+        .context("looking for a staged backlog")
+}
+
 /// A time as a literal for COPY's SQL text.
 fn time_literal(t: DateTime<Utc>) -> crate::pgcopy::Literal {
     crate::pgcopy::Literal::new(&time_text(t))
@@ -336,7 +366,8 @@ fn time_text(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// An event to decide from its fields in the binary form of [`InScope`]'s COPY.
+/// An event to decide from its fields in the binary form of [`InScope`]'s COPY (for pending
+/// events, one field more: whether it is staged).
 fn decode_to_decide(f: &[Option<&[u8]>], keep: &[(String, bool)]) -> Result<ToDecide<'static>> {
     use crate::pgcopy::{datetime, int8, text};
     let id = int8(f[0].context("an event without an id")?)?;
@@ -374,6 +405,7 @@ fn decode_to_decide(f: &[Option<&[u8]>], keep: &[(String, bool)]) -> Result<ToDe
             group_part: opt(10)?
                 .map(|p| serde_json::from_str(&p).with_context(|| format!("group part of event {id}")))
                 .transpose()?,
+            staged: f.get(TO_DECIDE_FIELDS + keep.len()).copied().flatten() == Some(&[1][..]),
         },
     })
 }

@@ -1,7 +1,8 @@
 //! Storing events and their decisions: ingested events waiting for their decision
-//! (`Arrivals`; past a page, a backlog stored pending at once), this run's new events stored
-//! with their decision (`Fresh`), and the decisions of stored events that changed
-//! (`DecisionRows`), each with its history row in the same statement.
+//! (`Arrivals`; past a page, a backlog staged in a temporary table), this run's new
+//! events stored with their decision (`Fresh`), and the decisions of events read back
+//! (`DecisionRows`): a staged event inserted into `events` with its decision, a stored one's
+//! changed decision written with its history row in the same statement.
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -16,36 +17,55 @@ use crate::event::NewEvent;
 use crate::job::Job;
 
 /// Ingested events on their way into the ledger. Up to a page of them wait in memory, to be
-/// decided first and stored once, with their decision (each new event written once). Once they
-/// fill a page the run has a backlog: they, and every event ingested after them, are stored
-/// pending right away and decided from the table in EventTime order (so a page spans a short
+/// decided first and stored once, with their decision. Once they fill a page the run has a
+/// backlog: they, and every event ingested after them, are staged right away in the temporary
+/// table `callrecon_backlog` (dropped with the run's transaction; no index until the run reads
+/// it back, when [`super::InScope`] adds one on `id`; no WAL; each event's id drawn from
+/// `events`' sequence as it arrives, so ids follow arrival order) and
+/// decided from there with the job's pending events in EventTime order (so a page spans a short
 /// stretch of time and holds only its calls, where pages in arrival order would each span the
-/// whole backlog).
+/// whole backlog), each inserted into `events` once, with its decision. A role without the
+/// TEMPORARY privilege on the database stores its backlog pending in `events` instead, and
+/// updates each event with its decision.
 pub struct Arrivals {
     job: String,
     run_id: i64,
     page: usize,
     waiting: Vec<NewEvent>,
-    backlog: bool,
+    backlog: Option<Backlog>,
     /// Time spent storing a backlog.
     pub store_ms: u64,
 }
 
+/// Where a run's backlog goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backlog {
+    Staged,
+    Pending,
+}
+
 impl Arrivals {
     pub fn new(job: &str, run_id: i64, page: usize) -> Self {
-        Arrivals { job: job.to_owned(), run_id, page, waiting: Vec::new(), backlog: false, store_ms: 0 }
+        Arrivals { job: job.to_owned(), run_id, page, waiting: Vec::new(), backlog: None, store_ms: 0 }
     }
 
     /// Takes ingested events (see [`Arrivals`]).
     pub async fn add(&mut self, conn: &mut PgConnection, events: Vec<NewEvent>) -> Result<()> {
         self.waiting.extend(events);
-        if self.backlog || self.waiting.len() >= self.page {
-            self.backlog = true;
-            let t = std::time::Instant::now();
-            store_pending(conn, &self.job, self.run_id, &self.waiting).await?;
-            self.store_ms += t.elapsed().as_millis() as u64;
-            self.waiting.clear();
+        if self.backlog.is_none() && self.waiting.len() < self.page {
+            return Ok(());
         }
+        let t = std::time::Instant::now();
+        let backlog = match self.backlog {
+            Some(backlog) => backlog,
+            None => *self.backlog.insert(open_backlog(conn).await?),
+        };
+        match backlog {
+            Backlog::Staged => stage(conn, &self.waiting).await?,
+            Backlog::Pending => store_pending(conn, &self.job, self.run_id, &self.waiting).await?,
+        }
+        self.store_ms += t.elapsed().as_millis() as u64;
+        self.waiting.clear();
         Ok(())
     }
 
@@ -53,6 +73,50 @@ impl Arrivals {
     pub fn into_waiting(self) -> Vec<NewEvent> {
         self.waiting
     }
+}
+
+/// Creates `callrecon_backlog` when the run's role may create temporary tables; otherwise the backlog
+/// is stored pending.
+async fn open_backlog(conn: &mut PgConnection) -> Result<Backlog> {
+    let allowed: bool = sqlx::query_scalar("select has_database_privilege(current_database(), 'TEMPORARY')")
+        .fetch_one(&mut *conn)
+        .await
+        .context("checking the privilege to stage a backlog")?;
+    if !allowed {
+        tracing::warn!(
+            "this role may not create temporary tables: the backlog is stored pending, then each event updated with its decision"
+        );
+        return Ok(Backlog::Pending);
+    }
+    sqlx::query(
+        "create temporary table callrecon_backlog (
+             id bigint not null, source text not null, session_id text, event_time timestamptz not null,
+             received_at timestamptz not null, metadata jsonb not null, master_id text, digest bytea
+         ) on commit drop",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("creating the backlog's temporary table")?;
+    Ok(Backlog::Staged)
+}
+
+/// Stages events of a backlog in `callrecon_backlog`, their ids drawn in the given order.
+async fn stage(conn: &mut PgConnection, events: &[NewEvent]) -> Result<()> {
+    for chunk in events.chunks(STORE_CHUNK) {
+        let columns = EventColumns::of(chunk)?;
+        // The ids are drawn after the sort (volatile output expressions are evaluated in ORDER
+        // BY's order).
+        let statement = sqlx::query(
+            "insert into pg_temp.callrecon_backlog (id, source, session_id, event_time, received_at, metadata, master_id, digest)
+             select nextval(pg_get_serial_sequence('events', 'id')), s, sid, t, r, m::jsonb, mid, dg
+             from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[],
+                         $7::bytea[])
+                  with ordinality as u(s, sid, t, r, m, mid, dg, ord)
+             order by ord",
+        );
+        columns.bind(statement).bind(&columns.digest).execute(&mut *conn).await.context("staging the backlog")?;
+    }
+    Ok(())
 }
 
 /// The columns of new events as `events` stores them, bound in this order by every statement
@@ -93,7 +157,8 @@ impl<'e> EventColumns<'e> {
 }
 
 /// Stores events pending, undecided, in the given order (their ids follow it: arrival order
-/// breaks merge ties). For a backlog: the run then decides them from the table in EventTime order.
+/// breaks merge ties). For a backlog that cannot be staged: the run then decides them from the
+/// table in EventTime order.
 async fn store_pending(conn: &mut PgConnection, job: &str, run_id: i64, events: &[NewEvent]) -> Result<()> {
     for chunk in events.chunks(STORE_CHUNK) {
         let columns = EventColumns::of(chunk)?;
@@ -137,9 +202,12 @@ impl Fresh {
 }
 
 /// Decisions as columns, written with one statement per batch.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct DecisionRows {
     pub id: Vec<i64>,
+    /// Whether the event is staged in `callrecon_backlog` (inserted with its decision), not in
+    /// `events`.
+    staged: Vec<bool>,
     state: Vec<&'static str>,
     kind: Vec<Option<TargetKind>>,
     target: Vec<Option<String>>,
@@ -195,7 +263,7 @@ impl DecisionRows {
                 // metadata: the same for the same kind.
                 None => kind == p.target.as_ref().map(|(k, _)| *k),
             };
-        if unchanged && write == Write::IfChanged {
+        if unchanged && write == Write::IfChanged && !p.staged {
             return false;
         }
         let part = match (kind, &p.group_part) {
@@ -207,6 +275,7 @@ impl DecisionRows {
             _ => Some("{}".to_owned()),
         };
         self.id.push(e.subject.id);
+        self.staged.push(p.staged);
         self.state.push(state.as_str());
         self.kind.push(kind);
         self.target.push(target.cloned());
@@ -272,8 +341,75 @@ impl DecisionRows {
             .bind(&self.candidates[range])
     }
 
-    /// Updates stored events with their new decisions.
+    /// Stores the decisions: a staged event inserted into `events` with its decision, a stored
+    /// one updated.
     pub async fn store(&self, conn: &mut PgConnection, run_id: i64, job: &Job) -> Result<()> {
+        let staged = self.staged.iter().filter(|s| **s).count();
+        if staged == 0 {
+            return self.update(conn, run_id, job).await;
+        }
+        if staged == self.id.len() {
+            return self.insert_staged(conn, run_id, job).await;
+        }
+        self.only(true).insert_staged(conn, run_id, job).await?;
+        self.only(false).update(conn, run_id, job).await
+    }
+
+    /// The decisions of the staged events (`true`) or of the stored ones.
+    fn only(&self, staged: bool) -> DecisionRows {
+        let keep: Vec<usize> = (0..self.id.len()).filter(|&i| self.staged[i] == staged).collect();
+        fn pick<T: Clone>(v: &[T], keep: &[usize]) -> Vec<T> {
+            keep.iter().map(|&i| v[i].clone()).collect()
+        }
+        DecisionRows {
+            id: pick(&self.id, &keep),
+            staged: pick(&self.staged, &keep),
+            state: pick(&self.state, &keep),
+            kind: pick(&self.kind, &keep),
+            target: pick(&self.target, &keep),
+            rule: pick(&self.rule, &keep),
+            group_part: pick(&self.group_part, &keep),
+            reason: pick(&self.reason, &keep),
+            candidates: pick(&self.candidates, &keep),
+        }
+    }
+
+    /// Inserts staged events into `events` with their decisions, in the order they were pushed,
+    /// each with the id drawn when it was staged. No history row: until a decision is replaced,
+    /// its event's row is its record ([`keep_first_decisions`]).
+    async fn insert_staged(&self, conn: &mut PgConnection, run_id: i64, job: &Job) -> Result<()> {
+        debug_assert!(self.group_part.iter().all(Option::is_some), "staged events are read with their group fields");
+        for range in (0..self.id.len()).step_by(STORE_CHUNK).map(|s| s..(s + STORE_CHUNK).min(self.id.len())) {
+            let statement = sqlx::query(
+                "insert into events (id, job, source, session_id, event_time, received_at, metadata, master_id,
+                                     ingested_run, digest, state, target_kind, target_id, rule, group_part, reason,
+                                     candidates, decided_run, rules_fingerprint, group_fields_fingerprint)
+                 select b.id, $1, b.source, b.session_id, b.event_time, b.received_at, b.metadata, b.master_id, $2,
+                        b.digest, u.st, u.k, u.tg, u.ru, u.gp::jsonb, u.re,
+                        case when u.re is null then null else u.c::text[] end, $2, $3, $12
+                 from unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::text[])
+                      with ordinality as u(id, st, k, tg, ru, gp, re, c, ord)
+                 join pg_temp.callrecon_backlog b on b.id = u.id
+                 order by u.ord",
+            )
+            .bind(&job.name)
+            .bind(run_id)
+            .bind(&job.rules_fingerprint)
+            .bind(&self.id[range.clone()]);
+            let statement = self.bind_decisions(statement, range.clone()).bind(&job.group_fields_fingerprint);
+            let stored = crate::db::with_index_probes(conn, statement).await.context("storing the backlog's events")?;
+            anyhow::ensure!(
+                stored == range.len() as u64,
+                "storing the backlog's events: {stored} of {} found staged",
+                range.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Updates stored events with their new decisions.
+    async fn update(&self, conn: &mut PgConnection, run_id: i64, job: &Job) -> Result<()> {
         for range in (0..self.id.len()).step_by(20_000).map(|s| s..(s + 20_000).min(self.id.len())) {
             keep_first_decisions(conn, &self.id[range.clone()]).await?;
             // One primary-key probe per decision, not a scan of every event per batch.

@@ -39,6 +39,49 @@ async fn demo_in_small_batches_decides_and_applies_the_same(pool: PgPool) {
     assert_eq!(misapplied(&pool).await, (vec![], vec![]));
 }
 
+/// A first run whose events fill many pages (a backlog, decided from the table in pages of 21)
+/// stores each event once, with its decision: one row per digest, none lost (the outcomes are the
+/// expected ones), no history row (a first decision is recorded in the event's row alone, where
+/// storing it pending and then updating it writes one), and ids in arrival order.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn a_first_runs_backlog_stores_each_event_once_with_its_decision(pool: PgPool) {
+    let env = [("CALLRECON_CHUNK_EVENTS", "7")];
+    demo_matches_expected(&pool, &env).await;
+    let first = "(select min(id) from runs)";
+    let stored = count(&pool, &format!("select count(*) from events where ingested_run = {first}")).await;
+    assert!(stored > 21 * 3, "{stored} events: a backlog of several pages");
+    let digests =
+        count(&pool, &format!("select count(distinct digest) from events where ingested_run = {first}")).await;
+    assert_eq!(digests, stored, "each event stored once, with its digest");
+    let undecided =
+        count(&pool, &format!("select count(*) from events where ingested_run = {first} and decided_run is null"))
+            .await;
+    assert_eq!(undecided, 0, "every event of the first run stored with its decision");
+    // The first run's history rows are only the first decisions the second run replaced
+    // (copied there when replaced).
+    let history = count(
+        &pool,
+        &format!(
+            "select count(*) from event_history h where h.run_id = {first}
+               and not exists (select 1 from event_history l where l.event_id = h.event_id and l.run_id > {first})"
+        ),
+    )
+    .await;
+    assert_eq!(history, 0, "a first decision has no history row until it is replaced");
+    // Ids follow the queue's order (arrival order breaks merge ties).
+    let disordered = count(
+        &pool,
+        &format!(
+            "select count(*) from (select id, split_part(source, ':', 2)::bigint as q,
+                                          lag(split_part(source, ':', 2)::bigint) over (order by id) as before
+                                   from events where ingested_run = {first} and source like 'queue:%') s
+             where q < before"
+        ),
+    )
+    .await;
+    assert_eq!(disordered, 0, "ids follow arrival order");
+}
+
 /// Calls and groups whose `async_metadata` is not the contract's merge of their matched
 /// events, computed independently in SQL (ordered jsonb merge aggregate).
 async fn misapplied(pool: &PgPool) -> (Vec<String>, Vec<String>) {

@@ -22,6 +22,17 @@ async fn exec(pool: &PgPool, sql: impl Into<String>) {
 /// The binary on the test's database as `user` (the server's own user when `None`), with the
 /// given `--schema` and `--platform-schema`.
 fn callrecon_as(url: &str, user: Option<&str>, schemas: (&str, &str), args: &[&str]) -> Output {
+    callrecon_as_env(url, user, schemas, args, &[])
+}
+
+/// [`callrecon_as`] with environment variables.
+fn callrecon_as_env(
+    url: &str,
+    user: Option<&str>,
+    schemas: (&str, &str),
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut url = url::Url::parse(url).unwrap();
     if let Some(user) = user {
         url.set_username(user).unwrap();
@@ -30,6 +41,7 @@ fn callrecon_as(url: &str, user: Option<&str>, schemas: (&str, &str), args: &[&s
         .args(["--database-url", url.as_str(), "--schema", schemas.0, "--platform-schema", schemas.1])
         .args(args)
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -413,6 +425,30 @@ async fn least_privilege_pipeline(pool: PgPool, partitioned: bool) {
             Err(e) => e,
         };
         assert!(e.to_string().contains("permission denied"), "{sql}: {e}");
+    }
+
+    // A backlog (pages of 3 events) is staged in a temporary table when the role may create one
+    // (PostgreSQL grants TEMPORARY to every role by default): each event inserted once, its first
+    // decision without a history row. Without the privilege it is stored pending, then updated
+    // with its decision (a history row each). Both store every event once, decided.
+    for (privilege, change, history_rows) in [("granted", "grant %s to", 0), ("revoked", "revoke %s from", 4)] {
+        let change = change.replace("%s", "temporary on database %I");
+        exec(&pool, format!("do $$ begin execute format('{change} public', current_database()); end $$")).await;
+        let before = count(&db, "select max(id) from events").await;
+        for i in 0..4 {
+            let metadata =
+                json!({"customerPhone": "2015550100", "agentId": "agent-7", "i": format!("{privilege} {i}")});
+            enqueue(&platform, json!({"EventTime": "2026-11-02T11:05:00Z", "Metadata": metadata})).await;
+        }
+        let run = ["run", "--job", job_path.to_str().unwrap()];
+        let out = callrecon_as_env(&url, Some(&role), schemas, &run, &[("CALLRECON_CHUNK_EVENTS", "1")]);
+        assert!(out.status.success(), "{privilege}: {}", stderr(&out));
+        let new = format!("from events where id > {before}");
+        assert_eq!(count(&db, &format!("select count(*) {new}")).await, 4, "{privilege}");
+        assert_eq!(count(&db, &format!("select count(distinct digest) {new} and decided_run is not null")).await, 4);
+        let history =
+            count(&db, &format!("select count(*) from event_history where event_id in (select id {new})")).await;
+        assert_eq!(history, history_rows, "{privilege}: history rows of the backlog's first decisions");
     }
     app.close().await;
     platform.close().await;
