@@ -26,19 +26,7 @@ bench_jobs "$work"
 exists=$(PSQL "$SERVER/postgres" -tAc "select count(*) from pg_database where datname = '$tpl'")
 [ "$exists" = 1 ] || { echo "bench/compare.sh: no prepared database; run bench/nightly.sh prepare" >&2; exit 1; }
 
-fresh() {
-  PSQL "$SERVER/postgres" -c "drop database if exists $copy" -c "create database $copy template $tpl strategy file_copy"
-  # A binary older than the one that prepared the database: the migrations it does not know are
-  # forgotten on its copy (what they added stays, unused by it), so that it runs on the same data.
-  local out v
-  until out=$("$1" --database-url "$SERVER/$copy" migrate 2>&1 >/dev/null); do
-    v=$(grep -oE 'migration [0-9]+ was previously applied but is missing' <<<"$out" | grep -oE '[0-9]+' | head -1)
-    [ -n "$v" ] || { echo "$out" >&2; return 1; }
-    PSQL "$SERVER/$copy" -c "delete from ${CALLRECON_SCHEMA:-callrecon}._sqlx_migrations where version = $v"
-  done
-  PSQL "$SERVER/$copy" -c "checkpoint"
-  sync
-}
+fresh() { fresh_copy "$tpl" "$copy" "$1"; }
 
 [ "${PEER:-0}" = 1 ] && bench/peer.sh   # its venv, installed before anything is timed
 results="$work/results.txt"

@@ -29,17 +29,7 @@ work="${TMPDIR:-/tmp}/callrecon-first-run"
 mkdir -p "$work"
 bench_jobs "$work"
 
-fresh() {
-  PSQL "$SERVER/postgres" -c "drop database if exists $copy" -c "create database $copy template $tpl strategy file_copy"
-  local out v
-  until out=$("$1" --database-url "$SERVER/$copy" migrate 2>&1 >/dev/null); do
-    v=$(grep -oE 'migration [0-9]+ was previously applied but is missing' <<<"$out" | grep -oE '[0-9]+' | head -1)
-    [ -n "$v" ] || { echo "$out" >&2; return 1; }
-    PSQL "$SERVER/$copy" -c "delete from ${CALLRECON_SCHEMA:-callrecon}._sqlx_migrations where version = $v"
-  done
-  PSQL "$SERVER/$copy" -c "checkpoint"
-  sync
-}
+fresh() { fresh_copy "$tpl" "$copy" "$1"; }
 
 case "$1" in
   prepare)

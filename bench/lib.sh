@@ -94,3 +94,18 @@ SQL
   done
   rm -rf "$dir"
 }
+
+# Makes database $2 a fresh copy of template $1 for binary $3. A binary older than the one that
+# prepared the template forgets, on its copy, the migrations it does not know (what they added
+# stays, unused by it), so that it runs on the same data. Ends with a checkpoint.
+fresh_copy() {
+  local tpl="$1" copy="$2" bin="$3" out v
+  PSQL "$SERVER/postgres" -c "drop database if exists $copy" -c "create database $copy template $tpl strategy file_copy"
+  until out=$("$bin" --database-url "$SERVER/$copy" migrate 2>&1 >/dev/null); do
+    v=$(grep -oE 'migration [0-9]+ was previously applied but is missing' <<<"$out" | grep -oE '[0-9]+' | head -1)
+    [ -n "$v" ] || { echo "$out" >&2; return 1; }
+    PSQL "$SERVER/$copy" -c "delete from ${CALLRECON_SCHEMA:-callrecon}._sqlx_migrations where version = $v"
+  done
+  PSQL "$SERVER/$copy" -c "checkpoint"
+  sync
+}
