@@ -367,7 +367,7 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
         ),
     )
     .unwrap();
-    // CPython 3.11 (before 3.11.8) sometimes fails to parse a large source file while hypothesis
+    // The venv's CPython 3.11 sometimes fails to parse a large source file while hypothesis
     // describes a lambda ("AST constructor recursion depth mismatch"): an error of the tool's
     // interpreter, not a finding. A run whose only problems are that error is run again, twice at
     // most; any finding, or any other error, fails at once.
@@ -403,8 +403,8 @@ async fn schemathesis_finds_no_answer_outside_the_document(pool: PgPool) {
     task.await.unwrap();
 }
 
-/// Whether schemathesis' only problems are errors of its interpreter's AST parser (CPython 3.11
-/// before 3.11.8): no check failed, and every operation in its ERRORS section failed that way.
+/// Whether schemathesis' only problems are errors of its interpreter's AST parser (the venv's
+/// CPython 3.11): no check failed, and every operation in its ERRORS section failed that way.
 fn only_the_interpreters_ast_error(text: &str) -> bool {
     if text.contains("FAILURES") {
         return false;
