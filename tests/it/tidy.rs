@@ -228,6 +228,8 @@ fn child_modules(tokens: &[Tok]) -> BTreeSet<String> {
 }
 
 fn walk_tokens(tokens: &[Tok], module: &[String], children: &BTreeSet<String>, out: &mut Source) {
+    // The item being read is under `#[cfg(test)]`.
+    let mut for_tests = false;
     let mut i = 0;
     while i < tokens.len() {
         match &tokens[i] {
@@ -235,19 +237,30 @@ fn walk_tokens(tokens: &[Tok], module: &[String], children: &BTreeSet<String>, o
             Tok::Punct('#') => {
                 let at = if matches!(tokens.get(i + 1), Some(Tok::Punct('!'))) { i + 2 } else { i + 1 };
                 if let Some(Tok::Group('[', inner)) = tokens.get(at) {
-                    out.attributes.push(words(inner).join(" "));
+                    let attribute = words(inner).join(" ");
+                    for_tests |= attribute == "cfg ( test )";
+                    out.attributes.push(attribute);
                     i = at + 1;
                     continue;
                 }
             }
-            // Inline modules are the file's tests: not the code the map describes.
+            // An inline module: the file's tests are left out (not the code the map describes);
+            // any other is read as the module it is.
             Tok::Ident(m) if m == "mod" => {
-                if let (Some(Tok::Ident(_)), Some(Tok::Group('{', _))) = (tokens.get(i + 1), tokens.get(i + 2)) {
+                if let (Some(Tok::Ident(name)), Some(Tok::Group('{', inner))) = (tokens.get(i + 1), tokens.get(i + 2)) {
+                    if !for_tests {
+                        let inner_module = [module, std::slice::from_ref(name)].concat();
+                        walk_tokens(inner, &inner_module, &child_modules(inner), out);
+                    }
+                    for_tests = false;
                     i += 3;
                     continue;
                 }
             }
             Tok::Ident(first) => {
+                if first != "pub" {
+                    for_tests = false;
+                }
                 let starts_path = matches!(first.as_str(), "crate" | "callrecon" | "super")
                     || (first == "self" || children.contains(first)) && is_path_sep(tokens, i + 1);
                 if starts_path {
@@ -682,6 +695,15 @@ fn each_check_sees_a_planted_violation() {
         assert!(found.iter().any(|v| v.contains(what)), "planted {what:?} not found: {found:?}");
     }
     // Writes, however spelled: schema-qualified, upper case, in a `format!`, a COPY.
+    // An inline module is read too (only `#[cfg(test)]` ones are left out).
+    caught(
+        planted_line(
+            "src/report/html.rs",
+            r#"mod inner { const X: &str = "update calls set async_metadata = '{}'"; }"#,
+        ),
+        check_call_data_writers,
+        "src/report/html.rs writes",
+    );
     caught(
         planted_line("src/report/history.rs", r#"fn x() { sqlx::query("UPDATE public.calls SET x = 1"); }"#),
         check_call_data_writers,
