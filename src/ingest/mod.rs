@@ -124,11 +124,11 @@ async fn drain_queue(
     let (mut valid, mut rejected) = (0, 0);
     if let Some(max_id) = queue::last_id(conn).await? {
         let (tz, name) = (job.timezone, job.name.clone());
-        let mut rows = queue::take(conn, max_id).await?;
-        while !rows.is_empty() {
+        let mut rows = queue::take(conn, i64::MIN, max_id).await?;
+        while let Some(&(after, ..)) = rows.last() {
             let name = name.clone();
             let parsing = tokio::task::spawn_blocking(move || queue::parse(rows, &name, tz));
-            let next = queue::take(conn, max_id).await;
+            let next = queue::take(conn, after, max_id).await;
             let batch = parsing.await.context("parsing queued events")?;
             // A failed take aborts the transaction: report it, not the next statement's
             // "transaction is aborted".

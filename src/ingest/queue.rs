@@ -37,23 +37,42 @@ pub async fn last_id(conn: &mut PgConnection) -> Result<Option<i64>> {
 /// parsed with the rest on the parsing thread).
 pub type Rows = Vec<(i64, DateTime<Utc>, String)>;
 
-/// Takes the next batch of queued rows with ids up to `max_id` off the queue, in queue order;
-/// empty once the queue is drained.
+/// Takes the next batch of queued rows with ids in `(after, max_id]` off the queue, in queue
+/// order; empty once the queue is drained. A drain passes the last id of its previous batch as
+/// `after`: the rows it deleted stay in the queue's index until its transaction ends, and a scan
+/// from the start of the queue would step over all of them again for every batch, and a drain
+/// would grow with the square of the queue's length.
 ///
 /// The rows are deleted in the run's transaction, which stores their events: a crash loses and
 /// duplicates nothing. `SKIP LOCKED` keeps a second drainer from blocking on or double-taking
-/// rows.
-pub async fn take(conn: &mut PgConnection, max_id: i64) -> Result<Rows> {
+/// rows; a row it skips is that drainer's, or left for the next run.
+pub async fn take(conn: &mut PgConnection, after: i64, max_id: i64) -> Result<Rows> {
+    // The batch picked in id order from the index, and each row deleted by its id: without
+    // statistics on the queue (a queue that grew since it was last analyzed) the planner would
+    // read every row left for every batch, sort them, and scan the table for the delete.
+    sqlx::raw_sql(
+        "set local enable_seqscan = off; set local enable_bitmapscan = off;
+         set local enable_hashjoin = off; set local enable_mergejoin = off",
+    )
+    .execute(&mut *conn)
+    .await
+    .context("draining event_queue")?;
+    // On error the transaction is aborted (and the settings die with it): report that error.
     let mut rows: Rows = sqlx::query_as(
         "delete from event_queue where id in (
-             select id from event_queue where id <= $1 order by id limit $2 for update skip locked)
+             select id from event_queue where id > $1 and id <= $2 order by id limit $3 for update skip locked)
          returning id, received_at, payload::text",
     )
+    .bind(after)
     .bind(max_id)
     .bind(BATCH)
     .fetch_all(&mut *conn)
     .await
     .context("draining event_queue")?;
+    sqlx::raw_sql("reset enable_seqscan; reset enable_bitmapscan; reset enable_hashjoin; reset enable_mergejoin")
+        .execute(&mut *conn)
+        .await
+        .context("draining event_queue")?;
     rows.sort_by_key(|r| r.0);
     Ok(rows)
 }

@@ -163,6 +163,46 @@ async fn queue_drained_while_a_producer_inserts_loses_and_duplicates_nothing(poo
     assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
 }
 
+/// A drain reads each of the queue's index entries about twice (to pick its batch, to delete it),
+/// however long the queue: the rows a batch deletes stay in the index until the run commits, so
+/// a drain that starts every batch from the queue's first id steps over every earlier batch
+/// again (40k rows in batches of 5k: 180k entries more), and one whose plan reads every row left
+/// for every batch (a queue without statistics, as here) as many: a drain that grows with the
+/// square of the queue. The count is PostgreSQL's own (`idx_tup_read`), flushed when the run's
+/// connection closes.
+#[sqlx::test(migrator = "MIGRATOR")]
+async fn draining_a_long_queue_reads_each_queue_entry_about_once(pool: PgPool) {
+    const N: i64 = 40_000;
+    let job = TestJob::new(RULES);
+    sqlx::query(
+        "insert into event_queue (payload)
+         select jsonb_build_object('EventTime', '2026-11-02T10:00:00Z', 'Metadata', jsonb_build_object('i', i))
+         from generate_series(1, $1) i",
+    )
+    .bind(N)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let path = job.path();
+    let out = callrecon(&pool, &["run", "--job", path.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(count(&pool, "select count(*) from events").await, N);
+    assert_eq!(count(&pool, "select count(*) from event_queue").await, 0);
+    let read_sql = "select coalesce(sum(idx_tup_read), 0)::bigint from pg_stat_user_indexes
+                    where relname = 'event_queue'";
+    let mut read = 0;
+    for _ in 0..100 {
+        sqlx::query("select pg_stat_clear_snapshot()").execute(&pool).await.unwrap();
+        read = count(&pool, read_sql).await;
+        if read >= N {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(read >= N, "the run's index reads were not counted within 10 s: {read}");
+    assert!(read <= 2 * N + 10, "draining {N} queued rows read {read} entries of the queue's index");
+}
+
 #[sqlx::test(migrator = "MIGRATOR")]
 async fn enqueue_command_puts_file_events_on_the_queue(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
