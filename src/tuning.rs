@@ -17,6 +17,11 @@ pub const CHUNK_EVENTS: usize = 100_000;
 /// memory at once: read, waiting, merged, waiting, written.
 pub const APPLY_BATCH_GROUPS: usize = 5_000;
 
+/// From this many touched calls on, apply finds their groups in one pass over `calls` rather than
+/// one primary-key probe each, when they are also at least a twentieth of the table (a first
+/// run, a backfill): the probes' cost grows faster than the table's ([`crate::apply::plan`]).
+pub const APPLY_SCAN_FROM: usize = 50_000;
+
 /// Unmatched events fetched from the report's cursor at a time.
 pub const REPORT_PAGE: usize = 5_000;
 /// Events `report.html` shows per reason: this many of the oldest and of the newest.
@@ -55,6 +60,8 @@ pub struct Tuning {
     pub apply_reader: bool,
     /// [`APPLY_BATCH_GROUPS`], or `CALLRECON_APPLY_BATCH_GROUPS`.
     pub apply_batch_groups: usize,
+    /// [`APPLY_SCAN_FROM`], or `CALLRECON_APPLY_SCAN_FROM`.
+    pub apply_scan_from: usize,
     /// [`RETRY_ALL_BELOW`], or `CALLRECON_RETRY_ALL_BELOW` (0: always only what can change).
     pub retry_all_below: usize,
     pub report: ReportTuning,
@@ -77,6 +84,7 @@ impl Default for Tuning {
             chunk_events: CHUNK_EVENTS,
             apply_reader: true,
             apply_batch_groups: APPLY_BATCH_GROUPS,
+            apply_scan_from: APPLY_SCAN_FROM,
             retry_all_below: RETRY_ALL_BELOW,
             report: ReportTuning {
                 page: REPORT_PAGE,
@@ -95,6 +103,7 @@ impl Tuning {
             chunk_events: size("CALLRECON_CHUNK_EVENTS", d.chunk_events),
             apply_reader: std::env::var("CALLRECON_APPLY_READER").map_or(true, |v| v != "off"),
             apply_batch_groups: size("CALLRECON_APPLY_BATCH_GROUPS", d.apply_batch_groups),
+            apply_scan_from: size("CALLRECON_APPLY_SCAN_FROM", d.apply_scan_from),
             retry_all_below: std::env::var("CALLRECON_RETRY_ALL_BELOW")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -105,6 +114,11 @@ impl Tuning {
                 csv_key_columns: size("CALLRECON_REPORT_CSV_KEYS", d.report.csv_key_columns),
             },
         }
+    }
+
+    /// Apply's sizes.
+    pub fn apply_sizes(&self) -> crate::apply::Sizes {
+        crate::apply::Sizes { batch_groups: self.apply_batch_groups, scan_from: self.apply_scan_from }
     }
 
     /// Events read (or ingested), decided and stored at a time: three matching batches.

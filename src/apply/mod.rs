@@ -38,7 +38,7 @@ use crate::tuning::Tuning;
 
 pub use crate::jsonb::jsonb_text;
 pub use merge::{call_value, group_value};
-pub use plan::Touched;
+pub use plan::{Sizes, Touched};
 pub use read::{Merging, Reader};
 pub use this_run::ThisRun;
 use types::NO_MEMOIZE;
@@ -49,7 +49,7 @@ pub use write::write_values;
 /// [`Applying::finish`] recomputes and writes.
 pub enum Applying {
     /// Everything is read after the new events are stored, on the run's connection.
-    After { calls: Vec<String>, groups: Vec<String>, batch_groups: usize },
+    After { calls: Vec<String>, groups: Vec<String>, sizes: Sizes },
     /// The touched targets are being read on a second connection and merged with this run's
     /// decisions meanwhile ([`Reader`]).
     Beside(Merging),
@@ -115,7 +115,7 @@ pub async fn start(
     new_events: impl FnOnce(&mut ThisRun) + Send + 'static,
 ) -> Result<Applying> {
     let ToApply { calls, groups, hints, rewritten } = inputs;
-    let batch_groups = tuning.apply_batch_groups;
+    let sizes = tuning.apply_sizes();
     let reader = match &rewritten {
         Some(stale) if stale.len() + new_matches <= tuning.page_events() && tuning.apply_reader => {
             crate::db::spare_connection(pool, std::time::Duration::from_secs(2))
@@ -125,11 +125,11 @@ pub async fn start(
         }
         _ => None,
     };
-    let Some(reader) = reader else { return Ok(Applying::After { calls, groups, batch_groups }) };
+    let Some(reader) = reader else { return Ok(Applying::After { calls, groups, sizes }) };
     lock(conn).await?;
     let touched = Touched::take_changes(conn, &calls, &groups).await?.with_hints(hints);
     let stale = rewritten.unwrap_or_default();
-    let reader = Reader::start(reader, touched, stale.iter().copied().collect(), batch_groups);
+    let reader = Reader::start(reader, touched, stale.iter().copied().collect(), sizes);
     let this_run = ThisRun::read(conn, &stale).await?;
     Ok(Applying::Beside(reader.merge(this_run, new_events)))
 }
@@ -139,7 +139,7 @@ impl Applying {
     /// new events are stored.
     pub async fn finish(self, conn: &mut PgConnection) -> Result<Applied> {
         match self {
-            Applying::After { calls, groups, batch_groups } => apply(conn, &calls, &groups, batch_groups).await,
+            Applying::After { calls, groups, sizes } => apply(conn, &calls, &groups, sizes).await,
             Applying::Beside(merging) => merging.write(conn).await,
         }
     }
@@ -157,17 +157,12 @@ impl Applying {
 /// computed here, and only those that differ from the stored ones are written back, per batch
 /// of groups.
 #[tracing::instrument(skip_all, fields(calls = calls.len(), groups = groups.len()))]
-pub async fn apply(
-    conn: &mut PgConnection,
-    calls: &[String],
-    groups: &[String],
-    batch_groups: usize,
-) -> Result<Applied> {
+pub async fn apply(conn: &mut PgConnection, calls: &[String], groups: &[String], sizes: Sizes) -> Result<Applied> {
     let started = std::time::Instant::now();
     lock(conn).await?;
     sqlx::query(NO_MEMOIZE).execute(&mut *conn).await?;
     let touched = Touched::take_changes(conn, calls, groups).await?;
-    let mut plan = touched.resolve(conn, batch_groups).await?;
+    let mut plan = touched.resolve(conn, sizes).await?;
     let mut out = Written::default();
     let stale = HashSet::new();
     while let Some(batch) = plan.next(conn, &stale).await? {

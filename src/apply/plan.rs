@@ -49,12 +49,13 @@ impl Touched {
 
     /// Plans the reads: the touched groups (with all their calls) and the calls without a group.
     /// Calls with a hint are placed by it; the others are looked up.
-    pub(super) async fn resolve(self, conn: &mut PgConnection, batch_groups: usize) -> Result<Plan> {
+    pub(super) async fn resolve(self, conn: &mut PgConnection, sizes: Sizes) -> Result<Plan> {
         let started = std::time::Instant::now();
         let Touched { direct, groups: mut touched_groups, hints, .. } = self;
         let (hinted, unhinted): (Vec<&String>, Vec<&String>) = direct.iter().partition(|c| hints.contains_key(*c));
         let placed = hinted.len();
-        let (found_groups, mut groupless) = lookup(conn, unhinted.into_iter().cloned().collect()).await?;
+        let (found_groups, mut groupless) =
+            lookup(conn, unhinted.into_iter().cloned().collect(), sizes.scan_from).await?;
         touched_groups.extend(found_groups);
         for call in hinted {
             let hint = &hints[call];
@@ -78,28 +79,55 @@ impl Touched {
             unread: direct.into_iter().collect(),
             read_groups: HashSet::new(),
             checked: false,
-            batch_groups,
+            sizes,
         })
     }
 }
 
 /// The groups of `calls`, and those of them without a group with their starts and heap blocks.
-/// One primary-key probe per call (`lateral … offset 0`): for tens of thousands of ids the
+///
+/// A few: one primary-key probe per call (`lateral … offset 0`): for tens of thousands of ids the
 /// planner otherwise scans the whole table (0.36 s instead of 0.09 s for 41k of 5M calls). On a
-/// partitioned `calls` each probe looks in every partition.
-async fn lookup(conn: &mut PgConnection, calls: Vec<String>) -> Result<(HashSet<String>, Vec<Groupless>)> {
+/// partitioned `calls` each probe looks in every partition. Many (a first run's, a backfill's,
+/// at least [`SCAN_SHARE`] of the table): one pass over `calls` checking each id against a hash
+/// of the list, whose cost grows with the table where the probes' grows faster (each probe reads
+/// index and heap pages that the others evicted).
+async fn lookup(
+    conn: &mut PgConnection,
+    calls: Vec<String>,
+    scan_from: usize,
+) -> Result<(HashSet<String>, Vec<Groupless>)> {
     if calls.is_empty() {
         return Ok(Default::default());
     }
-    let found: Vec<(String, Option<String>, DateTime<Utc>, i64)> = sqlx::query_as(
-        "select u.id, c.call_group_id, c.started_at, c.block from unnest($1::text[]) u(id)
-         cross join lateral (select call_group_id, started_at, (ctid::text::point)[0]::bigint as block
-                             from calls c where c.id = u.id offset 0) c",
-    )
-    .bind(&calls)
-    .fetch_all(&mut *conn)
-    .await
-    .context("reading the groups of touched calls")?;
+    let found: Vec<(String, Option<String>, DateTime<Utc>, i64)> =
+        if scanning_is_cheaper(conn, calls.len(), scan_from).await? {
+            tracing::debug!(calls = calls.len(), "touched calls looked up in one pass over calls");
+            sqlx::query("set local enable_indexscan = off").execute(&mut *conn).await?;
+            sqlx::query("set local enable_bitmapscan = off").execute(&mut *conn).await?;
+            // On error the transaction is aborted (and the settings die with it): report that error.
+            let found = sqlx::query_as(
+                "select c.id, c.call_group_id, c.started_at, (c.ctid::text::point)[0]::bigint as block
+             from calls c where c.id = any($1::text[])",
+            )
+            .bind(&calls)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading the groups of touched calls")?;
+            sqlx::query("reset enable_indexscan").execute(&mut *conn).await?;
+            sqlx::query("reset enable_bitmapscan").execute(&mut *conn).await?;
+            found
+        } else {
+            sqlx::query_as(
+                "select u.id, c.call_group_id, c.started_at, c.block from unnest($1::text[]) u(id)
+             cross join lateral (select call_group_id, started_at, (ctid::text::point)[0]::bigint as block
+                                 from calls c where c.id = u.id offset 0) c",
+            )
+            .bind(&calls)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading the groups of touched calls")?
+        };
     let mut groups = HashSet::new();
     let mut groupless = Vec::new();
     for (call, group, start, block) in found {
@@ -111,6 +139,39 @@ async fn lookup(conn: &mut PgConnection, calls: Vec<String>) -> Result<(HashSet<
         }
     }
     Ok((groups, groupless))
+}
+
+/// The share of `calls` from which touched calls are looked up in one pass over the table
+/// rather than one probe each: 1/20. A probe reads index and heap pages of a table that does not
+/// fit in shared buffers (10–20 µs a call), the pass well under 1 µs a row.
+const SCAN_SHARE: f64 = 1.0 / 20.0;
+
+/// Whether `n` calls are at least `scan_from` ([`crate::tuning::APPLY_SCAN_FROM`]; below it, a
+/// pass costs the whole table however few are looked up) and at least [`SCAN_SHARE`] of `calls`
+/// by the planner's count (`reltuples` of the table and its partitions; a table never analyzed
+/// counts as unknown: probes).
+async fn scanning_is_cheaper(conn: &mut PgConnection, n: usize, scan_from: usize) -> Result<bool> {
+    if n < scan_from {
+        return Ok(false);
+    }
+    let rows: f64 = sqlx::query_scalar(
+        "select coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 from pg_class c
+         where c.oid = 'calls'::regclass
+            or c.oid in (select inhrelid from pg_inherits where inhparent = 'calls'::regclass)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .context("reading the planner's count of calls")?;
+    Ok(rows > 0.0 && n as f64 >= rows * SCAN_SHARE)
+}
+
+/// How apply plans its reads ([`crate::tuning::Tuning::apply_sizes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Touched groups read per batch (groupless calls: five times as many).
+    pub batch_groups: usize,
+    /// From how many calls to look up on, a pass over `calls` may replace the probes.
+    pub scan_from: usize,
 }
 
 /// A call without a group: its `started_at` (microseconds), heap block and id.
@@ -139,7 +200,7 @@ pub(super) struct Plan {
     read_groups: HashSet<String>,
     /// Whether the calls left unread were looked up again.
     checked: bool,
-    batch_groups: usize,
+    sizes: Sizes,
 }
 
 impl Plan {
@@ -147,13 +208,13 @@ impl Plan {
     pub(super) async fn next(&mut self, conn: &mut PgConnection, stale: &HashSet<i64>) -> Result<Option<Batch>> {
         loop {
             if !self.groups.is_empty() {
-                let groups = self.groups.split_off(self.groups.len().saturating_sub(self.batch_groups));
+                let groups = self.groups.split_off(self.groups.len().saturating_sub(self.sizes.batch_groups));
                 let batch = Batch::read(conn, &groups, &[], None, stale).await?;
                 self.read_groups.extend(groups);
                 return Ok(Some(self.mark_read(batch)));
             }
             if !self.groupless.is_empty() {
-                let n = self.groupless.len().min(self.batch_groups * 5);
+                let n = self.groupless.len().min(self.sizes.batch_groups * 5);
                 let chunk: Vec<Groupless> = self.groupless.drain(..n).collect();
                 // Sorted by start: the chunk's range of starts, which prunes a partitioned `calls`.
                 let at = |micros: i64| DateTime::from_timestamp_micros(micros).context("a call's started_at");
@@ -168,7 +229,7 @@ impl Plan {
             self.checked = true;
             let missing: Vec<String> = self.unread.drain().collect();
             let calls = missing.len();
-            let (groups, groupless) = lookup(conn, missing).await?;
+            let (groups, groupless) = lookup(conn, missing, self.sizes.scan_from).await?;
             self.groups = groups.into_iter().filter(|g| !self.read_groups.contains(g)).collect();
             tracing::debug!(calls, groups = self.groups.len(), "touched calls found elsewhere than planned");
             self.groupless = in_heap_order(groupless);

@@ -9,7 +9,7 @@ use futures_util::TryStreamExt as _;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, Postgres};
 
-use super::plan::Touched;
+use super::plan::{Sizes, Touched};
 use super::this_run::ThisRun;
 use super::types::{Applied, Batch, Contribution, Merged, NO_MEMOIZE, Row, Written};
 
@@ -30,12 +30,7 @@ pub struct Reader {
 impl Reader {
     /// Starts reading; the caller must hold the apply lock ([`super::lock`]) and have taken the change
     /// log ([`Touched::take_changes`]).
-    pub fn start(
-        mut reader: PoolConnection<Postgres>,
-        targets: Touched,
-        stale: HashSet<i64>,
-        batch_groups: usize,
-    ) -> Self {
+    pub fn start(mut reader: PoolConnection<Postgres>, targets: Touched, stale: HashSet<i64>, sizes: Sizes) -> Self {
         let started = std::time::Instant::now();
         // One batch waiting while the next is read: at most three batches in memory.
         let (send, receive) = tokio::sync::mpsc::channel(1);
@@ -43,7 +38,7 @@ impl Reader {
             let mut tx =
                 crate::db::begin_snapshot(&mut reader).await.context("starting the apply reader's transaction")?;
             sqlx::query(NO_MEMOIZE).execute(&mut *tx).await?;
-            let mut plan = targets.resolve(&mut tx, batch_groups).await?;
+            let mut plan = targets.resolve(&mut tx, sizes).await?;
             while let Some(batch) = plan.next(&mut tx, &stale).await? {
                 if send.send(batch).await.is_err() {
                     break; // the run failed: it reports its own error
