@@ -21,7 +21,9 @@
 # `bench/first-run.sh prepare 1` builds (5M calls over 30 days), `callrecon gen events` (of the
 # after binary) makes N events over those 30 days, taken out of the queue as one NDJSON file;
 # each binary then ingests it on a fresh copy of that database with an empty queue (the bench
-# job with an inbox): wall time, events per second end to end, peak RSS, events matched.
+# job with an inbox): wall time, events per second end to end, peak RSS, events matched; then
+# the first-run floor (bench/first-run-floor.sql) of the after binary's run, with the events per
+# second it stands for: no build can go faster than its floor.
 set -euo pipefail
 before=$1; [ "$before" = none ] || before=$(realpath "$1")
 after=$(realpath "$2")
@@ -63,6 +65,10 @@ if [ "${MATCHING:-0}" = 1 ]; then
           || { cat "$work/$side.err" >&2; exit 1; }
         matched=$(PSQL "$SERVER/$db" -tAc "select count(*) from events where state = 'matched'")
         echo "| $side ($bin) · first run (ingest the file) | $wall | $(python3 -c "print(round($n / $wall))") | $rss | $matched |"
+        if [ "$side" = after ]; then
+            floor=$(first_run_floor "$SERVER/$db")
+            echo "| its floor (bench/first-run-floor.sql on the after run) | $floor | $(python3 -c "print(round($n / $floor))") | | |"
+        fi
         PSQL "$SERVER/postgres" -c "drop database $db"
     done
     rm -rf "$work"
