@@ -242,7 +242,7 @@ async fn apply_touched(conn: &mut PgConnection, resolved: &[Resolved]) -> Result
     }
     let calls: Vec<String> = touched_calls.into_iter().collect();
     let groups: Vec<String> = touched_groups.into_iter().collect();
-    apply::apply(conn, &calls, &groups, Tuning::from_env().apply_sizes()).await?;
+    apply::apply(conn, &calls, &groups, apply::Sizes::of(&Tuning::from_env())).await?;
     Ok(())
 }
 

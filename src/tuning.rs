@@ -19,7 +19,7 @@ pub const APPLY_BATCH_GROUPS: usize = 5_000;
 
 /// From this many touched calls on, apply finds their groups in one pass over `calls` rather than
 /// one primary-key probe each, when they are also at least a twentieth of the table (a first
-/// run, a backfill): the probes' cost grows faster than the table's ([`crate::apply::plan`]).
+/// run, a backfill): the probes' cost grows faster than the table's (`apply/plan.rs`).
 pub const APPLY_SCAN_FROM: usize = 50_000;
 
 /// Unmatched events fetched from the report's cursor at a time.
@@ -114,11 +114,6 @@ impl Tuning {
                 csv_key_columns: size("CALLRECON_REPORT_CSV_KEYS", d.report.csv_key_columns),
             },
         }
-    }
-
-    /// Apply's sizes.
-    pub fn apply_sizes(&self) -> crate::apply::Sizes {
-        crate::apply::Sizes { batch_groups: self.apply_batch_groups, scan_from: self.apply_scan_from }
     }
 
     /// Events read (or ingested), decided and stored at a time: three matching batches.

@@ -115,7 +115,7 @@ pub async fn start(
     new_events: impl FnOnce(&mut ThisRun) + Send + 'static,
 ) -> Result<Applying> {
     let ToApply { calls, groups, hints, rewritten } = inputs;
-    let sizes = tuning.apply_sizes();
+    let sizes = Sizes::of(tuning);
     let reader = match &rewritten {
         Some(stale) if stale.len() + new_matches <= tuning.page_events() && tuning.apply_reader => {
             crate::db::spare_connection(pool, std::time::Duration::from_secs(2))

@@ -165,13 +165,20 @@ async fn scanning_is_cheaper(conn: &mut PgConnection, n: usize, scan_from: usize
     Ok(rows > 0.0 && n as f64 >= rows * SCAN_SHARE)
 }
 
-/// How apply plans its reads ([`crate::tuning::Tuning::apply_sizes`]).
+/// How apply plans its reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
     /// Touched groups read per batch (groupless calls: five times as many).
     pub batch_groups: usize,
     /// From how many calls to look up on, a pass over `calls` may replace the probes.
     pub scan_from: usize,
+}
+
+impl Sizes {
+    /// The sizes a run's tuning sets.
+    pub fn of(tuning: &crate::tuning::Tuning) -> Self {
+        Sizes { batch_groups: tuning.apply_batch_groups, scan_from: tuning.apply_scan_from }
+    }
 }
 
 /// A call without a group: its `started_at` (microseconds), heap block and id.

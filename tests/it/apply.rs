@@ -264,7 +264,7 @@ crate::both_layouts! {
         apply::lock(&mut tx).await.unwrap();
         let touched = ["grouped".to_owned(), "solo".to_owned()];
         let targets = apply::Touched::take_changes(&mut tx, &touched, &[]).await.unwrap().with_hints(hints);
-        let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default(), callrecon::tuning::Tuning::default().apply_sizes());
+        let reader = apply::Reader::start(pool.acquire().await.unwrap(), targets, Default::default(), apply::Sizes::of(&callrecon::tuning::Tuning::default()));
         let applied = reader.merge(apply::ThisRun::default(), |_| {}).write(&mut tx).await.unwrap();
         tx.commit().await.unwrap();
 
