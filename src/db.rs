@@ -345,6 +345,27 @@ pub fn job_lock_key(job: &str) -> String {
     format!("callrecon.job:{job}")
 }
 
+/// Turns the planner's `methods` (its `enable_*` settings) off in the transaction until
+/// [`planner_reset`]: for the few bulk statements that need a plan the planner's costs, or a
+/// table without statistics, would not give them. On error the transaction is aborted and the
+/// settings die with it: report that error.
+pub async fn planner_off(conn: &mut sqlx::PgConnection, methods: &[&str]) -> sqlx::Result<()> {
+    sqlx::query("select set_config(m, 'off', true) from unnest($1::text[]) m")
+        .bind(methods)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Puts the planner's `methods` back to what `RESET` gives them, for the rest of the transaction.
+pub async fn planner_reset(conn: &mut sqlx::PgConnection, methods: &[&str]) -> sqlx::Result<()> {
+    sqlx::query("select set_config(name, reset_val, true) from pg_settings where name = any($1::text[])")
+        .bind(methods)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Runs `statement` with the planner told to probe indexes row by row (nested loops) instead of
 /// hashing the small side and scanning the big table. For bulk updates of a few hundred
 /// thousand rows of a table of millions, where the planner's costs for random reads, tuned for
@@ -354,12 +375,10 @@ pub async fn with_index_probes(
     conn: &mut sqlx::PgConnection,
     statement: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
 ) -> Result<u64> {
-    sqlx::query("set local enable_hashjoin = off").execute(&mut *conn).await?;
-    sqlx::query("set local enable_mergejoin = off").execute(&mut *conn).await?;
-    // On error the transaction is aborted (and the settings die with it): report that error.
+    const JOINS: &[&str] = &["enable_hashjoin", "enable_mergejoin"];
+    planner_off(conn, JOINS).await?;
     let done = statement.execute(&mut *conn).await?;
-    sqlx::query("reset enable_hashjoin").execute(&mut *conn).await?;
-    sqlx::query("reset enable_mergejoin").execute(&mut *conn).await?;
+    planner_reset(conn, JOINS).await?;
     Ok(done.rows_affected())
 }
 

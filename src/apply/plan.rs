@@ -103,9 +103,8 @@ async fn lookup(
     let found: Vec<(String, Option<String>, DateTime<Utc>, i64)> =
         if scanning_is_cheaper(conn, calls.len(), scan_from).await? {
             tracing::debug!(calls = calls.len(), "touched calls looked up in one pass over calls");
-            sqlx::query("set local enable_indexscan = off").execute(&mut *conn).await?;
-            sqlx::query("set local enable_bitmapscan = off").execute(&mut *conn).await?;
-            // On error the transaction is aborted (and the settings die with it): report that error.
+            const ONE_PASS: &[&str] = &["enable_indexscan", "enable_bitmapscan"];
+            crate::db::planner_off(conn, ONE_PASS).await?;
             let found = sqlx::query_as(
                 "select c.id, c.call_group_id, c.started_at, (c.ctid::text::point)[0]::bigint as block
              from calls c where c.id = any($1::text[])",
@@ -114,8 +113,7 @@ async fn lookup(
             .fetch_all(&mut *conn)
             .await
             .context("reading the groups of touched calls")?;
-            sqlx::query("reset enable_indexscan").execute(&mut *conn).await?;
-            sqlx::query("reset enable_bitmapscan").execute(&mut *conn).await?;
+            crate::db::planner_reset(conn, ONE_PASS).await?;
             found
         } else {
             sqlx::query_as(

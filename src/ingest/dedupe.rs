@@ -113,16 +113,15 @@ impl Dedupe {
 /// The planner is told not to scan the table: without statistics on `digest` (a new table, or
 /// the events this run stored) it takes a batch's thousands of values to match most rows and
 /// would read the whole table for every batch, which grows with the table. Scoped to the
-/// transaction and reset afterwards, as `db::with_index_probes` does.
+/// transaction and reset afterwards (`db::planner_off`), as `db::with_index_probes` does.
 async fn held(conn: &mut PgConnection, events: &[NewEvent]) -> sqlx::Result<Vec<Vec<u8>>> {
     let digests: Vec<&[u8]> = events.iter().map(|e| &e.digest[..]).collect();
-    sqlx::query("set local enable_seqscan = off").execute(&mut *conn).await?;
-    // On error the transaction is aborted (and the setting dies with it): report that error.
+    crate::db::planner_off(conn, &["enable_seqscan"]).await?;
     let held = sqlx::query_scalar("select digest from events where digest = any($1)")
         .bind(&digests)
         .fetch_all(&mut *conn)
         .await?;
-    sqlx::query("reset enable_seqscan").execute(&mut *conn).await?;
+    crate::db::planner_reset(conn, &["enable_seqscan"]).await?;
     Ok(held)
 }
 

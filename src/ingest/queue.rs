@@ -50,14 +50,8 @@ pub async fn take(conn: &mut PgConnection, after: i64, max_id: i64) -> Result<Ro
     // The batch picked in id order from the index, and each row deleted by its id: without
     // statistics on the queue (a queue that grew since it was last analyzed) the planner would
     // read every row left for every batch, sort them, and scan the table for the delete.
-    sqlx::raw_sql(
-        "set local enable_seqscan = off; set local enable_bitmapscan = off;
-         set local enable_hashjoin = off; set local enable_mergejoin = off",
-    )
-    .execute(&mut *conn)
-    .await
-    .context("draining event_queue")?;
-    // On error the transaction is aborted (and the settings die with it): report that error.
+    const BY_INDEX: &[&str] = &["enable_seqscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin"];
+    crate::db::planner_off(conn, BY_INDEX).await.context("draining event_queue")?;
     let mut rows: Rows = sqlx::query_as(
         "delete from event_queue where id in (
              select id from event_queue where id > $1 and id <= $2 order by id limit $3 for update skip locked)
@@ -69,10 +63,7 @@ pub async fn take(conn: &mut PgConnection, after: i64, max_id: i64) -> Result<Ro
     .fetch_all(&mut *conn)
     .await
     .context("draining event_queue")?;
-    sqlx::raw_sql("reset enable_seqscan; reset enable_bitmapscan; reset enable_hashjoin; reset enable_mergejoin")
-        .execute(&mut *conn)
-        .await
-        .context("draining event_queue")?;
+    crate::db::planner_reset(conn, BY_INDEX).await.context("draining event_queue")?;
     rows.sort_by_key(|r| r.0);
     Ok(rows)
 }
