@@ -22,6 +22,12 @@ pub const APPLY_BATCH_GROUPS: usize = 5_000;
 /// run, a backfill): the probes' cost grows faster than the table's (`apply/plan.rs`).
 pub const APPLY_SCAN_FROM: usize = 50_000;
 
+/// Touched groups recomputed per batch when the touched calls are that many ([`APPLY_SCAN_FROM`],
+/// a twentieth of the table): each batch's calls are read in one pass over `calls` and its events
+/// in one over `events`, and written back in one sweep in heap order. A batch this size holds
+/// about 800k calls in the benchmark's case groups, a few hundred MB.
+pub const APPLY_PASS_GROUPS: usize = 100_000;
+
 /// Unmatched events fetched from the report's cursor at a time.
 pub const REPORT_PAGE: usize = 5_000;
 /// Events `report.html` shows per reason: this many of the oldest and of the newest.
@@ -62,6 +68,8 @@ pub struct Tuning {
     pub apply_batch_groups: usize,
     /// [`APPLY_SCAN_FROM`], or `CALLRECON_APPLY_SCAN_FROM`.
     pub apply_scan_from: usize,
+    /// [`APPLY_PASS_GROUPS`], or `CALLRECON_APPLY_PASS_GROUPS`.
+    pub apply_pass_groups: usize,
     /// [`RETRY_ALL_BELOW`], or `CALLRECON_RETRY_ALL_BELOW` (0: always only what can change).
     pub retry_all_below: usize,
     pub report: ReportTuning,
@@ -85,6 +93,7 @@ impl Default for Tuning {
             apply_reader: true,
             apply_batch_groups: APPLY_BATCH_GROUPS,
             apply_scan_from: APPLY_SCAN_FROM,
+            apply_pass_groups: APPLY_PASS_GROUPS,
             retry_all_below: RETRY_ALL_BELOW,
             report: ReportTuning {
                 page: REPORT_PAGE,
@@ -104,6 +113,7 @@ impl Tuning {
             apply_reader: std::env::var("CALLRECON_APPLY_READER").map_or(true, |v| v != "off"),
             apply_batch_groups: size("CALLRECON_APPLY_BATCH_GROUPS", d.apply_batch_groups),
             apply_scan_from: size("CALLRECON_APPLY_SCAN_FROM", d.apply_scan_from),
+            apply_pass_groups: size("CALLRECON_APPLY_PASS_GROUPS", d.apply_pass_groups),
             retry_all_below: std::env::var("CALLRECON_RETRY_ALL_BELOW")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -67,10 +67,12 @@ impl Touched {
             }
         }
         let groups: Vec<String> = touched_groups.into_iter().collect();
+        let passes = scanning_is_cheaper(conn, direct.len(), sizes.scan_from).await?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             groups = groups.len(),
             placed,
+            passes,
             "touched targets found"
         );
         Ok(Plan {
@@ -80,6 +82,7 @@ impl Touched {
             read_groups: HashSet::new(),
             checked: false,
             sizes,
+            passes,
         })
     }
 }
@@ -170,12 +173,18 @@ pub struct Sizes {
     pub batch_groups: usize,
     /// From how many calls to look up on, a pass over `calls` may replace the probes.
     pub scan_from: usize,
+    /// Touched groups read per batch when the touched calls are read in passes.
+    pub pass_groups: usize,
 }
 
 impl Sizes {
     /// The sizes a run's tuning sets.
     pub fn of(tuning: &crate::tuning::Tuning) -> Self {
-        Sizes { batch_groups: tuning.apply_batch_groups, scan_from: tuning.apply_scan_from }
+        Sizes {
+            batch_groups: tuning.apply_batch_groups,
+            scan_from: tuning.apply_scan_from,
+            pass_groups: tuning.apply_pass_groups,
+        }
     }
 }
 
@@ -193,6 +202,14 @@ fn in_heap_order(mut calls: Vec<Groupless>) -> std::collections::VecDeque<Groupl
 /// a group. Groups and groupless calls are independent, so memory stays bounded however many
 /// targets a run touches (a first run touches every matched call).
 ///
+/// A few touched calls (a nightly's) are read by index, a batch of groups at a time. Many (at
+/// least a twentieth of `calls`: a first run, a backfill, a big feed) have their groups read in
+/// passes: a batch of [`Sizes::pass_groups`] groups has its calls read in one pass over `calls`
+/// and their events in one over `events`, and is written back in heap order, so each page of
+/// `calls` is visited about once per batch instead of once per touched call on it. Calls without
+/// a group are read by index either way: sorted by start, a chunk's probes read neighbouring
+/// pages, which are still in the buffers when the chunk is written.
+///
 /// Every touched call must be read once where it is now. A call is not where the plan put it
 /// when its hint was out of date or it changed group between the lookup and the read: once the
 /// batches are done, those calls are looked up again and their groups (or they alone) read in
@@ -206,6 +223,8 @@ pub(super) struct Plan {
     /// Whether the calls left unread were looked up again.
     checked: bool,
     sizes: Sizes,
+    /// Whether groups are read in passes ([`Batch::read`]).
+    passes: bool,
 }
 
 impl Plan {
@@ -213,8 +232,9 @@ impl Plan {
     pub(super) async fn next(&mut self, conn: &mut PgConnection, stale: &HashSet<i64>) -> Result<Option<Batch>> {
         loop {
             if !self.groups.is_empty() {
-                let groups = self.groups.split_off(self.groups.len().saturating_sub(self.sizes.batch_groups));
-                let batch = Batch::read(conn, &groups, &[], None, stale).await?;
+                let size = if self.passes { self.sizes.pass_groups } else { self.sizes.batch_groups };
+                let groups = self.groups.split_off(self.groups.len().saturating_sub(size));
+                let batch = Batch::read(conn, &groups, &[], None, stale, self.passes).await?;
                 self.read_groups.extend(groups);
                 return Ok(Some(self.mark_read(batch)));
             }
@@ -225,7 +245,7 @@ impl Plan {
                 let at = |micros: i64| DateTime::from_timestamp_micros(micros).context("a call's started_at");
                 let span = (at(chunk[0].0)?, at(chunk[chunk.len() - 1].0)?);
                 let calls: Vec<String> = chunk.into_iter().map(|(_, _, call)| call).collect();
-                let batch = Batch::read(conn, &[], &calls, Some(span), stale).await?;
+                let batch = Batch::read(conn, &[], &calls, Some(span), stale, false).await?;
                 return Ok(Some(self.mark_read(batch)));
             }
             if self.checked || self.unread.is_empty() {

@@ -135,13 +135,15 @@ impl Batch {
     /// Reads `groups` with every call in them, and those of the `groupless` calls (given in the
     /// order of their starts, all within `span` when given) that have no group, leaving out the
     /// events in `stale`. A call that started outside `span` (it changed since it was placed)
-    /// is not read: the plan looks it up again.
+    /// is not read: the plan looks it up again. With `passes`, `groups` (and no groupless call)
+    /// are read in passes over the tables ([`Batch::read_in_passes`]).
     pub(super) async fn read(
         conn: &mut PgConnection,
         groups: &[String],
         groupless: &[String],
         span: Option<(DateTime<Utc>, DateTime<Utc>)>,
         stale: &HashSet<i64>,
+        passes: bool,
     ) -> Result<Self> {
         let step = std::time::Instant::now();
         let mut b = Batch {
@@ -153,8 +155,12 @@ impl Batch {
             by_group: HashMap::new(),
             group_rows: HashMap::new(),
         };
-        b.read_calls(conn, span, stale).await?;
-        b.read_groups(conn, stale).await?;
+        if passes && groupless.is_empty() {
+            b.read_in_passes(conn, stale).await?;
+        } else {
+            b.read_calls(conn, span, stale).await?;
+            b.read_groups(conn, stale).await?;
+        }
         tracing::debug!(elapsed_ms = step.elapsed().as_millis() as u64, calls = b.current.len(), "contributions read");
         Ok(b)
     }
@@ -218,24 +224,95 @@ impl Batch {
     fn add_call_row(&mut self, row: CallRow, stale: &HashSet<i64>) -> Result<()> {
         let CallRow { group_id: group, call_id: call, tid, started_at, value, event_time, event_id, metadata, part } =
             row;
-        if !self.current.contains_key(&call) {
-            self.current.insert(call.clone(), Row::new(&tid, Some(started_at), value)?);
-            if let Some(g) = &group {
-                self.members.entry(g.clone()).or_default().push(call.clone());
-            }
-        }
+        self.add_call(group.as_ref(), &call, &tid, started_at, value)?;
         let (Some(time), Some(id), Some(metadata), Some(part)) = (event_time, event_id, metadata, part) else {
             return Ok(());
         };
         if stale.contains(&id) {
             return Ok(());
         }
-        if let Some(g) = group
-            && part != "{}"
-        {
-            self.by_group.entry(g).or_default().push(Contribution::parse(time, id, &part, Some(call.clone()))?);
+        add_call_event(&mut self.by_call, &mut self.by_group, group.as_deref(), call, (time, id), &metadata, &part)
+    }
+
+    /// Adds a call where it is and what it holds, the first time it is seen.
+    fn add_call(
+        &mut self,
+        group: Option<&String>,
+        call: &str,
+        tid: &str,
+        started_at: DateTime<Utc>,
+        value: String,
+    ) -> Result<()> {
+        if !self.current.contains_key(call) {
+            self.current.insert(call.to_owned(), Row::new(tid, Some(started_at), value)?);
+            if let Some(g) = group {
+                self.members.entry(g.clone()).or_default().push(call.to_owned());
+            }
         }
-        self.by_call.entry(call).or_default().push(Contribution::parse(time, id, &metadata, None)?);
+        Ok(())
+    }
+
+    /// A big apply's batch of groups ([`Plan`](super::plan::Plan) in passes): their calls read in
+    /// one pass over `calls`, the groups in one over `call_groups`, and the events matched to
+    /// either in one over `events`, each checking ids against a hash of the batch's. Probing each
+    /// group and call by index, as a small batch does, visits a page of `calls` once for every
+    /// touched call on it; a pass visits it once.
+    async fn read_in_passes(&mut self, conn: &mut PgConnection, stale: &HashSet<i64>) -> Result<()> {
+        const PASSES: &[&str] = &["enable_indexscan", "enable_bitmapscan"];
+        crate::db::planner_off(conn, PASSES).await?;
+        let groups = std::mem::take(&mut self.groups);
+        let mut calls = sqlx::query_as::<_, (String, String, String, DateTime<Utc>, String)>(
+            "select c.call_group_id, c.id, c.ctid::text, c.started_at, c.async_metadata::text
+             from calls c where c.call_group_id = any($1::text[])",
+        )
+        .bind(&groups)
+        .fetch(&mut *conn);
+        while let Some((group, call, tid, started_at, value)) =
+            calls.try_next().await.context("reading touched groups' calls")?
+        {
+            self.add_call(Some(&group), &call, &tid, started_at, value)?;
+        }
+        drop(calls);
+        self.groups = groups;
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "select g.id, g.ctid::text, g.async_metadata::text from call_groups g where g.id = any($1::text[])",
+        )
+        .bind(&self.groups)
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading touched call groups")?;
+        for (id, tid, value) in rows {
+            self.group_rows.insert(id, Row::new(&tid, None, value)?);
+        }
+        let group_of: HashMap<&str, &str> =
+            (self.members.iter()).flat_map(|(g, calls)| calls.iter().map(move |c| (c.as_str(), g.as_str()))).collect();
+        let call_ids: Vec<&str> = self.current.keys().map(String::as_str).collect();
+        let mut events = sqlx::query_as::<_, (bool, String, DateTime<Utc>, i64, String, Option<String>)>(
+            "select e.target_kind = 'call', e.target_id, e.event_time, e.id, e.metadata::text, e.group_part::text
+             from events e
+             where e.state = 'matched'
+               and (e.target_kind = 'call' and e.target_id = any($1::text[])
+                    or e.target_kind = 'call_group' and e.target_id = any($2::text[]))",
+        )
+        .bind(&call_ids)
+        .bind(&self.groups)
+        .fetch(&mut *conn);
+        while let Some((to_call, target, time, id, metadata, part)) =
+            events.try_next().await.context("reading events matched to touched groups and their calls")?
+        {
+            if stale.contains(&id) {
+                continue;
+            }
+            if !to_call {
+                self.by_group.entry(target).or_default().push(Contribution::parse(time, id, &metadata, None)?);
+            } else if let Some(part) = part {
+                let group = group_of.get(target.as_str()).copied();
+                add_call_event(&mut self.by_call, &mut self.by_group, group, target, (time, id), &metadata, &part)?;
+            }
+        }
+        drop(events);
+        crate::db::planner_reset(conn, PASSES).await?;
+        tracing::debug!(groups = self.groups.len(), calls = self.current.len(), "a batch of groups read in passes");
         Ok(())
     }
 
@@ -273,4 +350,24 @@ impl Batch {
         }
         Ok(())
     }
+}
+
+/// An event matched to `call` (of `group`, when it has one): its metadata is the call's, its
+/// group part (`part`) the group's and the group's other calls'.
+fn add_call_event(
+    by_call: &mut HashMap<String, Vec<Contribution>>,
+    by_group: &mut HashMap<String, Vec<Contribution>>,
+    group: Option<&str>,
+    call: String,
+    (time, id): (DateTime<Utc>, i64),
+    metadata: &str,
+    part: &str,
+) -> Result<()> {
+    if let Some(g) = group
+        && part != "{}"
+    {
+        by_group.entry(g.to_owned()).or_default().push(Contribution::parse(time, id, part, Some(call.clone()))?);
+    }
+    by_call.entry(call).or_default().push(Contribution::parse(time, id, metadata, None)?);
+    Ok(())
 }

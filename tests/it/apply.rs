@@ -504,6 +504,7 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
         assert!(!stderr(&out).contains("writing by id"), "{}", stderr(&out));
         // And read where the plan placed it (by its hint, or its start on a partitioned `calls`).
         assert!(!stderr(&out).contains("found elsewhere than planned"), "{}", stderr(&out));
+        stderr(&out)
     };
     let phone = |p: &str, a: &str, time: &str, extra: serde_json::Value| {
         let mut m = json!({"customerPhone": p, "agentId": a});
@@ -519,7 +520,9 @@ async fn apply_scenario(pool: &PgPool, env: &[(&str, &str)], reader: bool) {
     enqueue(pool, json!({"EventTime": "2026-11-02T11:30:00Z", "Metadata": {"crmCaseId": "C-1", "case": "open"}})).await;
     enqueue(pool, phone("5550000004", "a4", "2026-11-02T13:00:00Z", json!({"own4": 4}))).await;
     enqueue(pool, phone("5551234567", "a1", "2026-11-02T10:14:00Z", json!({"note": "x"}))).await;
-    run(&["run", "--job", path.to_str().unwrap()]).await;
+    let first = run(&["run", "--job", path.to_str().unwrap()]).await;
+    // So many touched calls (all of them, here) have their groups read in passes over the tables.
+    assert_eq!(first.contains("a batch of groups read in passes"), one_pass, "{first}");
     let case = json!({"crmCaseId": "C-1", "case": "open"});
     let with = |a: serde_json::Value, b: &serde_json::Value| {
         let mut a = a;
@@ -572,8 +575,13 @@ crate::both_layouts! {
 }
 
 crate::both_layouts! {
-    async fn apply_looking_touched_calls_up_in_one_pass_over_calls(pool: PgPool) {
-        let env = [("CALLRECON_APPLY_BATCH_GROUPS", "1"), ("CALLRECON_APPLY_READER", "off"), ("CALLRECON_APPLY_SCAN_FROM", "1")];
+    async fn apply_reading_many_touched_calls_in_passes_over_calls(pool: PgPool) {
+        let env = [
+            ("CALLRECON_APPLY_BATCH_GROUPS", "1"),
+            ("CALLRECON_APPLY_READER", "off"),
+            ("CALLRECON_APPLY_SCAN_FROM", "1"),
+            ("CALLRECON_APPLY_PASS_GROUPS", "1"),
+        ];
         apply_scenario(&pool, &env, false).await;
     }
 }
