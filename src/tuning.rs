@@ -18,8 +18,9 @@ pub const CHUNK_EVENTS: usize = 100_000;
 pub const APPLY_BATCH_GROUPS: usize = 5_000;
 
 /// From this many touched calls on, apply finds their groups in one pass over `calls` rather than
-/// one primary-key probe each, when they are also at least a twentieth of the table (a first
-/// run, a backfill): the probes' cost grows faster than the table's (`apply/plan.rs`).
+/// one primary-key probe each, and reads those groups in passes ([`APPLY_PASS_GROUPS`]), when
+/// they are also at least a twentieth of the table (a first run, a backfill): the probes' cost
+/// grows faster than the table's (`apply/plan.rs`).
 pub const APPLY_SCAN_FROM: usize = 50_000;
 
 /// Touched groups recomputed per batch when the touched calls are that many ([`APPLY_SCAN_FROM`],
