@@ -274,16 +274,11 @@ impl Batch {
         }
         drop(calls);
         self.groups = groups;
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        self.read_group_rows(
+            conn,
             "select g.id, g.ctid::text, g.async_metadata::text from call_groups g where g.id = any($1::text[])",
         )
-        .bind(&self.groups)
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading touched call groups")?;
-        for (id, tid, value) in rows {
-            self.group_rows.insert(id, Row::new(&tid, None, value)?);
-        }
+        .await?;
         let group_of: HashMap<&str, &str> =
             (self.members.iter()).flat_map(|(g, calls)| calls.iter().map(move |c| (c.as_str(), g.as_str()))).collect();
         let call_ids: Vec<&str> = self.current.keys().map(String::as_str).collect();
@@ -316,23 +311,32 @@ impl Batch {
         Ok(())
     }
 
+    /// The touched groups' rows (id, ctid, value), read by `sql` with the groups as `$1`: by
+    /// index ([`Batch::read_groups`]) or in one pass ([`Batch::read_in_passes`]).
+    async fn read_group_rows(&mut self, conn: &mut PgConnection, sql: &'static str) -> Result<()> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(sql)
+            .bind(&self.groups)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading touched call groups")?;
+        for (id, tid, value) in rows {
+            self.group_rows.insert(id, Row::new(&tid, None, value)?);
+        }
+        Ok(())
+    }
+
     /// The touched groups themselves, and the events matched to them.
     async fn read_groups(&mut self, conn: &mut PgConnection, stale: &HashSet<i64>) -> Result<()> {
         if self.groups.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
+        self.read_group_rows(
+            conn,
             "select u.id, g.tid, g.value from unnest($1::text[]) u(id)
              cross join lateral (select ctid::text as tid, async_metadata::text as value
                                  from call_groups g where g.id = u.id offset 0) g",
         )
-        .bind(&self.groups)
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading touched call groups")?;
-        for (id, tid, value) in rows {
-            self.group_rows.insert(id, Row::new(&tid, None, value)?);
-        }
+        .await?;
         let rows: Vec<(String, DateTime<Utc>, i64, String)> = sqlx::query_as(
             "select u.id, e.event_time, e.id, e.metadata::text from unnest($1::text[]) u(id)
              cross join lateral (select event_time, id, metadata from events e
